@@ -1,0 +1,150 @@
+"""Where the statistics live: a Redis URL plus the model and run they belong to, and the errors for it.
+
+    redis://[[user]:password@]host[:port][/db][?model=M&run=R&windows=N&cluster=1&...]
+    rediss://...      the same over TLS (redis-py's ssl_* query options pass through, e.g. ssl_ca_certs)
+
+`model`, `run`, `windows` and `cluster` are ours and are removed before the rest of the URL goes to
+redis-py. Without a URL, `EXPERTMESH_REDIS_URL` is used. Passwords never appear in messages (`masked`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+__all__ = [
+    "ENV_URL",
+    "StatsStoreError",
+    "StatsUnavailableError",
+    "StatsSchemaError",
+    "StatsTarget",
+    "parse_target",
+    "masked",
+    "check_name",
+]
+
+ENV_URL = "EXPERTMESH_REDIS_URL"
+_NAME = re.compile(r"^[A-Za-z0-9._/\-]{1,200}$")
+
+
+class StatsStoreError(RuntimeError):
+    """A statistics store operation failed; the message says what and where."""
+
+
+class StatsUnavailableError(StatsStoreError):
+    """Redis cannot be reached (refused, timed out, wrong password, TLS failure)."""
+
+
+class StatsSchemaError(StatsStoreError, ValueError):
+    """Data under the prefix is not ours, is malformed, or has another shape than expected."""
+
+
+def masked(url: str) -> str:
+    """The URL with its password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def check_name(field: str, value: str) -> str:
+    """Model and run names go inside a Redis hash tag: no braces, no spaces, no colons' ambiguity."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(
+            f"{field}: expected 1-200 characters of letters, digits, '.', '_', '-', '/', got {value!r}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class StatsTarget:
+    """A parsed stats URL: the redis-py URL (our options removed) and which statistics under it."""
+
+    redis_url: str
+    model: str | None = None
+    run: str = "default"
+    windows: int | None = None  # how many recent windows a snapshot reads (None: all kept)
+    cluster: bool = False  # Redis Cluster: all keys of one model/run share a hash slot
+
+    def with_overrides(self, model: str | None = None, run: str | None = None) -> StatsTarget:
+        return replace(self, model=model or self.model, run=run or self.run)
+
+    def require_model(self) -> str:
+        if not self.model:
+            raise ValueError(
+                f"model: no model given for {masked(self.redis_url)}; pass --model M or add ?model=M"
+            )
+        return self.model
+
+    @property
+    def display(self) -> str:
+        return masked(self.redis_url)
+
+    def connect(self, **options):
+        """A redis-py client; `options` go to the client (timeouts, retry). Nothing is sent yet."""
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # Our callers decide about retries (the recorder backs off and buffers); redis-py's own default
+        # retries would block a serving loop for seconds while Redis is away.
+        options.setdefault("retry", Retry(NoBackoff(), 0))
+        options.setdefault("socket_connect_timeout", 2.0)
+        options.setdefault("socket_timeout", 30.0)
+        try:
+            if self.cluster:
+                from redis.cluster import RedisCluster
+
+                options.pop("health_check_interval", None)
+                return RedisCluster.from_url(self.redis_url, **options)
+            return redis.Redis.from_url(self.redis_url, **options)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"url: {self.display} is not a usable Redis URL ({exc})") from exc
+        except redis.exceptions.RedisError as exc:  # RedisCluster contacts the cluster at construction
+            raise StatsUnavailableError(f"cannot reach Redis Cluster at {self.display}: {exc}") from exc
+
+
+def parse_target(url: str | None = None) -> StatsTarget:
+    """Parse a stats URL (or `EXPERTMESH_REDIS_URL` when `url` is None or empty)."""
+    if not url:
+        url = os.environ.get(ENV_URL, "")
+        if not url:
+            raise ValueError(f"url: no Redis URL given; pass --redis redis://host:port/db or set {ENV_URL}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"url: expected a redis:// or rediss:// URL, got {masked(url)!r}")
+    if not parts.hostname:
+        raise ValueError(f"url: no host in {masked(url)!r}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a non-numeric or out-of-range port
+    except ValueError as exc:
+        raise ValueError(f"url: bad port in {masked(url)!r} ({exc})") from None
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError(f"url: database must be a number (redis://host:port/0), got {path!r}")
+    ours: dict[str, str] = {}
+    rest: list[tuple[str, str]] = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in ("model", "run", "windows", "cluster"):
+            ours[key] = value
+        else:
+            rest.append((key, value))
+    model = check_name("model", ours["model"]) if ours.get("model") else None
+    run = check_name("run", ours.get("run") or "default")
+    windows = None
+    if ours.get("windows"):
+        if not ours["windows"].isdigit() or int(ours["windows"]) < 1:
+            raise ValueError(f"windows: expected a positive integer, got {ours['windows']!r}")
+        windows = int(ours["windows"])
+    cluster = ours.get("cluster", "").lower() in ("1", "true", "yes")
+    if cluster and path not in ("", "0"):
+        raise ValueError("url: Redis Cluster has only database 0")
+    redis_url = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest), ""))
+    return StatsTarget(redis_url, model, run, windows, cluster)

@@ -1,0 +1,146 @@
+"""The Lua scripts that make every store operation atomic in Redis (one script runs with nothing interleaved).
+
+All keys of one model/run share the hash tag `{model:run}`, so they live in one slot and these scripts run
+unchanged on Redis Cluster. Window keys are named inside the scripts from the prefix passed in ARGV; they are
+in the same slot as KEYS[1], which is what Cluster routing needs.
+
+Errors start with a code the client maps to an exception:
+    EMFOREIGN  the key under our prefix is not an expertmesh statistics header (another program's data)
+    EMSHAPE    the header describes another model shape (layers, experts, top_k)
+"""
+
+from __future__ import annotations
+
+__all__ = ["FLUSH", "ENSURE", "SNAPSHOT", "MERGE", "FOLD"]
+
+# Shared prelude: check the header, or create it from ARGV[1..7] when the prefix is empty.
+# ARGV: 1 schema, 2 layers, 3 experts, 4 top_k, 5 keep, 6 decay, 7 now (seconds)
+_ENSURE_META = r"""
+local function ensure_meta(meta)
+  local kind = redis.call('TYPE', meta)['ok']
+  if kind == 'none' then
+    redis.call('HSET', meta, 'schema', ARGV[1], 'layers', ARGV[2], 'experts', ARGV[3], 'top_k', ARGV[4],
+               'keep', ARGV[5], 'decay', ARGV[6], 'created', ARGV[7], 'head', '-1')
+    return nil
+  end
+  if kind ~= 'hash' then
+    return 'EMFOREIGN ' .. meta .. ' is a Redis ' .. kind .. ', not an expertmesh statistics header'
+  end
+  local m = redis.call('HMGET', meta, 'schema', 'layers', 'experts', 'top_k')
+  if m[1] ~= ARGV[1] then
+    return 'EMFOREIGN ' .. meta .. ' has schema ' .. tostring(m[1]) .. ', expected ' .. ARGV[1]
+  end
+  if m[2] ~= ARGV[2] or m[3] ~= ARGV[3] or m[4] ~= ARGV[4] then
+    return 'EMSHAPE ' .. meta .. ' holds layers=' .. tostring(m[2]) .. ' experts=' .. tostring(m[3]) ..
+           ' top_k=' .. tostring(m[4]) .. '; this writer has layers=' .. ARGV[2] .. ' experts=' .. ARGV[3] ..
+           ' top_k=' .. ARGV[4]
+  end
+  return nil
+end
+"""
+
+# Create or check the header. KEYS: 1 meta. Returns the header as a flat list.
+ENSURE = (
+    _ENSURE_META
+    + r"""
+local bad = ensure_meta(KEYS[1])
+if bad then return redis.error_reply(bad) end
+return redis.call('HGETALL', KEYS[1])
+"""
+)
+
+# Apply one writer's window delta exactly once.
+# KEYS: 1 meta, 2 writers, 3 index, 4 window
+# ARGV: 1-7 header (see prelude), 8 writer, 9 seq, 10 window id, 11 field, 12 blob, 13 ttl seconds
+# A delta whose seq is not above the writer's high-water mark was applied before (its reply was lost):
+# it is acknowledged as 'dup' and changes nothing. The writer sends its deltas in seq order.
+FLUSH = (
+    _ENSURE_META
+    + r"""
+local bad = ensure_meta(KEYS[1])
+if bad then return redis.error_reply(bad) end
+local seq = tonumber(ARGV[9])
+local seen = tonumber(redis.call('HGET', KEYS[2], ARGV[8]) or '-1')
+if seq <= seen then return 'dup' end
+redis.call('HSET', KEYS[4], ARGV[11], ARGV[12])
+redis.call('EXPIRE', KEYS[4], ARGV[13])
+redis.call('HSET', KEYS[2], ARGV[8], ARGV[9])
+redis.call('ZADD', KEYS[3], ARGV[10], ARGV[10])
+local head = tonumber(redis.call('HGET', KEYS[1], 'head') or '-1')
+if tonumber(ARGV[10]) > head then redis.call('HSET', KEYS[1], 'head', ARGV[10]) end
+return 'ok'
+"""
+)
+
+# A consistent read: header, aggregate and every field of the last n windows, in one atomic step.
+# KEYS: 1 meta, 2 agg. ARGV: 1 window key prefix, 2 n (0: as many as kept), 3 '1' to include the aggregate.
+# Returns {} when there is no header, else {header, aggregate or {}, id, fields, id, fields, ...}.
+SNAPSHOT = r"""
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'none' then return {} end
+if kind ~= 'hash' then
+  return redis.error_reply('EMFOREIGN ' .. KEYS[1] .. ' is a Redis ' .. kind ..
+                           ', not an expertmesh statistics header')
+end
+local head = tonumber(redis.call('HGET', KEYS[1], 'head') or '-1')
+local keep = tonumber(redis.call('HGET', KEYS[1], 'keep') or '0')
+if head == nil or keep == nil then
+  return redis.error_reply('EMFOREIGN ' .. KEYS[1] .. ' has a non-numeric head or keep field')
+end
+local n = tonumber(ARGV[2])
+if n <= 0 or n > keep then n = keep end
+local out = {redis.call('HGETALL', KEYS[1]), {}}
+if ARGV[3] == '1' then out[2] = redis.call('HGETALL', KEYS[2]) end
+local first = head - n + 1
+if first < 0 then first = 0 end
+for id = first, head do
+  local name = string.format('%d', id)
+  local fields = redis.call('HGETALL', ARGV[1] .. name)
+  if #fields > 0 then
+    out[#out + 1] = name
+    out[#out + 1] = fields
+  end
+end
+return out
+"""
+
+# Replace some fields of one window by their sum, if none of them was consumed meanwhile.
+# KEYS: 1 window. ARGV: 1 new field, 2 new blob, 3.. the fields it replaces. Returns 1, or 0 on conflict.
+MERGE = r"""
+for i = 3, #ARGV do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then return 0 end
+end
+for i = 3, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+# Fold windows that left the retention into the decayed aggregate, if nothing changed since it was read.
+# KEYS: 1 agg, 2 index. ARGV: 1 expected aggregate version ('' when none), 2 new aggregate blob,
+# 3 new reference window, 4 windows folded in total, 5 window key prefix,
+# then per window: id, nfields, fields.
+# Fields that arrive after the read (late deltas) stay and are folded next time. Returns 1, or 0 on conflict.
+FOLD = r"""
+local ver = redis.call('HGET', KEYS[1], 'ver') or ''
+if ver ~= ARGV[1] then return 0 end
+local i = 6
+while i <= #ARGV do
+  local key = ARGV[5] .. ARGV[i]
+  local nf = tonumber(ARGV[i + 1])
+  for j = 1, nf do
+    if redis.call('HEXISTS', key, ARGV[i + 1 + j]) == 0 then return 0 end
+  end
+  i = i + 2 + nf
+end
+i = 6
+while i <= #ARGV do
+  local key = ARGV[5] .. ARGV[i]
+  local nf = tonumber(ARGV[i + 1])
+  for j = 1, nf do redis.call('HDEL', key, ARGV[i + 1 + j]) end
+  if redis.call('EXISTS', key) == 0 then redis.call('ZREM', KEYS[2], ARGV[i]) end
+  i = i + 2 + nf
+end
+local nextver = tostring((tonumber(ver) or 0) + 1)
+redis.call('HSET', KEYS[1], 'blob', ARGV[2], 'ref', ARGV[3], 'folded', ARGV[4], 'ver', nextver)
+return 1
+"""

@@ -1,0 +1,531 @@
+"""The routing statistics store: windows of one model and run in Redis, read back as `RoutingStats`.
+
+Keys, all under the prefix `expertmesh:{<model>:<run>}` (the braces are a Redis Cluster hash tag: one slot, so
+every multi-key script below is atomic on a single server and on a cluster alike):
+
+    :meta        hash    schema, layers, experts, top_k, keep (N windows), decay, head (newest id), created
+    :w:<id>      hash    one field per writer delta ("d:<writer>:<seq>") or merged sum ("m:<token>"); value:
+                         an encoded window (`codec`). The window is the sum of its fields. Expires after ttl.
+    :windows     zset    window ids present (score = id)
+    :writers     hash    writer -> highest delta seq applied (makes a retried flush count once)
+    :agg         hash    blob (float window), ref (window id its weights refer to), ver, folded
+
+Windows have integer ids chosen by the writers (a step or time bucket; all writers of a window use the same
+id). A flush is one Lua script: the whole delta appears at once or not at all, so a reader never sees half of
+one. A snapshot is one Lua script over the header and the last N windows, so it is a consistent cut: every
+delta is either wholly in it or not at all.
+
+Retention: the last `keep` windows by id are kept as they are. `compact()` (the controller calls it each
+loop; `expertmesh stats compact` by hand) sums each window's deltas into one field, and folds windows that
+fell out of the last `keep` into the aggregate, weighting window w by decay ** (ref - w). Window keys expire
+after `ttl_s` whether or not anyone compacts, so old windows never pile up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from expertmesh.placement.stats import RoutingStats
+
+from . import scripts
+from .codec import CodecError, add_window_into, encode_window, encoded_header
+from .connect import (
+    StatsSchemaError,
+    StatsStoreError,
+    StatsTarget,
+    StatsUnavailableError,
+    check_name,
+    parse_target,
+)
+from .window import WindowCounts, pair_count
+
+__all__ = [
+    "SCHEMA",
+    "StatsKeys",
+    "StoreHeader",
+    "StatsStore",
+    "DEFAULT_KEEP",
+    "DEFAULT_DECAY",
+    "DEFAULT_TTL_S",
+]
+
+SCHEMA = "expertmesh.routing-stats/1"
+DEFAULT_KEEP = 64
+DEFAULT_DECAY = 0.9
+DEFAULT_TTL_S = 7 * 24 * 3600
+MAX_WINDOW_ID = 2**53 - 1  # Lua numbers are doubles: ids stay exact up to here
+
+
+@dataclass(frozen=True)
+class StatsKeys:
+    model: str
+    run: str = "default"
+
+    def __post_init__(self) -> None:
+        check_name("model", self.model)
+        check_name("run", self.run)
+
+    @property
+    def prefix(self) -> str:
+        return f"expertmesh:{{{self.model}:{self.run}}}"
+
+    @property
+    def meta(self) -> str:
+        return self.prefix + ":meta"
+
+    @property
+    def writers(self) -> str:
+        return self.prefix + ":writers"
+
+    @property
+    def index(self) -> str:
+        return self.prefix + ":windows"
+
+    @property
+    def agg(self) -> str:
+        return self.prefix + ":agg"
+
+    @property
+    def window_prefix(self) -> str:
+        return self.prefix + ":w:"
+
+    def window(self, window_id: int) -> str:
+        return f"{self.window_prefix}{int(window_id)}"
+
+
+@dataclass(frozen=True)
+class StoreHeader:
+    layers: int
+    experts: int
+    top_k: int
+    keep: int
+    decay: float
+    head: int  # newest window id, -1 before the first
+    created: float
+
+    @classmethod
+    def parse(cls, fields: dict, where: str) -> StoreHeader:
+        def get(name: str, kind):
+            raw = fields.get(name)
+            if raw is None:
+                raise StatsSchemaError(f"{where}: header field {name!r} missing")
+            try:
+                return kind(raw)
+            except ValueError:
+                raise StatsSchemaError(
+                    f"{where}: header field {name!r}: expected a number, got {raw!r}"
+                ) from None
+
+        schema = fields.get("schema")
+        if schema != SCHEMA:
+            raise StatsSchemaError(
+                f"{where}: not expertmesh statistics (schema {schema!r}, expected {SCHEMA!r})"
+            )
+        return cls(
+            get("layers", int),
+            get("experts", int),
+            get("top_k", int),
+            get("keep", int),
+            get("decay", float),
+            get("head", int),
+            get("created", float),
+        )
+
+    def args(self) -> list:
+        """ARGV[1..7] of the scripts that create or check a header."""
+        return [
+            SCHEMA,
+            self.layers,
+            self.experts,
+            self.top_k,
+            self.keep,
+            repr(self.decay),
+            repr(self.created),
+        ]
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(flat: list) -> dict:
+    return {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+class StatsStore:
+    """Statistics of one model and run in Redis (not thread-safe; one store per thread or process)."""
+
+    def __init__(self, client, model: str, run: str = "default", *, display: str = "redis") -> None:
+        self.client = client
+        self.keys = StatsKeys(model, run)
+        self.display = display  # the URL with the password masked, for messages
+
+    @classmethod
+    def open(
+        cls,
+        url: str | StatsTarget | None = None,
+        model: str | None = None,
+        run: str | None = None,
+        **client_options,
+    ) -> StatsStore:
+        """A store from a URL (`connect` describes it), `model`/`run` overriding the URL's query."""
+        target = url if isinstance(url, StatsTarget) else parse_target(url)
+        target = target.with_overrides(model, run)
+        return cls(
+            target.connect(**client_options), target.require_model(), target.run, display=target.display
+        )
+
+    @property
+    def where(self) -> str:
+        return f"{self.display} model={self.keys.model} run={self.keys.run}"
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        import redis
+
+        try:
+            yield
+        except redis.exceptions.AuthenticationError as exc:
+            raise StatsUnavailableError(
+                f"{action}: Redis at {self.display} refused the credentials ({exc})"
+            ) from exc
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            raise StatsUnavailableError(
+                f"{action}: cannot reach Redis at {self.display} ({exc}); is it running, is the URL right "
+                f"(--redis or EXPERTMESH_REDIS_URL)?"
+            ) from exc
+        except redis.exceptions.ResponseError as exc:
+            text = str(exc)
+            if text.startswith(("EMFOREIGN", "EMSHAPE", "WRONGTYPE")):
+                raise StatsSchemaError(f"{action}: {self.where}: {text}") from None
+            raise StatsStoreError(f"{action}: Redis at {self.display} answered: {text}") from exc
+        except CodecError as exc:
+            raise StatsSchemaError(f"{action}: {self.where}: malformed window data ({exc})") from None
+
+    def ping(self) -> None:
+        with self._errors("ping"):
+            self.client.ping()
+
+    # -- header ------------------------------------------------------------------------------------------
+
+    def header(self) -> StoreHeader | None:
+        """The stored header, or None when nothing is stored under the prefix."""
+        with self._errors("read header"):
+            kind = _text(self.client.type(self.keys.meta))
+            if kind == "none":
+                return None
+            if kind != "hash":
+                raise StatsSchemaError(
+                    f"{self.where}: {self.keys.meta} is a Redis {kind}, not an expertmesh header"
+                )
+            fields = {_text(k): _text(v) for k, v in self.client.hgetall(self.keys.meta).items()}
+        return StoreHeader.parse(fields, self.where)
+
+    def ensure(
+        self, layers: int, experts: int, top_k: int, keep: int = DEFAULT_KEEP, decay: float = DEFAULT_DECAY
+    ) -> StoreHeader:
+        """Create the header, or check that the stored one has this shape (StatsSchemaError if not)."""
+        wanted = make_header(layers, experts, top_k, keep, decay)
+        with self._errors("create header"):
+            flat = self.client.eval(scripts.ENSURE, 1, self.keys.meta, *wanted.args())
+        return StoreHeader.parse({k: _text(v) for k, v in _pairs(flat).items()}, self.where)
+
+    # -- writing -----------------------------------------------------------------------------------------
+
+    def flush_args(
+        self,
+        header: StoreHeader,
+        window_id: int,
+        blob: bytes,
+        writer: str,
+        seq: int,
+        ttl_s: int = DEFAULT_TTL_S,
+    ) -> tuple:
+        """(numkeys, *keys, *args) of the FLUSH script for one delta (the recorder pipelines these)."""
+        check_window_id(window_id)
+        field = f"d:{writer}:{seq}"
+        keys = (self.keys.meta, self.keys.writers, self.keys.index, self.keys.window(window_id))
+        args = (*header.args(), writer, int(seq), int(window_id), field, blob, int(ttl_s))
+        return (4, *keys, *args)
+
+    def write(
+        self,
+        window_id: int,
+        window: WindowCounts,
+        *,
+        header: StoreHeader,
+        writer: str,
+        seq: int,
+        ttl_s: int = DEFAULT_TTL_S,
+    ) -> bool:
+        """Add one delta to a window, atomically and once: False if this (writer, seq) was applied before."""
+        blob = encode_window(window)
+        with self._errors(f"write window {window_id}"):
+            reply = self.client.eval(
+                scripts.FLUSH, *self.flush_args(header, window_id, blob, writer, seq, ttl_s)
+            )
+        return _text(reply) == "ok"
+
+    # -- reading -----------------------------------------------------------------------------------------
+
+    def _read(self, windows: int | None, with_agg: bool) -> tuple[StoreHeader, dict, list[tuple[int, dict]]]:
+        with self._errors("read snapshot"):
+            reply = self.client.eval(
+                scripts.SNAPSHOT,
+                2,
+                self.keys.meta,
+                self.keys.agg,
+                self.keys.window_prefix,
+                int(windows or 0),
+                "1" if with_agg else "0",
+            )
+        if not reply:
+            raise StatsStoreError(f"no statistics under {self.where}")
+        header = StoreHeader.parse({k: _text(v) for k, v in _pairs(reply[0]).items()}, self.where)
+        agg = _pairs(reply[1])
+        found = [(int(reply[i]), _pairs(reply[i + 1])) for i in range(2, len(reply), 2)]
+        return header, agg, found
+
+    def _sum(self, header: StoreHeader, fields_by_window: list[tuple[int, dict]], action: str) -> tuple:
+        """Exact int64 sum of every field of the given windows; also per-window deltas and pairs presence."""
+        total = WindowCounts.zeros(header.layers, header.experts, header.top_k)
+        tokens, deltas, pairs = 0, {}, True
+        with self._errors(action):
+            for wid, fields in fields_by_window:
+                deltas[wid] = 0
+                for name, blob in fields.items():
+                    try:
+                        tok, n, had_pairs = add_window_into(total, blob)
+                    except CodecError as exc:
+                        raise CodecError(f"{self.keys.window(wid)} field {name!r}: {exc}") from None
+                    if encoded_header(blob)["flags"] & 2:
+                        raise CodecError(f"{self.keys.window(wid)} field {name!r}: float values in a window")
+                    tokens += int(tok)
+                    deltas[wid] += n
+                    pairs &= had_pairs
+        window = WindowCounts(
+            total.counts,
+            header.top_k,
+            tokens,
+            total.coact if pairs else None,
+            total.trans if pairs else None,
+            deltas=sum(deltas.values()),
+        )
+        return window, deltas
+
+    def snapshot(self, windows: int | None = None) -> RoutingStats:
+        """Exact sum of the last `windows` windows (default: all `keep`), as the `RoutingStats` of a trace.
+
+        meta: model, run, source, windows (ids), deltas (writer flushes per window), head, tokens.
+        """
+        header, _, found = self._read(windows, with_agg=False)
+        if not found:
+            raise StatsStoreError(f"no windows under {self.where} (newest id {header.head})")
+        window, deltas = self._sum(header, found, "read snapshot")
+        meta = {
+            "model": self.keys.model,
+            "run": self.keys.run,
+            "source": self.display,
+            "windows": [wid for wid, _ in found],
+            "deltas": {str(k): v for k, v in deltas.items()},
+            "head": header.head,
+            "keep": header.keep,
+        }
+        return window.to_stats(meta)
+
+    def decayed(self) -> RoutingStats:
+        """The exponentially decayed aggregate as of the newest window (floating point counts).
+
+        sum over every window ever written of decay ** (head - id) * window: kept windows are read as
+        they are, older ones through the folded aggregate, so it is exact whether or not compaction ran.
+        """
+        header, agg, found = self._read(None, with_agg=True)
+        L, E, k = header.layers, header.experts, header.top_k
+        total = _float_zeros(L, E, k)
+        tokens, pairs = 0.0, True
+        with self._errors("read decayed aggregate"):
+            for wid, fields in found:
+                win, _ = self._sum(header, [(wid, fields)], "read decayed aggregate")
+                factor = header.decay ** (header.head - wid)
+                _axpy(total, win, factor)
+                tokens += factor * win.tokens
+                pairs &= win.has_pairs
+            if agg.get("blob"):
+                ref = int(_text(agg["ref"]))
+                part = _float_zeros(L, E, k)
+                tok, _, had = add_window_into(part, agg["blob"])
+                factor = header.decay ** max(header.head - ref, 0)
+                _axpy(total, part, factor)
+                tokens += factor * tok
+                pairs &= had
+        if not found and not agg.get("blob"):
+            raise StatsStoreError(f"no windows under {self.where}")
+        window = WindowCounts(
+            total.counts,
+            k,
+            int(round(tokens)),
+            total.coact if pairs else None,
+            total.trans if pairs else None,
+        )
+        stats = window.to_stats(
+            {
+                "model": self.keys.model,
+                "run": self.keys.run,
+                "source": self.display,
+                "decay": header.decay,
+                "head": header.head,
+                "decayed": True,
+            }
+        )
+        return stats
+
+    def window_ids(self) -> list[int]:
+        with self._errors("list windows"):
+            return [int(_text(m)) for m in self.client.zrange(self.keys.index, 0, -1)]
+
+    # -- maintenance -------------------------------------------------------------------------------------
+
+    def compact(self) -> dict:
+        """Merge each window's deltas into one field; fold windows older than the last `keep` into the sum.
+
+        Safe to run from several processes and while writers flush: every change is a compare-and-set
+        script that gives up (and is retried at the next call) when what it read has changed.
+        Returns counts of merged windows, folded windows and conflicts.
+        """
+        header = self.header()
+        if header is None:
+            return {"merged": 0, "folded": 0, "conflicts": 0}
+        first_kept = header.head - header.keep + 1
+        report = {"merged": 0, "folded": 0, "conflicts": 0}
+        to_fold: list[tuple[int, list[str], WindowCounts]] = []
+        for wid in self.window_ids():
+            with self._errors(f"compact window {wid}"):
+                fields = {_text(n): b for n, b in self.client.hgetall(self.keys.window(wid)).items()}
+            if wid < first_kept:
+                win, _ = (
+                    self._sum(header, [(wid, fields)], f"compact window {wid}") if fields else (None, None)
+                )
+                to_fold.append((wid, sorted(fields), win))
+                continue
+            if len(fields) < 2:
+                continue
+            win, _ = self._sum(header, [(wid, fields)], f"compact window {wid}")
+            name = f"m:{secrets.token_hex(8)}"
+            with self._errors(f"compact window {wid}"):
+                ok = self.client.eval(
+                    scripts.MERGE, 1, self.keys.window(wid), name, encode_window(win), *sorted(fields)
+                )
+            report["merged" if ok else "conflicts"] += 1
+        if to_fold:
+            report["folded"], report["conflicts"] = self._fold(header, to_fold), report["conflicts"]
+            if report["folded"] == 0:
+                report["conflicts"] += 1
+        return report
+
+    def _fold(self, header: StoreHeader, to_fold: list[tuple[int, list[str], WindowCounts | None]]) -> int:
+        L, E, k = header.layers, header.experts, header.top_k
+        with self._errors("fold windows"):
+            agg = {_text(n): v for n, v in self.client.hgetall(self.keys.agg).items()}
+        ver = _text(agg.get("ver", b""))
+        total = _float_zeros(L, E, k)
+        tokens, pairs, ref = 0.0, True, None
+        if agg.get("blob"):
+            with self._errors("fold windows"):
+                tokens, _, pairs = add_window_into(total, agg["blob"])
+            ref = int(_text(agg["ref"]))
+        newest = max(wid for wid, _, _ in to_fold)
+        new_ref = newest if ref is None else max(ref, newest)
+        if ref is not None and new_ref != ref:
+            _scale(total, header.decay ** (new_ref - ref))
+            tokens *= header.decay ** (new_ref - ref)
+        for wid, _, win in to_fold:
+            if win is None:
+                continue
+            factor = header.decay ** (new_ref - wid)
+            _axpy(total, win, factor)
+            tokens += factor * win.tokens
+            pairs &= win.has_pairs
+        blob = encode_window(
+            WindowCounts(
+                total.counts, k, 0, total.coact if pairs else None, total.trans if pairs else None, deltas=0
+            ),
+            tokens=tokens,
+        )
+        folded = int(_text(agg.get("folded", b"0"))) + len(to_fold)
+        args = [ver, blob, new_ref, folded, self.keys.window_prefix]
+        for wid, names, _ in to_fold:
+            args += [wid, len(names), *names]
+        with self._errors("fold windows"):
+            ok = self.client.eval(scripts.FOLD, 2, self.keys.agg, self.keys.index, *args)
+        return len(to_fold) if ok else 0
+
+    def reset(self) -> int:
+        """Delete everything under the prefix; returns the number of keys removed."""
+        with self._errors("reset"):
+            names = {self.keys.meta, self.keys.writers, self.keys.index, self.keys.agg}
+            names.update(self.keys.window(int(_text(m))) for m in self.client.zrange(self.keys.index, 0, -1))
+            # Windows missing from the index (it is trimmed by compaction) are found by name.
+            names.update(
+                _text(n) for n in self.client.scan_iter(match=self.keys.window_prefix + "*", count=1000)
+            )
+            return int(self.client.unlink(*names)) if names else 0
+
+    def memory(self) -> dict:
+        """Bytes Redis uses for each window key and for the other keys (MEMORY USAGE, no sampling)."""
+        with self._errors("memory usage"):
+            windows = {
+                wid: int(self.client.memory_usage(self.keys.window(wid), samples=0) or 0)
+                for wid in self.window_ids()
+            }
+            other = sum(
+                int(self.client.memory_usage(k, samples=0) or 0)
+                for k in (self.keys.meta, self.keys.writers, self.keys.index, self.keys.agg)
+            )
+        return {"windows": windows, "other": other}
+
+
+def make_header(
+    layers: int, experts: int, top_k: int, keep: int = DEFAULT_KEEP, decay: float = DEFAULT_DECAY
+) -> StoreHeader:
+    """A header for a new store, validated field by field."""
+    for name, value in (("layers", layers), ("experts", experts), ("top_k", top_k), ("keep", keep)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if top_k > experts:
+        raise ValueError(f"top_k: expected at most experts={experts}, got {top_k}")
+    if not (0.0 < float(decay) <= 1.0) or math.isnan(decay):
+        raise ValueError(f"decay: expected a factor in (0, 1], got {decay!r}")
+    return StoreHeader(int(layers), int(experts), int(top_k), int(keep), float(decay), -1, time.time())
+
+
+def check_window_id(window_id: int) -> int:
+    if isinstance(window_id, bool) or int(window_id) != window_id or not 0 <= window_id <= MAX_WINDOW_ID:
+        raise ValueError(f"window: expected an integer id in [0, 2**53), got {window_id!r}")
+    return int(window_id)
+
+
+def _float_zeros(L: int, E: int, k: int) -> WindowCounts:
+    return WindowCounts(
+        np.zeros((L, E)), k, 0, np.zeros((L, pair_count(E))), np.zeros((max(L - 1, 0), E * E)), deltas=0
+    )
+
+
+def _axpy(total: WindowCounts, win: WindowCounts, factor: float) -> None:
+    """total += factor * win, in place (float accumulators)."""
+    total.counts[:] += factor * win.counts
+    if total.has_pairs and win.has_pairs:
+        total.coact[:] += factor * win.coact
+        total.trans[:] += factor * win.trans
+
+
+def _scale(total: WindowCounts, factor: float) -> None:
+    total.counts[:] *= factor
+    if total.has_pairs:
+        total.coact[:] *= factor
+        total.trans[:] *= factor

@@ -1,0 +1,139 @@
+"""One window of routing statistics as the store keeps it: exact integers, coact as its upper triangle.
+
+    counts  int64 [L, E]             token-expert assignments per expert
+    coact   int64 [L, P]             P = E (E - 1) / 2 same-layer pairs (a < b), row-major upper triangle
+    trans   int64 [L-1, E * E]       layer l expert a -> layer l+1 expert b, flat index a * E + b
+    tokens  int                      tokens counted
+    deltas  int                      writer flushes summed into this window (1 for a single flush)
+
+`RoutingStats.coact` is symmetric with a zero diagonal (two different experts of one token), so its upper
+triangle holds all of it: half the cells, and the full matrix comes back exactly (`to_stats`).
+`coact` and `trans` are both None for sources without per-token data (aggregate count matrices).
+Windows are additive: `a + b` sums every statistic, which is how writer flushes merge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+from expertmesh.placement.stats import RoutingStats
+
+__all__ = ["WindowCounts", "pair_count", "triu_pairs"]
+
+
+def pair_count(num_experts: int) -> int:
+    """P: unordered pairs of distinct experts of one layer."""
+    return num_experts * (num_experts - 1) // 2
+
+
+@lru_cache(maxsize=8)
+def triu_pairs(num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) int64 [P] each: the pair behind every upper-triangle index, a < b, row-major."""
+    a, b = np.triu_indices(num_experts, k=1)
+    a.setflags(write=False)
+    b.setflags(write=False)
+    return a, b
+
+
+@dataclass(frozen=True)
+class WindowCounts:
+    counts: np.ndarray  # int64 [L, E]
+    top_k: int
+    tokens: int
+    coact: np.ndarray | None = None  # int64 [L, P]
+    trans: np.ndarray | None = None  # int64 [L-1, E*E]
+    deltas: int = 1
+    meta: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        counts = np.asarray(self.counts)
+        if counts.ndim != 2:
+            raise ValueError(f"counts: expected shape [L, E], got {list(counts.shape)}")
+        L, E = counts.shape
+        expect = {"coact": (L, pair_count(E)), "trans": (max(L - 1, 0), E * E)}
+        if (self.coact is None) != (self.trans is None):
+            raise ValueError("coact/trans: expected both or neither")
+        for name, shape in expect.items():
+            arr = getattr(self, name)
+            if arr is not None and np.asarray(arr).shape != shape:
+                raise ValueError(f"{name}: expected shape {list(shape)}, got {list(np.asarray(arr).shape)}")
+
+    @property
+    def num_layers(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.shape[1]
+
+    @property
+    def has_pairs(self) -> bool:
+        return self.coact is not None
+
+    def __add__(self, other: WindowCounts) -> WindowCounts:
+        if self.counts.shape != other.counts.shape or self.top_k != other.top_k:
+            raise ValueError(
+                f"windows do not match: [L, E]={list(self.counts.shape)}, k={self.top_k} "
+                f"vs [L, E]={list(other.counts.shape)}, k={other.top_k}"
+            )
+        both = self.has_pairs and other.has_pairs
+        return WindowCounts(
+            self.counts + other.counts,
+            self.top_k,
+            self.tokens + other.tokens,
+            self.coact + other.coact if both else None,
+            self.trans + other.trans if both else None,
+            self.deltas + other.deltas,
+        )
+
+    @classmethod
+    def zeros(cls, num_layers: int, num_experts: int, top_k: int, pairs: bool = True) -> WindowCounts:
+        L, E = num_layers, num_experts
+        return cls(
+            np.zeros((L, E), np.int64),
+            top_k,
+            0,
+            np.zeros((L, pair_count(E)), np.int64) if pairs else None,
+            np.zeros((max(L - 1, 0), E * E), np.int64) if pairs else None,
+            deltas=0,
+        )
+
+    @classmethod
+    def from_stats(cls, stats: RoutingStats) -> WindowCounts:
+        """The window of an in-memory `RoutingStats`; refuses what the store cannot hold exactly."""
+        L, E = stats.counts.shape
+        arrays = {"counts": stats.counts, "coact": stats.coact, "trans": stats.trans}
+        for name, arr in arrays.items():
+            integral = arr is None or np.issubdtype(np.asarray(arr).dtype, np.integer)
+            if not integral and not np.array_equal(arr, np.round(arr)):
+                raise ValueError(f"{name}: expected integer counts, got non-integral values (decayed stats?)")
+        coact = trans = None
+        if stats.has_pairs:
+            full = np.asarray(stats.coact, dtype=np.int64)
+            diag = np.einsum("lii->li", full)
+            if diag.any():
+                layer, expert = np.argwhere(diag)[0]
+                raise ValueError(
+                    f"coact: expected a zero diagonal (pairs of distinct experts), "
+                    f"layer {layer} expert {expert} has {diag[layer, expert]}"
+                )
+            a, b = triu_pairs(E)
+            coact = full[:, a, b]
+            trans = np.asarray(stats.trans, dtype=np.int64).reshape(max(L - 1, 0), E * E)
+        return cls(np.asarray(stats.counts, dtype=np.int64), stats.top_k, stats.tokens, coact, trans)
+
+    def to_stats(self, meta: dict | None = None) -> RoutingStats:
+        """The `RoutingStats` of this window: same integers as `stats_from_trace` on the same tokens."""
+        L, E = self.counts.shape
+        coact = trans = None
+        if self.has_pairs:
+            a, b = triu_pairs(E)
+            coact = np.zeros((L, E, E), np.int64)
+            coact[:, a, b] = self.coact
+            coact[:, b, a] = self.coact
+            trans = np.asarray(self.trans, dtype=np.int64).reshape(max(L - 1, 0), E, E)
+        return RoutingStats(
+            self.counts.astype(np.int64, copy=False), self.top_k, self.tokens, coact, trans, dict(meta or {})
+        )
