@@ -1,0 +1,345 @@
+"""`EPGroup`: the driver's handle on one expert-parallel group of `ExpertWorker` Ray actors.
+
+    group = EPGroup.create(model_dir, plan, num_workers=2, device="cuda")
+    out = group.step([[(0, prompt_a)], [(1, prompt_b)]], sampling=GREEDY)   # one list per worker
+    group.free([0, 1]); group.shutdown()
+
+The group is created as a unit (a placement group of one bundle per worker, then one `torch.distributed`
+process group: NCCL on GPUs, gloo on CPUs) and fails as a unit: NCCL and gloo groups do not survive the
+loss of a member, so when a worker dies or a step outlives its timeout, every worker is killed, the step
+raises `WorkerFailure` or `StepTimeout`, and the caller creates a new group.
+
+Sequences live on the worker that first received them (their home: data-parallel attention keeps their
+cache there); the group remembers homes and refuses a step that sends a sequence elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import ray
+from expertmesh.placement.plan import Placement, load_plan
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .config import ModelConfig, read_model_config
+from .plans import PlanMismatchError, check_plan, contiguous_plan
+from .recording import StatsSink
+from .sampling import GREEDY, SamplingParams
+from .worker import DTYPES, ExpertWorker, StepOutput, WorkerSpec
+
+__all__ = ["EPGroup", "GroupError", "WorkerFailure", "StepTimeout", "PlanMismatchError", "contiguous_plan"]
+
+_RemoteWorker = ray.remote(ExpertWorker)
+
+
+class GroupError(RuntimeError):
+    """The group cannot serve (any more); create a new one."""
+
+
+class WorkerFailure(GroupError):
+    """A worker died or raised during a call; the group has been torn down."""
+
+
+class StepTimeout(GroupError):
+    """A call did not finish within its timeout; the group has been torn down."""
+
+
+def _cause(err: Exception) -> BaseException:
+    """The worker-side exception inside a RayTaskError (so callers see ValueError, not a wrapper)."""
+    if isinstance(err, RayTaskError):
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, BaseException):
+            return cause
+    return err
+
+
+class EPGroup:
+    def __init__(self, actors: list, pg, cfg: ModelConfig, plan: Placement, model_dir: str, device: str,
+                 dtype: str, step_timeout_s: float, infos: list[dict]) -> None:
+        self._actors, self._pg = actors, pg
+        self.config, self.plan, self.model_dir = cfg, plan, model_dir
+        self.device, self.dtype, self.step_timeout_s = device, dtype, step_timeout_s
+        self.infos = infos
+        self.home: dict[int, int] = {}
+        self.steps = 0
+        self._broken: str | None = None
+
+    # ---- creation ------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        model_dir: str | Path,
+        plan: Placement | str | Path | None = None,
+        num_workers: int | None = None,
+        device: str = "cpu",
+        *,
+        dtype: str | None = None,
+        sink: StatsSink | None = None,
+        flush_every: int = 1,
+        run_id: str = "run",
+        cpus_per_worker: float = 1.0,
+        strategy: str = "PACK",
+        step_timeout_s: float = 300.0,
+        setup_timeout_s: float = 600.0,
+        collective_timeout_s: float = 120.0,
+        seed: int = 0,
+    ) -> EPGroup:
+        """Start `num_workers` workers (default: the plan's GPU count) serving `model_dir` under `plan`.
+
+        plan: a `Placement`, a plan file, or None for the contiguous placement. device: "cpu" (gloo) or
+        "cuda" (NCCL, one GPU per worker). dtype: "float32", "bfloat16" or "float16" (default: the
+        checkpoint's, float32 on CPU). sink: where routing statistics go (see `recording.StatsSink`).
+        """
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+        model_dir = str(Path(model_dir).resolve())
+        cfg = read_model_config(model_dir)
+        if isinstance(plan, (str, Path)):
+            plan = load_plan(plan)
+        if plan is None:
+            workers = 1 if num_workers is None else num_workers
+            plan = contiguous_plan(cfg.num_moe_layers, cfg.num_experts, workers)
+        if num_workers is None:
+            num_workers = plan.num_gpus
+        if num_workers < 1:
+            raise ValueError(f"num_workers: expected >= 1, got {num_workers}")
+        check_plan(plan, cfg, num_workers, model_dir)
+        if dtype is None:
+            dtype = "float32" if device == "cpu" or cfg.dtype not in DTYPES else cfg.dtype
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        if not ray.is_initialized():
+            ray.init()
+
+        bundle = {"CPU": cpus_per_worker, **({"GPU": 1} if device == "cuda" else {})}
+        pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy=strategy)
+        try:
+            ray.get(pg.ready(), timeout=setup_timeout_s)
+        except GetTimeoutError:
+            remove_placement_group(pg)
+            raise GroupError(
+                f"placement group: {num_workers} bundles of {bundle} ({strategy}) could not be scheduled "
+                f"within {setup_timeout_s:.0f} s; cluster resources: {ray.cluster_resources()}"
+            ) from None
+        actors = [
+            _RemoteWorker.options(
+                num_cpus=cpus_per_worker,
+                num_gpus=1 if device == "cuda" else 0,
+                max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+            ).remote(rank, num_workers)
+            for rank in range(num_workers)
+        ]
+        group = cls(actors, pg, cfg, plan, model_dir, device, dtype, step_timeout_s, [])
+        addr, port = group._call([actors[0].rendezvous_address.remote()], setup_timeout_s, "rendezvous")[0]
+        spec = WorkerSpec(
+            model_dir=model_dir, plan=plan, dtype=dtype, device=device, master_addr=addr, master_port=port,
+            collective_timeout_s=collective_timeout_s, sink=sink, flush_every=flush_every, run_id=run_id,
+            seed=seed,
+        )
+        group.infos = group._call([a.setup.remote(spec) for a in actors], setup_timeout_s, "setup")
+        return group
+
+    # ---- calls with failure handling -----------------------------------------------------------
+    @property
+    def num_workers(self) -> int:
+        return len(self._actors)
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise GroupError(f"this group is unusable ({self._broken}); create a new one with EPGroup.create")
+
+    def _call(self, refs: list, timeout_s: float, what: str) -> list:
+        """Wait for one call per worker; on the first failure or at the timeout, tear the group down."""
+        deadline = time.monotonic() + timeout_s
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
+            if not ready:
+                stuck = [refs.index(r) for r in pending]
+                self._teardown(f"{what} timed out")
+                raise StepTimeout(
+                    f"{what}: workers {stuck} did not answer within {timeout_s:.0f} s; "
+                    "the group was torn down"
+                )
+            try:
+                ray.get(ready[0])
+            except RayActorError as err:
+                rank = refs.index(ready[0])
+                self._teardown(f"worker {rank} died during {what}")
+                raise WorkerFailure(
+                    f"{what}: worker {rank} died ({type(err).__name__}); the group was torn down, "
+                    f"create a new one with EPGroup.create"
+                ) from err
+            except RayTaskError as err:
+                rank = refs.index(ready[0])
+                cause = _cause(err)
+                self._teardown(f"worker {rank} failed during {what}")
+                if isinstance(cause, (ValueError, KeyError, TypeError)):
+                    raise cause from err  # bad input: the worker's own error names the field
+                raise WorkerFailure(f"{what}: worker {rank} raised {type(cause).__name__}: {cause}") from err
+        return ray.get(refs)
+
+    def _teardown(self, reason: str) -> None:
+        self._broken = reason
+        for actor in self._actors:
+            with contextlib.suppress(Exception):  # already gone
+                ray.kill(actor, no_restart=True)
+        with contextlib.suppress(Exception):
+            remove_placement_group(self._pg)
+
+    def shutdown(self) -> None:
+        """Flush statistics, leave the process group and stop every worker (idempotent)."""
+        if self._broken is None:
+            with contextlib.suppress(GroupError):
+                self._call([a.shutdown.remote() for a in self._actors], 60.0, "shutdown")
+        if self._broken is None:
+            self._teardown("shut down")
+
+    def __enter__(self) -> EPGroup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- serving -------------------------------------------------------------------------------
+    def _check_inputs(self, inputs: Sequence[Sequence[tuple[int, Sequence[int]]]]) -> None:
+        if len(inputs) != self.num_workers:
+            raise ValueError(f"inputs: expected one list per worker ({self.num_workers}), got {len(inputs)}")
+        seen: set[int] = set()
+        V = self.config.vocab_size
+        for rank, batch in enumerate(inputs):
+            for seq, tokens in batch:
+                seq = int(seq)
+                if seq in seen:
+                    raise ValueError(f"inputs: sequence {seq} appears twice in one step")
+                seen.add(seq)
+                home = self.home.get(seq, rank)
+                if home != rank:
+                    raise ValueError(
+                        f"inputs: sequence {seq} lives on worker {home}, the step gives it to {rank}"
+                    )
+                if len(tokens) == 0:
+                    raise ValueError(f"inputs: sequence {seq} brings no new token")
+                arr = np.asarray(tokens)
+                if not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() >= V:
+                    raise ValueError(f"inputs: token ids of sequence {seq} must be integers in [0, {V})")
+
+    def step(
+        self,
+        inputs: Sequence[Sequence[tuple[int, Sequence[int]]]],
+        sampling: SamplingParams | Sequence[Sequence[SamplingParams]] | None = None,
+        return_logits: bool = True,
+        measure: bool = False,
+        pause_s: Sequence[float] | None = None,
+    ) -> list[StepOutput]:
+        """One lockstep step: `inputs[w]` is worker w's list of (sequence id, new token ids).
+
+        A new sequence is prefilled, a known one continues from its cache. Returns one `StepOutput` per
+        worker with the last position's logits (unless `return_logits=False`) and, when `sampling` is
+        given (one `SamplingParams` for all, or one per input), the next token of every sequence.
+        `pause_s[w]` holds worker w before its first layer (for failure tests).
+        """
+        self._check_usable()
+        self._check_inputs(inputs)
+        if isinstance(sampling, SamplingParams):
+            sampling = [[sampling] * len(batch) for batch in inputs]
+        pause = list(pause_s) if pause_s is not None else [0.0] * self.num_workers
+        refs = [
+            actor.step.remote([(int(s), [int(t) for t in toks]) for s, toks in batch],
+                              None if sampling is None else list(sampling[rank]), return_logits, measure,
+                              pause[rank])
+            for rank, (actor, batch) in enumerate(zip(self._actors, inputs, strict=True))
+        ]
+        outputs = self._call(refs, self.step_timeout_s, f"step {self.steps}")
+        for rank, batch in enumerate(inputs):
+            for seq, _ in batch:
+                self.home[int(seq)] = rank
+        self.steps += 1
+        return outputs
+
+    def replay(
+        self,
+        inputs: Sequence[Sequence[tuple[int, Sequence[int]]]],
+        topk_ids: Sequence[np.ndarray],
+        measure: bool = True,
+    ) -> list[StepOutput]:
+        """A step whose gates are replaced by `topk_ids[w]` int [T_w, L, k] (T_w = worker w's new tokens).
+
+        The sequences must be new; they are freed afterwards, and nothing is recorded as statistics.
+        """
+        self._check_usable()
+        self._check_inputs(inputs)
+        for batch in inputs:
+            for seq, _ in batch:
+                if int(seq) in self.home:
+                    raise ValueError(f"inputs: replay needs new sequences, {seq} is live")
+        refs = [
+            actor.replay.remote([(int(s), [int(t) for t in toks]) for s, toks in batch],
+                                np.asarray(ids, dtype=np.int32), measure)
+            for actor, batch, ids in zip(self._actors, inputs, topk_ids, strict=True)
+        ]
+        return self._call(refs, self.step_timeout_s, f"replay {self.steps}")
+
+    def free(self, seq_ids: Sequence[int]) -> None:
+        """Drop finished sequences from their home workers (unknown ids are ignored)."""
+        self._check_usable()
+        by_rank: dict[int, list[int]] = {}
+        for seq in seq_ids:
+            rank = self.home.pop(int(seq), None)
+            if rank is not None:
+                by_rank.setdefault(rank, []).append(int(seq))
+        refs = [self._actors[r].free.remote(ids) for r, ids in by_rank.items()]
+        if refs:
+            self._call(refs, self.step_timeout_s, "free")
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingParams = GREEDY,
+        first_seq_id: int = 0,
+    ) -> list[list[int]]:
+        """Generate `max_new_tokens` for each prompt; prompt i gets home worker i mod num_workers."""
+        ids = list(range(first_seq_id, first_seq_id + len(prompts)))
+        homes = [i % self.num_workers for i in range(len(prompts))]
+        pending = [list(p) for p in prompts]
+        generated: list[list[int]] = [[] for _ in prompts]
+        for _ in range(max_new_tokens):
+            inputs: list[list[tuple[int, list[int]]]] = [[] for _ in range(self.num_workers)]
+            for i, (seq, toks) in enumerate(zip(ids, pending, strict=True)):
+                inputs[homes[i]].append((seq, toks))
+            outs = self.step(inputs, sampling=sampling, return_logits=False)
+            where = {seq: tok for out in outs for seq, tok in zip(out.seq_ids, out.tokens, strict=True)}
+            for i, seq in enumerate(ids):
+                generated[i].append(where[seq])
+                pending[i] = [where[seq]]
+        self.free(ids)
+        return generated
+
+    def apply_plan(self, plan: Placement | str | Path) -> None:
+        """Re-place experts at a step boundary: every worker reads the experts the new plan gives it."""
+        self._check_usable()
+        if isinstance(plan, (str, Path)):
+            plan = load_plan(plan)
+        check_plan(plan, self.config, self.num_workers, self.model_dir)
+        self.infos = self._call([a.apply_plan.remote(plan) for a in self._actors], self.step_timeout_s,
+                                "apply_plan")
+        self.plan = plan
+
+    def worker_info(self) -> list[dict]:
+        self._check_usable()
+        return self._call([a.info.remote() for a in self._actors], self.step_timeout_s, "info")
+
+    def flush_stats(self) -> None:
+        self._check_usable()
+        self._call([a.flush_stats.remote() for a in self._actors], self.step_timeout_s, "flush_stats")
+
+    def pids(self) -> list[int]:
+        return [info["pid"] for info in self.infos]

@@ -1,0 +1,256 @@
+"""The decoder stack of the Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE families, written for a flat token batch.
+
+One worker runs the whole stack for its own sequences (data-parallel attention); only the routed experts
+of MoE layers leave the worker, through an `ExpertExecutor` (dispatch -> grouped GEMM -> combine).
+
+Notation: T tokens of this step on this worker (all sequences, flattened in input order), N sequences,
+H hidden, Q heads, KV key/value heads, D head dim, k experts per token, V vocabulary.
+
+A step is a list of (sequence, new tokens); a sequence seen for the first time is a prefill, one with a
+cache continues (decode when it brings one token). Attention runs once per group of sequences with the
+same number of new tokens, padded over their cached lengths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .kvcache import KVArena, SequenceError
+from .weights import AttentionWeights, MLPWeights, ModelWeights
+
+__all__ = ["MoEModel", "StepBatch", "ExpertExecutor", "route", "rms_norm", "build_batch"]
+
+
+class ExpertExecutor(Protocol):
+    """Routed-expert output of one MoE layer for this worker's tokens (collective: every worker calls it)."""
+
+    def __call__(self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H], topk_ids int64 [T, k], topk_weights float32 [T, k] -> [T, H]."""
+        ...
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, in fp32, cast back before the weight (as the reference does)."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def _swiglu(x: torch.Tensor, w: MLPWeights) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax top-k gate: logits [T, E] -> (ids int64 [T, k], weights float32 [T, k]), highest first."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return ids, weights
+
+
+def gate_weights(logits: torch.Tensor, ids: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """The gate weights the router would give to experts `ids` [T, k] (for routing replay)."""
+    weights = torch.softmax(logits.float(), dim=-1).gather(-1, ids)
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences of one step with the same number of new tokens n."""
+
+    n: int
+    token_index: torch.Tensor  # int64 [B * n]: rows of the flat batch, sequence-major
+    slots: torch.Tensor  # int64 [B]
+    slot_range: tuple[int, int] | None  # (first, B) when the slots are consecutive: the cache is a view
+    pasts: list[int]
+    mask: torch.Tensor | None  # bool [B, 1, n, K] (True = attend), None when plain causal or no mask
+    keys: int  # K = max(past) + n
+
+
+@dataclass
+class StepBatch:
+    seq_ids: list[int]
+    new_tokens: list[int]
+    token_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    token_slots: torch.Tensor  # int64 [T]
+    last_index: torch.Tensor  # int64 [N]: row of each sequence's last new token
+    groups: list[AttentionGroup]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+def build_batch(arena: KVArena, inputs: Sequence[tuple[int, Sequence[int]]],
+                device: torch.device) -> StepBatch:
+    """Check a step's (sequence id, new token ids) list, reserve cache room, lay out the attention groups."""
+    seq_ids = [int(s) for s, _ in inputs]
+    if len(set(seq_ids)) != len(seq_ids):
+        raise SequenceError(f"seq_ids: a sequence appears twice in one step ({sorted(seq_ids)})")
+    tokens = [list(t) for _, t in inputs]
+    for s, t in zip(seq_ids, tokens, strict=True):
+        if not t:
+            raise SequenceError(f"tokens: sequence {s} brings no new token")
+    new = [len(t) for t in tokens]
+    slots, pasts = arena.admit(seq_ids, new)
+    flat = [tok for t in tokens for tok in t]
+    starts = [0]
+    for n in new:
+        starts.append(starts[-1] + n)
+    positions = [p + i for p, n in zip(pasts, new, strict=True) for i in range(n)]
+    token_slots = [slot for slot, n in zip(slots, new, strict=True) for _ in range(n)]
+
+    by_n: dict[int, list[int]] = {}
+    for i, n in enumerate(new):
+        by_n.setdefault(n, []).append(i)
+    groups = []
+    for n, members in sorted(by_n.items()):
+        g_slots = [slots[i] for i in members]
+        g_pasts = [pasts[i] for i in members]
+        rows = [r for i in members for r in range(starts[i], starts[i] + n)]
+        keys = max(g_pasts) + n
+        consecutive = g_slots == list(range(g_slots[0], g_slots[0] + len(g_slots)))
+        mask = None
+        if len(set(g_pasts)) > 1 or (n > 1 and g_pasts[0] > 0):
+            q_pos = torch.tensor(g_pasts, device=device)[:, None] + torch.arange(n, device=device)[None, :]
+            mask = (torch.arange(keys, device=device)[None, None, :] <= q_pos[:, :, None])[:, None]
+        groups.append(AttentionGroup(
+            n=n,
+            token_index=torch.tensor(rows, dtype=torch.int64, device=device),
+            slots=torch.tensor(g_slots, dtype=torch.int64, device=device),
+            slot_range=(g_slots[0], len(g_slots)) if consecutive else None,
+            pasts=g_pasts, mask=mask, keys=keys,
+        ))
+    return StepBatch(
+        seq_ids=seq_ids, new_tokens=new,
+        token_ids=torch.tensor(flat, dtype=torch.int64, device=device),
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        token_slots=torch.tensor(token_slots, dtype=torch.int64, device=device),
+        last_index=torch.tensor([s - 1 for s in starts[1:]], dtype=torch.int64, device=device),
+        groups=groups,
+    )
+
+
+class MoEModel:
+    """The forward pass of one worker. Weights are plain tensors; no autograd (inference)."""
+
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, executor: ExpertExecutor,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.cfg, self.w, self.executor = cfg, weights, executor
+        self.dtype, self.device = dtype, device
+        self.arena = KVArena(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+        D = cfg.head_dim
+        exponents = torch.arange(0, D, 2, dtype=torch.float32, device=device) / D
+        self.inv_freq = 1.0 / (cfg.rope_theta**exponents)
+        self.moe_index = {layer: i for i, layer in enumerate(cfg.moe_layers)}
+
+    # ---- pieces --------------------------------------------------------------------------------
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
+
+    def _attention(self, layer: int, x: torch.Tensor, batch: StepBatch, cos: torch.Tensor,
+                   sin: torch.Tensor) -> torch.Tensor:
+        cfg, w = self.cfg, self.w.layers[layer].attn
+        T, Q, KV, D = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if T == 0:  # a worker without sequences this step still takes part in the MoE collectives
+            return x.new_zeros(x.shape)
+        q, k, v = self._qkv(w, x)
+        q, k, v = q.view(T, Q, D), k.view(T, KV, D), v.view(T, KV, D)
+        if cfg.qk_norm == "head":
+            q = rms_norm(q, w.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, w.k_norm, cfg.rms_norm_eps)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+
+        k_cache, v_cache = self.arena.k[layer], self.arena.v[layer]
+        k_cache[batch.token_slots, :, batch.positions] = k
+        v_cache[batch.token_slots, :, batch.positions] = v
+
+        out = torch.empty((T, Q, D), dtype=x.dtype, device=x.device)
+        for g in batch.groups:
+            B = g.slots.shape[0]
+            qg = q.index_select(0, g.token_index).view(B, g.n, Q, D).transpose(1, 2)  # [B, Q, n, D]
+            if g.slot_range is not None:
+                first, count = g.slot_range
+                kg = k_cache[first : first + count, :, : g.keys]
+                vg = v_cache[first : first + count, :, : g.keys]
+            else:
+                kg, vg = k_cache[g.slots, :, : g.keys], v_cache[g.slots, :, : g.keys]
+            causal = g.mask is None and g.n > 1  # all pasts 0: plain causal over the new tokens
+            og = F.scaled_dot_product_attention(
+                qg, kg, vg, attn_mask=g.mask, is_causal=causal, enable_gqa=Q != KV
+            )
+            out[g.token_index] = og.transpose(1, 2).reshape(B * g.n, Q, D)
+        return F.linear(out.view(T, Q * D), w.o, w.o_bias)
+
+    def _qkv(self, w: AttentionWeights, x: torch.Tensor):
+        cfg = self.cfg
+        q, k, v = F.linear(x, w.q, w.q_bias), F.linear(x, w.k, w.k_bias), F.linear(x, w.v, w.v_bias)
+        if cfg.qk_norm == "full":
+            q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        return q, k, v
+
+    def _moe(self, layer: int, x: torch.Tensor,
+             override: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, w = self.cfg, self.w.layers[layer]
+        logits = F.linear(x, w.router)  # [T, E]
+        if override is None:
+            ids, weights = route(logits, cfg.top_k, cfg.norm_topk_prob)
+        else:
+            ids = override
+            weights = gate_weights(logits, ids, cfg.norm_topk_prob)
+        out = self.executor(self.moe_index[layer], x, ids, weights)
+        if w.shared is not None:
+            out = out + torch.sigmoid(F.linear(x, w.shared_gate)) * _swiglu(x, w.shared)
+        return out, ids
+
+    # ---- the stack -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch,
+                override_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the stack for one step.
+
+        override_ids: int64 [T, L_moe, k] expert ids that replace the gate's choice (routing replay).
+        Returns (logits float32 [N, V] of each sequence's last new token, routed ids int64 [T, L_moe, k]).
+        """
+        cfg = self.cfg
+        x = self.w.embed.index_select(0, batch.token_ids)
+        cos, sin = self._rope(batch.positions)
+        routed = []
+        for layer, lw in enumerate(self.w.layers):
+            h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
+            x = x + self._attention(layer, h, batch, cos, sin)
+            h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
+            if lw.router is None:
+                x = x + _swiglu(h, lw.dense)
+                continue
+            moe_layer = self.moe_index[layer]
+            out, ids = self._moe(layer, h, None if override_ids is None else override_ids[:, moe_layer])
+            x = x + out
+            routed.append(ids)
+        self.arena.commit(batch.seq_ids, batch.new_tokens)
+        last = rms_norm(x.index_select(0, batch.last_index), self.w.final_norm, cfg.rms_norm_eps)
+        logits = F.linear(last, self.w.lm_head).float()
+        ids = torch.stack(routed, dim=1)  # every model has at least one MoE layer (ModelConfig checks)
+        return logits, ids

@@ -1,0 +1,115 @@
+"""The routed-expert step of a MoE layer on one worker, through the kernels' public pipeline:
+
+    layout   = build_layout(topk_ids, topk_weights, expert_map, rank)   which rank serves each pair
+    received = exchange.dispatch(hidden, layout)                          one copy per destination rank
+    experts  = build_expert_layout(received.slots, S, received.valid)     rows grouped by local slot
+    y        = swiglu_experts(permute(received.x, experts.row_index), w13, w2, experts.offsets)
+    out      = exchange.combine(y, experts, received, layout)             weighted sum back at home
+
+Only `dispatch` and `combine` communicate. With `measuring` on, each layer's phases are timed (the device
+is synchronised between phases) and the exchange's traffic is kept as a `LayerMeasure`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from expertmesh.kernels.exchange import AllToAllExchange, Exchange, LocalExchange
+from expertmesh.kernels.expert_map import ExpertMap
+from expertmesh.kernels.experts import swiglu_experts
+from expertmesh.kernels.layout import build_expert_layout, build_layout
+from expertmesh.kernels.permute import permute
+from expertmesh.placement.plan import Placement
+
+from .config import ModelConfig
+from .weights import ExpertShard
+
+__all__ = ["EPExecutor", "LayerMeasure", "make_exchange", "EXCHANGES"]
+
+EXCHANGES = ("auto", "all_to_all", "symm_mem")
+
+
+@dataclass(frozen=True)
+class LayerMeasure:
+    """One MoE layer of one step on one worker (G ranks)."""
+
+    layer: int
+    sent_rows: list[int]  # [G] token copies dispatched to each rank (own rank: the local copy)
+    dispatch_payload: list[int]  # [G] bytes of token data dispatched to each rank
+    dispatch_extra: list[int]  # [G] bytes of metadata (and FP8 scales) dispatched to each rank
+    combine_payload: list[int]  # [G] bytes of reduced rows returned to each source rank
+    received_rows: int  # token copies this rank received
+    expert_pairs: int  # token-expert pairs computed here (the load of the cost model)
+    route_s: float  # replica choice and send layout
+    dispatch_s: float
+    expert_s: float  # expert layout, permute and grouped GEMMs
+    combine_s: float
+
+    def remote_dispatch_bytes(self, rank: int) -> int:
+        return sum(b for g, b in enumerate(self.dispatch_payload) if g != rank)
+
+
+def make_exchange(world_size: int, kind: str = "auto", fp8: bool = False) -> Exchange:
+    """The exchange for this process's group: local for one rank, else `kind` (auto = all_to_all)."""
+    if kind not in EXCHANGES:
+        raise ValueError(f"exchange: expected one of {EXCHANGES}, got {kind!r}")
+    if world_size == 1:
+        return LocalExchange(fp8=fp8)
+    if kind == "symm_mem":
+        from expertmesh.kernels.symm_exchange import SymmMemExchange  # CUDA only
+
+        return SymmMemExchange(fp8=fp8)
+    return AllToAllExchange(fp8=fp8)
+
+
+class EPExecutor:
+    """Routed experts of every MoE layer for one rank: holds the shard and the per-layer expert maps."""
+
+    def __init__(self, cfg: ModelConfig, rank: int, world_size: int, device: torch.device,
+                 dtype: torch.dtype, exchange: Exchange | None = None) -> None:
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device, self.dtype = device, dtype
+        self.exchange = make_exchange(world_size) if exchange is None else exchange
+        self.shard: ExpertShard | None = None
+        self.maps: list[ExpertMap] = []
+        self.measuring = False
+        self.measures: list[LayerMeasure] = []
+
+    def load(self, plan: Placement, shard: ExpertShard) -> None:
+        self.maps = [ExpertMap.from_placement(plan, layer, self.device) for layer in range(plan.num_layers)]
+        self.shard = shard
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def __call__(self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> torch.Tensor:
+        emap, shard, ex = self.maps[moe_layer], self.shard, self.exchange
+        t0 = self._sync() if self.measuring else 0.0
+        layout = build_layout(topk_ids, topk_weights, emap, self.rank)
+        t1 = self._sync() if self.measuring else 0.0
+        received = ex.dispatch(hidden, layout)
+        t2 = self._sync() if self.measuring else 0.0
+        experts = build_expert_layout(received.slots, emap.slots_per_gpu, received.valid)
+        rows = permute(received.x, experts.row_index)
+        y = swiglu_experts(rows, shard.w_gate_up[moe_layer], shard.w_down[moe_layer], experts.offsets)
+        t3 = self._sync() if self.measuring else 0.0
+        out = ex.combine(y, experts, received, layout)
+        if self.measuring:
+            t4 = self._sync()
+            d, c = ex.last_dispatch, ex.last_combine
+            self.measures.append(LayerMeasure(
+                layer=moe_layer,
+                sent_rows=d.rows.tolist(),
+                dispatch_payload=d.payload.tolist(),
+                dispatch_extra=d.extra.tolist(),
+                combine_payload=c.payload.tolist(),
+                received_rows=int(received.counts.sum()),
+                expert_pairs=int(experts.counts.sum()),
+                route_s=t1 - t0, dispatch_s=t2 - t1, expert_s=t3 - t2, combine_s=t4 - t3,
+            ))
+        return out.to(hidden.dtype)

@@ -1,0 +1,222 @@
+"""`ExpertWorker`: one member of an EP group, one process per GPU (a Ray actor; CPU + gloo in tests).
+
+A worker holds every non-expert weight (attention is data-parallel: each worker serves its own sequences)
+and, per MoE layer, the experts its plan gives its rank; it reads only those tensors from the checkpoint.
+All workers of a group run every step in lockstep, because each MoE layer is a collective exchange.
+
+The class is plain Python; `expertmesh.workers.group` wraps it with `ray.remote` and drives it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from expertmesh.placement.plan import Placement
+
+from .checkpoint import CheckpointReader
+from .config import read_model_config
+from .model import MoEModel, build_batch
+from .moe import EPExecutor, LayerMeasure
+from .recording import StatsSink, StepRecorder
+from .sampling import SamplingParams, sample
+from .weights import load_expert_shard, load_model_weights
+
+__all__ = ["ExpertWorker", "WorkerSpec", "StepOutput", "DTYPES"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to join its group and load its share (picklable)."""
+
+    model_dir: str
+    plan: Placement
+    dtype: str  # a key of DTYPES
+    device: str  # "cpu" or "cuda"
+    master_addr: str
+    master_port: int
+    collective_timeout_s: float = 60.0
+    sink: StatsSink | None = None
+    flush_every: int = 1
+    run_id: str = "run"
+    seed: int = 0
+
+
+@dataclass
+class StepOutput:
+    """One worker's answer to a step, in the order of its inputs."""
+
+    seq_ids: list[int]
+    tokens: list[int] | None  # sampled next token per sequence (when sampling was asked for)
+    logits: np.ndarray | None  # float32 [N, V] of each sequence's last position (when asked for)
+    num_tokens: int
+    seconds: float  # wall time of the forward pass on this worker
+    layers: list[LayerMeasure] = field(default_factory=list)  # per MoE layer, when measured
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class ExpertWorker:
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.model: MoEModel | None = None
+        self.executor: EPExecutor | None = None
+        self.reader: CheckpointReader | None = None
+
+    # ---- life cycle ----------------------------------------------------------------------------
+    def pid(self) -> int:
+        return os.getpid()
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's IP and a free port, for rank 0 to host the process group's store."""
+        import ray
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup(self, spec: WorkerSpec) -> dict:
+        """Join the process group and load this rank's weights; returns what was loaded."""
+        start = time.perf_counter()
+        self.spec = spec
+        if spec.device == "cuda":
+            # Ray has set CUDA_VISIBLE_DEVICES to this actor's GPU.
+            self.device = torch.device("cuda", 0)
+            torch.cuda.set_device(self.device)
+            backend = "nccl"
+        else:
+            self.device = torch.device("cpu")
+            backend = "gloo"
+        dist.init_process_group(
+            backend, init_method=f"tcp://{spec.master_addr}:{spec.master_port}", rank=self.rank,
+            world_size=self.world_size, timeout=timedelta(seconds=spec.collective_timeout_s),
+            device_id=self.device if backend == "nccl" else None,
+        )
+        self.dtype = DTYPES[spec.dtype]
+        self.cfg = read_model_config(spec.model_dir)
+        self.reader = CheckpointReader(spec.model_dir, device="cpu")
+        weights = load_model_weights(self.reader, self.cfg, self.dtype, self.device)
+        self.executor = EPExecutor(self.cfg, self.rank, self.world_size, self.device, self.dtype)
+        self._load_experts(spec.plan)
+        self.model = MoEModel(self.cfg, weights, self.executor, self.dtype, self.device)
+        self.recorder = StepRecorder(spec.sink, f"{spec.run_id}/worker-{self.rank}", spec.flush_every)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(spec.seed * 1009 + self.rank)
+        return {**self.info(), "load_s": time.perf_counter() - start}
+
+    def _load_experts(self, plan: Placement) -> None:
+        shard = load_expert_shard(self.reader, self.cfg, plan.phy2log, plan.num_gpus, self.rank, self.dtype,
+                                  self.device)
+        self.executor.load(plan, shard)
+        self.plan = plan
+
+    def apply_plan(self, plan: Placement) -> dict:
+        """Switch to another placement of the same model: read the experts it gives this rank.
+
+        Every worker must apply the same plan before the next step (the driver does this at a step
+        boundary); sequences and their caches are kept.
+        """
+        self._load_experts(plan)
+        return self.info()
+
+    def info(self) -> dict:
+        shard = self.executor.shard
+        return {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "plan_version": self.plan.version,
+            "slot_expert": [e.tolist() for e in shard.slot_expert],
+            "expert_bytes": shard.nbytes(),
+            "tensors_read": sorted(self.reader.names_read),
+            "live_sequences": 0 if self.model is None else self.model.arena.live,
+        }
+
+    def shutdown(self) -> None:
+        self.recorder.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ---- serving -------------------------------------------------------------------------------
+    def step(
+        self,
+        inputs: Sequence[tuple[int, Sequence[int]]],
+        sampling: Sequence[SamplingParams] | None = None,
+        return_logits: bool = True,
+        measure: bool = False,
+        pause_s: float = 0.0,
+    ) -> StepOutput:
+        """Prefill or decode `inputs` (sequence id, new token ids) in lockstep with the group.
+
+        `sampling` (one per input) asks for next tokens; `measure` times each MoE layer's phases (it
+        synchronises the device, so it slows the step); `pause_s` sleeps before the first layer (failure
+        tests use it to hold a step open).
+        """
+        return self._run(inputs, None, sampling, return_logits, measure, pause_s, record=True)
+
+    def replay(
+        self,
+        inputs: Sequence[tuple[int, Sequence[int]]],
+        topk_ids: np.ndarray,
+        measure: bool = True,
+    ) -> StepOutput:
+        """A step whose gates are replaced by `topk_ids` int [T, L, k] (one row per new token, in order).
+
+        Used to measure a placement's real dispatch bytes and times with a recorded trace; the sequences
+        are freed afterwards and nothing is recorded as statistics.
+        """
+        ids = torch.as_tensor(np.asarray(topk_ids), dtype=torch.int64, device=self.device)
+        seq_ids = [int(s) for s, _ in inputs]
+        try:
+            return self._run(inputs, ids, None, False, measure, 0.0, record=False)
+        finally:
+            self.model.arena.free(seq_ids)
+
+    def _run(self, inputs, override, sampling, return_logits, measure, pause_s, record) -> StepOutput:
+        model = self.model
+        batch = build_batch(model.arena, inputs, self.device)
+        want = (batch.num_tokens, self.cfg.num_moe_layers, self.cfg.top_k)
+        if override is not None and tuple(override.shape) != want:
+            raise ValueError(f"topk_ids: expected shape {list(want)}, got {list(override.shape)}")
+        if pause_s:
+            time.sleep(pause_s)
+        self.executor.measuring = measure
+        self.executor.measures = []
+        start = time.perf_counter()
+        logits, routed = model.forward(batch, override)
+        tokens = None
+        if sampling is not None:
+            positions = [model.arena.length[s] for s in batch.seq_ids]
+            tokens = sample(logits, list(sampling), positions, self.generator).tolist()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        if record:
+            self.recorder.record(routed.cpu().numpy().astype(np.int32))
+        return StepOutput(
+            seq_ids=batch.seq_ids,
+            tokens=tokens,
+            logits=logits.cpu().numpy() if return_logits else None,
+            num_tokens=batch.num_tokens,
+            seconds=seconds,
+            layers=list(self.executor.measures),
+        )
+
+    def free(self, seq_ids: Sequence[int]) -> list[int]:
+        """Drop sequences and their caches; returns the ids this worker did not hold."""
+        return self.model.arena.free([int(s) for s in seq_ids])
+
+    def flush_stats(self) -> None:
+        self.recorder.flush()
+
