@@ -1,1 +1,104 @@
-"""expertmesh.kernels."""
+"""expertmesh.kernels: the data path of expert parallelism (EP) on one rank, torch reference + fast paths.
+
+Every op has a plain-torch reference (runs on CPU, fp32/bf16, gloo) and, where it applies, a fast path
+(Triton on CUDA, `torch._grouped_mm`, torch symmetric memory) picked by one dispatch point: `impl="auto"`
+(default) takes the fast path for CUDA tensors -- or for CPU tensors under `TRITON_INTERPRET=1` -- and
+the reference elsewhere; `impl="torch"` / `impl="triton"` force one.
+
+Notation: T tokens on this rank, k experts per token (top-k), H hidden size, E logical experts, G ranks
+(GPUs) of the EP group (`rank` = this GPU's index), S expert slots per GPU (R = G * S slots per layer),
+D = min(k, G), N rows received by this rank, M expert-input rows, F expert FFN width.
+
+Per MoE layer, inside a worker (see `moe.moe_forward`, which is exactly this):
+
+    emap     = ExpertMap.from_placement(placement, layer, device)     # once per placement version
+    exchange = AllToAllExchange(group, fp8=False)                      # or SymmMemExchange / LocalExchange
+    layout   = build_layout(topk_ids [T, k], topk_weights [T, k], emap, rank)        # DispatchLayout
+    recv     = exchange.dispatch(x [T, H], layout)                                   # Received, N rows
+    el       = build_expert_layout(recv.slots [N, k], S, recv.valid, align=1)        # ExpertLayout, M rows
+    xe       = permute(recv.x, el.row_index)  or  permute_dequant(recv.x, recv.scales, el.row_index)
+    y        = swiglu_experts(xe [M, H], w13 [S, 2F, H], w2 [S, H, F], el.offsets)  # [M, H]
+    out      = exchange.combine(y, el, recv, layout)                                 # [T, H]
+
+    out[t] == sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])
+
+Which GPU serves a pair: `choose_replicas` (torch port of `expertmesh.placement.routing.choose_replicas`,
+tested equal): the replica on the token's own GPU, else one on a GPU the token visits anyway, else one
+on its node, else spread by (token index + expert) mod replicas. Source = rank, token index = position
+of the token on this rank.
+
+Exact layout (details in `layout.py`, `expert_map.py`):
+- Local expert index = physical slot: local slot s of GPU g is global slot g * S + s of `phy2log[layer]`;
+  expert compute on a GPU runs its S slots in slot order (`el.offsets[s]` = end row of slot s). A
+  logical expert with several slots on one GPU is served by its lowest local slot there.
+- Dispatch sends each token ONCE to each rank serving one of its experts (`layout.dests` [T, D]),
+  destination-major (block d has `layout.send_counts[d]` rows, tokens in order), each copy with its k
+  pairs' local slots (-1: served elsewhere) and weights. `layout.send_counts` equals row `rank` of
+  `placement.routing.dispatch_counts` (entry `rank` = the copy kept local).
+- The receiver groups pairs by slot (`el`), runs the experts, reduces each received row's outputs with
+  the pair weights, and combine returns one row per copy; the source sums a token's copies.
+
+Measuring bytes: after each call `exchange.last_dispatch` / `last_combine` is a `Traffic` with per
+destination rank `rows` [G], `payload` [G] bytes (rows x H x element size: the cost model's copies x
+hidden x bytes, exactly) and `extra` [G] bytes (FP8 scales + metadata); `wire_bytes()` excludes the local
+copy. `layout.send_counts` is available before sending.
+
+FP8: `quantize_fp8(x, tile=128)` -> (float8_e4m3fn [N, H], float32 scales [N, H/128]), DeepSeek-V3's
+1x128 format; `exchange(fp8=True)` dispatches FP8 and combines in the activation dtype (BF16).
+`swiglu_experts_fp8` runs `torch._scaled_grouped_mm` (rowwise) with `quantize_weights_fp8` weights.
+
+Exchanges (one interface, `Exchange`):
+- `LocalExchange()`: one rank, no communication.
+- `AllToAllExchange(group, fp8)`: `torch.distributed.all_to_all_single` with split sizes; gloo or NCCL.
+- `SymmMemExchange(group, max_tokens, hidden, top_k, dtype, fp8)`: Triton kernels store rows straight into
+  peers' torch symmetric-memory buffers over NVLink (one node, CUDA; multicast never used). Results are
+  views valid until the next dispatch; dispatch and combine must alternate. No host synchronisation.
+"""
+
+from .exchange import AllToAllExchange, Exchange, LocalExchange, Received, Traffic
+from .expert_map import ExpertMap
+from .experts import (
+    FP8Weights,
+    grouped_mm,
+    quantize_weights_fp8,
+    scaled_grouped_mm,
+    swiglu_experts,
+    swiglu_experts_fp8,
+)
+from .fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8, quantize_fp8
+from .layout import DispatchLayout, ExpertLayout, build_expert_layout, build_layout
+from .moe import ExpertsFn, moe_forward
+from .permute import permute, permute_dequant, unpermute_combine
+from .replicas import choose_replicas, local_token_index
+from .symm_exchange import SymmMemExchange
+
+__all__ = [
+    "AllToAllExchange",
+    "DispatchLayout",
+    "Exchange",
+    "ExpertLayout",
+    "ExpertMap",
+    "ExpertsFn",
+    "FP8Weights",
+    "FP8_DTYPE",
+    "FP8_MAX",
+    "LocalExchange",
+    "Received",
+    "SymmMemExchange",
+    "Traffic",
+    "build_expert_layout",
+    "build_layout",
+    "choose_replicas",
+    "dequantize_fp8",
+    "grouped_mm",
+    "local_token_index",
+    "moe_forward",
+    "permute",
+    "permute_dequant",
+    "quantize_fp8",
+    "quantize_weights_fp8",
+    "scaled_grouped_mm",
+    "swiglu_experts",
+    "swiglu_experts_fp8",
+    "unpermute_combine",
+]

@@ -1,0 +1,206 @@
+"""Dispatch and combine between the ranks of an EP group, behind one interface.
+
+    received = ex.dispatch(x [T, H], layout)                      token copies -> the ranks serving them
+    experts  = build_expert_layout(received.slots, S, received.valid)
+    y        = expert compute over permute(received.x, experts.row_index)          [M, H]
+    out      = ex.combine(y, experts, received, layout)           [T, H] = sum_j w[t, j] * expert_j(x[t])
+
+Implementations: `LocalExchange` (one rank, no communication), `AllToAllExchange`
+(`torch.distributed.all_to_all_single` with split sizes: the baseline, any backend, gloo included) and
+`symm_exchange.SymmMemExchange` (a Triton kernel writing straight into peers' buffers over NVLink through
+torch symmetric memory; CUDA, one node). All three return the same `Received` and the same combine
+result for the same inputs; tests hold them to the plain-torch path.
+
+Dispatch carries one row per (token, destination rank) -- never one per expert -- plus the row's
+metadata (the k local slots, -1 where another rank serves the pair, and the k weights). The receiving
+rank reduces its local experts' outputs for a row with those weights, so combine also returns one row
+per copy, and the source sums the copies of each token.
+
+Bytes: `Traffic` records what a call moved per destination rank (the entry of the caller's own rank is
+the local copy, which crosses no link). Its `payload` equals rows x hidden x bytes per element, the
+cost model's `copies x hidden x bytes` exactly; `extra` is the FP8 scales and the routing metadata.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .fp8 import FP8_DTYPE, num_tiles, quantize_fp8
+from .layout import DispatchLayout, ExpertLayout
+from .permute import permute, unpermute_combine
+
+__all__ = ["Exchange", "Received", "Traffic", "LocalExchange", "AllToAllExchange", "FP8_TILE"]
+
+FP8_TILE = 128
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What one dispatch or combine sent from this rank, per destination rank (int64 [G] tensors)."""
+
+    rows: torch.Tensor  # token rows sent to each rank
+    payload: torch.Tensor  # bytes of token data (rows x hidden x element size)
+    extra: torch.Tensor  # bytes of FP8 scales and routing metadata
+    rank: int
+
+    def wire_bytes(self) -> int:
+        """Bytes that leave this GPU (payload + extra to every rank but this one); synchronises."""
+        total = self.payload + self.extra
+        return int(total.sum() - total[self.rank])
+
+
+@dataclass(frozen=True)
+class Received:
+    """Token copies that arrived at this rank: N rows, k pairs each.
+
+    x        [N, H]      token rows (the dispatch dtype: the input's, or float8_e4m3fn with FP8 dispatch)
+    scales   [N, H/128]  float32 FP8 tile scales, or None
+    slots    int64 [N, k]  local slot of each pair, -1 where the pair is not for this rank
+    weights  float32 [N, k]
+    counts   int64 [G]   rows received from each source rank
+    valid    bool [N]    rows that hold a token (None: all; buffers of fixed capacity have gaps)
+    state    exchange-private bookkeeping for combine
+    """
+
+    x: torch.Tensor
+    scales: torch.Tensor | None
+    slots: torch.Tensor
+    weights: torch.Tensor
+    counts: torch.Tensor
+    valid: torch.Tensor | None = None
+    state: object = field(default=None, repr=False)
+
+    @property
+    def num_rows(self) -> int:
+        return self.x.shape[0]
+
+
+class Exchange(abc.ABC):
+    """Moves token copies to the ranks serving them (dispatch) and the results back (combine)."""
+
+    rank: int
+    world_size: int
+    fp8: bool  # FP8 (E4M3, 1x128 scales) dispatch; combine is always in the input's dtype
+    last_dispatch: Traffic | None = None
+    last_combine: Traffic | None = None
+
+    @abc.abstractmethod
+    def dispatch(self, x: torch.Tensor, layout: DispatchLayout) -> Received:
+        """Send each token of x [T, H] once to every rank in `layout.dests`; return what this rank got."""
+
+    @abc.abstractmethod
+    def combine(self, y: torch.Tensor, experts: ExpertLayout, received: Received,
+                layout: DispatchLayout) -> torch.Tensor:
+        """[T, H]: for every token, sum_j weight_j * expert_j output, given the expert outputs y [M, H]."""
+
+    # ---- shared helpers ----------------------------------------------------------------------------
+    def _check_dispatch(self, x: torch.Tensor, layout: DispatchLayout) -> None:
+        if x.dim() != 2 or x.shape[0] != layout.num_tokens:
+            raise ValueError(f"x: expected shape [T={layout.num_tokens}, H], got {list(x.shape)}")
+        if layout.num_ranks != self.world_size or layout.rank != self.rank:
+            raise ValueError(f"layout: built for rank {layout.rank} of {layout.num_ranks}, "
+                             f"but this exchange is rank {self.rank} of {self.world_size}")
+        if self.fp8 and x.shape[1] % 16:
+            raise ValueError(f"x: FP8 dispatch needs hidden % 16 == 0, got {x.shape[1]}")
+
+    def _traffic(self, rows: torch.Tensor, hidden: int, elem: int, k: int, fp8: bool) -> Traffic:
+        extra_per_row = 8 * k + (4 * num_tiles(hidden, FP8_TILE) if fp8 else 0)  # int32 slot + f32 weight
+        return Traffic(rows, rows * hidden * elem, rows * extra_per_row, self.rank)
+
+
+def _pack_meta(slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """int32 [n, 2k]: slots then the weights' float32 bits, so one collective carries both."""
+    return torch.cat([slots.to(torch.int32), weights.to(torch.float32).view(torch.int32)], dim=1)
+
+
+def _unpack_meta(meta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return meta[:, :k].to(torch.int64), meta[:, k:].contiguous().view(torch.float32)
+
+
+class LocalExchange(Exchange):
+    """A group of one rank: every copy stays here; no communication (FP8 dispatch still quantises)."""
+
+    def __init__(self, fp8: bool = False):
+        self.rank, self.world_size, self.fp8 = 0, 1, fp8
+
+    def dispatch(self, x: torch.Tensor, layout: DispatchLayout) -> Received:
+        self._check_dispatch(x, layout)
+        slots, weights = layout.slots, layout.weights  # every pair is served here
+        rows = x
+        scales = None
+        if self.fp8:
+            rows, scales = quantize_fp8(x, FP8_TILE)
+        self.last_dispatch = self._traffic(layout.send_counts, x.shape[1], rows.element_size(),
+                                           layout.top_k, self.fp8)
+        return Received(rows, scales, slots, weights, layout.send_counts, None, x.dtype)
+
+    def combine(self, y: torch.Tensor, experts: ExpertLayout, received: Received,
+                layout: DispatchLayout) -> torch.Tensor:
+        out_dtype = received.state if isinstance(received.state, torch.dtype) else y.dtype
+        out = unpermute_combine(y, experts.pair_pos, received.weights, out_dtype)
+        self.last_combine = self._traffic(layout.send_counts, y.shape[1], out.element_size(), 0, False)
+        return out
+
+
+@dataclass(frozen=True)
+class _A2AState:
+    send_splits: list[int]
+    recv_splits: list[int]
+    out_dtype: torch.dtype
+
+
+class AllToAllExchange(Exchange):
+    """`all_to_all_single` with split sizes (the baseline). Works with gloo (CPU) and NCCL (CUDA).
+
+    Dispatch: one small all-to-all for the counts (read back to the host for the split sizes), then the
+    token rows (FP8 codes travel as bytes), the FP8 scales and the metadata. Combine: one all-to-all of
+    the reduced rows back, then the sum of each token's copies.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, fp8: bool = False):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.fp8 = fp8
+
+    def _a2a(self, t: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+        wire = t.view(torch.uint8) if t.dtype == FP8_DTYPE else t  # gloo has no FP8 type
+        out = wire.new_empty((sum(recv),) + tuple(t.shape[1:]))
+        dist.all_to_all_single(out, wire.contiguous(), recv, send, group=self.group)
+        return out.view(t.dtype)
+
+    def dispatch(self, x: torch.Tensor, layout: DispatchLayout) -> Received:
+        self._check_dispatch(x, layout)
+        recv_counts = torch.empty_like(layout.send_counts)
+        dist.all_to_all_single(recv_counts, layout.send_counts, group=self.group)
+        send_splits = layout.send_counts.tolist()
+        recv_splits = recv_counts.tolist()
+        index = layout.send_index()
+        slots, weights = layout.send_meta(index)
+        meta = self._a2a(_pack_meta(slots, weights), send_splits, recv_splits)
+        scales = None
+        if self.fp8:  # quantise each token once, then copy codes and scales per destination
+            q, s = quantize_fp8(x, FP8_TILE)
+            rows = self._a2a(permute(q, index), send_splits, recv_splits)
+            scales = self._a2a(permute(s, index), send_splits, recv_splits)
+        else:
+            rows = self._a2a(permute(x, index), send_splits, recv_splits)
+        self.last_dispatch = self._traffic(layout.send_counts, x.shape[1], rows.element_size(),
+                                           layout.top_k, self.fp8)
+        r_slots, r_weights = _unpack_meta(meta, layout.top_k)
+        state = _A2AState(send_splits, recv_splits, x.dtype)
+        return Received(rows, scales, r_slots, r_weights, recv_counts, None, state)
+
+    def combine(self, y: torch.Tensor, experts: ExpertLayout, received: Received,
+                layout: DispatchLayout) -> torch.Tensor:
+        state = received.state
+        if not isinstance(state, _A2AState):
+            raise ValueError("received: expected the result of this exchange's dispatch")
+        reduced = unpermute_combine(y, experts.pair_pos, received.weights, state.out_dtype)
+        back = self._a2a(reduced, state.recv_splits, state.send_splits)
+        self.last_combine = self._traffic(received.counts, y.shape[1], reduced.element_size(), 0, False)
+        return unpermute_combine(back, layout.send_rows(), None, state.out_dtype)

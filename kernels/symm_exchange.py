@@ -1,0 +1,240 @@
+"""The intra-node NVLink exchange: Triton kernels write token rows directly into peers' buffers.
+
+Each rank allocates one torch symmetric-memory buffer (multicast is never used) laid out as
+
+    dispatch rows    [G * cap, H]   dispatch dtype (float8_e4m3fn with FP8 dispatch, else the activations')
+    dispatch scales  [G * cap, H/128] float32      (FP8 dispatch only)
+    dispatch meta    [G * cap, 2k]  int32: k local slots (-1: pair served elsewhere), k float32 weight bits
+    counts           [G]            int64: rows each source wrote here
+    combine rows     [G * cap, H]   activation dtype (BF16 combine)
+
+where cap = `max_tokens` (most tokens a rank dispatches in one call) and source r owns rows
+[r * cap, (r + 1) * cap) of each region. Dispatch is one Triton kernel (quantise once per token, then
+store the row, its scales and metadata into every destination's block for this rank, plus the counts)
+and one barrier; combine is one Triton kernel (weighted sum of a received row's expert outputs, stored
+into the source's combine region) and one barrier, then a local gather-sum of each token's copies.
+Nothing is read back to the host, so both can be captured in a CUDA graph.
+
+Buffer reuse: a dispatch overwrites the previous dispatch's rows, so a `Received` is valid until this
+rank's next `dispatch`; the combine barrier guarantees every peer has finished reading before anyone
+writes again (dispatch and combine must alternate).
+
+`SymmMemExchange.loopback` builds G exchanges in one process over ordinary memory with a no-op barrier:
+driven phase by phase (`dispatch_send` on every rank, then `dispatch_recv`, ...) it runs the same
+kernels, which is how the kernels are tested on one device or in Triton's CPU interpreter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ._backend import use_triton
+from .exchange import FP8_TILE, Exchange, Received
+from .fp8 import FP8_DTYPE, num_tiles
+from .layout import DispatchLayout, ExpertLayout
+from .permute import unpermute_combine
+
+__all__ = ["SymmMemExchange"]
+
+_ALIGN = 128
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _up(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+@dataclass(frozen=True)
+class _BufferLayout:
+    world_size: int
+    cap: int
+    hidden: int
+    top_k: int
+    dtype: torch.dtype
+    fp8: bool
+
+    @property
+    def rows(self) -> int:
+        return self.world_size * self.cap
+
+    @property
+    def send_dtype(self) -> torch.dtype:
+        return FP8_DTYPE if self.fp8 else self.dtype
+
+    @property
+    def n_tiles(self) -> int:
+        return num_tiles(self.hidden, FP8_TILE)
+
+    @property
+    def off_scales(self) -> int:
+        return _up(self.rows * self.hidden * self.send_dtype.itemsize)
+
+    @property
+    def off_meta(self) -> int:
+        return self.off_scales + (_up(self.rows * self.n_tiles * 4) if self.fp8 else 0)
+
+    @property
+    def off_counts(self) -> int:
+        return self.off_meta + _up(self.rows * 2 * self.top_k * 4)
+
+    @property
+    def off_combine(self) -> int:
+        return self.off_counts + _up(self.world_size * 8)
+
+    @property
+    def nbytes(self) -> int:
+        return self.off_combine + _up(self.rows * self.hidden * self.dtype.itemsize)
+
+    def view(self, buf: torch.Tensor, offset: int, shape: tuple[int, ...],
+             dtype: torch.dtype) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        return buf[offset: offset + n * dtype.itemsize].view(dtype).view(shape)
+
+
+class SymmMemExchange(Exchange):
+    """Dispatch/combine over NVLink through torch symmetric memory (one node, CUDA)."""
+
+    def __init__(self, group: dist.ProcessGroup | None, max_tokens: int, hidden: int, top_k: int,
+                 dtype: torch.dtype = torch.bfloat16, fp8: bool = False):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        group = group if group is not None else dist.group.WORLD
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        spec = self._spec(world, max_tokens, hidden, top_k, dtype, fp8)
+        device = torch.device("cuda", torch.cuda.current_device())
+        buf = symm_mem.empty(spec.nbytes, dtype=torch.uint8, device=device)
+        handle = symm_mem.rendezvous(buf, group.group_name)
+        bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
+        self._setup(rank, spec, buf, bases, lambda: handle.barrier(channel=0))
+        self._handle = handle  # keeps the peer mappings alive
+
+    @staticmethod
+    def _spec(world: int, max_tokens: int, hidden: int, top_k: int, dtype: torch.dtype,
+              fp8: bool) -> _BufferLayout:
+        for name, value in (("max_tokens", max_tokens), ("hidden", hidden), ("top_k", top_k)):
+            if value < 1:
+                raise ValueError(f"{name}: expected >= 1, got {value}")
+        if fp8 and hidden % 16:
+            raise ValueError(f"hidden: FP8 dispatch needs a multiple of 16, got {hidden}")
+        return _BufferLayout(world, max_tokens, hidden, top_k, dtype, fp8)
+
+    def _setup(self, rank: int, spec: _BufferLayout, buf: torch.Tensor, bases: torch.Tensor,
+               barrier: Callable[[], None]) -> None:
+        self.rank, self.world_size, self.fp8 = rank, spec.world_size, spec.fp8
+        self.spec, self._buf, self._bases, self._barrier = spec, buf, bases, barrier
+        rows, H, k = spec.rows, spec.hidden, spec.top_k
+        self._rows = spec.view(buf, 0, (rows, H), spec.send_dtype)
+        self._scales = (spec.view(buf, spec.off_scales, (rows, spec.n_tiles), torch.float32)
+                        if spec.fp8 else None)
+        self._meta = spec.view(buf, spec.off_meta, (rows, 2 * k), torch.int32)
+        self._counts = spec.view(buf, spec.off_counts, (spec.world_size,), torch.int64)
+        self._combine = spec.view(buf, spec.off_combine, (rows, H), spec.dtype)
+        # Rows a source never wrote must not look like tokens before the first dispatch.
+        self._counts.zero_()
+
+    @classmethod
+    def loopback(cls, world_size: int, max_tokens: int, hidden: int, top_k: int,
+                 dtype: torch.dtype = torch.bfloat16, fp8: bool = False,
+                 device: torch.device | str = "cpu") -> list[SymmMemExchange]:
+        """`world_size` exchanges in this process over ordinary memory on `device`; barrier is a no-op.
+
+        Drive them phase by phase: every rank's `dispatch_send`, then every rank's `dispatch_recv`, then
+        `combine_send`, then `combine_recv`.
+        """
+        spec = cls._spec(world_size, max_tokens, hidden, top_k, dtype, fp8)
+        bufs = [torch.zeros(spec.nbytes, dtype=torch.uint8, device=device) for _ in range(world_size)]
+        bases = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=device)
+        out = []
+        for r in range(world_size):
+            ex = cls.__new__(cls)
+            ex._setup(r, spec, bufs[r], bases, lambda: None)
+            out.append(ex)
+        return out
+
+    # ---- dispatch ----------------------------------------------------------------------------------
+    def dispatch(self, x: torch.Tensor, layout: DispatchLayout) -> Received:
+        self.dispatch_send(x, layout)
+        self._barrier()
+        return self.dispatch_recv()
+
+    def dispatch_send(self, x: torch.Tensor, layout: DispatchLayout) -> None:
+        """Phase 1 of dispatch: write this rank's token copies into every destination's buffer."""
+        from ._triton_symm import dispatch_kernel, tiles_per_program
+
+        self._check_dispatch(x, layout)
+        if not use_triton("auto", x):
+            raise RuntimeError("SymmMemExchange: its kernels need CUDA tensors and Triton "
+                               f"(or TRITON_INTERPRET=1 for CPU tensors); got x on {x.device}")
+        spec = self.spec
+        T, H = x.shape
+        fits = spec.cap >= T and spec.hidden == H and spec.top_k == layout.top_k and spec.dtype == x.dtype
+        if not fits:
+            raise ValueError(f"x, layout: this exchange takes <= {spec.cap} tokens of hidden {spec.hidden}, "
+                             f"top-{spec.top_k}, {spec.dtype}; got {T} x {H}, top-{layout.top_k}, {x.dtype}")
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        tpp = tiles_per_program(H, FP8_TILE)
+        grid = (max(T, 1), -(-spec.n_tiles // tpp))
+        dispatch_kernel[grid](
+            x, x.stride(0), layout.gpus, layout.slots, layout.weights.contiguous(), layout.dests,
+            layout.dest_rows, layout.send_counts, self._bases,
+            T, H, spec.n_tiles, self.rank, spec.cap, spec.off_scales, spec.off_meta, spec.off_counts,
+            K=spec.top_k, KP=_pow2(spec.top_k), D=layout.dests.shape[1], G=spec.world_size,
+            GP=_pow2(spec.world_size), FP8=spec.fp8, TILE=FP8_TILE, TPP=tpp,
+            TINY=1e-30, num_warps=4,
+        )
+        self.last_dispatch = self._traffic(layout.send_counts, H, spec.send_dtype.itemsize, spec.top_k,
+                                           spec.fp8)
+
+    def dispatch_recv(self) -> Received:
+        """Phase 2 of dispatch (after the barrier): views of what the peers wrote here."""
+        spec = self.spec
+        counts = self._counts.clone()
+        valid = (torch.arange(spec.cap, device=counts.device)[None, :] < counts[:, None]).flatten()
+        k = spec.top_k
+        slots = self._meta[:, :k].to(torch.int64)
+        weights = self._meta[:, k:].contiguous().view(torch.float32)
+        return Received(self._rows, self._scales, slots, weights, counts, valid)
+
+    # ---- combine -----------------------------------------------------------------------------------
+    def combine(self, y: torch.Tensor, experts: ExpertLayout, received: Received,
+                layout: DispatchLayout) -> torch.Tensor:
+        self.combine_send(y, experts, received)
+        self._barrier()
+        return self.combine_recv(layout)
+
+    def combine_send(self, y: torch.Tensor, experts: ExpertLayout, received: Received) -> None:
+        """Phase 1 of combine: reduce each received row's expert outputs, write it back to its source."""
+        from ._triton_symm import combine_kernel
+
+        spec = self.spec
+        if y.dim() != 2 or y.shape[1] != spec.hidden or y.dtype != spec.dtype:
+            raise ValueError(f"y: expected [M, {spec.hidden}] {spec.dtype}, got {list(y.shape)} {y.dtype}")
+        if tuple(experts.pair_pos.shape) != (spec.rows, spec.top_k):
+            raise ValueError(f"experts: expected pair_pos [{spec.rows}, {spec.top_k}] for this exchange's "
+                             f"buffers, got {list(experts.pair_pos.shape)}")
+        if y.shape[0] == 0:  # nothing computed here: no pair can point at a row
+            y = torch.zeros((1, spec.hidden), dtype=y.dtype, device=y.device)
+        if y.stride(1) != 1:
+            y = y.contiguous()
+        block = min(1 << (spec.hidden - 1).bit_length(), 2048)
+        grid = (spec.rows, -(-spec.hidden // block))
+        combine_kernel[grid](
+            y, y.stride(0), experts.pair_pos, received.weights.contiguous(), received.counts, self._bases,
+            spec.hidden, self.rank, spec.cap, spec.off_combine, K=spec.top_k, BLOCK=block, num_warps=4,
+        )
+        self.last_combine = self._traffic(received.counts, spec.hidden, spec.dtype.itemsize, 0, False)
+
+    def combine_recv(self, layout: DispatchLayout) -> torch.Tensor:
+        """Phase 2 of combine (after the barrier): [T, H] sum of each token's returned copies."""
+        rows = torch.where(layout.dests >= 0, layout.dests * self.spec.cap + layout.dest_rows, -1)
+        return unpermute_combine(self._combine, rows, None, self.spec.dtype)
