@@ -1,0 +1,120 @@
+"""Checks of the fast paths (Triton kernels, the symmetric-memory exchange's kernels) against the references.
+
+Plain functions taking a device, shared by `interpret_checks.py` (CPU, TRITON_INTERPRET=1, small sizes)
+and `tests/gpu/` (CUDA). Tolerances: gathers bit-exact; FP8 codes and scales bit-exact; float32 sums
+1e-5; bfloat16 results one bf16 rounding (Triton's interpreter truncates float32 -> bfloat16, the GPU
+rounds to nearest, torch rounds to nearest): rtol 1e-2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from expertmesh.kernels import (
+    FP8_DTYPE,
+    ExpertMap,
+    SymmMemExchange,
+    build_expert_layout,
+    build_layout,
+    dequantize_fp8,
+    permute,
+    permute_dequant,
+    quantize_fp8,
+    swiglu_experts,
+    unpermute_combine,
+)
+from expertmesh.kernels.exchange import FP8_TILE
+from kernel_cases import expert_weights, fp8_moe_tolerance, naive_moe, random_phy2log, random_routing
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+def check_permute(device: str, N: int, H: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(N * 7 + H)
+    x = torch.randn(N, H, generator=gen).to(dtype).to(device)
+    index = torch.randint(-1, max(N, 1), (2 * N + 3,), generator=gen).to(device)
+    if N == 0:
+        index.fill_(-1)
+    fast = permute(x, index, impl="triton" if N else "auto")
+    ref = permute(x, index, impl="torch")
+    assert torch.equal(_bits(fast), _bits(ref))
+
+
+def check_unpermute_combine(device: str, N: int, K: int, H: int, dtype: torch.dtype, weighted: bool) -> None:
+    gen = torch.Generator().manual_seed(N + K + H)
+    M = 2 * N + 1
+    y = torch.randn(M, H, generator=gen).to(dtype).to(device)
+    pos = torch.randint(-1, M, (N, K), generator=gen).to(device)
+    w = torch.rand(N, K, generator=gen).to(device) if weighted else None
+    fast = unpermute_combine(y, pos, w, impl="triton" if N else "auto")
+    ref = unpermute_combine(y, pos, w, impl="torch")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(fast.float(), ref.float(), rtol=tol, atol=tol)
+
+
+def check_fp8(device: str, N: int, H: int, tile: int | None) -> None:
+    gen = torch.Generator().manual_seed(N + H)
+    x = (torch.randn(N, H, generator=gen) * torch.logspace(-4, 4, max(N, 1))[:N, None]).to(device)
+    if N > 2:
+        x[1] = 0
+    q, s = quantize_fp8(x, tile, impl="triton")
+    qr, sr = quantize_fp8(x, tile, impl="torch")
+    assert q.dtype == FP8_DTYPE
+    if device == "cpu":  # the interpreter divides exactly, like torch
+        assert torch.equal(s, sr) and torch.equal(_bits(q), _bits(qr))
+    elif N:  # Triton's fast float32 division may move a code by one step
+        torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
+        assert int((_bits(q).int() - _bits(qr).int()).abs().max()) <= 1
+    back = dequantize_fp8(q, s, tile, torch.float32, impl="triton")
+    assert torch.equal(back, dequantize_fp8(q, s, tile, torch.float32, impl="torch"))
+    if N and tile is not None:
+        index = torch.randint(-1, N, (N + 4,), generator=gen).to(device)
+        assert torch.equal(permute_dequant(q, s, index, tile, torch.float32, impl="triton"),
+                           permute_dequant(q, s, index, tile, torch.float32, impl="torch"))
+
+
+def symm_loopback_moe(device: str, G: int, k: int, E: int, S: int, tokens: list[int], fp8: bool,
+                      dtype: torch.dtype = torch.float32, H: int = 256, F: int = 64) -> None:
+    """G ranks of `SymmMemExchange.loopback` in this process: every rank's output = the naive MoE sum."""
+    rng = np.random.default_rng(G * 100 + k)
+    gen = torch.Generator().manual_seed(G + k + E)
+    phy2log = random_phy2log(rng, E, G, S)
+    emap = ExpertMap.from_phy2log(phy2log, G, 1, E, device)
+    w13, w2 = expert_weights(gen, E, H, F)
+    data = []
+    for r in range(G):
+        ids, weights = random_routing(gen, tokens[r], E, k, skew=True)
+        data.append((torch.randn(tokens[r], H, generator=gen), ids, weights))
+    cap = max(max(tokens), 1)
+    exs = SymmMemExchange.loopback(G, cap, H, k, dtype, fp8, device)
+    layouts = [build_layout(ids.to(device), w.to(device), emap, r) for r, (_, ids, w) in enumerate(data)]
+    for r in range(G):
+        exs[r].dispatch_send(data[r][0].to(device, dtype), layouts[r])
+    received = [ex.dispatch_recv() for ex in exs]
+    els, ys = [], []
+    for r in range(G):
+        rec = received[r]
+        el = build_expert_layout(rec.slots, S, rec.valid)
+        if fp8:
+            xe = permute_dequant(rec.x, rec.scales, el.row_index, FP8_TILE, dtype)
+        else:
+            xe = permute(rec.x, el.row_index)
+        local = emap.slot_expert[r].cpu()
+        ys.append(swiglu_experts(xe, w13[local].to(device, dtype), w2[local].to(device, dtype), el.offsets))
+        els.append(el)
+        # Rows received from each source = what that source's layout sent here.
+        want = torch.stack([layouts[s].send_counts[r] for s in range(G)])
+        assert torch.equal(rec.counts, want)
+    for r in range(G):
+        exs[r].combine_send(ys[r], els[r], received[r])
+    for r in range(G):
+        out = exs[r].combine_recv(layouts[r])
+        x, ids, w = data[r]
+        want = naive_moe(x.to(dtype).float(), ids, w, w13.to(dtype).float(), w2.to(dtype).float())
+        tol = fp8_moe_tolerance(want) if fp8 else (1e-4 if dtype == torch.float32 else 0.05 * float(
+            want.abs().max()) + 1e-2)
+        err = float((out.double().cpu() - want).abs().max()) if want.numel() else 0.0
+        assert out.shape == x.shape and err <= tol, f"rank {r}: error {err} > {tol}"
+        assert torch.equal(exs[r].last_dispatch.rows, layouts[r].send_counts)
