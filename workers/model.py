@@ -235,6 +235,9 @@ class MoEModel:
         Returns (logits float32 [N, V] of each sequence's last new token, routed ids int64 [T, L_moe, k]).
         """
         cfg = self.cfg
+        want = (batch.num_tokens, cfg.num_moe_layers, cfg.top_k)
+        if override_ids is not None and tuple(override_ids.shape) != want:
+            raise ValueError(f"topk_ids: expected shape {list(want)}, got {list(override_ids.shape)}")
         x = self.w.embed.index_select(0, batch.token_ids)
         cos, sin = self._rope(batch.positions)
         routed = []

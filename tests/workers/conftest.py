@@ -18,8 +18,10 @@ import pytest
 import torch
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=256, initializer_range=0.1, num_experts_per_tok=2)
+COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2,
+              max_position_embeddings=256, initializer_range=0.1,
+              num_experts_per_tok=2)
 
 
 def family_config(family: str):

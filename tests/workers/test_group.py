@@ -1,0 +1,227 @@
+"""The EP group on a real local Ray cluster: CPU actors, a gloo process group, tiny real checkpoints.
+
+    .venv/bin/python -m pytest tests/workers/test_group.py -q
+
+Correctness: for 1, 2 and 4 workers, under the contiguous plan and an `ilp` plan with replicas, our fp32
+logits equal the `transformers` model's within atol 1e-5 + rtol 1e-4 and 32 greedy tokens are identical.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from expertmesh.placement.cost import CostParams, evaluate
+from expertmesh.placement.eplb import eplb
+from expertmesh.placement.ilp import IlpOptions, ilp
+from expertmesh.placement.plan import Placement
+from expertmesh.placement.stats import stats_from_trace
+from expertmesh.placement.synthetic import SyntheticSpec, synthetic_trace
+from expertmesh.placement.topology import Topology
+from expertmesh.placement.trace import Trace
+from expertmesh.workers import EPGroup, GroupError, PlanMismatchError, StepTimeout, WorkerFailure
+from expertmesh.workers.checkpoint import expert_keys
+from expertmesh.workers.config import read_model_config
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # the checkpoints tests/workers/conftest.py writes
+ATOL, RTOL = 1e-5, 1e-4
+PROMPTS = [[5, 17, 3, 44, 9], [2, 8], [61, 7, 7, 30, 12, 90, 1], [33, 4, 4], [70]]
+CPUS = 0.5  # per worker: four workers fit the 4 logical CPUs of the test cluster with room to spare
+
+
+def ilp_plan(num_layers: int, num_gpus: int) -> Placement:
+    """An `ilp` plan with one redundant slot per GPU, from a structured synthetic trace of the tiny shape."""
+    trace = synthetic_trace(SyntheticSpec(num_experts=8, top_k=2, num_layers=num_layers, num_tokens=512,
+                                          num_domains=4, seed=1))
+    options = IlpOptions(time_limit=1.0, workers=1)
+    plan = ilp(stats_from_trace(trace), Topology(num_gpus), 8 + num_gpus, options)
+    assert plan.num_redundant == num_gpus and plan.logcnt.max() >= 2
+    return plan
+
+
+def hf_greedy(model, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """`n` greedy tokens per prompt from `transformers` generate (one left-padded batch, no early stop)."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[:, width:].tolist()
+
+
+def assert_logits_match(group: EPGroup, ref, first_id: int) -> None:
+    """Prefill the prompts (homes round robin), then two decode steps; compare every logit row."""
+    G = group.num_workers
+    history = {first_id + i: list(p) for i, p in enumerate(PROMPTS)}
+    inputs = [[(s, toks) for s, toks in history.items() if (s - first_id) % G == r] for r in range(G)]
+    for step in range(3):
+        outs = group.step(inputs)
+        nxt = {}
+        for out in outs:
+            for s, row in zip(out.seq_ids, out.logits, strict=True):
+                with torch.no_grad():
+                    want = ref(torch.tensor([history[s]])).logits[0, -1]
+                torch.testing.assert_close(torch.tensor(row), want, atol=ATOL, rtol=RTOL)
+                nxt[s] = (7 * s + step) % 96
+        for s in history:
+            history[s].append(nxt[s])
+        inputs = [[(s, [nxt[s]]) for s, _ in batch] for batch in inputs]
+    group.free(list(history))
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(reference):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = hf_greedy(reference(family), PROMPTS, 32)
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("num_workers", [1, 2, 4])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_group_matches_reference_under_contiguous_and_ilp_plans(ray_cluster, tiny_models, reference,
+                                                                 greedy_reference, family, num_workers):
+    path = tiny_models[family].path
+    cfg = read_model_config(path)
+    ref = reference(family)
+    with EPGroup.create(path, None, num_workers, cpus_per_worker=CPUS) as group:
+        assert group.plan.strategy == "contiguous"
+        assert_logits_match(group, ref, first_id=0)
+        assert group.generate(PROMPTS, 32) == greedy_reference(family)
+
+        plan = ilp_plan(cfg.num_moe_layers, num_workers)
+        group.apply_plan(plan)
+        assert_logits_match(group, ref, first_id=100)
+        assert group.generate(PROMPTS, 32, first_seq_id=200) == greedy_reference(family)
+
+        # Each worker read exactly the experts the ilp plan gives its GPU (besides the contiguous ones).
+        S = plan.slots_per_gpu
+        for info in group.worker_info():
+            r = info["rank"]
+            assert info["slot_expert"] == plan.phy2log[:, r * S:(r + 1) * S].tolist()
+            experts_read = {n for n in info["tensors_read"] if ".experts." in n}
+            mine = {k for layer in range(cfg.num_moe_layers)
+                    for e in set(plan.phy2log[layer, r * S:(r + 1) * S].tolist()) | set(
+                        range(r * 8 // num_workers, (r + 1) * 8 // num_workers))
+                    for k in expert_keys(cfg, cfg.moe_layers[layer], e)}
+            assert experts_read == mine
+
+
+def test_routing_counts_reach_redis_exactly(ray_cluster, tiny_models, reference, redis_url):
+    import redis
+    from expertmesh.cluster.recorder import RedisStatsSink
+    from expertmesh.cluster.store import StatsStore
+
+    path = tiny_models["qwen3_moe"].path
+    cfg = read_model_config(path)
+    sink = RedisStatsSink(redis_url, "tiny-qwen3", cfg.num_moe_layers, cfg.num_experts, cfg.top_k, run="t1")
+    with EPGroup.create(path, ilp_plan(cfg.num_moe_layers, 2), cpus_per_worker=CPUS, sink=sink,
+                        flush_every=3) as group:
+        generated = group.generate(PROMPTS, 6)
+    # Every token fed to the model: the prompts and all generated tokens but the last.
+    ref = reference("qwen3_moe")
+    fed = [p + g[:-1] for p, g in zip(PROMPTS, generated, strict=True)]
+    with torch.no_grad():
+        ids = [np.stack([torch.topk(torch.softmax(lg.float(), -1), 2, -1).indices.numpy()
+                         for lg in ref(torch.tensor([toks]), output_router_logits=True).router_logits], 1)
+               for toks in fed]
+    seq_ids = np.repeat(np.arange(len(fed)), [len(f) for f in fed])
+    want = stats_from_trace(Trace(np.concatenate(ids), seq_ids, 8))
+    got = StatsStore(redis.Redis.from_url(redis_url), "tiny-qwen3", "t1").snapshot()
+    assert got.tokens == want.tokens == sum(len(f) for f in fed)
+    assert np.array_equal(got.counts, want.counts)
+    assert np.array_equal(got.coact, want.coact) and np.array_equal(got.trans, want.trans)
+
+
+@pytest.mark.parametrize("num_workers", [2, 4])
+def test_replay_dispatch_bytes_equal_the_cost_model(ray_cluster, tiny_models, num_workers):
+    """Routing replay of a trace: measured per-rank dispatch and combine bytes equal the prediction."""
+    path = tiny_models["mixtral"].path
+    cfg = read_model_config(path)
+    trace = synthetic_trace(SyntheticSpec(num_experts=8, top_k=2, num_layers=3, num_tokens=300, num_domains=4,
+                                          tokens_per_sequence=20, seed=5))
+    stats = stats_from_trace(trace)
+    topo = Topology(num_workers)
+    plans = [ilp_plan(3, num_workers), eplb(stats, topo, 8 + num_workers)]
+    home = trace.home_gpus(num_workers)
+    params = CostParams(hidden=cfg.hidden_size, ffn=cfg.expert_ffn, dispatch_bytes=4, combine_bytes=4)
+    with EPGroup.create(path, plans[0], cpus_per_worker=CPUS) as group:
+        for i, plan in enumerate(plans):
+            if i:
+                group.apply_plan(plan)
+            inputs, ids = [], []
+            for r in range(num_workers):
+                mine = np.flatnonzero(home == r)
+                seqs = {}
+                for t in mine:
+                    seqs.setdefault(int(trace.seq_ids[t]), []).append(int(t) % 96)
+                inputs.append([(1000 * (i + 1) + s, toks) for s, toks in seqs.items()])
+                ids.append(trace.topk_ids[mine])  # tokens of a sequence are consecutive within a rank
+            outs = group.replay(inputs, ids)
+            predicted = evaluate(trace, plan, topo, params, keep_pairs=True)
+            for layer in range(3):
+                sent = np.array([out.layers[layer].sent_rows for out in outs])  # [G, G]
+                assert np.array_equal(sent, predicted.dispatch_pairs[layer])
+                payload = np.array([out.layers[layer].dispatch_payload for out in outs])
+                assert np.array_equal(payload, predicted.dispatch_pairs[layer] * cfg.hidden_size * 4)
+                back = np.array([out.layers[layer].combine_payload for out in outs])
+                assert np.array_equal(back, payload.T)  # combine returns one row per copy received
+                pairs = np.array([out.layers[layer].expert_pairs for out in outs])
+                assert np.array_equal(pairs, predicted.load[layer])
+
+
+def test_killed_worker_fails_the_step_then_the_group_can_be_recreated(ray_cluster, tiny_models):
+    path = tiny_models["olmoe"].path
+    group = EPGroup.create(path, None, 2, cpus_per_worker=CPUS, step_timeout_s=60)
+    victim = group.pids()[1]
+    threading.Timer(1.0, os.kill, (victim, signal.SIGKILL)).start()
+    start = time.monotonic()
+    with pytest.raises(WorkerFailure, match="worker 1 died"):
+        group.step([[(0, [1, 2, 3])], [(1, [4, 5])]], pause_s=[0.0, 30.0])
+    assert time.monotonic() - start < 20  # detected from the death, not the 60 s step timeout
+    with pytest.raises(GroupError, match="unusable"):
+        group.step([[(0, [1])], [(1, [2])]])
+
+    # A hung worker: the step gives up at its timeout and tears the group down.
+    group = EPGroup.create(path, None, 2, cpus_per_worker=CPUS, step_timeout_s=3)
+    start = time.monotonic()
+    with pytest.raises(StepTimeout, match="did not answer within 3 s"):
+        group.step([[(0, [1, 2, 3])], [(1, [4, 5])]], pause_s=[30.0, 0.0])
+    assert time.monotonic() - start < 10
+
+    with EPGroup.create(path, None, 2, cpus_per_worker=CPUS) as group:
+        outs = group.step([[(0, [1, 2, 3])], [(1, [4, 5])]])
+        assert [o.seq_ids for o in outs] == [[0], [1]]
+
+
+def test_bad_plans_and_inputs_are_refused_with_the_field_named(ray_cluster, tiny_models):
+    path = tiny_models["mixtral"].path
+    wrong_layers = Placement(np.tile(np.arange(8), (2, 1)), num_gpus=2, num_experts=8)
+    with pytest.raises(PlanMismatchError, match="2 MoE layers x 8 experts.*3 MoE layers x 8 experts"):
+        EPGroup.create(path, wrong_layers)
+    wrong_experts = Placement(np.tile(np.arange(6), (3, 1)), num_gpus=2, num_experts=6)
+    with pytest.raises(PlanMismatchError, match="6 experts"):
+        EPGroup.create(path, wrong_experts)
+    with pytest.raises(PlanMismatchError, match="made for 2 GPUs, the group has 4"):
+        EPGroup.create(path, ilp_plan(3, 2), num_workers=4)
+    with pytest.raises(PlanMismatchError, match="divisor"):
+        EPGroup.create(path, None, 3)
+    with EPGroup.create(path, None, 2, cpus_per_worker=CPUS) as group:
+        group.step([[(0, [1, 2])], []])
+        with pytest.raises(ValueError, match="sequence 0 lives on worker 0"):
+            group.step([[], [(0, [3])]])
+        with pytest.raises(ValueError, match=r"token ids of sequence 5 must be integers in \[0, 96\)"):
+            group.step([[(5, [96])], []])
+        with pytest.raises(ValueError, match="one list per worker"):
+            group.step([[(0, [3])]])
+        assert group.step([[(0, [3])], []])[0].seq_ids == [0]  # still serving after refused inputs

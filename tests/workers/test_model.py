@@ -1,0 +1,219 @@
+"""Model code, checkpoint reading, cache and sampling in one process, against `transformers` (no Ray).
+
+    .venv/bin/python -m pytest tests/workers/test_model.py -q
+
+Tolerance: fp32 logits within atol 1e-5 + rtol 1e-4 of the reference (observed differences ~1e-7: only the
+order of float additions differs).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from expertmesh.placement.plan import Placement
+from expertmesh.workers.checkpoint import CheckpointError, CheckpointReader, expert_keys
+from expertmesh.workers.config import ModelConfigError, read_model_config
+from expertmesh.workers.kvcache import KVArena, SequenceError
+from expertmesh.workers.local import load_local_model, run_step
+from expertmesh.workers.sampling import SamplingParams, sample
+from expertmesh.workers.weights import load_expert_shard
+from safetensors.torch import load_file, save_file
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # the checkpoints tests/workers/conftest.py writes
+
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def hf_last_logits(model, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0, -1]
+
+
+def hf_topk(model, tokens: list[int], top_k: int) -> np.ndarray:
+    """int [T, L_moe, k] experts the reference router picks for every token (as a set per row: sorted)."""
+    with torch.no_grad():
+        out = model(torch.tensor([tokens]), output_router_logits=True)
+    ids = [torch.topk(torch.softmax(lg.float(), -1), top_k, -1).indices for lg in out.router_logits]
+    return np.sort(torch.stack(ids, 1).numpy(), axis=-1)
+
+
+# ---- config --------------------------------------------------------------------------------------------
+def test_config_reads_each_family(tiny_models):
+    cfgs = {f: read_model_config(tiny_models[f].path) for f in FAMILIES}
+    assert cfgs["mixtral"].moe_prefix == "block_sparse_moe" and cfgs["mixtral"].norm_topk_prob
+    assert cfgs["qwen2_moe"].moe_layers == (0, 2) and cfgs["qwen2_moe"].shared_ffn == 40
+    assert cfgs["qwen3_moe"].head_dim == 16 and cfgs["qwen3_moe"].qk_norm == "head"
+    assert cfgs["olmoe"].qk_norm == "full" and cfgs["olmoe"].clip_qkv == pytest.approx(0.3)
+    assert all(c.num_experts == 8 and c.top_k == 2 for c in cfgs.values())
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        ({"model_type": "llama"}, "model_type"),
+        ({"sliding_window": 64}, "sliding_window"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_type"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"num_experts_per_tok": None}, "num_experts_per_tok"),
+    ],
+)
+def test_config_refuses_what_is_not_implemented(tmp_path, tiny_models, edit, field):
+    doc = json.loads((tiny_models["mixtral"].path / "config.json").read_text())
+    doc.update(edit)
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelConfigError, match=field):
+        read_model_config(tmp_path)
+
+
+# ---- forward pass against the reference ----------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_reference_through_prefill_decode_and_chunks(tiny_models, reference, family):
+    """Mixed steps: prefills of different lengths, decodes with different cache lengths, a chunked
+    continuation (several new tokens on a cache) and a sequence that joins late, all in shared steps."""
+    model = load_local_model(tiny_models[family].path)
+    ref = reference(family)
+    seqs = {0: [5, 17, 3, 44, 9], 1: [2, 8], 2: [61, 7, 7, 30, 12, 90, 1]}
+    steps = [
+        {0: seqs[0], 1: seqs[1], 2: seqs[2]},
+        {0: [11], 1: [12], 2: [13]},
+        {0: [14], 1: [15, 16, 17], 3: [4, 4, 9]},  # chunk on a cache + a new sequence
+        {1: [18], 3: [19], 2: [20]},
+    ]
+    history: dict[int, list[int]] = {}
+    for step in steps:
+        logits, _ = run_step(model, list(step.items()))
+        for row, (seq, new) in enumerate(step.items()):
+            history.setdefault(seq, []).extend(new)
+            torch.testing.assert_close(logits[row], hf_last_logits(ref, history[seq]), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_routed_experts_match_reference_router(tiny_models, reference, family):
+    model = load_local_model(tiny_models[family].path)
+    tokens = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
+    _, ids = run_step(model, [(0, tokens)])
+    assert np.array_equal(np.sort(ids.numpy(), -1), hf_topk(reference(family), tokens, 2))
+
+
+def test_routing_override_replaces_the_gate(tiny_models):
+    model = load_local_model(tiny_models["olmoe"].path)
+    tokens = [1, 2, 3, 4]
+    forced = torch.tensor([[[0, 1], [2, 3], [4, 5]], [[6, 7], [1, 0], [3, 2]],
+                           [[7, 6], [5, 4], [0, 7]], [[2, 5], [3, 6], [1, 4]]])
+    _, ids = run_step(model, [(0, tokens)], override_ids=forced)
+    assert torch.equal(ids, forced)
+    with pytest.raises(ValueError, match="topk_ids"):
+        run_step(model, [(1, tokens)], override_ids=forced[:, :2])
+
+
+def test_worker_without_tokens_runs_an_empty_step(tiny_models):
+    model = load_local_model(tiny_models["qwen2_moe"].path)
+    logits, ids = run_step(model, [])
+    assert logits.shape == (0, 96) and ids.shape == (0, 2, 2)
+
+
+def test_bad_step_inputs_name_the_problem(tiny_models):
+    model = load_local_model(tiny_models["mixtral"].path)
+    with pytest.raises(SequenceError, match="twice"):
+        run_step(model, [(1, [2]), (1, [3])])
+    with pytest.raises(SequenceError, match="no new token"):
+        run_step(model, [(1, [])])
+
+
+# ---- checkpoint reading ----------------------------------------------------------------------------------
+def _plan_with_replicas() -> Placement:
+    # 2 GPUs x 5 slots; layer 0 replicates expert 5 across GPUs and expert 2 twice on GPU 0.
+    phy2log = np.array([[2, 3, 4, 5, 2, 0, 1, 5, 6, 7],
+                        [0, 1, 2, 3, 7, 4, 5, 6, 7, 3],
+                        [7, 6, 5, 4, 3, 2, 1, 0, 0, 1]])
+    return Placement(phy2log, num_gpus=2, num_experts=8)
+
+
+def test_shard_reads_exactly_the_experts_of_its_rank(tiny_models):
+    path = tiny_models["mixtral"].path  # sharded: an index and several files
+    cfg = read_model_config(path)
+    plan = _plan_with_replicas()
+    for rank in range(2):
+        reader = CheckpointReader(path)
+        shard = load_expert_shard(reader, cfg, plan.phy2log, 2, rank, torch.float32, "cpu")
+        want = {key for layer in range(3) for e in set(plan.phy2log[layer, rank * 5:(rank + 1) * 5].tolist())
+                for key in expert_keys(cfg, cfg.moe_layers[layer], e)}
+        assert reader.names_read == want
+        assert [s.tolist() for s in shard.slot_expert] == plan.phy2log[:, rank * 5:(rank + 1) * 5].tolist()
+        key = "model.layers.0.block_sparse_moe.experts.5.w2.weight"
+        full = load_file(next(p for p in path.glob("*.safetensors") if key in load_file(p)))
+        if rank == 0:  # slot 3 holds expert 5 of layer 0: its down projection is the checkpoint's
+            assert torch.equal(shard.w_down[0][3], full[key])
+            assert torch.equal(shard.w_gate_up[0][4], shard.w_gate_up[0][0])  # second replica of expert 2
+
+
+def test_fused_expert_layout_reads_the_same_weights_slice_by_slice(tmp_path, tiny_models):
+    src = tiny_models["qwen3_moe"].path
+    cfg = read_model_config(src)
+    tensors = load_file(src / "model.safetensors")
+    fused = {k: v for k, v in tensors.items() if ".experts." not in k}
+    for layer in cfg.moe_layers:
+        keys = [expert_keys(cfg, layer, e) for e in range(8)]
+        fused[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([tensors[g], tensors[u]]) for g, u, _ in keys])
+        fused[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack([tensors[d] for _, _, d in keys])
+    save_file(fused, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    plan = _plan_with_replicas()
+    a = load_expert_shard(CheckpointReader(src), cfg, plan.phy2log, 2, 1, torch.float32, "cpu")
+    reader = CheckpointReader(tmp_path)
+    b = load_expert_shard(reader, cfg, plan.phy2log, 2, 1, torch.float32, "cpu")
+    for x, y in zip(a.w_gate_up + a.w_down, b.w_gate_up + b.w_down, strict=True):
+        assert torch.equal(x, y)
+    assert all(".experts." not in n or "[" in n for n in reader.names_read)  # only slices of the stacks
+
+
+def test_missing_tensor_is_named(tmp_path, tiny_models):
+    src = tiny_models["olmoe"].path
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_norm.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.k_norm\.weight"):
+        load_local_model(tmp_path)
+
+
+# ---- KV arena ------------------------------------------------------------------------------------------
+def test_kv_arena_reuses_slots_keeps_contents_when_growing_and_releases_memory():
+    arena = KVArena(1, 2, 4, torch.float32, torch.device("cpu"))
+    slots, pasts = arena.admit([10, 11], [3, 3])
+    assert slots == [0, 1] and pasts == [0, 0]
+    arena.k[0][0, :, :3] = 1.0
+    arena.commit([10, 11], [3, 3])
+    arena.admit([10, 12, 13], [40, 1, 1])  # grows capacity and slots
+    assert arena.k[0].shape[2] >= 43 and arena.k[0].shape[0] >= 4
+    assert torch.all(arena.k[0][0, :, :3] == 1.0)
+    assert arena.free([11, 99]) == [99]
+    assert arena.admit([14], [1])[0] == [1]  # the freed slot comes back first
+    arena.free([10, 12, 13, 14])
+    assert arena.k == [] and arena.live == 0
+
+
+# ---- sampling ------------------------------------------------------------------------------------------
+def test_sampling_greedy_top_p_seed_and_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))
+    greedy = sample(logits, [SamplingParams()] * 2, [0, 0])
+    assert greedy.tolist() == [0, 2]
+    tight = SamplingParams(temperature=1.0, top_p=1e-6)
+    assert sample(logits, [tight] * 2, [0, 0]).tolist() == [0, 2]  # top-p keeps only the top token
+    seeded = [SamplingParams(temperature=1.0, seed=3)] * 2
+    assert sample(logits, seeded, [5, 5]).tolist() == sample(logits, seeded, [5, 5]).tolist()
+    gen = torch.Generator().manual_seed(0)
+    warm = [SamplingParams(temperature=1.0)]
+    draws = torch.stack([sample(logits[:1], warm, [0], gen) for _ in range(4000)])
+    freq = torch.bincount(draws.flatten(), minlength=3).float() / 4000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.03)
+    nucleus = torch.stack([sample(logits[:1], [SamplingParams(temperature=1.0, top_p=0.7)], [0], gen)
+                           for _ in range(500)])
+    assert set(nucleus.flatten().tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7; token 2 is cut
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
