@@ -106,6 +106,7 @@ class RecorderStatus:
     pending_bytes: int
     dropped: int  # oldest deltas given up because the buffer was full
     rejected: int  # deltas the store refused (another shape, not ours): never retried
+    failures: int  # send attempts that did not reach Redis (each retried later)
     connected: bool  # the last attempt reached Redis
     last_error: str | None
     last_round_trip_s: float | None  # duration of the last successful send
@@ -141,7 +142,7 @@ class StatsRecorder:
         self._pending: collections.deque[_Delta] = collections.deque()
         self._pending_bytes = 0
         self._inflight: list[_Delta] = []
-        self._counters = {"sent": 0, "duplicates": 0, "dropped": 0, "rejected": 0}
+        self._counters = {"sent": 0, "duplicates": 0, "dropped": 0, "rejected": 0, "failures": 0}
         self._connected = False
         self._last_error: str | None = None
         self._round_trip: float | None = None
@@ -191,6 +192,7 @@ class StatsRecorder:
                 pending_bytes=self._pending_bytes + sum(len(d.blob) for d in self._inflight),
                 dropped=self._counters["dropped"],
                 rejected=self._counters["rejected"],
+                failures=self._counters["failures"],
                 connected=self._connected,
                 last_error=self._last_error,
                 last_round_trip_s=self._round_trip,
@@ -367,6 +369,7 @@ class StatsRecorder:
                     "stats writer %s: cannot send to Redis (%s); buffering and retrying", self.writer_id, exc
                 )
             self._connected = False
+            self._counters["failures"] += 1
             self._last_error = f"{type(exc).__name__}: {exc}"
             self._backoff = min(max(self._backoff * 2, self.sink.min_backoff_s), self.sink.max_backoff_s)
             self._retry_at = time.monotonic() + self._backoff

@@ -73,7 +73,8 @@ return 'ok'
 )
 
 # A consistent read: header, aggregate and every field of the last n windows, in one atomic step.
-# KEYS: 1 meta, 2 agg. ARGV: 1 window key prefix, 2 n (0: as many as kept), 3 '1' to include the aggregate.
+# KEYS: 1 meta, 2 agg, 3 index. ARGV: 1 window key prefix, 2 n (0: as many as kept; -1: every window in the
+# index, kept or not yet folded), 3 '1' to include the aggregate.
 # Returns {} when there is no header, else {header, aggregate or {}, id, fields, id, fields, ...}.
 SNAPSHOT = r"""
 local kind = redis.call('TYPE', KEYS[1])['ok']
@@ -88,13 +89,18 @@ if head == nil or keep == nil then
   return redis.error_reply('EMFOREIGN ' .. KEYS[1] .. ' has a non-numeric head or keep field')
 end
 local n = tonumber(ARGV[2])
-if n <= 0 or n > keep then n = keep end
 local out = {redis.call('HGETALL', KEYS[1]), {}}
 if ARGV[3] == '1' then out[2] = redis.call('HGETALL', KEYS[2]) end
-local first = head - n + 1
-if first < 0 then first = 0 end
-for id = first, head do
-  local name = string.format('%d', id)
+local ids = {}
+if n < 0 then
+  ids = redis.call('ZRANGE', KEYS[3], 0, -1)
+else
+  if n == 0 or n > keep then n = keep end
+  local first = head - n + 1
+  if first < 0 then first = 0 end
+  for id = first, head do ids[#ids + 1] = string.format('%d', id) end
+end
+for _, name in ipairs(ids) do
   local fields = redis.call('HGETALL', ARGV[1] .. name)
   if #fields > 0 then
     out[#out + 1] = name

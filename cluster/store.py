@@ -278,9 +278,10 @@ class StatsStore:
         with self._errors("read snapshot"):
             reply = self.client.eval(
                 scripts.SNAPSHOT,
-                2,
+                3,
                 self.keys.meta,
                 self.keys.agg,
+                self.keys.index,
                 self.keys.window_prefix,
                 int(windows or 0),
                 "1" if with_agg else "0",
@@ -345,7 +346,7 @@ class StatsStore:
         sum over every window ever written of decay ** (head - id) * window: kept windows are read as
         they are, older ones through the folded aggregate, so it is exact whether or not compaction ran.
         """
-        header, agg, found = self._read(None, with_agg=True)
+        header, agg, found = self._read(-1, with_agg=True)
         L, E, k = header.layers, header.experts, header.top_k
         total = _float_zeros(L, E, k)
         tokens, pairs = 0.0, True

@@ -125,15 +125,14 @@ class WindowCounts:
         return cls(np.asarray(stats.counts, dtype=np.int64), stats.top_k, stats.tokens, coact, trans)
 
     def to_stats(self, meta: dict | None = None) -> RoutingStats:
-        """The `RoutingStats` of this window: same integers as `stats_from_trace` on the same tokens."""
+        """The `RoutingStats` of this window: same integers as `stats_from_trace` on the same tokens
+        (float arrays stay float: the decayed aggregate)."""
         L, E = self.counts.shape
         coact = trans = None
         if self.has_pairs:
             a, b = triu_pairs(E)
-            coact = np.zeros((L, E, E), np.int64)
+            coact = np.zeros((L, E, E), self.coact.dtype)
             coact[:, a, b] = self.coact
             coact[:, b, a] = self.coact
-            trans = np.asarray(self.trans, dtype=np.int64).reshape(max(L - 1, 0), E, E)
-        return RoutingStats(
-            self.counts.astype(np.int64, copy=False), self.top_k, self.tokens, coact, trans, dict(meta or {})
-        )
+            trans = np.asarray(self.trans).reshape(max(L - 1, 0), E, E)
+        return RoutingStats(self.counts, self.top_k, self.tokens, coact, trans, dict(meta or {}))

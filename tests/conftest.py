@@ -29,7 +29,9 @@ def _free_port() -> int:
 class RedisServer:
     """One redis-server process in its own directory, on 127.0.0.1:`port`."""
 
-    def __init__(self, workdir: Path, port: int | None = None, durable: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, durable: bool = False, extra_args: tuple[str, ...] = ()
+    ) -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             pytest.skip(
@@ -39,6 +41,7 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or _free_port()
         self.durable = durable
+        self.extra_args = list(extra_args)  # e.g. --requirepass, --tls-port (the plain port stays for ping)
         self.proc: subprocess.Popen | None = None
         self.start()
 
@@ -70,7 +73,7 @@ class RedisServer:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             args += ["--appendonly", "no"]
-        return args
+        return args + self.extra_args
 
     def start(self, timeout_s: float = 10.0) -> None:
         self.proc = subprocess.Popen(self._args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -90,7 +93,7 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # alive, maybe password-protected
         except OSError:
             return False
 
@@ -140,8 +143,10 @@ def redis_url(redis_server) -> str:
 def redis_server_factory(tmp_path):
     started: list[RedisServer] = []
 
-    def make(durable: bool = False, port: int | None = None) -> RedisServer:
-        server = RedisServer(tmp_path / f"redis-{len(started)}", port=port, durable=durable)
+    def make(durable: bool = False, port: int | None = None, extra_args: tuple[str, ...] = ()) -> RedisServer:
+        server = RedisServer(
+            tmp_path / f"redis-{len(started)}", port=port, durable=durable, extra_args=extra_args
+        )
         started.append(server)
         return server
 

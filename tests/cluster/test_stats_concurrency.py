@@ -1,0 +1,184 @@
+"""Acceptance: concurrent writer processes, writers killed mid-flush, Redis killed and restarted mid-flush."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from expertmesh.cluster.counting import WindowAccumulator
+from expertmesh.cluster.store import StatsStore
+
+sys.path.insert(0, str(Path(__file__).parent))
+from stats_writer_proc import step_ids  # noqa: E402
+
+SCRIPT = Path(__file__).with_name("stats_writer_proc.py")
+pytestmark = pytest.mark.slow
+
+
+def start_writers(url, model, writers, windows, **opts):
+    args = []
+    for key, value in opts.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), url, model, str(w), str(windows), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for w in range(writers)
+    ]
+
+
+def finish(procs, timeout=120):
+    statuses = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, f"writer raised into its caller:\n{err[-3000:]}"
+        statuses.append(json.loads(out))
+    return statuses
+
+
+def expected_sum(writers, windows, tokens=8, layers=4, experts=16, top_k=2):
+    acc = WindowAccumulator(layers, experts, top_k)
+    for w in writers:
+        for window in windows(w):
+            acc.add(step_ids(w, window, tokens, layers, experts, top_k))
+    return acc.take().to_stats()
+
+
+def assert_same(a, b):
+    assert a.tokens == b.tokens
+    for name in ("counts", "coact", "trans"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_eight_writers_two_hundred_windows_sum_exactly(redis_url):
+    procs = start_writers(redis_url, "conc", writers=8, windows=200)
+    statuses = finish(procs)
+    assert all(s["sent"] == 200 and s["dropped"] == 0 and s["rejected"] == 0 for s in statuses)
+    store = StatsStore.open(redis_url, model="conc")
+    snap = store.snapshot()
+    assert snap.meta["windows"] == list(range(200))
+    assert set(snap.meta["deltas"].values()) == {8}  # every window holds all 8 writers' deltas
+    want = expected_sum(range(8), lambda w: range(200))
+    assert_same(snap, want)
+    assert store.compact()["merged"] == 200
+    assert_same(store.snapshot(), want)
+
+
+def test_writer_cut_off_mid_command_leaves_nothing(redis_url):
+    """The connection dies half-way through sending a flush: Redis never runs it, nothing is visible."""
+    store = StatsStore.open(redis_url, model="cut")
+    header = store.ensure(4, 16, 2)
+    ids = step_ids(0, 0, 64, 4, 16, 2)
+    acc = WindowAccumulator(4, 16, 2)
+    acc.add(ids)
+    from expertmesh.cluster.codec import encode_window
+    from expertmesh.cluster.scripts import FLUSH
+
+    args = ["EVAL", FLUSH, *store.flush_args(header, 0, encode_window(acc.take()), "w/x", 1)]
+    parts = [b"*%d\r\n" % len(args)]
+    for a in args:
+        a = a if isinstance(a, bytes) else str(a).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    wire = b"".join(parts)
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(wire[: len(wire) - 40])  # everything but the end of the blob
+    time.sleep(0.1)
+    assert store.window_ids() == []
+    assert not store.client.exists(store.keys.window(0))
+    with socket.create_connection(("127.0.0.1", port)) as s:  # the same bytes whole do apply
+        s.sendall(wire)
+        assert s.recv(100) == b"$2\r\nok\r\n"
+    assert store.snapshot().tokens == 64
+
+
+def test_writer_killed_mid_flush_leaves_only_whole_deltas(redis_url):
+    """SIGKILL a writer flushing DeepSeek-like windows: the store holds exactly its first n deltas."""
+    layers, experts, top_k, tokens = 8, 64, 4, 512  # ~100 KiB per delta: the kill lands mid-send
+    procs = start_writers(
+        redis_url,
+        "killed",
+        writers=1,
+        windows=400,
+        tokens=tokens,
+        layers=layers,
+        experts=experts,
+        top_k=top_k,
+    )
+    store = StatsStore.open(redis_url, model="killed")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if len(store.window_ids()) >= 5:
+                break
+        except Exception:  # noqa: BLE001 - not started yet
+            pass
+        time.sleep(0.01)
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait(10)
+    marks = {k.decode(): int(v) for k, v in store.client.hgetall(store.keys.writers).items()}
+    assert len(marks) == 1 and next(iter(marks)).startswith("w0/")
+    applied = next(iter(marks.values()))  # seq n is window n-1 in this writer
+    snap = store.snapshot()
+    assert snap.meta["windows"] == list(range(max(0, applied - 256), applied))[-256:]
+    want = expected_sum([0], lambda w: range(max(0, applied - 256), applied), tokens, layers, experts, top_k)
+    assert_same(snap, want)
+
+
+def test_redis_killed_and_restarted_while_writers_flush(redis_server_factory):
+    server = redis_server_factory(durable=True)  # AOF, fsync always: acknowledged deltas survive the kill
+    procs = start_writers(server.url, "restart", writers=4, windows=120, sleep=0.01)
+    store = StatsStore.open(server.url, model="restart", socket_connect_timeout=1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if len(store.window_ids()) >= 10:
+                break
+        except Exception:  # noqa: BLE001 - writers still starting
+            pass
+        time.sleep(0.01)
+    server.kill()
+    time.sleep(0.5)
+    server.start()
+    statuses = finish(procs)
+    assert all(s["failures"] >= 1 for s in statuses)  # every writer saw the outage while flushing
+    assert all(s["pending"] == 0 and s["dropped"] == 0 and s["rejected"] == 0 for s in statuses)
+    assert all(s["sent"] + s["duplicates"] == 120 for s in statuses)
+    snap = StatsStore.open(server.url, model="restart").snapshot()
+    assert_same(snap, expected_sum(range(4), lambda w: range(120)))
+    assert set(snap.meta["deltas"].values()) == {4}
+
+
+def test_redis_restart_without_persistence_loses_data_but_never_double_counts(redis_server_factory):
+    """An in-memory Redis restarts empty; writers recreate the header and later windows arrive once."""
+    server = redis_server_factory(durable=False)
+    url = server.url
+    store = StatsStore.open(url, model="volatile")
+    from expertmesh.cluster.recorder import RedisStatsSink
+
+    rec = RedisStatsSink(url, "volatile", 4, 16, 2, min_backoff_s=0.01, max_backoff_s=0.05).open("w")
+    for window in range(3):
+        rec.record(step_ids(0, window, 8, 4, 16, 2))
+        rec.flush(window=window)
+    assert rec.wait_idle(10)
+    server.restart()
+    for window in range(3, 6):
+        rec.record(step_ids(0, window, 8, 4, 16, 2))
+        rec.flush(window=window)
+    assert rec.wait_idle(10)
+    rec.close()
+    snap = store.snapshot()
+    assert snap.meta["windows"] == [3, 4, 5]
+    assert_same(snap, expected_sum([0], lambda w: range(3, 6)))
+    assert redis.Redis.from_url(url).hget(store.keys.meta, "layers") == b"4"

@@ -1,0 +1,107 @@
+"""Local counting and the store's window layout reproduce `stats_from_trace` exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from expertmesh.cluster import counting
+from expertmesh.cluster.counting import WindowAccumulator
+from expertmesh.cluster.window import WindowCounts
+from expertmesh.placement.stats import RoutingStats, stats_from_trace
+from expertmesh.placement.trace import Trace
+
+
+def random_ids(rng, T, L, E, k):
+    return np.argsort(rng.random((T, L, E)), axis=2)[:, :, :k].astype(np.int32)
+
+
+def assert_same(a: RoutingStats, b: RoutingStats) -> None:
+    assert a.tokens == b.tokens and a.top_k == b.top_k
+    np.testing.assert_array_equal(a.counts, b.counts)
+    for name in ("coact", "trans"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert x.dtype == np.int64 and y.dtype == np.int64, name
+            np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "T,L,E,k", [(60, 3, 8, 2), (41, 1, 5, 1), (33, 4, 16, 4), (7, 2, 4, 4), (1, 5, 3, 3)]
+)
+def test_steps_sum_to_stats_from_trace(T, L, E, k):
+    rng = np.random.default_rng(T * 100 + L)
+    ids = random_ids(rng, T, L, E, k)
+    acc = WindowAccumulator(L, E, k)
+    for start in range(0, T, 10):  # several steps into one window
+        acc.add(ids[start : start + 10])
+    acc.add(ids[:0])  # an empty step changes nothing
+    window = acc.take()
+    assert window.tokens == T and window.deltas == 1
+    assert_same(window.to_stats(), stats_from_trace(Trace(ids, np.zeros(T, np.int32), E)))
+    assert acc.take().tokens == 0  # take() starts a fresh window
+
+
+def test_layer_chunks_give_the_same_counts(monkeypatch):
+    rng = np.random.default_rng(1)
+    ids = random_ids(rng, 50, 7, 12, 3)
+    whole = WindowAccumulator(7, 12, 3)
+    whole.add(ids)
+    monkeypatch.setattr(counting, "_CHUNK_ENTRIES", 1)  # one layer per bincount
+    chunked = WindowAccumulator(7, 12, 3)
+    chunked.add(ids)
+    assert_same(whole.take().to_stats(), chunked.take().to_stats())
+
+
+@pytest.mark.parametrize(
+    "ids,match",
+    [
+        (np.zeros((4, 3), np.int32), r"expected shape \[T, 2, 2\]"),
+        (np.zeros((4, 3, 2), np.int32), r"expected shape \[T, 2, 2\]"),
+        (np.full((4, 2, 2), 0.5), "integer array"),
+        (np.array([[[0, 9], [1, 2]]]), r"must lie in \[0, 8\), found \[0, 9\]"),
+        (np.array([[[0, -1], [1, 2]]]), r"must lie in \[0, 8\)"),
+        (np.array([[[0, 1], [3, 3]]]), "token 0 selects the same expert twice in layer 1"),
+    ],
+)
+def test_bad_steps_are_refused_by_field(ids, match):
+    acc = WindowAccumulator(2, 8, 2)
+    with pytest.raises(ValueError, match=match):
+        acc.add(ids)
+    assert acc.tokens == 0  # nothing half-counted
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="top_k"):
+        WindowAccumulator(2, 4, 5)
+
+
+def test_from_stats_round_trip_and_refusals():
+    rng = np.random.default_rng(2)
+    ids = random_ids(rng, 30, 3, 6, 2)
+    stats = stats_from_trace(Trace(ids, np.zeros(30, np.int32), 6))
+    assert_same(WindowCounts.from_stats(stats).to_stats(), stats)
+
+    counts_only = RoutingStats(stats.counts, 2, 30)
+    back = WindowCounts.from_stats(counts_only).to_stats()
+    assert back.coact is None and back.trans is None
+    np.testing.assert_array_equal(back.counts, stats.counts)
+
+    diag = stats.coact.copy()
+    diag[1, 2, 2] = 5
+    with pytest.raises(ValueError, match="zero diagonal.*layer 1 expert 2"):
+        WindowCounts.from_stats(RoutingStats(stats.counts, 2, 30, diag, stats.trans))
+    with pytest.raises(ValueError, match="counts: expected integer counts"):
+        WindowCounts.from_stats(stats.scaled(0.5))
+
+
+def test_windows_add_like_routing_stats_merge():
+    rng = np.random.default_rng(3)
+    a_ids, b_ids = random_ids(rng, 20, 2, 5, 2), random_ids(rng, 9, 2, 5, 2)
+    a = stats_from_trace(Trace(a_ids, np.zeros(20, np.int32), 5))
+    b = stats_from_trace(Trace(b_ids, np.zeros(9, np.int32), 5))
+    total = WindowCounts.from_stats(a) + WindowCounts.from_stats(b)
+    assert total.deltas == 2
+    assert_same(total.to_stats(), a.merge(b))
+    no_pairs = WindowCounts.from_stats(a) + WindowCounts.from_stats(RoutingStats(b.counts, 2, 9))
+    assert no_pairs.coact is None and no_pairs.trans is None
