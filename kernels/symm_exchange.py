@@ -26,6 +26,8 @@ kernels, which is how the kernels are tested on one device or in Triton's CPU in
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,7 +40,7 @@ from .fp8 import FP8_DTYPE, num_tiles
 from .layout import DispatchLayout, ExpertLayout
 from .permute import unpermute_combine
 
-__all__ = ["SymmMemExchange"]
+__all__ = ["SymmMemExchange", "symmetric_buffer"]
 
 _ALIGN = 128
 
@@ -100,20 +102,35 @@ class _BufferLayout:
         return buf[offset: offset + n * dtype.itemsize].view(dtype).view(shape)
 
 
+def symmetric_buffer(nbytes: int, group: dist.ProcessGroup | None = None):
+    """(uint8 [nbytes] tensor, handle): a symmetric-memory buffer on the current CUDA device, rendezvoused
+    over `group` (collective). `handle.buffer_ptrs` are every rank's buffer as mapped here. Multicast off."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    group = group if group is not None else dist.group.WORLD
+    if os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST") != "1":
+        # Multicast objects can take a shared NVSwitch host down; these kernels never need them.
+        os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+    if enable is not None:  # required by older torch releases, a deprecated no-op in newer ones
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            enable(group.group_name)
+    device = torch.device("cuda", torch.cuda.current_device())
+    buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+    return buf, symm_mem.rendezvous(buf, group.group_name)
+
+
 class SymmMemExchange(Exchange):
     """Dispatch/combine over NVLink through torch symmetric memory (one node, CUDA)."""
 
     def __init__(self, group: dist.ProcessGroup | None, max_tokens: int, hidden: int, top_k: int,
                  dtype: torch.dtype = torch.bfloat16, fp8: bool = False):
-        import torch.distributed._symmetric_memory as symm_mem
-
         group = group if group is not None else dist.group.WORLD
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         spec = self._spec(world, max_tokens, hidden, top_k, dtype, fp8)
-        device = torch.device("cuda", torch.cuda.current_device())
-        buf = symm_mem.empty(spec.nbytes, dtype=torch.uint8, device=device)
-        handle = symm_mem.rendezvous(buf, group.group_name)
-        bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
+        buf, handle = symmetric_buffer(spec.nbytes, group)
+        bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=buf.device)
         self._setup(rank, spec, buf, bases, lambda: handle.barrier(channel=0))
         self._handle = handle  # keeps the peer mappings alive
 

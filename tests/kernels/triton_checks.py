@@ -76,7 +76,8 @@ def check_fp8(device: str, N: int, H: int, tile: int | None) -> None:
 
 
 def symm_loopback_moe(device: str, G: int, k: int, E: int, S: int, tokens: list[int], fp8: bool,
-                      dtype: torch.dtype = torch.float32, H: int = 256, F: int = 64) -> None:
+                      dtype: torch.dtype = torch.float32, H: int = 256, F: int = 64,
+                      check_tokens: int = 256) -> None:
     """G ranks of `SymmMemExchange.loopback` in this process: every rank's output = the naive MoE sum."""
     rng = np.random.default_rng(G * 100 + k)
     gen = torch.Generator().manual_seed(G + k + E)
@@ -111,7 +112,9 @@ def symm_loopback_moe(device: str, G: int, k: int, E: int, S: int, tokens: list[
         exs[r].combine_send(ys[r], els[r], received[r])
     for r in range(G):
         out = exs[r].combine_recv(layouts[r])
-        x, ids, w = data[r]
+        assert out.shape == data[r][0].shape
+        x, ids, w = (t[:check_tokens] for t in data[r])  # the per-token loop is slow: first tokens only
+        out = out[:check_tokens]
         want = naive_moe(x.to(dtype).float(), ids, w, w13.to(dtype).float(), w2.to(dtype).float())
         tol = fp8_moe_tolerance(want) if fp8 else (1e-4 if dtype == torch.float32 else 0.05 * float(
             want.abs().max()) + 1e-2)

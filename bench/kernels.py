@@ -1,0 +1,413 @@
+"""Kernel benchmarks: permute/unpermute, FP8 quantise, grouped GEMM, dispatch/combine on 1-2 GPUs.
+
+Writes `<out>/kernels.md` and `<out>/kernels.json`. Every row names the baseline measured in the same run
+and the ratio to it. Bandwidths count bytes read + bytes written (a copy of n bytes moves 2n), in GB/s
+(1e9 B/s); exchange rates count the bytes that leave each GPU (payload + FP8 scales + routing metadata to
+the other rank; the local copy is excluded) per second, slowest rank's time.
+
+Run: python bench/kernels.py [--out bench/results] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+# Never NVLink multicast: it can take a shared NVSwitch host down.
+for _var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+    os.environ[_var] = "0" if _var == "NCCL_NVLS_ENABLE" else "1"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from expertmesh.kernels import (  # noqa: E402
+    AllToAllExchange,
+    ExpertMap,
+    SymmMemExchange,
+    build_expert_layout,
+    build_layout,
+    grouped_mm,
+    permute,
+    quantize_fp8,
+    quantize_weights_fp8,
+    scaled_grouped_mm,
+    unpermute_combine,
+)
+from expertmesh.kernels.symm_exchange import symmetric_buffer  # noqa: E402
+
+ROWS: list[dict] = []
+
+
+def row(section: str, name: str, value: float, unit: str, baseline: str = "", base_value: float | None = None,
+        target: str = "", note: str = "") -> dict:
+    r = {"section": section, "name": name, "value": value, "unit": unit, "baseline": baseline,
+         "baseline_value": base_value, "ratio": (value / base_value) if base_value else None,
+         "target": target, "note": note}
+    ROWS.append(r)
+    ratio = "" if r["ratio"] is None else f"x{r['ratio']:.2f} vs {baseline}"
+    print(f"{section:9s} {name:70s} {value:10.2f} {unit:8s} {ratio} {target} {note}", flush=True)
+    return r
+
+
+def do_bench(fn) -> float:
+    """Median seconds per call, L2 flushed between calls (triton.testing.do_bench)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median") / 1e3
+
+
+def routing(T: int, E: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = torch.rand(T, E, generator=gen)
+    ids = torch.topk(scores, k, dim=1).indices
+    w = torch.softmax(torch.randn(T, k, generator=gen), dim=1)
+    return ids, w
+
+
+# ---- one GPU ------------------------------------------------------------------------------------------
+def bench_copy_like(nbytes: int) -> float:
+    """GB/s (read + write) of a device-to-device copy of `nbytes` bytes."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    t = do_bench(lambda: dst.copy_(src))
+    return 2 * nbytes / t / 1e9
+
+
+def single_gpu(quick: bool) -> None:
+    """Permute / unpermute / FP8 quantise at shape (b) on one GPU: 4096 tokens x 7168, 256 experts, top-8."""
+    gen = torch.Generator().manual_seed(0)
+    T, H, E, k = 4096, 7168, 256, 8
+    ids, w = routing(T, E, k, gen)
+    ids, w = ids.cuda(), w.cuda()
+    emap = ExpertMap.from_phy2log(np.arange(E), 1, device="cuda")
+    lay = build_layout(ids, w, emap, 0)
+    el = build_expert_layout(lay.slots, E)
+    M = el.num_rows
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    moved = 2 * M * H * 2  # read + write of M bf16 rows
+    copy_p = bench_copy_like(M * H * 2)
+    row("permute", f"copy baseline ({M}x{H} bf16)", copy_p, "GB/s")
+    for impl, label in (("auto", "Triton"), ("torch", "torch reference (index_select)")):
+        t = do_bench(lambda impl=impl: permute(x, el.row_index, impl=impl))
+        row("permute", f"permute {label} ({T}->{M} rows x {H} bf16)", moved / t / 1e9, "GB/s",
+            "device copy", copy_p, ">= 0.75x copy" if impl == "auto" else "")
+    y = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
+    moved_u = (M + T) * H * 2 + el.pair_pos.numel() * 12
+    copy_u = bench_copy_like(moved_u // 2)
+    row("permute", f"copy baseline ({moved_u // 2 / 1e6:.0f} MB)", copy_u, "GB/s")
+    for impl, label in (("auto", "Triton"), ("torch", "torch reference")):
+        t = do_bench(lambda impl=impl: unpermute_combine(y, el.pair_pos, lay.weights, impl=impl))
+        row("permute", f"unpermute+combine {label} ({M}->{T} rows, top-{k})", moved_u / t / 1e9, "GB/s",
+            "device copy", copy_u, ">= 0.75x copy" if impl == "auto" else "")
+    moved_q = M * H * 2 + M * H + M * (H // 128) * 4
+    copy_q = bench_copy_like(moved_q // 2)
+    for tile, impl, label in ((128, "auto", "1x128 Triton"), (128, "torch", "1x128 torch reference"),
+                              (None, "auto", "rowwise Triton")):
+        t = do_bench(lambda tile=tile, impl=impl: quantize_fp8(y, tile, impl=impl))
+        row("fp8", f"quantise {label} ({M}x{H} bf16)", moved_q / t / 1e9, "GB/s", "device copy", copy_q)
+    # Layout costs at (b) for one rank of 2 GPUs.
+    emap2 = ExpertMap.from_phy2log(np.arange(E), 2, device="cuda")
+    t = do_bench(lambda: build_layout(ids, w, emap2, 0))
+    row("layout", "build_layout (4096 tok, 256 exp, top-8, 2 GPUs)", t * 1e6, "us")
+    lay2 = build_layout(ids, w, emap2, 0)
+    t = do_bench(lambda: build_expert_layout(lay2.slots, E // 2, max_rows=T * k))
+    row("layout", "build_expert_layout (same, no host sync)", t * 1e6, "us")
+
+
+GEMM_SHAPES = [  # (label, experts, rows, K, N)
+    ("(b) gate_up: 128 local experts, 32768 rows, 7168->4096", 128, 32768, 7168, 4096),
+    ("(b) down: 128 local experts, 32768 rows, 2048->7168", 128, 32768, 2048, 7168),
+    ("ref: 16 experts, 16384 rows, 4096->2048", 16, 16384, 4096, 2048),
+]
+
+
+def grouped_gemm(quick: bool) -> None:
+    for shape in GEMM_SHAPES:
+        _grouped_gemm_shape(*shape)
+        torch.cuda.empty_cache()
+
+
+def _grouped_gemm_shape(label: str, S: int, M: int, K: int, N: int) -> None:
+    gen = torch.Generator().manual_seed(S)
+    # Uniform routing; each expert's group padded to 16 rows (build_expert_layout(align=16)), as FP8 GEMMs
+    # like it. The FLOPs count the padded rows, for both dtypes alike.
+    counts = torch.bincount(torch.randint(0, S, (M,), generator=gen), minlength=S)
+    counts = (counts + 15) // 16 * 16
+    M = int(counts.sum())
+    offs = counts.cumsum(0).to(torch.int32).cuda()
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(S, N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+    flops = 2.0 * M * K * N
+    wd = w[0]
+    dense = flops / do_bench(lambda: x @ wd.T) / 1e12
+    row("gemm", f"dense bf16 GEMM, same FLOPs ({M}x{K}x{N})", dense, "TFLOP/s")
+    bf16 = flops / do_bench(lambda: grouped_mm(x, w, offs)) / 1e12
+    row("gemm", f"grouped bf16 {label}", bf16, "TFLOP/s", "dense bf16", dense)
+    xq, xs = quantize_fp8(x, tile=None)
+    xs1 = xs[:, 0].contiguous()
+    wq = quantize_weights_fp8(w)
+    t = do_bench(lambda: scaled_grouped_mm(xq, xs1, wq, offs))
+    row("gemm", f"grouped FP8 rowwise {label}", flops / t / 1e12, "TFLOP/s", "grouped bf16", bf16,
+        ">= 1.4x bf16 at (b)" if label.startswith("(b)") else "")
+    t_q = do_bench(lambda: quantize_fp8(x, tile=None))
+    row("gemm", f"grouped FP8 incl. activation quantise {label}", flops / (t + t_q) / 1e12, "TFLOP/s",
+        "grouped bf16", bf16)
+    ones, wq0 = torch.ones(1, N, device="cuda"), wq.q[0]
+    t_d8 = do_bench(lambda: torch._scaled_mm(xq, wq0.T, xs1[:, None], ones, out_dtype=torch.bfloat16,
+                                             use_fast_accum=True))
+    row("gemm", f"dense FP8 rowwise _scaled_mm, same FLOPs ({M}x{K}x{N})", flops / t_d8 / 1e12, "TFLOP/s",
+        "dense bf16", dense)
+
+
+# ---- two GPUs -----------------------------------------------------------------------------------------
+BASELINE = "all_to_all_single (NCCL) + torch permute"
+CUSTOM = "custom NVLink (Triton + symm mem)"
+CASES = [  # (label, tokens per rank, hidden, experts, top-k, fp8 dispatch)
+    ("(a) 4096 tok x 4096, 8 exp top-2, bf16", 4096, 4096, 8, 2, False),
+    ("(b) 4096 tok x 7168, 256 exp top-8, FP8 dispatch", 4096, 7168, 256, 8, True),
+    ("(c) decode 128 tok x 7168, 256 exp top-8, FP8", 128, 7168, 256, 8, True),
+]
+
+
+def _time_dist(fn, iters: int, warmup: int = 5) -> float:
+    """Seconds per call, slowest rank, ranks started together."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    t = torch.tensor([start.elapsed_time(end) / iters / 1e3], device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def _time_graph(fn, reps: int = 10, replays: int = 20) -> float:
+    """Seconds per call of `fn` captured `reps` times in one CUDA graph, slowest rank."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm on the capture stream
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    dist.barrier()
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: NCCL's watchdog thread queries events while this thread captures.
+    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+        for _ in range(reps):
+            fn()
+    return _time_dist(graph.replay, replays, warmup=2) / reps
+
+
+def _p2p_copy(nbytes: int, group) -> float:
+    """GB/s of a plain copy into the peer's symmetric-memory buffer, both ranks at once (one way each)."""
+    _, handle = symmetric_buffer(nbytes, group)
+    peer = handle.get_buffer(1 - dist.get_rank(), (nbytes,), torch.uint8)
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+    t = _time_dist(lambda: peer.copy_(src), 30)
+    dist.barrier()
+    return nbytes / t / 1e9
+
+
+def _exchange_worker(rank: int, init_file: str, results, quick: bool) -> None:
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            device_id=torch.device("cuda", rank))
+    out: list[dict] = []
+    try:
+        group = dist.group.WORLD
+        copy32 = _p2p_copy(32 << 20, group)
+        out.append(dict(section="exchange", name="p2p copy into peer symm buffer, 32 MiB", value=copy32,
+                        unit="GB/s"))
+        for label, T, H, E, k, fp8 in CASES:
+            try:
+                out.append(_exchange_case(rank, group, label, T, H, E, k, fp8))
+            except Exception as exc:  # noqa: BLE001 - reported in the table, then the next case runs
+                traceback.print_exc()
+                name = f"{label}: FAILED {type(exc).__name__}: {str(exc)[:300]}"
+                out.append(dict(section="exchange", name=name, value=float("nan"), unit=""))
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+def _exchange_case(rank: int, group, label: str, T: int, H: int, E: int, k: int, fp8: bool) -> dict:
+    gen = torch.Generator().manual_seed(rank)
+    ids, w = routing(T, E, k, gen)
+    emap = ExpertMap.from_phy2log(np.arange(E), 2, device="cuda")
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    layout = build_layout(ids.cuda(), w.cuda(), emap, rank)
+    res = {}
+    for name, ex in ((BASELINE, AllToAllExchange(fp8=fp8)),
+                     (CUSTOM, SymmMemExchange(None, T, H, k, torch.bfloat16, fp8))):
+        rec = ex.dispatch(x, layout)
+        el = build_expert_layout(rec.slots, E // 2, rec.valid)
+        y = torch.randn(el.num_rows, H, device="cuda", dtype=torch.bfloat16)
+        ex.combine(y, el, rec, layout)
+        wire_d = ex.last_dispatch.wire_bytes()
+        wire_c = ex.last_combine.wire_bytes()
+        iters = 50 if T <= 128 else 20
+        td = _time_dist(lambda ex=ex: ex.dispatch(x, layout), iters)
+        rec = ex.dispatch(x, layout)
+        tc = _time_dist(lambda ex=ex, rec=rec, el=el, y=y: ex.combine(y, el, rec, layout), iters)
+        wires = torch.tensor([wire_d, wire_c], device="cuda", dtype=torch.float64)
+        dist.all_reduce(wires, op=dist.ReduceOp.MAX)
+        wire_d, wire_c = (int(v) for v in wires.tolist())
+        res[name] = dict(dispatch=td, combine=tc, wire_d=wire_d, wire_c=wire_c)
+        if isinstance(ex, SymmMemExchange):
+            res[name]["dispatch_graph"] = _time_graph(lambda ex=ex: ex.dispatch(x, layout))
+            rec = ex.dispatch(x, layout)
+            res[name]["combine_graph"] = _time_graph(
+                lambda ex=ex, rec=rec, el=el, y=y: ex.combine(y, el, rec, layout))
+
+            def both(ex=ex, el=el, y=y):
+                ex.combine(y, el, ex.dispatch(x, layout), layout)
+
+            res[name]["both_graph"] = _time_graph(both)
+            res[name]["both"] = _time_dist(both, iters)
+    copy_same = _p2p_copy(max(res[CUSTOM]["wire_d"], 1 << 20), group)
+    return dict(section="exchange", label=label, results=res, copy_same=copy_same)
+
+
+def two_gpu(quick: bool) -> None:
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        results = ctx.Manager().dict()
+        mp.start_processes(_exchange_worker, args=(os.path.join(tmp, "rdzv"), results, quick), nprocs=2,
+                           join=True, start_method="spawn")
+        items = results[0]
+    for item in items:
+        if "label" in item:
+            _exchange_rows(item["label"], item["results"], item["copy_same"])
+        else:
+            row("exchange", item["name"], item["value"], item["unit"])
+
+
+def _exchange_rows(label: str, res: dict, copy_same: float) -> None:
+    b, c = res[BASELINE], res[CUSTOM]
+    case = label[:3]
+    row("exchange", f"{label}: p2p copy of the same wire bytes", copy_same, "GB/s",
+        note=f"{c['wire_d'] / 1e6:.1f} MB per rank")
+    row("exchange", f"{label}: dispatch baseline", b["dispatch"] * 1e6, "us",
+        note=f"wire {b['wire_d'] / b['dispatch'] / 1e9:.0f} GB/s")
+    row("exchange", f"{label}: dispatch custom, eager", c["dispatch"] * 1e6, "us", "dispatch baseline (us)",
+        b["dispatch"] * 1e6, ">= 2x faster at (a)" if case == "(a)" else "",
+        note=f"{c['dispatch_graph'] * 1e6:.1f} us in a CUDA graph")
+    row("exchange", f"{label}: dispatch custom wire rate, eager", c["wire_d"] / c["dispatch"] / 1e9, "GB/s",
+        "p2p copy, same bytes", copy_same, ">= 0.85x copy at (a)" if case == "(a)" else "")
+    row("exchange", f"{label}: dispatch custom wire rate, CUDA graph",
+        c["wire_d"] / c["dispatch_graph"] / 1e9, "GB/s", "p2p copy, same bytes", copy_same)
+    row("exchange", f"{label}: combine baseline", b["combine"] * 1e6, "us",
+        note=f"wire {b['wire_c'] / b['combine'] / 1e9:.0f} GB/s")
+    row("exchange", f"{label}: combine custom, eager", c["combine"] * 1e6, "us", "combine baseline (us)",
+        b["combine"] * 1e6, note=f"{c['combine_graph'] * 1e6:.1f} us in a CUDA graph, "
+                                 f"wire {c['wire_c'] / c['combine'] / 1e9:.0f} GB/s")
+    row("exchange", f"{label}: dispatch+combine custom, CUDA graph", c["both_graph"] * 1e6, "us",
+        "baseline dispatch+combine (us)", (b["dispatch"] + b["combine"]) * 1e6,
+        "< 60 us at (c)" if case == "(c)" else "", note=f"eager {c['both'] * 1e6:.1f} us")
+
+
+# ---- report -------------------------------------------------------------------------------------------
+def environment() -> dict:
+    import triton
+
+    def sh(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    cpu = platform.processor()
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    cpu = names[0] if names else cpu
+    return {
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "gpus": torch.cuda.device_count(),
+        "driver": sh(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).split("\n")[0],
+        "topology": sh(["nvidia-smi", "topo", "-m"]).split("\n")[:3],
+        "cpu": cpu, "cpus": os.cpu_count(),
+        "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "",
+        "env": {v: os.environ.get(v) for v in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+                                                "NVSHMEM_DISABLE_NVLS")},
+    }
+
+
+HEADER = (
+    "Bandwidths count bytes read + written (GB/s = 1e9 B/s). Exchange rates count the bytes leaving each GPU "
+    "(payload + FP8 scales + routing metadata; the local copy excluded) over the slowest rank's time. "
+    "Dispatch = from x [T, H] and its layout to the rows landed on the serving ranks (a barrier included); "
+    "combine = from the expert outputs to [T, H] back home. Expert layout and GEMMs are in neither "
+    "(rows 'layout', 'gemm')."
+)
+
+
+def write(out_dir: Path, env: dict, command: str, wall: float) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"env": env, "command": command, "wall_s": wall, "rows": ROWS}
+    (out_dir / "kernels.json").write_text(json.dumps(doc, indent=1) + "\n")
+    lines = [
+        "# Kernel benchmarks (issue 4)", "",
+        f"Machine: {env['gpus']} x {env['gpu']} (driver {env['driver']}), "
+        f"CPU {env['cpu']} ({env['cpus']} cores).",
+        f"Versions: python {env['python']}, torch {env['torch']}, triton {env['triton']}, "
+        f"CUDA {env['cuda']}, NCCL {env['nccl']}. Multicast off: {env['env']}.", "",
+        f"Command: `{command}` ({wall:.0f} s).", "", HEADER, "",
+        "| section | measurement | value | unit | baseline (same run) | baseline value | ratio | target "
+        "| note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in ROWS:
+        bv = "" if r["baseline_value"] is None else f"{r['baseline_value']:.2f}"
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"| {r['section']} | {r['name']} | {r['value']:.2f} | {r['unit']} | {r['baseline']} "
+                     f"| {bv} | {ratio} | {r['target']} | {r['note']} |")
+    (out_dir / "kernels.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--quick", action="store_true", help="fewer iterations")
+    ap.add_argument("--skip-single", action="store_true")
+    ap.add_argument("--skip-exchange", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernels.py needs CUDA")
+    t0 = time.time()
+    env = environment()
+    command = "python " + " ".join(sys.argv)
+    # Each part runs on even if an earlier one fails, so one device call always yields a table.
+    parts = [] if args.skip_single else [single_gpu, grouped_gemm]
+    if not args.skip_exchange and torch.cuda.device_count() >= 2:
+        parts.append(two_gpu)
+    for part in parts:
+        try:
+            part(args.quick)
+        except Exception as exc:  # noqa: BLE001 - reported in the table, then the next part runs
+            row(part.__name__, f"FAILED: {type(exc).__name__}: {str(exc)[:300]}", float("nan"), "")
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+        write(Path(args.out), env, command, time.time() - t0)
+
+
+if __name__ == "__main__":
+    main()
