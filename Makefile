@@ -31,7 +31,6 @@ demo: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/lint-imports
 
 test: venv redis-server lint
 	$(PY) -m pytest -q

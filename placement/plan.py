@@ -53,7 +53,7 @@ class Placement:
         E = int(p.max()) + 1 if self.num_experts is None else int(self.num_experts)
         if p.min() < 0 or p.max() >= E:
             raise PlanError(f"phy2log: logical ids must lie in [0, {E}), found [{p.min()}, {p.max()}]")
-        if E > p.shape[1]:
+        if p.shape[1] < E:
             raise PlanError(f"num_experts: {E} experts do not fit in {p.shape[1]} slots per layer")
         cnt = np.stack([np.bincount(row, minlength=E) for row in p])
         missing = np.argwhere(cnt == 0)

@@ -1,0 +1,118 @@
+"""Greedy construction and swap local search for `PartitionProblem`s (the ILP's hints).
+
+CP-SAT starts from what these find: a good first solution lets a short solve spend its time on the bound
+and on improvements instead of on getting feasible. Both are deterministic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .cpsat_models import PartitionProblem
+
+__all__ = ["affinity_matrix", "greedy_partition", "improve_by_swaps"]
+
+
+def affinity_matrix(problem: PartitionProblem) -> np.ndarray:
+    """float [n, n] symmetric pair weights."""
+    n = len(problem.replicas)
+    a = np.zeros((n, n))
+    if len(problem.pairs):
+        a[problem.pairs[:, 0], problem.pairs[:, 1]] = problem.pair_weight
+        a[problem.pairs[:, 1], problem.pairs[:, 0]] = problem.pair_weight
+    return a
+
+
+def greedy_partition(problem: PartitionProblem) -> np.ndarray | None:
+    """Heaviest replica first, into the part with room and load headroom whose experts it shares most
+    affinity with (lightest part on ties). None when the cap cannot be kept this way."""
+    pb = problem
+    n, P = len(pb.replicas), pb.num_parts
+    affinity = affinity_matrix(pb)
+    x = np.zeros((n, P), dtype=np.int64)
+    part_load = np.zeros(P, dtype=np.int64)
+    items = np.repeat(np.arange(n), pb.replicas)
+    items = items[np.argsort(-pb.load[items], kind="stable")]
+    lightest = pb.load[items[-1]] if len(items) else 0
+    for e in items:
+        # Look ahead: the part's other free slots will each take at least the lightest remaining load.
+        free = pb.slots - x.sum(0)
+        room = (free > 0) & (x[e] < pb.max_per_part) & (part_load + pb.load[e] + (free - 1) * lightest <= pb.cap)
+        if not room.any():
+            return None
+        score = np.where(room, affinity[e] @ (x > 0), -np.inf)
+        best = np.flatnonzero(score == score.max())
+        p = best[np.argmin(part_load[best])]
+        x[e, p] += 1
+        part_load[p] += pb.load[e]
+    return x
+
+
+def _items(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Counts [n, P] -> expert of each item [m], part of each item [m]."""
+    experts, parts = np.nonzero(x)
+    reps = x[experts, parts]
+    return np.repeat(experts, reps), np.repeat(parts, reps)
+
+
+def improve_by_swaps(problem: PartitionProblem, x: np.ndarray, max_rounds: int = 5000) -> np.ndarray:
+    """Best-improvement swaps of two items in different parts while the split pair weight falls.
+
+    A replicated expert's affinity is shared between its copies (a proxy; the caller compares exact
+    objectives). Swaps keep every part's slot count, never break the cap and never put more than
+    `max_per_part` copies of an expert in one part.
+    """
+    pb = problem
+    n, P = x.shape
+    expert, part = _items(x)
+    m = len(expert)
+    if m < 2 or P < 2 or pb.minimise_peak:
+        return x
+    copies = x.sum(1)
+    w = affinity_matrix(pb)[np.ix_(expert, expert)] / np.outer(copies[expert], copies[expert])
+    w[expert[:, None] == expert[None, :]] = 0
+    node_of = pb.node_of_part if pb.node_of_part is not None and pb.node_penalty else None
+    item_load = pb.load[expert]
+    conn = np.zeros((m, P))  # affinity of every item to every part
+    np.add.at(conn.T, part, w)
+    if node_of is not None:
+        node_conn = np.zeros((m, int(node_of.max()) + 1))
+        np.add.at(node_conn.T, node_of[part], w)
+    part_load = np.bincount(part, weights=item_load, minlength=P)
+    holds = x.copy()
+    same_expert = expert[:, None] == expert[None, :]
+    rows = np.arange(m)
+    for _ in range(max_rounds):
+        # gain[i, j]: how much within-part affinity rises if items i and j trade parts.
+        own = conn[rows, part]
+        gain = conn[:, part] - own[:, None] + (conn[:, part] - own[:, None]).T - 2 * w
+        if node_of is not None:
+            node = node_of[part]
+            own_n = node_conn[rows, node]
+            across = node[:, None] != node[None, :]
+            node_gain = node_conn[:, node] - own_n[:, None] + (node_conn[:, node] - own_n[:, None]).T - 2 * w
+            gain = gain + pb.node_penalty * np.where(across, node_gain, 0.0)
+        load_i = part_load[part][:, None] - item_load[:, None] + item_load[None, :]  # i's part after the trade
+        ok = (part[:, None] != part[None, :]) & (load_i <= pb.cap) & (pb.cap >= load_i.T)
+        room = holds[expert][:, part] < pb.max_per_part  # expert of i has room in the part of j
+        ok &= (room | same_expert) & (room.T | same_expert)
+        gain = np.where(ok, gain, -np.inf)
+        i, j = np.unravel_index(np.argmax(gain), gain.shape)
+        if not gain[i, j] > 1e-9:
+            break
+        p, q = part[i], part[j]
+        conn[:, p] += w[:, j] - w[:, i]
+        conn[:, q] += w[:, i] - w[:, j]
+        if node_of is not None and node_of[p] != node_of[q]:
+            node_conn[:, node_of[p]] += w[:, j] - w[:, i]
+            node_conn[:, node_of[q]] += w[:, i] - w[:, j]
+        holds[expert[i], p] -= 1
+        holds[expert[i], q] += 1
+        holds[expert[j], q] -= 1
+        holds[expert[j], p] += 1
+        part_load[p] += item_load[j] - item_load[i]
+        part_load[q] += item_load[i] - item_load[j]
+        part[i], part[j] = q, p
+    out = np.zeros((n, P), dtype=np.int64)
+    np.add.at(out, (expert, part), 1)
+    return out
