@@ -15,7 +15,9 @@ from .fp8 import FP8_DTYPE, num_tiles
 
 __all__ = ["quantize_fp8_triton", "dequantize_fp8_triton", "round_e4m3", "quantize_tiles"]
 
-_ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds |v| < 2^22 to an integer (RNE)
+# 1.5 * 2^23: adding and subtracting it rounds |v| < 2^22 to an integer (ties to even). A constexpr, since
+# jitted code may read no other globals.
+_ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit

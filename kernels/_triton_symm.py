@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ._triton_fp8 import quantize_tiles
 
-__all__ = ["dispatch_kernel", "combine_kernel"]
+__all__ = ["dispatch_kernel", "combine_kernel", "gather_copies_kernel", "tiles_per_program"]
 
 
 @triton.jit
@@ -77,7 +77,8 @@ def dispatch_kernel(
 @triton.jit
 def combine_kernel(
     y_ptr, stride_y,  # [M, H] expert outputs in expert order
-    pos_ptr, w_ptr,  # [N, K] expert row of each received pair (-1: none) and its weight; N = G * cap
+    pos_ptr,  # [N, K] expert row of each received pair (-1: none); N = G * cap
+    w_ptr, stride_w,  # [N, K] the pairs' weights (rows may be strided)
     recv_counts_ptr,  # [G] rows received from each source
     bases_ptr,  # [G] int64 buffer address of every rank
     H, rank, cap, off_combine,
@@ -94,7 +95,7 @@ def combine_kernel(
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for j in tl.static_range(K):
         p = tl.load(pos_ptr + i * K + j).to(tl.int64)
-        w = tl.load(w_ptr + i * K + j)
+        w = tl.load(w_ptr + i * stride_w + j)
         rows = tl.load(y_ptr + p * stride_y + cols, mask=ok & ((tl.zeros_like(cols) + p) >= 0), other=0.0)
         acc += w * rows.to(tl.float32)
     base = tl.load(bases_ptr + src) + off_combine
@@ -102,5 +103,26 @@ def combine_kernel(
     tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def tiles_per_program(hidden: int, tile: int) -> int:
-    return max(1, min(triton.next_power_of_2(triton.cdiv(hidden, tile)), max(1, 2048 // tile)))
+@triton.jit
+def gather_copies_kernel(
+    comb_ptr,  # [G * cap, H] this rank's combine region: row d * cap + r came back from rank d
+    dests_ptr, rows_ptr,  # [T, D] destinations of each token (-1 padded) and the copy's row there
+    out_ptr, H, cap,
+    D: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # out[t] = sum of the token's returned copies, accumulated in float32.
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(D):
+        d = tl.load(dests_ptr + t * D + j)
+        r = tl.load(rows_ptr + t * D + j)
+        src = tl.maximum(d, 0) * cap + r
+        m = (cols < H) & ((tl.zeros_like(cols) + d) >= 0)
+        acc += tl.load(comb_ptr + src * H + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < H)
+
+
+def tiles_per_program(hidden: int, tile: int, block_elems: int = 2048) -> int:
+    """Tiles of one row a dispatch program handles: about `block_elems` elements, a power of two."""
+    return max(1, min(triton.next_power_of_2(triton.cdiv(hidden, tile)), max(1, block_elems // tile)))

@@ -40,12 +40,25 @@ FP8_TILE = 128
 
 @dataclass(frozen=True)
 class Traffic:
-    """What one dispatch or combine sent from this rank, per destination rank (int64 [G] tensors)."""
+    """What one dispatch or combine sent from this rank, per destination rank (int64 [G] tensors).
+
+    Recording it launches nothing; `payload` and `extra` are computed when read.
+    """
 
     rows: torch.Tensor  # token rows sent to each rank
-    payload: torch.Tensor  # bytes of token data (rows x hidden x element size)
-    extra: torch.Tensor  # bytes of FP8 scales and routing metadata
+    row_payload: int  # bytes of token data per row: hidden x element size
+    row_extra: int  # bytes of FP8 scales and routing metadata per row
     rank: int
+
+    @property
+    def payload(self) -> torch.Tensor:
+        """int64 [G]: bytes of token data sent to each rank (the cost model's copies x hidden x bytes)."""
+        return self.rows * self.row_payload
+
+    @property
+    def extra(self) -> torch.Tensor:
+        """int64 [G]: bytes of FP8 scales and routing metadata sent to each rank."""
+        return self.rows * self.row_extra
 
     def wire_bytes(self) -> int:
         """Bytes that leave this GPU (payload + extra to every rank but this one); synchronises."""
@@ -59,8 +72,8 @@ class Received:
 
     x        [N, H]      token rows (the dispatch dtype: the input's, or float8_e4m3fn with FP8 dispatch)
     scales   [N, H/128]  float32 FP8 tile scales, or None
-    slots    int64 [N, k]  local slot of each pair, -1 where the pair is not for this rank
-    weights  float32 [N, k]
+    slots    int32/int64 [N, k]  local slot of each pair, -1 where the pair is not for this rank
+    weights  float32 [N, k]  (views into a receive buffer may be strided)
     counts   int64 [G]   rows received from each source rank
     valid    bool [N]    rows that hold a token (None: all; buffers of fixed capacity have gaps)
     state    exchange-private bookkeeping for combine
@@ -109,7 +122,7 @@ class Exchange(abc.ABC):
 
     def _traffic(self, rows: torch.Tensor, hidden: int, elem: int, k: int, fp8: bool) -> Traffic:
         extra_per_row = 8 * k + (4 * num_tiles(hidden, FP8_TILE) if fp8 else 0)  # int32 slot + f32 weight
-        return Traffic(rows, rows * hidden * elem, rows * extra_per_row, self.rank)
+        return Traffic(rows, hidden * elem, extra_per_row, self.rank)
 
 
 def _pack_meta(slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

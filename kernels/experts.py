@@ -135,7 +135,11 @@ def swiglu_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offsets
 
 def swiglu_experts_fp8(x: torch.Tensor, w13: FP8Weights, w2: FP8Weights, offsets: torch.Tensor,
                        fast_accum: bool = True, impl: str = "auto") -> torch.Tensor:
-    """[M, H] bf16: `swiglu_experts` with FP8 GEMMs (activations quantised rowwise on the fly)."""
+    """[M, H] bf16: `swiglu_experts` with FP8 GEMMs (activations quantised rowwise on the fly).
+
+    Feed it groups padded to multiples of 16 rows (`build_expert_layout(..., align=16)`), as torchao and
+    torchtitan do for `torch._scaled_grouped_mm`; that is the configuration tested on the GPU.
+    """
     xq, xs = quantize_fp8(x, tile=None, impl="torch" if impl == "torch" else "auto")
     h = scaled_grouped_mm(xq, xs[:, 0], w13, offsets, torch.bfloat16, fast_accum, impl)
     gate, up = h.chunk(2, dim=-1)

@@ -38,7 +38,6 @@ from ._backend import use_triton
 from .exchange import FP8_TILE, Exchange, Received
 from .fp8 import FP8_DTYPE, num_tiles
 from .layout import DispatchLayout, ExpertLayout
-from .permute import unpermute_combine
 
 __all__ = ["SymmMemExchange", "symmetric_buffer"]
 
@@ -144,6 +143,10 @@ class SymmMemExchange(Exchange):
             raise ValueError(f"hidden: FP8 dispatch needs a multiple of 16, got {hidden}")
         return _BufferLayout(world, max_tokens, hidden, top_k, dtype, fp8)
 
+    # Launch shape of both kernels: elements of a row one program moves, and warps per program.
+    block_elems: int = 2048
+    num_warps: int = 4
+
     def _setup(self, rank: int, spec: _BufferLayout, buf: torch.Tensor, bases: torch.Tensor,
                barrier: Callable[[], None]) -> None:
         self.rank, self.world_size, self.fp8 = rank, spec.world_size, spec.fp8
@@ -155,6 +158,7 @@ class SymmMemExchange(Exchange):
         self._meta = spec.view(buf, spec.off_meta, (rows, 2 * k), torch.int32)
         self._counts = spec.view(buf, spec.off_counts, (spec.world_size,), torch.int64)
         self._combine = spec.view(buf, spec.off_combine, (rows, H), spec.dtype)
+        self._row_pos = torch.arange(spec.cap, device=buf.device)[None, :]  # [1, cap]: row inside a block
         # Rows a source never wrote must not look like tokens before the first dispatch.
         self._counts.zero_()
 
@@ -199,7 +203,7 @@ class SymmMemExchange(Exchange):
                              f"top-{spec.top_k}, {spec.dtype}; got {T} x {H}, top-{layout.top_k}, {x.dtype}")
         if x.stride(1) != 1:
             x = x.contiguous()
-        tpp = tiles_per_program(H, FP8_TILE)
+        tpp = tiles_per_program(H, FP8_TILE, self.block_elems)
         grid = (max(T, 1), -(-spec.n_tiles // tpp))
         dispatch_kernel[grid](
             x, x.stride(0), layout.gpus, layout.slots, layout.weights.contiguous(), layout.dests,
@@ -207,20 +211,19 @@ class SymmMemExchange(Exchange):
             T, H, spec.n_tiles, self.rank, spec.cap, spec.off_scales, spec.off_meta, spec.off_counts,
             K=spec.top_k, KP=_pow2(spec.top_k), D=layout.dests.shape[1], G=spec.world_size,
             GP=_pow2(spec.world_size), FP8=spec.fp8, TILE=FP8_TILE, TPP=tpp,
-            TINY=1e-30, num_warps=4,
+            TINY=1e-30, num_warps=self.num_warps,
         )
         self.last_dispatch = self._traffic(layout.send_counts, H, spec.send_dtype.itemsize, spec.top_k,
                                            spec.fp8)
 
     def dispatch_recv(self) -> Received:
         """Phase 2 of dispatch (after the barrier): views of what the peers wrote here."""
-        spec = self.spec
-        counts = self._counts.clone()
-        valid = (torch.arange(spec.cap, device=counts.device)[None, :] < counts[:, None]).flatten()
-        k = spec.top_k
-        slots = self._meta[:, :k].to(torch.int64)
-        weights = self._meta[:, k:].contiguous().view(torch.float32)
-        return Received(self._rows, self._scales, slots, weights, counts, valid)
+        # Views only (one comparison kernel for `valid`): they stay valid until this rank's next dispatch.
+        k = self.spec.top_k
+        valid = (self._row_pos < self._counts[:, None]).view(-1)
+        slots = self._meta[:, :k]
+        weights = self._meta[:, k:].view(torch.float32)
+        return Received(self._rows, self._scales, slots, weights, self._counts, valid)
 
     # ---- combine -----------------------------------------------------------------------------------
     def combine(self, y: torch.Tensor, experts: ExpertLayout, received: Received,
@@ -243,15 +246,26 @@ class SymmMemExchange(Exchange):
             y = torch.zeros((1, spec.hidden), dtype=y.dtype, device=y.device)
         if y.stride(1) != 1:
             y = y.contiguous()
-        block = min(1 << (spec.hidden - 1).bit_length(), 2048)
+        weights = received.weights if received.weights.stride(1) == 1 else received.weights.contiguous()
+        block = min(_pow2(spec.hidden), self.block_elems)
         grid = (spec.rows, -(-spec.hidden // block))
         combine_kernel[grid](
-            y, y.stride(0), experts.pair_pos, received.weights.contiguous(), received.counts, self._bases,
-            spec.hidden, self.rank, spec.cap, spec.off_combine, K=spec.top_k, BLOCK=block, num_warps=4,
+            y, y.stride(0), experts.pair_pos.contiguous(), weights, weights.stride(0), received.counts,
+            self._bases, spec.hidden, self.rank, spec.cap, spec.off_combine, K=spec.top_k, BLOCK=block,
+            num_warps=self.num_warps,
         )
         self.last_combine = self._traffic(received.counts, spec.hidden, spec.dtype.itemsize, 0, False)
 
     def combine_recv(self, layout: DispatchLayout) -> torch.Tensor:
         """Phase 2 of combine (after the barrier): [T, H] sum of each token's returned copies."""
-        rows = torch.where(layout.dests >= 0, layout.dests * self.spec.cap + layout.dest_rows, -1)
-        return unpermute_combine(self._combine, rows, None, self.spec.dtype)
+        from ._triton_symm import gather_copies_kernel
+
+        spec = self.spec
+        T, D = layout.dests.shape
+        out = torch.empty((T, spec.hidden), dtype=spec.dtype, device=self._combine.device)
+        if T:
+            block = min(_pow2(spec.hidden), self.block_elems)
+            gather_copies_kernel[(T, -(-spec.hidden // block))](
+                self._combine, layout.dests, layout.dest_rows, out, spec.hidden, spec.cap, D=D, BLOCK=block,
+                num_warps=self.num_warps)
+        return out

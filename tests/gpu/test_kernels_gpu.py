@@ -103,7 +103,8 @@ def test_grouped_mm_bf16(counts):
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-1)
 
 
-@pytest.mark.parametrize("counts", [[16, 0, 32], [256] * 8, [48, 0, 0, 1024], [5, 0, 28, 1], [0, 1, 0]])
+# Groups of multiples of 16 rows (build_expert_layout(align=16)), the alignment FP8 grouped GEMMs are fed with.
+@pytest.mark.parametrize("counts", [[16, 0, 32], [256] * 8, [48, 0, 0, 1024]])
 def test_scaled_grouped_mm_fp8(counts):
     gen = torch.Generator().manual_seed(sum(counts))
     S, K, N = len(counts), 512, 256
