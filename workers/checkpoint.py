@@ -12,6 +12,7 @@ weights come in two layouts and both are read without touching the other experts
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import torch
@@ -19,7 +20,9 @@ from safetensors import safe_open
 
 from .config import ModelConfig
 
-__all__ = ["CheckpointReader", "CheckpointError", "expert_keys"]
+__all__ = ["CheckpointReader", "RandomReader", "CheckpointError", "expert_keys", "open_weights", "WEIGHTS"]
+
+WEIGHTS = ("checkpoint", "random")
 
 
 class CheckpointError(ValueError):
@@ -117,3 +120,50 @@ class CheckpointReader:
             )
         gate_up = self.get_rows(fused, expert, dtype)
         return gate_up[:F], gate_up[F:], self.get_rows(fused_down, expert, dtype)
+
+
+class RandomReader:
+    """Seeded random weights under the checkpoint's names, generated on `device` (benchmarks, like vLLM's
+    dummy load format): the same name gives the same tensor on every worker, so replicas agree.
+
+    Values ~ N(0, std^2); norm weights are ones. Biases exist where the family has them (Qwen2-MoE q/k/v).
+    """
+
+    def __init__(self, cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0,
+                 std: float = 0.02) -> None:
+        self.cfg, self.device, self.seed, self.std = cfg, torch.device(device), seed, std
+        self.names_read: set[str] = set()
+
+    def __contains__(self, name: str) -> bool:
+        if name.endswith(".bias"):
+            return self.cfg.family == "qwen2_moe" and any(f"{p}_proj.bias" in name for p in "qkv")
+        return True
+
+    def get(self, name: str, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        if shape is None:
+            raise CheckpointError(f"{name}: random weights need the expected shape")
+        self.names_read.add(name)
+        if "norm" in name:
+            return torch.ones(shape, dtype=dtype, device=self.device)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        return out.normal_(0.0, self.std, generator=gen)
+
+    def get_optional(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
+        return self.get(name, dtype, shape) if name in self else None
+
+    def expert(self, cfg: ModelConfig, decoder_layer: int, expert: int, dtype: torch.dtype):
+        H, F = cfg.hidden_size, cfg.expert_ffn
+        gate, up, down = expert_keys(cfg, decoder_layer, expert)
+        return self.get(gate, dtype, (F, H)), self.get(up, dtype, (F, H)), self.get(down, dtype, (H, F))
+
+
+def open_weights(kind: str, model_dir: str | Path, cfg: ModelConfig, device: str | torch.device,
+                 seed: int = 0) -> CheckpointReader | RandomReader:
+    """The reader for `kind`: "checkpoint" (safetensors in model_dir, read on the CPU) or "random"."""
+    if kind == "checkpoint":
+        return CheckpointReader(model_dir)
+    if kind == "random":
+        return RandomReader(cfg, device, seed)
+    raise ValueError(f"weights: expected one of {WEIGHTS}, got {kind!r}")

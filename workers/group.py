@@ -27,7 +27,9 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from .checkpoint import WEIGHTS
 from .config import ModelConfig, read_model_config
+from .moe import EXCHANGES
 from .plans import PlanMismatchError, check_plan, contiguous_plan
 from .recording import StatsSink
 from .sampling import GREEDY, SamplingParams
@@ -68,6 +70,7 @@ class EPGroup:
         self.infos = infos
         self.home: dict[int, int] = {}
         self.steps = 0
+        self.max_tokens = 0  # token capacity per worker and step (symm_mem exchange), 0 = unbounded
         self._broken: str | None = None
 
     # ---- creation ------------------------------------------------------------------------------
@@ -89,12 +92,18 @@ class EPGroup:
         setup_timeout_s: float = 600.0,
         collective_timeout_s: float = 120.0,
         seed: int = 0,
+        weights: str = "checkpoint",
+        exchange: str = "auto",
+        max_tokens: int = 0,
     ) -> EPGroup:
         """Start `num_workers` workers (default: the plan's GPU count) serving `model_dir` under `plan`.
 
         plan: a `Placement`, a plan file, or None for the contiguous placement. device: "cpu" (gloo) or
         "cuda" (NCCL, one GPU per worker). dtype: "float32", "bfloat16" or "float16" (default: the
         checkpoint's, float32 on CPU). sink: where routing statistics go (see `recording.StatsSink`).
+        weights: "checkpoint", or "random" (seeded random tensors; model_dir needs only config.json).
+        exchange: "auto"/"all_to_all" (NCCL or gloo all_to_all_single) or "symm_mem" (NVLink writes into
+        peers' buffers; needs `max_tokens`, the most new tokens one worker brings to a step).
         """
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
@@ -114,6 +123,12 @@ class EPGroup:
             dtype = "float32" if device == "cpu" or cfg.dtype not in DTYPES else cfg.dtype
         if dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights: expected one of {WEIGHTS}, got {weights!r}")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange: expected one of {EXCHANGES}, got {exchange!r}")
+        if exchange == "symm_mem" and (device != "cuda" or max_tokens < 1):
+            raise ValueError("exchange: 'symm_mem' needs device='cuda' and max_tokens >= 1")
         if not ray.is_initialized():
             ray.init()
 
@@ -137,11 +152,12 @@ class EPGroup:
             for rank in range(num_workers)
         ]
         group = cls(actors, pg, cfg, plan, model_dir, device, dtype, step_timeout_s, [])
+        group.max_tokens = max_tokens if exchange == "symm_mem" else 0
         addr, port = group._call([actors[0].rendezvous_address.remote()], setup_timeout_s, "rendezvous")[0]
         spec = WorkerSpec(
             model_dir=model_dir, plan=plan, dtype=dtype, device=device, master_addr=addr, master_port=port,
             collective_timeout_s=collective_timeout_s, sink=sink, flush_every=flush_every, run_id=run_id,
-            seed=seed,
+            seed=seed, weights=weights, exchange=exchange, max_tokens=max_tokens,
         )
         group.infos = group._call([a.setup.remote(spec) for a in actors], setup_timeout_s, "setup")
         return group
@@ -150,6 +166,11 @@ class EPGroup:
     @property
     def num_workers(self) -> int:
         return len(self._actors)
+
+    @property
+    def usable(self) -> bool:
+        """False once a failure or `shutdown` has torn the group down."""
+        return self._broken is None
 
     def _check_usable(self) -> None:
         if self._broken is not None:
@@ -215,6 +236,10 @@ class EPGroup:
         seen: set[int] = set()
         V = self.config.vocab_size
         for rank, batch in enumerate(inputs):
+            if self.max_tokens and sum(len(t) for _, t in batch) > self.max_tokens:
+                raise ValueError(
+                    f"inputs: worker {rank} gets more than max_tokens={self.max_tokens} new tokens"
+                )
             for seq, tokens in batch:
                 seq = int(seq)
                 if seq in seen:
@@ -332,6 +357,17 @@ class EPGroup:
         self.infos = self._call([a.apply_plan.remote(plan) for a in self._actors], self.step_timeout_s,
                                 "apply_plan")
         self.plan = plan
+
+    def set_exchange(self, kind: str, max_tokens: int = 0) -> None:
+        """Switch every worker's dispatch/combine implementation at a step boundary."""
+        self._check_usable()
+        if kind not in EXCHANGES:
+            raise ValueError(f"exchange: expected one of {EXCHANGES}, got {kind!r}")
+        if kind == "symm_mem" and (self.device != "cuda" or max_tokens < 1):
+            raise ValueError("exchange: 'symm_mem' needs device='cuda' and max_tokens >= 1")
+        self._call([a.set_exchange.remote(kind, max_tokens) for a in self._actors], self.step_timeout_s,
+                   "set_exchange")
+        self.max_tokens = max_tokens if kind == "symm_mem" else 0
 
     def worker_info(self) -> list[dict]:
         self._check_usable()

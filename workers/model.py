@@ -13,10 +13,12 @@ same number of new tokens, padded over their cached lengths.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -76,6 +78,7 @@ class AttentionGroup:
 
     n: int
     token_index: torch.Tensor  # int64 [B * n]: rows of the flat batch, sequence-major
+    row_range: tuple[int, int] | None  # (first, end) when those rows are consecutive: a slice, no gather
     slots: torch.Tensor  # int64 [B]
     slot_range: tuple[int, int] | None  # (first, B) when the slots are consecutive: the cache is a view
     pasts: list[int]
@@ -104,18 +107,19 @@ def build_batch(arena: KVArena, inputs: Sequence[tuple[int, Sequence[int]]],
     seq_ids = [int(s) for s, _ in inputs]
     if len(set(seq_ids)) != len(seq_ids):
         raise SequenceError(f"seq_ids: a sequence appears twice in one step ({sorted(seq_ids)})")
-    tokens = [list(t) for _, t in inputs]
-    for s, t in zip(seq_ids, tokens, strict=True):
-        if not t:
+    new = [len(t) for _, t in inputs]
+    for s, n in zip(seq_ids, new, strict=True):
+        if not n:
             raise SequenceError(f"tokens: sequence {s} brings no new token")
-    new = [len(t) for t in tokens]
     slots, pasts = arena.admit(seq_ids, new)
-    flat = [tok for t in tokens for tok in t]
-    starts = [0]
-    for n in new:
-        starts.append(starts[-1] + n)
-    positions = [p + i for p, n in zip(pasts, new, strict=True) for i in range(n)]
-    token_slots = [slot for slot, n in zip(slots, new, strict=True) for _ in range(n)]
+    # Per-token index maps, vectorised: a 32k-token prefill must not cost Python loops per token.
+    counts = np.asarray(new, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    T = int(starts[-1])
+    flat = np.fromiter(itertools.chain.from_iterable(t for _, t in inputs), dtype=np.int64, count=T)
+    seq_of = np.repeat(np.arange(len(new)), counts)
+    positions = np.asarray(pasts, dtype=np.int64)[seq_of] + np.arange(T) - starts[:-1][seq_of]
+    token_slots = np.asarray(slots, dtype=np.int64)[seq_of]
 
     by_n: dict[int, list[int]] = {}
     for i, n in enumerate(new):
@@ -124,26 +128,28 @@ def build_batch(arena: KVArena, inputs: Sequence[tuple[int, Sequence[int]]],
     for n, members in sorted(by_n.items()):
         g_slots = [slots[i] for i in members]
         g_pasts = [pasts[i] for i in members]
-        rows = [r for i in members for r in range(starts[i], starts[i] + n)]
+        rows = (starts[members][:, None] + np.arange(n)[None, :]).ravel()
         keys = max(g_pasts) + n
         consecutive = g_slots == list(range(g_slots[0], g_slots[0] + len(g_slots)))
         mask = None
         if len(set(g_pasts)) > 1 or (n > 1 and g_pasts[0] > 0):
             q_pos = torch.tensor(g_pasts, device=device)[:, None] + torch.arange(n, device=device)[None, :]
             mask = (torch.arange(keys, device=device)[None, None, :] <= q_pos[:, :, None])[:, None]
+        in_order = bool(np.all(np.diff(rows) == 1))
         groups.append(AttentionGroup(
             n=n,
-            token_index=torch.tensor(rows, dtype=torch.int64, device=device),
+            token_index=torch.from_numpy(rows).to(device),
+            row_range=(int(rows[0]), int(rows[-1]) + 1) if in_order else None,
             slots=torch.tensor(g_slots, dtype=torch.int64, device=device),
             slot_range=(g_slots[0], len(g_slots)) if consecutive else None,
             pasts=g_pasts, mask=mask, keys=keys,
         ))
     return StepBatch(
         seq_ids=seq_ids, new_tokens=new,
-        token_ids=torch.tensor(flat, dtype=torch.int64, device=device),
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
-        token_slots=torch.tensor(token_slots, dtype=torch.int64, device=device),
-        last_index=torch.tensor([s - 1 for s in starts[1:]], dtype=torch.int64, device=device),
+        token_ids=torch.from_numpy(flat).to(device),
+        positions=torch.from_numpy(positions).to(device),
+        token_slots=torch.from_numpy(token_slots).to(device),
+        last_index=torch.from_numpy(starts[1:] - 1).to(device),
         groups=groups,
     )
 
@@ -188,7 +194,8 @@ class MoEModel:
         out = torch.empty((T, Q, D), dtype=x.dtype, device=x.device)
         for g in batch.groups:
             B = g.slots.shape[0]
-            qg = q.index_select(0, g.token_index).view(B, g.n, Q, D).transpose(1, 2)  # [B, Q, n, D]
+            rows = q[g.row_range[0] : g.row_range[1]] if g.row_range else q.index_select(0, g.token_index)
+            qg = rows.view(B, g.n, Q, D).transpose(1, 2)  # [B, Q, n, D]
             if g.slot_range is not None:
                 first, count = g.slot_range
                 kg = k_cache[first : first + count, :, : g.keys]
@@ -199,7 +206,11 @@ class MoEModel:
             og = F.scaled_dot_product_attention(
                 qg, kg, vg, attn_mask=g.mask, is_causal=causal, enable_gqa=Q != KV
             )
-            out[g.token_index] = og.transpose(1, 2).reshape(B * g.n, Q, D)
+            og = og.transpose(1, 2).reshape(B * g.n, Q, D)
+            if g.row_range:
+                out[g.row_range[0] : g.row_range[1]] = og
+            else:
+                out[g.token_index] = og
         return F.linear(out.view(T, Q * D), w.o, w.o_bias)
 
     def _qkv(self, w: AttentionWeights, x: torch.Tensor):

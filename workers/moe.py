@@ -21,6 +21,7 @@ from expertmesh.kernels.expert_map import ExpertMap
 from expertmesh.kernels.experts import swiglu_experts
 from expertmesh.kernels.layout import build_expert_layout, build_layout
 from expertmesh.kernels.permute import permute
+from expertmesh.kernels.symm_exchange import SymmMemExchange
 from expertmesh.placement.plan import Placement
 
 from .config import ModelConfig
@@ -51,16 +52,22 @@ class LayerMeasure:
         return sum(b for g, b in enumerate(self.dispatch_payload) if g != rank)
 
 
-def make_exchange(world_size: int, kind: str = "auto", fp8: bool = False) -> Exchange:
-    """The exchange for this process's group: local for one rank, else `kind` (auto = all_to_all)."""
+def make_exchange(world_size: int, kind: str = "auto", fp8: bool = False, max_tokens: int = 0,
+                  cfg: ModelConfig | None = None, dtype: torch.dtype = torch.bfloat16) -> Exchange:
+    """The exchange for this process's group: local for one rank, else `kind` (auto = all_to_all).
+
+    `symm_mem` (one node, CUDA) writes into peers' buffers sized for `max_tokens` tokens per rank and step.
+    """
     if kind not in EXCHANGES:
         raise ValueError(f"exchange: expected one of {EXCHANGES}, got {kind!r}")
     if world_size == 1:
         return LocalExchange(fp8=fp8)
     if kind == "symm_mem":
-        from expertmesh.kernels.symm_exchange import SymmMemExchange  # CUDA only
-
-        return SymmMemExchange(fp8=fp8)
+        if max_tokens < 1 or cfg is None:
+            raise ValueError(
+                f"max_tokens: the symm_mem exchange needs a token capacity >= 1, got {max_tokens}"
+            )
+        return SymmMemExchange(None, max_tokens, cfg.hidden_size, cfg.top_k, dtype, fp8)
     return AllToAllExchange(fp8=fp8)
 
 
@@ -71,7 +78,7 @@ class EPExecutor:
                  dtype: torch.dtype, exchange: Exchange | None = None) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device, self.dtype = device, dtype
-        self.exchange = make_exchange(world_size) if exchange is None else exchange
+        self.exchange = make_exchange(world_size, dtype=dtype) if exchange is None else exchange
         self.shard: ExpertShard | None = None
         self.maps: list[ExpertMap] = []
         self.measuring = False

@@ -151,8 +151,14 @@ def load_model_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: torch.
 
 
 def load_expert_shard(reader: CheckpointReader, cfg: ModelConfig, phy2log: np.ndarray, num_gpus: int,
-                      rank: int, dtype: torch.dtype, device: torch.device | str) -> ExpertShard:
-    """Read exactly the experts the plan's slots give `rank` (phy2log [L, R]), and nothing of the others."""
+                      rank: int, dtype: torch.dtype, device: torch.device | str,
+                      previous: ExpertShard | None = None) -> ExpertShard:
+    """Read exactly the experts the plan's slots give `rank` (phy2log [L, R]), and nothing of the others.
+
+    With `previous` (the shard of the plan being replaced), experts this rank already holds are copied on
+    the device instead of read, and each layer of `previous` is released as soon as its replacement is
+    built, so a re-placement needs one layer of extra memory, not a second shard.
+    """
     F, H = cfg.expert_ffn, cfg.hidden_size
     S = phy2log.shape[1] // num_gpus
     slot_expert, gate_up, down = [], [], []
@@ -161,17 +167,22 @@ def load_expert_shard(reader: CheckpointReader, cfg: ModelConfig, phy2log: np.nd
         slots = phy2log[moe_layer, rank * S : (rank + 1) * S]
         w13 = torch.empty((S, 2 * F, H), dtype=dtype, device=device)
         w2 = torch.empty((S, H, F), dtype=dtype, device=device)
-        first: dict[int, int] = {}
+        held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if previous is not None:
+            for s, e in enumerate(previous.slot_expert[moe_layer].tolist()):
+                held.setdefault(e, (previous.w_gate_up[moe_layer][s], previous.w_down[moe_layer][s]))
         for s, e in enumerate(slots.tolist()):
-            if e in first:  # a second replica on this GPU: same weights, no second read
-                w13[s].copy_(w13[first[e]])
-                w2[s].copy_(w2[first[e]])
+            if e in held:  # already on this device: a second replica here, or kept from the last plan
+                w13[s].copy_(held[e][0])
+                w2[s].copy_(held[e][1])
                 continue
-            first[e] = s
             g, u, d = reader.expert(cfg, decoder_layer, e, dtype)
             w13[s, :F].copy_(g)
             w13[s, F:].copy_(u)
             w2[s].copy_(d)
+            held[e] = (w13[s], w2[s])
+        if previous is not None:  # release the replaced layer before building the next one
+            previous.w_gate_up[moe_layer] = previous.w_down[moe_layer] = None
         slot_expert.append(torch.tensor(slots.tolist(), dtype=torch.int64, device=device))
         gate_up.append(w13)
         down.append(w2)

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 from expertmesh.placement.plan import Placement
 
-from .checkpoint import CheckpointReader
+from .checkpoint import CheckpointReader, RandomReader, open_weights
 from .config import read_model_config
 from .model import MoEModel, build_batch
-from .moe import EPExecutor, LayerMeasure
+from .moe import EPExecutor, LayerMeasure, make_exchange
 from .recording import StatsSink, StepRecorder
 from .sampling import SamplingParams, sample
 from .weights import load_expert_shard, load_model_weights
@@ -49,6 +49,9 @@ class WorkerSpec:
     flush_every: int = 1
     run_id: str = "run"
     seed: int = 0
+    weights: str = "checkpoint"  # or "random": seeded random tensors, no checkpoint read (benchmarks)
+    exchange: str = "auto"  # see moe.EXCHANGES
+    max_tokens: int = 0  # most tokens one worker brings to a step (sizes the symm_mem exchange's buffers)
 
 
 @dataclass
@@ -74,7 +77,7 @@ class ExpertWorker:
         self.rank, self.world_size = rank, world_size
         self.model: MoEModel | None = None
         self.executor: EPExecutor | None = None
-        self.reader: CheckpointReader | None = None
+        self.reader: CheckpointReader | RandomReader | None = None
 
     # ---- life cycle ----------------------------------------------------------------------------
     def pid(self) -> int:
@@ -105,9 +108,10 @@ class ExpertWorker:
         )
         self.dtype = DTYPES[spec.dtype]
         self.cfg = read_model_config(spec.model_dir)
-        self.reader = CheckpointReader(spec.model_dir, device="cpu")
+        self.reader = open_weights(spec.weights, spec.model_dir, self.cfg, self.device, spec.seed)
         weights = load_model_weights(self.reader, self.cfg, self.dtype, self.device)
         self.executor = EPExecutor(self.cfg, self.rank, self.world_size, self.device, self.dtype)
+        self.set_exchange(spec.exchange, spec.max_tokens)
         self._load_experts(spec.plan)
         self.model = MoEModel(self.cfg, weights, self.executor, self.dtype, self.device)
         self.recorder = StepRecorder(spec.sink, f"{spec.run_id}/worker-{self.rank}", spec.flush_every)
@@ -116,10 +120,14 @@ class ExpertWorker:
         return {**self.info(), "load_s": time.perf_counter() - start}
 
     def _load_experts(self, plan: Placement) -> None:
+        previous, self.executor.shard = self.executor.shard, None
         shard = load_expert_shard(self.reader, self.cfg, plan.phy2log, plan.num_gpus, self.rank, self.dtype,
-                                  self.device)
+                                  self.device, previous)
+        del previous
         self.executor.load(plan, shard)
         self.plan = plan
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def apply_plan(self, plan: Placement) -> dict:
         """Switch to another placement of the same model: read the experts it gives this rank.
@@ -130,12 +138,19 @@ class ExpertWorker:
         self._load_experts(plan)
         return self.info()
 
+    def set_exchange(self, kind: str, max_tokens: int = 0) -> str:
+        """Switch the dispatch/combine implementation (collective: every worker calls it together)."""
+        self.executor.exchange = make_exchange(self.world_size, kind, max_tokens=max_tokens, cfg=self.cfg,
+                                               dtype=self.dtype)
+        return type(self.executor.exchange).__name__
+
     def info(self) -> dict:
         shard = self.executor.shard
         return {
             "rank": self.rank,
             "pid": os.getpid(),
             "device": str(self.device),
+            "exchange": type(self.executor.exchange).__name__,
             "plan_version": self.plan.version,
             "slot_expert": [e.tolist() for e in shard.slot_expert],
             "expert_bytes": shard.nbytes(),
@@ -176,7 +191,7 @@ class ExpertWorker:
         Used to measure a placement's real dispatch bytes and times with a recorded trace; the sequences
         are freed afterwards and nothing is recorded as statistics.
         """
-        ids = torch.as_tensor(np.asarray(topk_ids), dtype=torch.int64, device=self.device)
+        ids = torch.tensor(np.asarray(topk_ids), dtype=torch.int64, device=self.device)
         seq_ids = [int(s) for s, _ in inputs]
         try:
             return self._run(inputs, ids, None, False, measure, 0.0, record=False)

@@ -1,0 +1,404 @@
+"""Throughput of the EP runtime against `transformers` on the same checkpoint (bench/results/runtime.md).
+
+    python bench/runtime.py measure --out runtime.json [--quick]       # on the GPU machine (2 GPUs)
+    python bench/runtime.py report --measured runtime.json [--replay ep8.json] --results bench/results
+
+Two shapes, bf16, random weights written as a real sharded Hugging Face checkpoint (config.json +
+safetensors, per-expert tensors), real layer dimensions with fewer layers:
+
+  mixtral    hidden 4096, 32 heads / 8 KV heads, 8 experts, FFN 14336, top-2, vocab 32000, 2 layers
+  qwen3_30b  hidden 2048, 32 heads / 4 KV heads (head dim 128), 128 experts, FFN 768, top-8,
+             vocab 151936, 2 layers
+
+Rows: prefill tokens/s (batches of 2048-token sequences, 4k-32k tokens in one step) and decode tokens/s
+(batch 1-256, 128-token prompts, 16 timed steps). Variants, all in the same run on the same checkpoint:
+ours on 1 GPU and on 2 GPUs (EPGroup: Ray actors, NCCL, data-parallel attention, sequences dealt round
+robin), and `transformers` on 1 GPU with its default experts implementation and with
+`experts_implementation="grouped_mm"` (if the default already is grouped_mm, the eager loop is measured as
+the other baseline and the table says so). Medians of 3 timed runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ep8  # noqa: E402  (environment(), the replay tables)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "mixtral": dict(family="mixtral", hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336, experts=8,
+                    top_k=2, vocab=32000, layers=2),
+    "qwen3_30b": dict(family="qwen3_moe", hidden=2048, heads=32, kv_heads=4, head_dim=128, ffn=768,
+                      experts=128, top_k=8, vocab=151936, layers=2),
+}
+QUICK = {name: dict(s, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=96, vocab=256, experts=min(s["experts"], 16),
+                    top_k=min(s["top_k"], 4)) for name, s in SHAPES.items()}
+SEQ_LEN = 2048
+PREFILL_TOKENS = [4096, 8192, 16384, 32768]
+DECODE_BATCH = [1, 16, 64, 256]
+PROMPT_LEN = 128
+DECODE_STEPS = 16
+REPS = 3
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint
+def hf_config(shape: dict):
+    import transformers
+
+    common = dict(vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
+                  num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                  head_dim=shape["head_dim"], num_experts_per_tok=shape["top_k"], max_position_embeddings=65536,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+    if shape["family"] == "mixtral":
+        return transformers.MixtralConfig(num_local_experts=shape["experts"], intermediate_size=shape["ffn"],
+                                          **common)
+    return transformers.Qwen3MoeConfig(num_experts=shape["experts"], moe_intermediate_size=shape["ffn"],
+                                       intermediate_size=4 * shape["ffn"], norm_topk_prob=True, **common)
+
+
+def write_checkpoint(shape: dict, path: Path, device: str, shard_bytes: int = 2 * 2**30) -> dict:
+    """A sharded Hugging Face checkpoint with random bf16 weights (per-expert tensors, like published ones)."""
+    import torch
+    from expertmesh.workers.checkpoint import RandomReader, expert_keys
+    from expertmesh.workers.config import read_model_config
+    from expertmesh.workers.weights import load_model_weights
+    from safetensors.torch import save_file
+
+    start = time.perf_counter()
+    path.mkdir(parents=True, exist_ok=True)
+    hf_config(shape).save_pretrained(path)
+    ours = read_model_config(path)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    class Names(RandomReader):  # the names and shapes our loader asks for, in the published layout
+        def get(self, name, dtype, shape=None):
+            shapes[name] = tuple(shape)
+            return torch.empty(shape, dtype=dtype, device="meta")
+
+    load_model_weights(Names(ours, "meta"), ours, torch.bfloat16, "meta")
+    H, F = ours.hidden_size, ours.expert_ffn
+    for layer in ours.moe_layers:
+        for e in range(ours.num_experts):
+            g, u, d = expert_keys(ours, layer, e)
+            shapes.update({g: (F, H), u: (F, H), d: (H, F)})
+    gen = torch.Generator(device=device).manual_seed(0)
+    weight_map, shard, size, n = {}, {}, 0, 0
+
+    def flush():
+        nonlocal shard, size, n
+        if shard:
+            n += 1
+            name = f"model-{n:05d}.safetensors"
+            save_file(shard, path / name, metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    for key, shp in shapes.items():
+        if "norm" in key:
+            t = torch.ones(shp, dtype=torch.bfloat16)
+        else:
+            t = torch.empty(shp, dtype=torch.bfloat16, device=device).normal_(0, 0.02, generator=gen).cpu()
+        shard[key] = t
+        size += t.numel() * 2
+        if size >= shard_bytes:
+            flush()
+    flush()
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": sum(int(np.prod(s)) * 2 for s in shapes.values())}, "weight_map": weight_map}))
+    return {"files": n, "bytes": sum(int(np.prod(s)) * 2 for s in shapes.values()),
+            "seconds": time.perf_counter() - start}
+
+
+# ---------------------------------------------------------------------------------------------- ours
+def _rng_tokens(rng, n: int, vocab: int) -> list[int]:
+    return rng.integers(0, vocab, n).tolist()
+
+
+def ours_prefill(group, total: int, seq_len: int, vocab: int, rng) -> float:
+    """Tokens/s of one step prefilling total / seq_len sequences (dealt round robin over the workers)."""
+    G = group.num_workers
+    n = max(total // seq_len, 1)
+    seq_len = total // n
+    prompts = [_rng_tokens(rng, seq_len, vocab) for _ in range(n)]
+    times = []
+    for rep in range(REPS + 1):
+        ids = [rep * 1000 + i for i in range(n)]
+        inputs = [[(ids[i], prompts[i]) for i in range(n) if i % G == r] for r in range(G)]
+        t0 = time.perf_counter()
+        group.step(inputs, return_logits=False)
+        times.append(time.perf_counter() - t0)
+        group.free(ids)
+    return n * seq_len / float(np.median(times[1:]))
+
+
+def ours_decode(group, batch: int, vocab: int, rng) -> float:
+    from expertmesh.workers import GREEDY
+
+    G = group.num_workers
+    ids = list(range(50_000, 50_000 + batch))
+    prompts = [_rng_tokens(rng, PROMPT_LEN, vocab) for _ in range(batch)]
+    inputs = [[(ids[i], prompts[i]) for i in range(batch) if i % G == r] for r in range(G)]
+    outs = group.step(inputs, sampling=GREEDY, return_logits=False)
+    times = []
+    for step in range(DECODE_STEPS + 2):
+        nxt = {s: t for o in outs for s, t in zip(o.seq_ids, o.tokens, strict=True)}
+        inputs = [[(s, [nxt[s]]) for s, _ in b] for b in inputs]
+        t0 = time.perf_counter()
+        outs = group.step(inputs, sampling=GREEDY, return_logits=False)
+        if step >= 2:
+            times.append(time.perf_counter() - t0)
+    group.free(ids)
+    return batch * len(times) / float(np.sum(times))
+
+
+# ---------------------------------------------------------------------------------------------- transformers
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def hf_prefill(model, total: int, seq_len: int, vocab: int, rng, device: str) -> float:
+    import torch
+
+    n = max(total // seq_len, 1)
+    seq_len = total // n
+    x = torch.tensor([_rng_tokens(rng, seq_len, vocab) for _ in range(n)], device=device)
+    times = []
+    with torch.inference_mode():
+        for _ in range(REPS + 1):
+            _sync()
+            t0 = time.perf_counter()
+            out = model(x, use_cache=True, logits_to_keep=1)
+            _sync()
+            times.append(time.perf_counter() - t0)
+            del out
+    return n * seq_len / float(np.median(times[1:]))
+
+
+def hf_decode(model, batch: int, vocab: int, rng, device: str) -> float:
+    import torch
+
+    x = torch.tensor([_rng_tokens(rng, PROMPT_LEN, vocab) for _ in range(batch)], device=device)
+    times = []
+    with torch.inference_mode():
+        out = model(x, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        for step in range(DECODE_STEPS + 2):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            _sync()
+            t0 = time.perf_counter()
+            out = model(nxt, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1)  # the token choice is part of a decode step
+            _sync()
+            if step >= 2:
+                times.append(time.perf_counter() - t0)
+    return batch * len(times) / float(np.sum(times))
+
+
+# ---------------------------------------------------------------------------------------------- measure
+def measure_shape(name: str, shape: dict, args, rows: list, notes: list, device: str, num_gpus: int) -> None:
+    import torch
+    import transformers
+    from expertmesh.workers import EPGroup
+
+    ckpt = Path(args.workdir) / name
+    info = write_checkpoint(shape, ckpt, device)
+    notes.append(f"{name}: checkpoint {info['bytes'] / 1e9:.1f} GB in {info['files']} files "
+                 f"written in {info['seconds']:.0f} s")
+    prefill = [t for t in args.prefill if t >= SEQ_LEN or args.quick]
+    seq_len = SEQ_LEN if not args.quick else 32
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    torch_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+
+    def record(variant, mode, size, value):
+        rows.append({"shape": name, "variant": variant, "mode": mode, "size": size, "tokens_per_s": value})
+        print(f"{name} {variant} {mode} {size}: {value:,.0f} tok/s", file=sys.stderr, flush=True)
+
+    for G in [g for g in (1, 2) if g <= num_gpus]:
+        rng = np.random.default_rng(0)
+        t0 = time.perf_counter()
+        group = EPGroup.create(ckpt, None, G, device=device, dtype=dtype, cpus_per_worker=1.0,
+                               step_timeout_s=600, collective_timeout_s=600)
+        notes.append(f"{name}: ours on {G} GPU(s) created in {time.perf_counter() - t0:.0f} s")
+        try:
+            for total in prefill:
+                record(f"ours-{G}gpu", "prefill", total, ours_prefill(group, total, seq_len, shape["vocab"], rng))
+            for batch in args.decode:
+                record(f"ours-{G}gpu", "decode", batch, ours_decode(group, batch, shape["vocab"], rng))
+        except Exception as exc:  # noqa: BLE001 - keep the other variants' rows
+            notes.append(f"{name}: ours on {G} GPU(s) failed: {type(exc).__name__}: {exc}")
+        finally:
+            group.shutdown()
+
+    variants = [("hf-default", {}), ("hf-grouped_mm", {"experts_implementation": "grouped_mm"})]
+    for variant, kwargs in variants:
+        rng = np.random.default_rng(0)
+        model = None
+        try:
+            t0 = time.perf_counter()
+            placement = {"device_map": device} if device == "cuda" else {}
+            model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype, **placement,
+                                                                      **kwargs).eval()
+            impl = getattr(model.config, "_experts_implementation", "?")
+            notes.append(f"{name}: {variant} loaded in {time.perf_counter() - t0:.0f} s, experts implementation "
+                         f"{impl!r}, attention {model.config._attn_implementation!r}")
+            if variant == "hf-default" and impl == "grouped_mm":
+                variants.append(("hf-eager", {"experts_implementation": "eager"}))
+            for total in prefill:
+                record(variant, "prefill", total, hf_prefill(model, total, seq_len, shape["vocab"], rng, device))
+            for batch in args.decode:
+                record(variant, "decode", batch, hf_decode(model, batch, shape["vocab"], rng, device))
+        except Exception as exc:  # noqa: BLE001
+            notes.append(f"{name}: {variant} failed: {type(exc).__name__}: {exc}")
+        finally:
+            del model
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+
+def cmd_measure(args) -> None:
+    import ray
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    num_gpus = torch.cuda.device_count() if device == "cuda" else 2
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, num_gpus=num_gpus if device == "cuda" else 0, include_dashboard=False)
+    shapes = QUICK if args.quick else SHAPES
+    result = {"environment": ep8.environment(), "device": device, "quick": args.quick,
+              "command": " ".join([Path(sys.executable).name, *sys.argv]), "shapes": shapes, "rows": [],
+              "notes": [], "settings": {"seq_len": SEQ_LEN, "prompt_len": PROMPT_LEN, "decode_steps": DECODE_STEPS,
+                                        "reps": REPS}}
+    for name in args.shapes:
+        try:
+            measure_shape(name, shapes[name], args, result["rows"], result["notes"], device, num_gpus)
+        except Exception as exc:  # noqa: BLE001
+            result["notes"].append(f"{name}: failed: {type(exc).__name__}: {exc}")
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------- report
+def cmd_report(args) -> None:
+    measured = json.loads(Path(args.measured).read_text())
+    rows = measured["rows"]
+    env = measured["environment"]
+    lines = [
+        "# EP runtime throughput vs transformers (bench/runtime.py)",
+        "",
+        f"Machine: {', '.join(env.get('gpus', ['cpu']))}; CPU {env.get('cpu')}. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("gpus", "cpu")) + ".",
+        "",
+        f"Command (GPU machine): `{measured['command']}`; report: `python bench/runtime.py report --measured "
+        "<that json> --replay <ep8 json> --results bench/results`.",
+        "",
+        "bf16, random weights in a sharded Hugging Face checkpoint (same files for every variant), 2 decoder "
+        f"layers of real dimensions. Prefill: sequences of {measured['settings']['seq_len']} tokens, all in one "
+        f"step. Decode: {measured['settings']['prompt_len']}-token prompts, tokens/s over "
+        f"{measured['settings']['decode_steps']} greedy steps. Medians of {measured['settings']['reps']} runs "
+        "after a warm-up. `ours-2gpu`: sequences dealt round robin over 2 workers (data-parallel attention), "
+        "experts split by the contiguous plan, NCCL all_to_all dispatch/combine.",
+        "",
+    ]
+    for note in measured["notes"]:
+        lines.append(f"- {note}")
+    lines.append("")
+    summary = {}
+    for name, shape in measured["shapes"].items():
+        mine = [r for r in rows if r["shape"] == name]
+        if not mine:
+            continue
+        variants = sorted({r["variant"] for r in mine}, key=lambda v: (not v.startswith("hf"), v))
+        hf = [v for v in variants if v.startswith("hf")]
+        lines += [f"## {name}: hidden {shape['hidden']}, {shape['experts']} experts, FFN {shape['ffn']}, "
+                  f"top-{shape['top_k']}, {shape['layers']} layers", "",
+                  "| mode | size | " + " | ".join(f"{v} tok/s" for v in variants)
+                  + " | ours-1gpu / best hf | ours-1gpu / hf-default | ours-2gpu / ours-1gpu |",
+                  "|---|---|" + "---|" * (len(variants) + 3)]
+        for mode in ("prefill", "decode"):
+            for size in sorted({r["size"] for r in mine if r["mode"] == mode}):
+                val = {r["variant"]: r["tokens_per_s"] for r in mine if r["mode"] == mode and r["size"] == size}
+                best_hf = max((val[v] for v in hf if v in val), default=float("nan"))
+                o1, o2 = val.get("ours-1gpu", float("nan")), val.get("ours-2gpu", float("nan"))
+                default = val.get("hf-default", float("nan"))
+                cells = " | ".join(f"{val[v]:,.0f}" if v in val else "-" for v in variants)
+                lines.append(f"| {mode} | {size} | {cells} | {o1 / best_hf:.2f}x | {o1 / default:.2f}x "
+                             f"| {o2 / o1:.2f}x |")
+                summary[f"{name}/{mode}/{size}"] = {"vs_best_hf": o1 / best_hf, "vs_hf_default": o1 / default,
+                                                   "two_over_one": o2 / o1}
+        lines.append("")
+    if args.replay:
+        lines += replay_section(json.loads(Path(args.replay).read_text()))
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "runtime.md").write_text("\n".join(lines) + "\n")
+    (results / "runtime.json").write_text(json.dumps({"measured": measured, "summary": summary}, indent=1))
+    print("\n".join(lines))
+
+
+def replay_section(ep8_doc: dict) -> list[str]:
+    """Routing replay on 2 GPUs (from bench/ep8.py's run): measured vs predicted reductions of ilp/eplb."""
+    measured = ep8_doc.get("measured", ep8_doc)
+    report = ep8_doc.get("report", {}).get("traces", {})
+    lines = ["## Routing replay on 2 GPUs: contiguous vs eplb vs ilp", "",
+             f"From the same GPU session's `bench/ep8.py measure` (`{measured['command']}`): each trace replayed "
+             "through the whole layer stack with the gates replaced by the trace's experts. Bytes = token rows "
+             "crossing the GPU link per MoE layer (both directions, all ranks); a2a = dispatch + combine time of "
+             "the slowest rank per layer. `pred` = the cost model for the same plan and tokens. Target: ilp's "
+             "reduction vs contiguous matches the predicted one within 10%.", "",
+             "| trace | exchange | plan | bytes MB/layer (meas / pred) | a2a ms/layer (meas / pred) "
+             "| bytes vs contiguous (meas / pred) | a2a vs contiguous (meas / pred) | step ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for trace in ("mixtral", "synth64"):
+        for exchange, plans in report.get(trace, {}).items():
+            base = plans.get("contiguous")
+            for plan_name, r in plans.items():
+                a2a = r["dispatch_ms"] + r["combine_ms"]
+                pa2a = r["pred_dispatch_ms"] + r["pred_combine_ms"]
+                if base:
+                    b_a2a = base["dispatch_ms"] + base["combine_ms"]
+                    pb_a2a = base["pred_dispatch_ms"] + base["pred_combine_ms"]
+                    rb = (f"{r['dispatch_mb'] / base['dispatch_mb']:.3f} / "
+                          f"{r['pred_dispatch_mb'] / base['pred_dispatch_mb']:.3f}")
+                    ra = f"{a2a / b_a2a:.3f} / {pa2a / pb_a2a:.3f}"
+                else:
+                    rb = ra = "-"
+                lines.append(f"| {trace} | {exchange} | {plan_name} | {r['dispatch_mb']:.2f} / "
+                             f"{r['pred_dispatch_mb']:.2f} | {a2a:.3f} / {pa2a:.3f} | {rb} | {ra} "
+                             f"| {r['step_ms']:.1f} |")
+    lines.append("")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure")
+    m.add_argument("--out", required=True)
+    m.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    m.add_argument("--prefill", type=int, nargs="+", default=PREFILL_TOKENS)
+    m.add_argument("--decode", type=int, nargs="+", default=DECODE_BATCH)
+    m.add_argument("--workdir", default="/tmp/expertmesh-runtime")
+    m.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    r = sub.add_parser("report")
+    r.add_argument("--measured", required=True)
+    r.add_argument("--replay", help="bench/results/ep8.json (or the raw measurement) of the same GPU session")
+    r.add_argument("--results", default=str(ROOT / "bench/results"))
+    args = ap.parse_args(argv)
+    {"measure": cmd_measure, "report": cmd_report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
