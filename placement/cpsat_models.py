@@ -60,8 +60,9 @@ class PartitionProblem:
     `slots` copies, at most `max_per_part` copies of one expert (its distinct GPUs) and at most `cap` load.
     pairs [m, 2] expert index pairs with integer weights pair_weight [m]: a pair whose experts share no part
     costs its weight. node_of_part [P] (optional) groups parts into nodes; a pair sharing no node costs
-    `node_penalty` times its weight on top. keep [n, P] (optional) marks where a previous plan had each
-    expert; keeping one there saves `keep_weight`. Without pairs the objective is the heaviest part.
+    `node_penalty` times its weight on top. reward [n, P] (optional) is subtracted for every part that holds
+    the expert: a previous plan's placement (migration saved) or the GPUs a layer's tokens arrive from
+    (token-follow). `peak_weight` > 0 adds the heaviest part's load (used when there are no pairs).
     """
 
     replicas: np.ndarray
@@ -74,12 +75,8 @@ class PartitionProblem:
     pair_weight: np.ndarray
     node_of_part: np.ndarray | None = None
     node_penalty: int = 0
-    keep: np.ndarray | None = None
-    keep_weight: int = 0
-
-    @property
-    def minimise_peak(self) -> bool:
-        return len(self.pairs) == 0
+    reward: np.ndarray | None = None
+    peak_weight: int = 0
 
     def part_loads(self, x: np.ndarray) -> np.ndarray:
         return (self.load[:, None] * x).sum(0)
@@ -93,7 +90,7 @@ class PartitionProblem:
     def objective(self, x: np.ndarray) -> float:
         """The objective of an assignment [n, P], computed directly (for hints and checks)."""
         held = x > 0
-        total = 0.0
+        total = float(self.peak_weight * self.part_loads(x).max()) if self.peak_weight else 0.0
         if len(self.pairs):
             a, b = self.pairs[:, 0], self.pairs[:, 1]
             total += float(self.pair_weight @ ~(held[a] & held[b]).any(1))
@@ -101,10 +98,8 @@ class PartitionProblem:
                 nodes = int(self.node_of_part.max()) + 1
                 on = np.stack([held[:, self.node_of_part == k].any(1) for k in range(nodes)], 1)
                 total += self.node_penalty * float(self.pair_weight @ ~(on[a] & on[b]).any(1))
-        else:
-            total += float(self.part_loads(x).max())
-        if self.keep is not None and self.keep_weight:
-            total -= self.keep_weight * float((held & (self.keep > 0)).sum())
+        if self.reward is not None:
+            total -= float((self.reward * held).sum())
         return total
 
 
@@ -184,16 +179,16 @@ def partition(
             # ...and across nodes it costs `node_penalty` times more: that copy crosses the NIC.
             cut_node = _split_indicator(model, f"cutn_{e}_{f}", e, f, node_holds, both_single, hint_node)
             objective.append(pb.node_penalty * w * cut_node)
-    if pb.keep is not None and pb.keep_weight:
-        # Migration: every expert left where the previous plan had it saves moving its weights.
-        objective.extend(-pb.keep_weight * holds[e][p] for e in range(n) for p in range(P) if pb.keep[e, p])
-    if pb.minimise_peak:
-        # No pair statistics: minimise the heaviest part instead (MoETuner's balanced grouping).
+    if pb.reward is not None:
+        # Holding e where it is rewarded: it need not be moved there, or tokens find it where they are.
+        objective.extend(-int(pb.reward[e, p]) * holds[e][p] for e in range(n) for p in range(P) if pb.reward[e, p])
+    if pb.peak_weight:
+        # No pair statistics: minimise the heaviest part (MoETuner's balanced grouping).
         peak = model.new_int_var(0, pb.cap, "peak")
         for p in range(P):
             model.add(part_load[p] <= peak)
         model.add_hint(peak, int(pb.part_loads(hint).max()))
-        objective.append(peak)
+        objective.append(pb.peak_weight * peak)
 
     model.minimize(sum(objective))
     for e in range(n):

@@ -1,24 +1,31 @@
-"""The `ilp` placer: MoETuner's two stages, extended with replicas, co-activation, node topology and migration.
+"""The `ilp` placer: MoETuner's two stages, extended with replicas, co-activation, node topology, migration
+and a token-follow refinement.
 
 Stage 1, per layer (layers run in parallel processes): group the layer's expert replicas into one group
 per GPU. Every group holds exactly S replicas and at most `cap` load, where `cap` keeps the layer's
 balancedness within `balance_slack` of EPLB's at the same slot budget. Where MoETuner only balances, we
 minimise the co-activation weight of expert pairs split across GPUs, which is what the home dataflow pays
-for (a token is copied once per distinct GPU among its experts). On several nodes the grouping is
-hierarchical: replicas to nodes first (minimising pairs split across nodes: internode copies), then to
-the GPUs of each node. Without pair statistics (count matrices), stage 1 minimises the heaviest GPU.
+for (a token is copied once per distinct GPU among its experts), with pairs split across nodes costing
+`intra/inter bandwidth` times more. Above 16 GPUs on several nodes the grouping is decomposed: replicas to
+nodes first, then to the GPUs of each node. Without pair statistics (count matrices), stage 1 minimises
+the heaviest GPU, i.e. it is MoETuner's balanced grouping.
 
-Stage 2, layer after layer: map each layer's groups onto GPUs, one-to-one, minimising the traffic from
-where tokens are after layer l-1 to the GPUs of their layer-l experts and the busiest bandwidth-weighted
-GPU pair (MoETuner's objective), in the token-follow dataflow; in the home dataflow every layer's dispatch
-starts at the token's home GPU, so the mapping does not change traffic and stage 2 only serves migration.
+Stage 2, layer after layer (token-follow dataflow): map each layer's groups onto GPUs, one-to-one,
+minimising the traffic from where tokens are after layer l-1 to the GPUs of their layer-l experts plus the
+busiest bandwidth-weighted GPU pair (MoETuner's objective). In the home dataflow every layer's dispatch
+starts at the token's home GPU, so the mapping does not change traffic and stage 2 is skipped.
 
-Migration: with a previous plan, stage 1 labels its parts as the previous plan's nodes and GPUs and rewards
-every expert left in place by the bytes it would cost to move, converted to token copies over the horizon
-`interval_tokens`.
+Stage 3, layer after layer (token-follow only): re-solve each layer with its GPUs labelled, rewarding an
+expert on the GPUs its tokens come from (layer l-1) and go to (layer l+1), starting from stage 2's answer
+under the same cap: MoETuner's fixed groups become free to follow the tokens.
 
-Every subproblem starts from EPLB's plan (hint), runs on a deterministic time budget with a fixed seed, and a
-layer keeps EPLB's arrangement whenever the solver's is not better on the same objective.
+Migration: with a previous plan, every expert left on a GPU that holds it already is rewarded by the bytes
+it would cost to move, converted to token copies over the horizon `interval_tokens`; parts are then
+labelled by the previous plan's GPUs, so stage 1 decides what moves.
+
+Every subproblem starts from the best of local search from EPLB's plan, an affinity greedy and LPT packing,
+runs CP-SAT on a deterministic time budget with a fixed seed, and a layer keeps its starting arrangement
+whenever the solver's is not better on the same whole-layer objective.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_all_start_methods, get_context
 
 import numpy as np
@@ -44,7 +51,7 @@ __all__ = ["IlpOptions", "ilp"]
 
 # Load is scaled so a layer's total is this many integer units (resolution 1e-6 of the layer).
 _LOAD_UNITS = 1_000_000
-_PAIR_UNITS = 100_000  # the heaviest co-activation pair in a layer weighs this much
+_PAIR_UNITS = 100_000  # the heaviest co-activation pair (or reward) in a layer weighs about this much
 
 
 @dataclass(frozen=True)
@@ -66,12 +73,14 @@ class IlpOptions:
     def __post_init__(self) -> None:
         if self.dataflow not in DATAFLOWS:
             raise ValueError(f"dataflow: expected one of {DATAFLOWS}, got {self.dataflow!r}")
-        if self.time_limit <= 0:
+        if not self.time_limit > 0:
             raise ValueError(f"time_limit: expected a positive number of seconds, got {self.time_limit}")
         if not 0 <= self.balance_slack < 1:
             raise ValueError(f"balance_slack: expected a value in [0, 1), got {self.balance_slack}")
         if self.workers < 0:
             raise ValueError(f"workers: expected >= 0, got {self.workers}")
+        if self.pairs_per_expert < 1:
+            raise ValueError(f"pairs_per_expert: expected >= 1, got {self.pairs_per_expert}")
 
 
 @dataclass(frozen=True)
@@ -81,16 +90,16 @@ class _LayerJob:
     replicas: np.ndarray  # [E] replica count
     pairs: np.ndarray  # [m, 2]
     pair_weight: np.ndarray  # [m] int
-    hint: np.ndarray  # [E, G] EPLB's replicas per GPU
-    previous: np.ndarray | None  # [E, G] previous plan's replicas per GPU
-    keep_weight: int
+    eplb: np.ndarray  # [E, G] EPLB's replicas per GPU: sets the cap and is the first hint
+    start: np.ndarray  # [E, G] the arrangement to beat (EPLB's in stage 1, stage 2's in stage 3)
+    reward: np.ndarray | None  # [E, G] int reward for holding e on g (migration, token-follow)
     num_nodes: int
     slots_per_gpu: int
     slack: float
     node_penalty: int
     decompose: bool
     seed: int
-    budget: float
+    budget: float  # CP-SAT deterministic time for the layer
 
 
 @dataclass(frozen=True)
@@ -99,42 +108,26 @@ class _LayerResult:
     x: np.ndarray  # [E, G]
     reports: list[SolveReport]
     objective: float
-    hint_objective: float
-    used_hint: bool
+    start_objective: float
+    kept_start: bool
 
 
-def _strong_pairs(coact: np.ndarray | None, per_expert: int) -> tuple[np.ndarray, np.ndarray]:
-    """The `per_expert` strongest partners of every expert, as unique pairs with integer weights."""
+def _strong_pairs(coact: np.ndarray | None, per_expert: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """The `per_expert` strongest partners of every expert as unique pairs, their integer weights, and the
+    scale from tokens to those integers."""
     if coact is None or not np.any(coact > 0):
-        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int64), 1.0
     E = coact.shape[0]
     c = coact.astype(np.float64).copy()
     np.fill_diagonal(c, 0)
     k = min(per_expert, E - 1)
     partners = np.argsort(-c, axis=1, kind="stable")[:, :k]
-    a = np.repeat(np.arange(E), k)
-    b = partners.ravel()
-    keep = c[a, b] > 0
-    pairs = np.unique(np.sort(np.stack([a[keep], b[keep]], 1), axis=1), axis=0)
-    w = c[pairs[:, 0], pairs[:, 1]]
-    weight = np.maximum(np.round(w * (_PAIR_UNITS / w.max())), 1).astype(np.int64)
-    return pairs, weight
-
-
-def _heuristic(pb: PartitionProblem, hint: np.ndarray | None) -> np.ndarray | None:
-    """Local search from EPLB's arrangement, an affinity greedy and LPT packing (those that keep the cap);
-    the best result, or None when no start keeps the cap."""
-    starts = [x for x in (hint, greedy_partition(pb), _lpt(pb)) if x is not None and pb.feasible(x)]
-    return min((improve_by_swaps(pb, x) for x in starts), key=pb.objective, default=None)
-
-
-def _subproblem(pb: PartitionProblem, hint: np.ndarray | None, seed: int, budget: float,
-                start: np.ndarray | None = None) -> tuple[np.ndarray, SolveReport]:
-    """One partition: the heuristic's best (or `start`), then CP-SAT from it (it repairs LPT when no
-    heuristic start keeps the cap)."""
-    if start is None:
-        start = _heuristic(pb, hint)
-    return partition(pb, start if start is not None else _lpt(pb), seed, budget)
+    a, b = np.repeat(np.arange(E), k), partners.ravel()
+    strong = c[a, b] > 0
+    pairs = np.unique(np.sort(np.stack([a[strong], b[strong]], 1), axis=1), axis=0)
+    scale = _PAIR_UNITS / c.max()
+    weight = np.maximum(np.round(c[pairs[:, 0], pairs[:, 1]] * scale), 1).astype(np.int64)
+    return pairs, weight, scale
 
 
 def _lpt(pb: PartitionProblem) -> np.ndarray:
@@ -153,57 +146,73 @@ def _lpt(pb: PartitionProblem) -> np.ndarray:
     return x
 
 
+def _heuristic(pb: PartitionProblem, hint: np.ndarray | None) -> np.ndarray | None:
+    """Local search from the hint, an affinity greedy and LPT packing (those that keep the cap); the best
+    result, or None when no start keeps the cap."""
+    starts = [x for x in (hint, greedy_partition(pb), _lpt(pb)) if x is not None and pb.feasible(x)]
+    return min((improve_by_swaps(pb, x) for x in starts), key=pb.objective, default=None)
+
+
+def _subproblem(pb: PartitionProblem, hint: np.ndarray | None, seed: int, budget: float,
+                start: np.ndarray | None = None) -> tuple[np.ndarray, SolveReport]:
+    """The heuristic's best (or `start`), then CP-SAT from it (CP-SAT repairs LPT when nothing keeps the cap)."""
+    if start is None:
+        start = _heuristic(pb, hint)
+    return partition(pb, start if start is not None else _lpt(pb), seed, budget)
+
+
 def _restrict_pairs(pairs: np.ndarray, weight: np.ndarray, members: np.ndarray):
     """The pairs among `members`, renumbered to positions in `members`."""
     if not len(pairs):
         return pairs, weight
     index = np.full(int(max(pairs.max(), members.max(initial=0))) + 1, -1)
     index[members] = np.arange(len(members))
-    keep = (index[pairs[:, 0]] >= 0) & (index[pairs[:, 1]] >= 0)
-    return index[pairs[keep]].reshape(-1, 2), weight[keep]
+    inside = (index[pairs[:, 0]] >= 0) & (index[pairs[:, 1]] >= 0)
+    return index[pairs[inside]].reshape(-1, 2), weight[inside]
 
 
-def _decomposed(job: _LayerJob, load: np.ndarray, cap: int, keep, common: dict):
+def _decomposed(job: _LayerJob, whole: PartitionProblem) -> tuple[np.ndarray | None, list[SolveReport]]:
     """Stage 1 on several nodes: replicas to nodes (a node is a part of G/N GPUs), then each node's
     replicas to its GPUs. Returns the assignment [E, G] (None if nothing kept the cap) and the reports."""
-    E, G = job.hint.shape
+    E, G = job.eplb.shape
     N, S = job.num_nodes, job.slots_per_gpu
     per_node = G // N
-    gpus_of = [np.flatnonzero(np.arange(G) // per_node == n) for n in range(N)]
-    node_hint = np.stack([job.hint[:, g].sum(1) for g in gpus_of], 1)
-    node_keep = None if keep is None else np.stack([keep[:, g].any(1) for g in gpus_of], 1).astype(np.int64)
-    hint_node_peak = int((load[:, None] * node_hint).sum(0).max())
+    gpus_of = [np.arange(n * per_node, (n + 1) * per_node) for n in range(N)]
+    node_hint = np.stack([job.start[:, g].sum(1) for g in gpus_of], 1)
+    node_reward = None if whole.reward is None else np.stack([whole.reward[:, g].max(1) for g in gpus_of], 1)
+    start_node_peak = int(whole.part_loads(node_hint).max())
 
     def node_problem(node_cap: int) -> PartitionProblem:
-        return PartitionProblem(job.replicas, load, N, S * per_node, per_node, node_cap, keep=node_keep, **common)
+        return PartitionProblem(job.replicas, whole.load, N, S * per_node, per_node, node_cap, job.pairs,
+                                job.pair_weight, reward=node_reward, peak_weight=whole.peak_weight)
 
     def gpu_problems(node_x: np.ndarray) -> list[tuple[np.ndarray, PartitionProblem]]:
         out = []
         for n in range(N):
             members = np.flatnonzero(node_x[:, n])
             pairs, weight = _restrict_pairs(job.pairs, job.pair_weight, members)
-            sub_keep = None if keep is None else keep[np.ix_(members, gpus_of[n])]
-            out.append((members, PartitionProblem(node_x[members, n], load[members], per_node, S, 1, cap, pairs,
-                                                  weight, keep=sub_keep, keep_weight=job.keep_weight)))
+            reward = None if whole.reward is None else whole.reward[np.ix_(members, gpus_of[n])]
+            out.append((members, PartitionProblem(node_x[members, n], whole.load[members], per_node, S, 1,
+                                                  whole.cap, pairs, weight, reward=reward,
+                                                  peak_weight=whole.peak_weight)))
         return out
 
     def pack(node_x: np.ndarray) -> list[np.ndarray] | None:
         """Heuristic GPU assignments for every node under the cap, or None if some node does not pack."""
         packed = []
         for n, (members, pb) in enumerate(gpu_problems(node_x)):
-            sub = _heuristic(pb, job.hint[np.ix_(members, gpus_of[n])])
+            sub = _heuristic(pb, job.start[np.ix_(members, gpus_of[n])])
             if sub is None:
                 return None
             packed.append(sub)
         return packed
 
     # A node's replicas must still pack onto its GPUs under the cap. Find, with the cheap heuristics
-    # alone, the loosest node cap that packs, tightening toward EPLB's heaviest node (whose replicas are
-    # known to pack), and at last keeping EPLB's node sets; then spend the solver budget once per
-    # subproblem.
+    # alone, the loosest node cap that packs, tightening toward the starting plan's heaviest node (whose
+    # replicas are known to pack), and at last keeping its node sets; then spend the solver budget once
+    # per subproblem.
     for tighten in (1.0, 0.97, 0.93, 0.0, None):
-        nodes_pb = node_problem(max(int(cap * per_node * (tighten or 0)), hint_node_peak))
-        # Last resort: EPLB's own node sets, which pack by construction; only the GPU level then improves.
+        nodes_pb = node_problem(max(int(whole.cap * per_node * (tighten or 0)), start_node_peak))
         node_x = _heuristic(nodes_pb, node_hint) if tighten is not None else node_hint
         packed = None if node_x is None else pack(node_x)
         if packed is not None:
@@ -218,55 +227,73 @@ def _decomposed(job: _LayerJob, load: np.ndarray, cap: int, keep, common: dict):
         if repacked is not None:
             node_x, packed = solved, repacked
     x = np.zeros((E, G), dtype=np.int64)
-    for n, ((members, pb), start) in enumerate(zip(gpu_problems(node_x), packed, strict=True)):
-        sub_x, rep = _subproblem(pb, None, job.seed, job.budget / (2 * N), start=start)
+    for n, ((members, pb), first) in enumerate(zip(gpu_problems(node_x), packed, strict=True)):
+        sub_x, rep = _subproblem(pb, None, job.seed, job.budget / (2 * N), start=first)
         reports.append(rep)
-        x[np.ix_(members, gpus_of[n])] = sub_x if pb.feasible(sub_x) else start
+        x[np.ix_(members, gpus_of[n])] = sub_x if pb.feasible(sub_x) else first
     return x, reports
 
 
 def _solve_layer(job: _LayerJob) -> _LayerResult:
-    E, G = job.hint.shape
-    N, S = job.num_nodes, job.slots_per_gpu
-    per_node = G // N
-    node_of_gpu = np.arange(G) // per_node
+    E, G = job.eplb.shape
+    per_node = G // job.num_nodes
 
     # Integer loads and the cap that keeps balancedness within `slack` of EPLB's.
     scale = _LOAD_UNITS / max(float((job.load * job.replicas).sum()), 1e-12)
     load = np.round(job.load * scale).astype(np.int64)
-    hint_loads = (load[:, None] * job.hint).sum(0)
-    mean = hint_loads.sum() / G
-    hint_bal = mean / max(hint_loads.max(), 1)
-    cap = int(max(np.floor(mean / max(hint_bal - job.slack, 1e-9)), hint_loads.max()))
-    keep = None if job.previous is None else (job.previous > 0).astype(np.int64)
-    common = dict(pairs=job.pairs, pair_weight=job.pair_weight, keep_weight=job.keep_weight)
-    whole = PartitionProblem(job.replicas, load, G, S, 1, cap, node_of_part=node_of_gpu,
-                             node_penalty=job.node_penalty, keep=keep, **common)
-
-    if N > 1 and job.decompose:
-        x, reports = _decomposed(job, load, cap, keep, common)
+    eplb_loads = (load[:, None] * job.eplb).sum(0)
+    mean = eplb_loads.sum() / G
+    eplb_bal = mean / max(eplb_loads.max(), 1)
+    cap = int(max(np.floor(mean / max(eplb_bal - job.slack, 1e-9)), eplb_loads.max()))
+    whole = PartitionProblem(
+        job.replicas, load, G, job.slots_per_gpu, 1, cap, job.pairs, job.pair_weight,
+        node_of_part=np.arange(G) // per_node, node_penalty=job.node_penalty, reward=job.reward,
+        peak_weight=0 if len(job.pairs) or job.reward is not None else 1,
+    )
+    if job.num_nodes > 1 and job.decompose:
+        x, reports = _decomposed(job, whole)
     else:
-        x, rep = _subproblem(whole, job.hint, job.seed, job.budget)
+        x, rep = _subproblem(whole, job.start, job.seed, job.budget)
         reports = [rep]
 
-    # Keep EPLB's arrangement unless ours is feasible and at least as good on the whole-layer objective.
-    theirs = whole.objective(job.hint)
+    # Keep the starting arrangement unless ours keeps the cap and is at least as good on the whole layer.
+    theirs = whole.objective(job.start)
     ours = whole.objective(x) if x is not None and whole.feasible(x) else np.inf
-    used_hint = bool(ours > theirs)
-    if used_hint:
-        x, ours = job.hint.copy(), theirs
-    return _LayerResult(job.layer, x, reports, ours, theirs, used_hint)
+    kept = bool(ours > theirs)
+    if kept:
+        x, ours = job.start.copy(), theirs
+    return _LayerResult(job.layer, x, reports, ours, theirs, kept)
+
+
+def _run_layers(jobs: list[_LayerJob], workers: int, progress: Callable[[int, int], None] | None
+                ) -> list[_LayerResult]:
+    results: list[_LayerResult] = []
+    if workers == 1 or len(jobs) == 1:
+        for job in jobs:
+            results.append(_solve_layer(job))
+            if progress:
+                progress(len(results), len(jobs))
+        return results
+    # fork: a spawned pool would re-import the caller's __main__ (scripts without a main guard break);
+    # the parent holds no solver threads at this point, so forking is safe.
+    context = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        for result in pool.map(_solve_layer, jobs):
+            results.append(result)
+            if progress:
+                progress(len(results), len(jobs))
+    return results
 
 
 def _share(x: np.ndarray) -> np.ndarray:
+    """Expert -> GPU share of its tokens: replicas split an expert's tokens evenly."""
     return x / np.maximum(x.sum(1, keepdims=True), 1)
 
 
-def _map_groups(
-    xs: list[np.ndarray], trans: np.ndarray, topology: Topology, seed: int, budget: float
-) -> tuple[list[np.ndarray], list[SolveReport]]:
+def _map_groups(xs: list[np.ndarray], trans: np.ndarray, topology: Topology, seed: int, budget: float
+                ) -> tuple[list[np.ndarray], list[SolveReport]]:
     """Stage 2 (token-follow): permute every layer's GPU columns so tokens find their next experts where
-    they already are; hierarchical (nodes, then GPUs in a node) above 16 GPUs."""
+    they already are; nodes first, then GPUs in a node, above 16 GPUs."""
     G, N = topology.num_gpus, topology.num_nodes
     per_node = G // N
     bw = topology.bandwidth_matrix()
@@ -281,20 +308,19 @@ def _map_groups(
             target, rep = assign(cost, np.arange(G), traffic, inverse_bw, G, seed, budget)
             reports.append(rep)
         else:
-            # Nodes first: group blocks (stage 1's nodes) onto nodes, then groups onto the node's GPUs.
-            block = np.arange(G) // per_node
-            node_traffic = np.stack([traffic[:, block == b].sum(1) for b in range(N)], 1)  # [G, N]
-            node_in = np.stack([node_traffic[block == n].sum(0) for n in range(N)], 0)  # [N src, N blocks]
-            cost = node_in.sum(0)[:, None] - node_in.T
-            node_target, rep = assign(cost, np.arange(N), seed=seed, budget=budget / 2)
+            block = np.arange(G) // per_node  # stage 1's groups come in node blocks
+            node_traffic = np.stack([traffic[:, block == b].sum(1) for b in range(N)], 1)  # [G, N blocks]
+            node_in = np.stack([node_traffic[block == n].sum(0) for n in range(N)], 0)  # [N, N blocks]
+            node_target, rep = assign(node_in.sum(0)[:, None] - node_in.T, np.arange(N), seed=seed,
+                                      budget=budget / 2)
             reports.append(rep)
             target = np.empty(G, dtype=np.int64)
             for b in range(N):
                 groups = np.flatnonzero(block == b)
                 gpus = np.arange(node_target[b] * per_node, (node_target[b] + 1) * per_node)
                 sub = traffic[np.ix_(gpus, groups)]
-                cost = sub.sum(0)[:, None] - sub.T
-                local, rep = assign(cost, np.arange(per_node), seed=seed, budget=budget / (2 * N))
+                local, rep = assign(sub.sum(0)[:, None] - sub.T, np.arange(per_node), seed=seed,
+                                    budget=budget / (2 * N))
                 reports.append(rep)
                 target[groups] = gpus[local]
         mapped = np.empty_like(xs[layer])
@@ -303,85 +329,92 @@ def _map_groups(
     return out, reports
 
 
+def _follow_reward(xs: list[np.ndarray], trans: np.ndarray, layer: int, scale: float) -> np.ndarray:
+    """int [E, G]: tokens that reach expert e of `layer` from GPU g (layer-1's placement) plus tokens that
+    leave e for layer+1's experts on g, in the layer's pair units."""
+    reward = np.zeros_like(xs[layer], dtype=np.float64)
+    if layer > 0:
+        reward += trans[layer - 1].T @ _share(xs[layer - 1])  # [E, G]: arrivals from g
+    if layer + 1 < len(xs):
+        reward += trans[layer] @ _share(xs[layer + 1])  # [E, G]: departures to g
+    return np.round(reward * scale).astype(np.int64)
+
+
 def ilp(
     stats: RoutingStats,
     topology: Topology,
     num_slots: int,
-    options: IlpOptions = IlpOptions(),
+    options: IlpOptions | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Placement:
     """Plan with CP-SAT (see the module docstring). `progress(done, total)` is called as layers finish."""
-    start = time.perf_counter()
+    options = options or IlpOptions()
+    start_time = time.perf_counter()
     L, E = stats.num_layers, stats.num_experts
     G, N = topology.num_gpus, topology.num_nodes
     S = topology.slots_per_gpu(num_slots)
-    hint_plan = eplb(stats, topology, num_slots, options.eplb_policy)
-    hint = hint_plan.replicas  # [L, E, G]
-    replicas = hint_plan.logcnt  # EPLB's apportionment: it minimises the heaviest replica
+    hint = eplb(stats, topology, num_slots, options.eplb_policy)
+    replicas = hint.logcnt  # EPLB's apportionment: it minimises the heaviest replica
     counts = stats.counts.astype(np.float64)
-
     previous = options.previous
     if previous is not None and (previous.num_layers, previous.num_experts, previous.num_gpus) != (L, E, G):
         raise ValueError(
             f"previous: plan has {previous.num_layers} layers x {previous.num_experts} experts on "
             f"{previous.num_gpus} GPUs, expected {L} x {E} on {G}"
         )
-    horizon = options.interval_tokens if options.interval_tokens is not None else 100.0 * stats.tokens
     params = options.params
+    horizon = options.interval_tokens if options.interval_tokens is not None else 100.0 * stats.tokens
 
-    def keep_weight_of(pair_scale: float, has_pairs: bool) -> int:
-        """Reward for leaving one expert in place, in the layer's objective units. Moving an expert costs
-        its weight bytes once; the objective is paid every window of the horizon."""
+    def migration_reward(layer: int, pair_scale: float, has_pairs: bool) -> np.ndarray | None:
+        """Reward for leaving an expert where the previous plan has it, in the layer's objective units.
+        Moving an expert costs its weight bytes once; the objective is paid in every window of the horizon."""
         if previous is None:
-            return 0
+            return None
         per_window = stats.tokens / max(horizon, 1.0)
         if has_pairs:  # objective = split pairs ~ token copies per window
-            return int(round(params.expert_bytes / (params.hidden * params.dispatch_bytes) * per_window * pair_scale))
-        # objective = the heaviest GPU's load in tokens per window: convert seconds of copying to tokens of compute
-        move_s = params.expert_bytes / (topology.intra_node_gbps * 1e9)
-        token_s = params.flops_per_assignment / (topology.gpu_tflops * 1e12)
-        return int(round(move_s / token_s * per_window * _LOAD_UNITS / max(stats.tokens * stats.top_k, 1)))
+            weight = params.expert_bytes / (params.hidden * params.dispatch_bytes) * per_window * pair_scale
+        else:  # objective = heaviest GPU's load per window: seconds of copying as tokens of compute
+            move_s = params.expert_bytes / (topology.intra_node_gbps * 1e9)
+            token_s = params.flops_per_assignment / (topology.gpu_tflops * 1e12)
+            weight = move_s / token_s * per_window * _LOAD_UNITS / max(stats.tokens * stats.top_k, 1)
+        return int(round(weight)) * (previous.replicas[layer] > 0).astype(np.int64)
 
-    workers = options.workers or os.cpu_count() or 1
-    stage1_budget = options.time_limit * (0.8 if options.dataflow == "follow" else 1.0)
+    workers = max(1, min(options.workers or os.cpu_count() or 1, L))
+    follow = options.dataflow == "follow" and stats.trans is not None and L > 1
     # CP-SAT's deterministic time runs ~2x slower than the wall clock here, and the local search and
-    # process start-up take their share: give the solver a fifth of every layer's wall budget.
-    layer_budget = 0.2 * stage1_budget * min(workers, L) / L
+    # process start-up take their share: the solver gets a fifth of the wall budget, spread over stages.
+    solver_time = 0.2 * options.time_limit * workers
+    stage1 = solver_time * (0.5 if follow else 1.0) / L
     node_penalty = int(round(topology.intra_node_gbps / topology.inter_node_gbps)) if N > 1 else 0
     decompose = options.decompose if options.decompose is not None else (N > 1 and G > 16)
-    jobs = []
+    jobs, pair_scales = [], []
     for layer in range(L):
         coact = None if stats.coact is None else stats.coact[layer]
-        pairs, weight = _strong_pairs(coact, options.pairs_per_expert)
-        pair_scale = _PAIR_UNITS / float(coact.max()) if len(pairs) else 1.0
+        pairs, weight, pair_scale = _strong_pairs(coact, options.pairs_per_expert)
+        pair_scales.append(pair_scale)
         jobs.append(_LayerJob(
-            layer, counts[layer] / replicas[layer], replicas[layer], pairs, weight, hint[layer],
-            None if previous is None else previous.replicas[layer], keep_weight_of(pair_scale, len(pairs) > 0),
-            N, S, options.balance_slack, node_penalty, decompose, options.seed, layer_budget,
+            layer, counts[layer] / replicas[layer], replicas[layer], pairs, weight, hint.replicas[layer],
+            hint.replicas[layer], migration_reward(layer, pair_scale, len(pairs) > 0), N, S,
+            options.balance_slack, node_penalty, decompose, options.seed, stage1,
         ))
-
-    results: list[_LayerResult] = []
-    if workers == 1 or L == 1:
-        for job in jobs:
-            results.append(_solve_layer(job))
-            if progress:
-                progress(len(results), L)
-    else:
-        # fork: a spawned pool would re-import the caller's __main__ (scripts without a main guard break);
-        # the parent holds no solver threads at this point, so forking is safe.
-        context = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(min(workers, L), mp_context=context) as pool:
-            for result in pool.map(_solve_layer, jobs):
-                results.append(result)
-                if progress:
-                    progress(len(results), L)
+    results = _run_layers(jobs, workers, progress)
     xs = [r.x for r in results]
     reports = [rep for r in results for rep in r.reports]
 
-    if options.dataflow == "follow" and stats.trans is not None and L > 1 and previous is None:
-        stage2_budget = 0.2 * options.time_limit * 0.2 / (L - 1)
-        xs, stage2 = _map_groups(xs, stats.trans.astype(np.float64), topology, options.seed, stage2_budget)
-        reports.extend(stage2)
+    if follow:
+        trans = stats.trans.astype(np.float64)
+        if previous is None:  # with a previous plan the GPU labels are already fixed by stage 1
+            xs, stage2 = _map_groups(xs, trans, topology, options.seed, solver_time * 0.2 / (L - 1))
+            reports.extend(stage2)
+        for layer in range(L):  # stage 3: sequential, each layer sees its neighbours' latest placement
+            job = jobs[layer]
+            reward = _follow_reward(xs, trans, layer, pair_scales[layer])
+            if job.reward is not None:
+                reward = reward + job.reward
+            refined = _solve_layer(replace(job, start=xs[layer], reward=reward,
+                                           budget=solver_time * 0.3 / L))
+            reports.extend(refined.reports)
+            xs[layer] = refined.x
 
     phy2log = np.stack([np.concatenate([np.repeat(np.arange(E), x[:, g]) for g in range(G)]) for x in xs])
     statuses = {r.status for r in reports}
@@ -398,10 +431,10 @@ def ilp(
         "subproblems": len(reports),
         "subproblems_optimal": sum(r.status == "OPTIMAL" for r in reports),
         "layer_cost": float(sum(r.objective for r in results)),
-        "eplb_layer_cost": float(sum(r.hint_objective for r in results)),
-        "layers_kept_eplb": sum(r.used_hint for r in results),
-        "time_s": time.perf_counter() - start,
-        "workers": min(workers, L),
+        "eplb_layer_cost": float(sum(r.start_objective for r in results)),
+        "layers_kept_eplb": sum(r.kept_start for r in results),
+        "time_s": time.perf_counter() - start_time,
+        "workers": workers,
     }
     return Placement(
         phy2log, G, N, E, "ilp", solver=solver,

@@ -25,7 +25,7 @@ def affinity_matrix(problem: PartitionProblem) -> np.ndarray:
 
 def greedy_partition(problem: PartitionProblem) -> np.ndarray | None:
     """Heaviest replica first, into the part with room and load headroom whose experts it shares most
-    affinity with (lightest part on ties). None when the cap cannot be kept this way."""
+    affinity with, plus its reward there (lightest part on ties). None when the cap cannot be kept this way."""
     pb = problem
     n, P = len(pb.replicas), pb.num_parts
     affinity = affinity_matrix(pb)
@@ -40,7 +40,8 @@ def greedy_partition(problem: PartitionProblem) -> np.ndarray | None:
         room = (free > 0) & (x[e] < pb.max_per_part) & (part_load + pb.load[e] + (free - 1) * lightest <= pb.cap)
         if not room.any():
             return None
-        score = np.where(room, affinity[e] @ (x > 0), -np.inf)
+        gain = affinity[e] @ (x > 0) + (0 if pb.reward is None else pb.reward[e])
+        score = np.where(room, gain, -np.inf)
         best = np.flatnonzero(score == score.max())
         p = best[np.argmin(part_load[best])]
         x[e, p] += 1
@@ -66,8 +67,8 @@ def improve_by_swaps(problem: PartitionProblem, x: np.ndarray, max_rounds: int =
     n, P = x.shape
     expert, part = _items(x)
     m = len(expert)
-    if m < 2 or P < 2 or pb.minimise_peak:
-        return x
+    if m < 2 or P < 2 or (not len(pb.pairs) and pb.reward is None):
+        return x  # only the peak term is left: the starts are already packed for it
     copies = x.sum(1)
     w = affinity_matrix(pb)[np.ix_(expert, expert)] / np.outer(copies[expert], copies[expert])
     w[expert[:, None] == expert[None, :]] = 0
@@ -82,10 +83,13 @@ def improve_by_swaps(problem: PartitionProblem, x: np.ndarray, max_rounds: int =
     holds = x.copy()
     same_expert = expert[:, None] == expert[None, :]
     rows = np.arange(m)
+    # Reward of every item in every part (a replicated expert's reward is shared between its copies).
+    reward = np.zeros((m, P)) if pb.reward is None else pb.reward[expert] / copies[expert][:, None]
     for _ in range(max_rounds):
-        # gain[i, j]: how much within-part affinity rises if items i and j trade parts.
-        own = conn[rows, part]
-        gain = conn[:, part] - own[:, None] + (conn[:, part] - own[:, None]).T - 2 * w
+        # gain[i, j]: how much within-part affinity (plus reward) rises if items i and j trade parts.
+        own = conn[rows, part] + reward[rows, part]
+        moved = conn[:, part] + reward[:, part]  # [i, j]: item i's affinity and reward in j's part
+        gain = moved - own[:, None] + (moved - own[:, None]).T - 2 * w
         if node_of is not None:
             node = node_of[part]
             own_n = node_conn[rows, node]

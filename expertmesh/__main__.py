@@ -1,0 +1,5 @@
+"""`python -m expertmesh` runs the CLI."""
+
+from expertmesh.cli import main
+
+main()

@@ -1,0 +1,161 @@
+"""Placers: EPLB's published example, invariants of every placer, and the ILP on instances with a known optimum.
+
+    .venv/bin/python -m pytest tests/placement/test_placers.py
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from expertmesh.placement.cost import evaluate
+from expertmesh.placement.eplb import rebalance_experts, replicate_experts
+from expertmesh.placement.ilp import IlpOptions, ilp
+from expertmesh.placement.placers import STRATEGIES, InfeasibleError, place
+from expertmesh.placement.stats import RoutingStats, stats_from_trace
+from expertmesh.placement.topology import Topology
+from expertmesh.placement.trace import Trace
+
+QUICK = IlpOptions(time_limit=2.0, workers=1)
+
+
+def test_eplb_reproduces_deepseeks_published_example():
+    weight = np.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+                       [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
+    phy2log, log2phy, logcnt = rebalance_experts(weight, 16, 4, 2, 8)
+    assert phy2log.tolist() == [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+                                [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]
+    # The derived maps agree with phy2log.
+    for layer in range(2):
+        for expert in range(12):
+            slots = log2phy[layer, expert][log2phy[layer, expert] >= 0]
+            assert len(slots) == logcnt[layer, expert]
+            assert (phy2log[layer, slots] == expert).all()
+
+
+def test_replication_minimises_the_heaviest_replica():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        w = rng.integers(1, 100, size=(1, 5)).astype(float)
+        _, _, cnt = replicate_experts(w, 8)
+        # Exhaustive check: no other count vector summing to 8 (each >= 1) has a lighter heaviest replica.
+        options = [np.array(c) + 1 for c in np.ndindex(4, 4, 4, 4, 4) if sum(c) == 3]
+        best = min((w[0] / c).max() for c in options)
+        assert (w[0] / cnt[0]).max() == pytest.approx(best)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("gpus, nodes, redundant", [(4, 1, 0), (8, 2, 8), (8, 1, 16)])
+def test_every_placer_gives_every_expert_a_slot_and_fills_every_gpu(small_trace, strategy, gpus, nodes, redundant):
+    stats = stats_from_trace(small_trace)
+    topo = Topology(gpus, nodes)
+    plan = place(strategy, stats, topo, redundant, QUICK)
+    E, R = stats.num_experts, stats.num_experts + redundant
+    assert plan.phy2log.shape == (stats.num_layers, R)
+    assert (plan.logcnt >= 1).all() and (plan.logcnt.sum(1) == R).all()  # replica budget used exactly
+    assert (plan.replicas.sum(1) == R // gpus).all()  # every GPU holds exactly S slots in every layer
+    assert plan.num_gpus == gpus and plan.num_nodes == nodes and plan.num_experts == E
+    assert plan.strategy == strategy
+
+
+def test_infeasible_requests_are_refused():
+    stats = RoutingStats(np.ones((2, 8)), 2, 8)
+    with pytest.raises(InfeasibleError, match="divisible"):
+        place("eplb", stats, Topology(16), 0)  # 8 slots cannot fill 16 GPUs evenly
+    with pytest.raises(InfeasibleError, match="max_slots_per_gpu"):
+        place("ilp", stats, Topology(2, max_slots_per_gpu=3), 0)  # 4 experts per GPU do not fit in 3 slots
+    with pytest.raises(InfeasibleError, match="redundant"):
+        place("contiguous", stats, Topology(2), -2)
+
+
+def _pair_stats(coact_pairs: dict[tuple[int, int], int], counts: list[int], L: int = 1) -> RoutingStats:
+    E = len(counts)
+    coact = np.zeros((L, E, E), dtype=np.int64)
+    for (a, b), w in coact_pairs.items():
+        coact[:, a, b] = coact[:, b, a] = w
+    return RoutingStats(np.tile(counts, (L, 1)), 2, sum(counts) // 2, coact, np.zeros((L - 1, E, E), int))
+
+
+def test_ilp_finds_the_known_optimum_when_co_activation_allows_it():
+    # Experts {0,1}, {2,3}, {4,5} are chosen together; equal loads, so co-locating each pair is optimal
+    # and balanced: no pair is split.
+    stats = _pair_stats({(0, 1): 50, (2, 3): 50, (4, 5): 50, (0, 2): 3, (1, 4): 2}, [10] * 6)
+    plan = ilp(stats, Topology(3), 6, QUICK)
+    gpu_of = plan.phy2log[0].reshape(3, 2)
+    groups = sorted(tuple(sorted(g)) for g in gpu_of.tolist())
+    assert groups == [(0, 1), (2, 3), (4, 5)]
+    assert plan.solver["status"] == "OPTIMAL"
+
+
+def test_ilp_respects_the_balance_cap_even_when_affinity_pulls_against_it():
+    # Experts 0 and 1 always go together but are the two heaviest: co-locating them would leave one GPU
+    # at 2x the mean. The known optimum under the cap splits them and pairs each with a light expert.
+    stats = _pair_stats({(0, 1): 100, (0, 2): 10, (1, 3): 10}, [40, 40, 10, 10])
+    plan = ilp(stats, Topology(2), 4, QUICK)
+    groups = sorted(tuple(sorted(g)) for g in plan.phy2log[0].reshape(2, 2).tolist())
+    assert groups == [(0, 2), (1, 3)]
+
+
+def test_ilp_is_never_worse_than_its_eplb_hint_and_keeps_balance(small_trace):
+    stats = stats_from_trace(small_trace)
+    topo = Topology(8, 2)
+    for redundant in (0, 8):
+        eplb_plan = place("eplb", stats, topo, redundant)
+        plan = place("ilp", stats, topo, redundant, QUICK)
+        assert plan.solver["layer_cost"] <= plan.solver["eplb_layer_cost"] + 1e-9
+        ours, theirs = evaluate(stats, plan, topo), evaluate(stats, eplb_plan, topo)
+        assert (ours.balancedness >= theirs.balancedness - 0.01 - 1e-9).all()
+        assert ours.coact_cut < theirs.coact_cut  # the planted structure is there to be found
+
+
+def test_ilp_is_deterministic_for_a_seed(small_trace):
+    stats = stats_from_trace(small_trace)
+    a = ilp(stats, Topology(8), 32, IlpOptions(time_limit=2.0, workers=2, seed=1))
+    b = ilp(stats, Topology(8), 32, IlpOptions(time_limit=2.0, workers=2, seed=1))
+    assert np.array_equal(a.phy2log, b.phy2log)
+
+
+def test_ilp_without_pairs_balances_at_least_as_well_as_eplb():
+    rng = np.random.default_rng(4)
+    stats = RoutingStats(rng.zipf(1.6, size=(3, 24)).clip(max=500) * 8, 8, 1000)  # count matrix only
+    topo = Topology(6)
+    ours = evaluate(stats, ilp(stats, topo, 24, QUICK), topo)
+    theirs = evaluate(stats, place("eplb", stats, topo, 0), topo)
+    assert (ours.balancedness >= theirs.balancedness - 1e-9).all()
+
+
+def test_decomposed_and_flat_stage_one_both_give_valid_plans(small_trace):
+    stats = stats_from_trace(small_trace)
+    topo = Topology(8, 2)
+    for decompose in (True, False):
+        plan = ilp(stats, topo, 32, IlpOptions(time_limit=2.0, workers=1, decompose=decompose))
+        assert plan.options["decompose"] is decompose
+        assert (plan.replicas.sum(1) == 4).all()
+        m = evaluate(stats, plan, topo)
+        assert (m.balancedness >= evaluate(stats, place("eplb", stats, topo), topo).balancedness - 0.0101).all()
+
+
+def test_follow_mode_maps_groups_so_tokens_find_their_next_experts():
+    # Two domains of tokens: A uses experts {0,1} then {2,3}; B uses {2,3} then {0,1}. In the follow
+    # dataflow the optimum puts layer 1's {2,3} where layer 0's {0,1} is: no token leaves its GPU.
+    half = np.array([[[0, 1], [2, 3]]] * 50 + [[[2, 3], [0, 1]]] * 50)
+    trace = Trace(half, np.arange(100), 4)
+    stats = stats_from_trace(trace)
+    topo = Topology(2)
+    plan = ilp(stats, topo, 4, IlpOptions(time_limit=2.0, workers=1, dataflow="follow"))
+    m = evaluate(trace, plan, topo, dataflow="follow")
+    assert m.follow_cross[0] == 0.0
+    contiguous = evaluate(trace, place("contiguous", stats, topo), topo, dataflow="follow")
+    assert contiguous.follow_cross[0] == 1.0  # {0,1} stays on GPU 0 in both layers: everyone moves
+
+
+def test_migration_term_keeps_a_good_previous_plan_in_place(small_trace):
+    stats = stats_from_trace(small_trace)
+    topo = Topology(8)
+    current = ilp(stats, topo, 32, QUICK)
+    # Same statistics, a short horizon: moving anything cannot pay back, so nothing moves.
+    again = ilp(stats, topo, 32, IlpOptions(time_limit=2.0, workers=1, previous=current,
+                                            interval_tokens=stats.tokens))
+    assert evaluate(stats, again, topo, previous=current).migration_bytes == 0.0
+    with pytest.raises(ValueError, match="previous"):
+        ilp(stats, Topology(4), 32, IlpOptions(previous=current))
