@@ -25,9 +25,10 @@ from typing import Annotated
 
 import numpy as np
 import typer
+from rich.console import Console
+
 from expertmesh.placement.stats import RoutingStats, save_stats
 from expertmesh.placement.trace import Trace, TraceError
-from rich.console import Console
 
 from .connect import ENV_URL, StatsSchemaError, StatsStoreError, StatsTarget, parse_target
 from .counting import WindowAccumulator
@@ -280,9 +281,7 @@ def export(
 
 
 @stats_app.command("compact")
-def compact(
-    redis: RedisOpt = None, model: ModelOpt = None, run: RunOpt = None, as_json: JsonOpt = False
-) -> None:
+def compact(redis: RedisOpt = None, model: ModelOpt = None, run: RunOpt = None, as_json: JsonOpt = False) -> None:
     """Merge each window's writer deltas; fold windows older than the kept ones into the decayed aggregate."""
     store, _ = _store(redis, model, run)
     try:
@@ -307,9 +306,7 @@ def reset(
     store, target = _store(redis, model, run)
     if not yes:
         if not sys.stdin.isatty():
-            raise typer.BadParameter(
-                "refusing to delete without --yes when not interactive", param_hint="'--yes'"
-            )
+            raise typer.BadParameter("refusing to delete without --yes when not interactive", param_hint="'--yes'")
         typer.confirm(
             f"delete all statistics of model={store.keys.model} run={store.keys.run} at {target.display}?",
             abort=True,

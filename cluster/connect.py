@@ -57,9 +57,7 @@ def masked(url: str) -> str:
 def check_name(field: str, value: str) -> str:
     """Model and run names go inside a Redis hash tag: no braces, no spaces, no colons' ambiguity."""
     if not isinstance(value, str) or not _NAME.match(value):
-        raise ValueError(
-            f"{field}: expected 1-200 characters of letters, digits, '.', '_', '-', '/', got {value!r}"
-        )
+        raise ValueError(f"{field}: expected 1-200 characters of letters, digits, '.', '_', '-', '/', got {value!r}")
     return value
 
 
@@ -78,9 +76,7 @@ class StatsTarget:
 
     def require_model(self) -> str:
         if not self.model:
-            raise ValueError(
-                f"model: no model given for {masked(self.redis_url)}; pass --model M or add ?model=M"
-            )
+            raise ValueError(f"model: no model given for {masked(self.redis_url)}; pass --model M or add ?model=M")
         return self.model
 
     @property
@@ -98,6 +94,8 @@ class StatsTarget:
         options.setdefault("retry", Retry(NoBackoff(), 0))
         options.setdefault("socket_connect_timeout", 2.0)
         options.setdefault("socket_timeout", 30.0)
+        # Windows are megabytes: read the socket in 1 MiB chunks, not redis-py's 64 KiB (fewer copies).
+        options.setdefault("socket_read_size", 2**20)
         try:
             if self.cluster:
                 from redis.cluster import RedisCluster

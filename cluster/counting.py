@@ -67,26 +67,30 @@ class WindowAccumulator:
         w.counts[:] += np.bincount((layer * E + ids).ravel(), minlength=L * E).reshape(L, E)
 
         # Layers in chunks so the index temporaries stay bounded; each chunk adds into its own slice.
+        # Index arithmetic runs on the small [T, l, k] arrays first, so the big [T, l, pairs] ones cost one
+        # gather and one add; int32 when the chunk's index space allows (half the memory traffic).
         P = pair_count(E)
         per_layer = T * max(k * (k - 1) // 2 + k * k, 1)
         step = max(1, _CHUNK_ENTRIES // per_layer)
+        dt = np.int32 if step * max(P, E * E) < 2**31 else np.int64
+        ids = ids.astype(dt)
         ii, jj = np.triu_indices(k, 1)
         for l0 in range(0, L, step):
             l1 = min(L, l0 + step)
+            chunk = ids[:, l0:l1]
             if k > 1:
-                a, b = ids[:, l0:l1, ii], ids[:, l0:l1, jj]  # [T, l, pairs], a < b
-                rel = np.arange(l1 - l0, dtype=np.int64)[None, :, None] * P
-                tri = rel + a * (2 * E - a - 1) // 2 + (b - a - 1)
+                # Pair (a, b), a < b, sits at a (2E - a - 1) / 2 + (b - a - 1) of its layer's triangle.
+                rel = (np.arange(l1 - l0, dtype=dt) * P)[None, :, None]
+                row = chunk * (2 * E - chunk - 1) // 2 - chunk - 1 + rel
+                tri = row[:, :, ii] + chunk[:, :, jj]
                 w.coact[l0:l1] += np.bincount(tri.ravel(), minlength=(l1 - l0) * P).reshape(l1 - l0, P)
             t1 = min(l1, L - 1)
             if t1 > l0:
-                src = ids[:, l0:t1, :, None]
-                dst = ids[:, l0 + 1 : t1 + 1, None, :]
-                rel = np.arange(t1 - l0, dtype=np.int64)[None, :, None, None] * (E * E)
-                flat = rel + src * E + dst  # [T, l, k, k]: every (i, j) pair, as stats_from_trace
-                w.trans[l0:t1] += np.bincount(flat.ravel(), minlength=(t1 - l0) * E * E).reshape(
-                    t1 - l0, E * E
-                )
+                rel = (np.arange(t1 - l0, dtype=dt) * (E * E))[None, :, None]
+                src = ids[:, l0:t1] * E + rel
+                # [T, l, k, k]: every (i, j) pair of experts in layers l and l + 1, as stats_from_trace.
+                flat = src[:, :, :, None] + ids[:, l0 + 1 : t1 + 1, None, :]
+                w.trans[l0:t1] += np.bincount(flat.ravel(), minlength=(t1 - l0) * E * E).reshape(t1 - l0, E * E)
         self._tokens += T
 
     def take(self) -> WindowCounts:

@@ -124,18 +124,14 @@ class StatsRecorder:
 
     def __init__(self, sink: RedisStatsSink, writer_id: str) -> None:
         if not _WRITER.match(writer_id):
-            raise ValueError(
-                f"writer_id: expected 1-100 of letters, digits, '.', '_', '-', '/', got {writer_id!r}"
-            )
+            raise ValueError(f"writer_id: expected 1-100 of letters, digits, '.', '_', '-', '/', got {writer_id!r}")
         self.sink = sink
         self.writer_id = writer_id
         # A new incarnation per open(): a restarted writer's seq numbers never collide with its predecessor's.
         self.writer_key = f"{writer_id}/{secrets.token_hex(6)}"
         self._acc = WindowAccumulator(sink.num_layers, sink.num_experts, sink.top_k)
         self._header = make_header(sink.num_layers, sink.num_experts, sink.top_k, sink.keep, sink.decay)
-        self._target = parse_target(sink.url or os.environ.get(ENV_URL, "")).with_overrides(
-            sink.model, sink.run
-        )
+        self._target = parse_target(sink.url or os.environ.get(ENV_URL, "")).with_overrides(sink.model, sink.run)
         self._store: StatsStore | None = None
         self._seq = 0
         self._windows = 0
@@ -261,8 +257,7 @@ class StatsRecorder:
     def _enforce_bound(self) -> None:
         """Drop the oldest buffered deltas (never those in flight) beyond the limits; count and warn."""
         while len(self._pending) > 1 and (
-            self._pending_bytes > self.sink.max_buffer_bytes
-            or len(self._pending) > self.sink.max_buffer_windows
+            self._pending_bytes > self.sink.max_buffer_bytes or len(self._pending) > self.sink.max_buffer_windows
         ):
             old = self._pending.popleft()
             self._pending_bytes -= len(old.blob)
@@ -317,8 +312,7 @@ class StatsRecorder:
         try:
             store = self._connect()
             args = [
-                store.flush_args(self._header, d.window, d.blob, self.writer_key, d.seq, self.sink.ttl_s)
-                for d in batch
+                store.flush_args(self._header, d.window, d.blob, self.writer_key, d.seq, self.sink.ttl_s) for d in batch
             ]
             if len(batch) == 1:
                 try:
@@ -350,9 +344,7 @@ class StatsRecorder:
                 if isinstance(reply, Exception):
                     self._counters["rejected"] += 1
                     self._last_error = str(reply)
-                    log.error(
-                        "stats writer %s: the store refused window %d: %s", self.writer_id, d.window, reply
-                    )
+                    log.error("stats writer %s: the store refused window %d: %s", self.writer_id, d.window, reply)
                 elif (reply.decode() if isinstance(reply, bytes) else str(reply)) == "dup":
                     self._counters["duplicates"] += 1
                 else:
@@ -365,9 +357,7 @@ class StatsRecorder:
                 self._store.client.connection_pool.disconnect()
         with self._cond:
             if self._connected or self._last_error is None:
-                log.warning(
-                    "stats writer %s: cannot send to Redis (%s); buffering and retrying", self.writer_id, exc
-                )
+                log.warning("stats writer %s: cannot send to Redis (%s); buffering and retrying", self.writer_id, exc)
             self._connected = False
             self._counters["failures"] += 1
             self._last_error = f"{type(exc).__name__}: {exc}"

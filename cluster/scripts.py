@@ -11,7 +11,7 @@ Errors start with a code the client maps to an exception:
 
 from __future__ import annotations
 
-__all__ = ["FLUSH", "ENSURE", "SNAPSHOT", "MERGE", "FOLD"]
+__all__ = ["FLUSH", "ENSURE", "MERGE", "FOLD"]
 
 # Shared prelude: check the header, or create it from ARGV[1..7] when the prefix is empty.
 # ARGV: 1 schema, 2 layers, 3 experts, 4 top_k, 5 keep, 6 decay, 7 now (seconds)
@@ -71,44 +71,6 @@ if tonumber(ARGV[10]) > head then redis.call('HSET', KEYS[1], 'head', ARGV[10]) 
 return 'ok'
 """
 )
-
-# A consistent read: header, aggregate and every field of the last n windows, in one atomic step.
-# KEYS: 1 meta, 2 agg, 3 index. ARGV: 1 window key prefix, 2 n (0: as many as kept; -1: every window in the
-# index, kept or not yet folded), 3 '1' to include the aggregate.
-# Returns {} when there is no header, else {header, aggregate or {}, id, fields, id, fields, ...}.
-SNAPSHOT = r"""
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind == 'none' then return {} end
-if kind ~= 'hash' then
-  return redis.error_reply('EMFOREIGN ' .. KEYS[1] .. ' is a Redis ' .. kind ..
-                           ', not an expertmesh statistics header')
-end
-local head = tonumber(redis.call('HGET', KEYS[1], 'head') or '-1')
-local keep = tonumber(redis.call('HGET', KEYS[1], 'keep') or '0')
-if head == nil or keep == nil then
-  return redis.error_reply('EMFOREIGN ' .. KEYS[1] .. ' has a non-numeric head or keep field')
-end
-local n = tonumber(ARGV[2])
-local out = {redis.call('HGETALL', KEYS[1]), {}}
-if ARGV[3] == '1' then out[2] = redis.call('HGETALL', KEYS[2]) end
-local ids = {}
-if n < 0 then
-  ids = redis.call('ZRANGE', KEYS[3], 0, -1)
-else
-  if n == 0 or n > keep then n = keep end
-  local first = head - n + 1
-  if first < 0 then first = 0 end
-  for id = first, head do ids[#ids + 1] = string.format('%d', id) end
-end
-for _, name in ipairs(ids) do
-  local fields = redis.call('HGETALL', ARGV[1] .. name)
-  if #fields > 0 then
-    out[#out + 1] = name
-    out[#out + 1] = fields
-  end
-end
-return out
-"""
 
 # Replace some fields of one window by their sum, if none of them was consumed meanwhile.
 # KEYS: 1 window. ARGV: 1 new field, 2 new blob, 3.. the fields it replaces. Returns 1, or 0 on conflict.

@@ -7,9 +7,10 @@ hottest expert and its share of the layer's assignments, and how many experts go
 from __future__ import annotations
 
 import numpy as np
-from expertmesh.placement.stats import RoutingStats
 from rich.table import Table
 from rich.text import Text
+
+from expertmesh.placement.stats import RoutingStats
 
 __all__ = ["layer_summary", "load_table", "heatmap"]
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
+
 from expertmesh.placement.stats import RoutingStats
 
 __all__ = ["WindowCounts", "pair_count", "triu_pairs"]

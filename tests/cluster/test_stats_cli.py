@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
+
 from expertmesh.cluster.cli import load_stats_url, stats_app
 from expertmesh.cluster.connect import StatsUnavailableError
 from expertmesh.placement.stats import load_stats, save_stats, stats_from_trace
 from expertmesh.placement.trace import Trace, save_trace
-from typer.testing import CliRunner
 
 MIXTRAL = Path("/work/shared/data/traces/mixtral-8x7b-decode")
 

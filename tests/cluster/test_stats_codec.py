@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+
 from expertmesh.cluster.codec import BITMAP, COO, DENSE, CodecError, decode_window, encode_window
 from expertmesh.cluster.window import WindowCounts, pair_count
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from expertmesh.cluster.connect import ENV_URL, StatsUnavailableError, masked, parse_target
 from expertmesh.cluster.store import StatsKeys, StatsStore
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from expertmesh.cluster import counting
 from expertmesh.cluster.counting import WindowAccumulator
 from expertmesh.cluster.window import WindowCounts

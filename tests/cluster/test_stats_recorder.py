@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import redis
+
 from expertmesh.cluster.connect import StatsSchemaError
 from expertmesh.cluster.recorder import RedisStatsSink
 from expertmesh.cluster.store import StatsStore

@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 import redis
+
 from expertmesh.cluster.codec import encode_window
 from expertmesh.cluster.connect import StatsSchemaError, StatsStoreError
 from expertmesh.cluster.counting import WindowAccumulator
