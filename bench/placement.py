@@ -1,0 +1,249 @@
+"""Benchmark: every placer on real and structured routing data, scored by the cost model.
+
+Cases (issue 2):
+- real Mixtral-8x7B decode traces (humaneval, gsm8k) on 4 and 8 GPUs, home and follow dataflow;
+- real Qwen count matrices (57B, 30B, 235B; balance only: they have no per-token data) on 16, 32 and 64
+  GPUs (8 per node), with 0 and 32 redundant slots (64 where 32 does not divide over 64 GPUs);
+- synthetic traces with planted co-activation and cross-layer structure (a domain of tokens prefers a
+  cluster of k experts per layer, clusters reshuffled per layer; `placement/synthetic.py`):
+  8 experts top-2 x 32 layers on 4 / 8 GPUs, 64 top-8 x 16 on 8 / 16 GPUs (2 nodes),
+  256 top-8 x 58 on 32 GPUs (4 nodes) / 64 GPUs (8 nodes); home and follow dataflow;
+- the loss from decomposing stage 1 (nodes, then GPUs) against the flat model on instances where both run.
+
+Baselines named per row: `eplb` for copies, internode copies and balance (ratio ilp / eplb), `contiguous`
+for follow_cross (ratio ilp / contiguous). Solve times are wall-clock on this machine.
+
+    .venv/bin/python bench/placement.py            # writes bench/results/placement.md and placement.json
+    .venv/bin/python bench/placement.py --quick    # small shapes only, prints, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from expertmesh.placement.cost import CostParams, evaluate
+from expertmesh.placement.ilp import IlpOptions
+from expertmesh.placement.placers import STRATEGIES, InfeasibleError, place
+from expertmesh.placement.sources import load_count_matrix, load_routing
+from expertmesh.placement.stats import stats_from_trace
+from expertmesh.placement.synthetic import SyntheticSpec, synthetic_trace
+from expertmesh.placement.topology import Topology
+from expertmesh.placement.trace import Trace
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACES = ROOT.parent / "shared" / "data" / "traces"
+RESULTS = ROOT / "bench" / "results"
+COLUMNS = ["balancedness", "balancedness_worst", "copies", "internode_copies", "busiest_link_mb", "follow_cross",
+           "step_ms", "solve_s", "gap"]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    source: object  # Trace or RoutingStats
+    gpus: int
+    nodes: int
+    redundant: int
+    dataflows: tuple[str, ...]
+    params: CostParams
+    time_limit: float
+
+
+def _cases(quick: bool) -> list[Case]:
+    cases: list[Case] = []
+    mixtral = CostParams(hidden=4096, ffn=14336)
+    mix_dir = TRACES / "mixtral-8x7b-decode"
+    if mix_dir.exists():
+        for name in ("humaneval", "gsm8k"):
+            trace = load_routing(mix_dir / f"{name}_2_routing.jsonl")
+            # No redundant slots here: each file holds 2 sequences (batch-1 decode), so home GPUs are 2 of
+            # 4 or 8 and the locality-first replica rule would pile replicated experts' tokens onto them.
+            for gpus in (4, 8):
+                cases.append(Case(f"mixtral-{name}", trace, gpus, 1, 0, ("home", "follow"), mixtral, 10))
+    else:
+        print(f"skipping real Mixtral traces: {mix_dir} not found", file=sys.stderr)
+
+    qwen_dir = TRACES / "qwen-moe-eplb-counts"
+    qwen = {"counts57b": CostParams(3584, 2560), "counts30b": CostParams(2048, 768),
+            "counts235b": CostParams(4096, 1536)}
+    if qwen_dir.exists() and not quick:
+        for file, params in qwen.items():
+            stats = load_count_matrix(qwen_dir / f"{file}.json", top_k=8)
+            for gpus in (16, 32, 64):
+                for redundant in (0, 32 if (stats.num_experts + 32) % gpus == 0 else 64):
+                    cases.append(Case(f"qwen-{file[6:]}", stats, gpus, gpus // 8, redundant, ("home",), params, 20))
+    elif not qwen_dir.exists():
+        print(f"skipping real Qwen counts: {qwen_dir} not found", file=sys.stderr)
+
+    shapes = [((8, 2, 32), [(4, 1), (8, 1)], 4, CostParams(4096, 14336), 10),
+              ((64, 8, 16), [(8, 1), (16, 2)], 8, CostParams(2048, 1408), 10)]
+    if not quick:
+        shapes.append(((256, 8, 58), [(32, 4), (64, 8)], 32, CostParams(7168, 2048), 45))
+    for (E, k, L), topologies, domains, params, limit in shapes:
+        trace = synthetic_trace(SyntheticSpec(num_experts=E, top_k=k, num_layers=L, num_tokens=4096,
+                                              num_domains=domains, seed=0))
+        for gpus, nodes in topologies:
+            cases.append(Case(f"synthetic-{E}x{L}-top{k}", trace, gpus, nodes, 0, ("home", "follow"), params, limit))
+    return cases
+
+
+def _row(case: Case, strategy: str, dataflow: str, decompose: bool | None = None) -> dict:
+    topo = Topology(case.gpus, case.nodes)
+    stats = case.source if not isinstance(case.source, Trace) else stats_from_trace(case.source)
+    options = IlpOptions(dataflow=dataflow, time_limit=case.time_limit, params=case.params, decompose=decompose)
+    start = time.perf_counter()
+    try:
+        plan = place(strategy, stats, topo, case.redundant, options)
+    except InfeasibleError as exc:
+        return {"strategy": strategy, "infeasible": str(exc)}
+    solve_s = time.perf_counter() - start
+    metrics = evaluate(case.source, plan, topo, case.params, dataflow).summary()
+    return {"strategy": strategy, **metrics, "solve_s": solve_s, "gap": plan.solver.get("gap", float("nan")),
+            "status": plan.solver.get("status"), "layers_kept_eplb": plan.solver.get("layers_kept_eplb"),
+            "decompose": plan.options.get("decompose")}
+
+
+def _label(case: Case, dataflow: str) -> str:
+    return (f"{case.name} | {case.gpus} GPUs / {case.nodes} node{'s' if case.nodes > 1 else ''} | "
+            f"+{case.redundant} | {dataflow}")
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not (math.isnan(a) or math.isnan(b)) else float("nan")
+
+
+def run(quick: bool) -> dict:
+    groups = []
+    for case in _cases(quick):
+        for dataflow in case.dataflows:
+            strategies = STRATEGIES if dataflow == "home" else ("contiguous", "eplb", "ilp")
+            rows = [_row(case, s, dataflow) for s in strategies]
+            by = {r["strategy"]: r for r in rows}
+            if "infeasible" in by.get("ilp", {}):
+                groups.append({"label": _label(case, dataflow), "rows": rows})
+                continue
+            ilp_row, eplb_row, contig = by["ilp"], by["eplb"], by["contiguous"]
+            ratios = {
+                "copies_vs_eplb": _ratio(ilp_row["copies"], eplb_row["copies"]),
+                "internode_vs_eplb": _ratio(ilp_row["internode_copies"], eplb_row["internode_copies"]),
+                "balance_minus_eplb": ilp_row["balancedness"] - eplb_row["balancedness"],
+                "follow_cross_vs_contiguous": _ratio(ilp_row["follow_cross"], contig["follow_cross"]),
+                "step_vs_eplb": _ratio(ilp_row["step_ms"], eplb_row["step_ms"]),
+            }
+            groups.append({"label": _label(case, dataflow), "rows": rows, "ratios": ratios})
+            print(f"{_label(case, dataflow)}: ilp copies x{ratios['copies_vs_eplb']:.3f} vs eplb, "
+                  f"internode x{ratios['internode_vs_eplb']:.3f}, follow_cross x"
+                  f"{ratios['follow_cross_vs_contiguous']:.3f} vs contiguous, balance "
+                  f"{ratios['balance_minus_eplb']:+.4f}, solve {ilp_row['solve_s']:.1f} s", file=sys.stderr)
+    decomposition = []
+    if not quick:
+        # Stage 1 decomposed (nodes, then GPUs) against the flat model, where both finish.
+        for E, k, L, gpus, nodes, domains, limit in ((64, 8, 16, 16, 2, 8, 10), (256, 8, 16, 32, 4, 32, 40)):
+            trace = synthetic_trace(SyntheticSpec(num_experts=E, top_k=k, num_layers=L, num_tokens=4096,
+                                                  num_domains=domains, seed=0))
+            case = Case(f"synthetic-{E}x{L}-top{k}", trace, gpus, nodes, 0, ("home",), CostParams(), limit)
+            flat, split = _row(case, "ilp", "home", False), _row(case, "ilp", "home", True)
+            decomposition.append({"label": _label(case, "home"), "flat": flat, "decomposed": split,
+                                  "copies_loss": _ratio(split["copies"], flat["copies"]) - 1,
+                                  "internode_loss": _ratio(split["internode_copies"], flat["internode_copies"]) - 1})
+    return {"groups": groups, "decomposition": decomposition}
+
+
+def _environment() -> dict:
+    import ortools
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"machine": f"{cpu}, {os.cpu_count()} cores", "python": platform.python_version(),
+            "numpy": np.__version__, "ortools": ortools.__version__,
+            "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def write_markdown(result: dict, env: dict, path: Path) -> None:
+    lines = ["# Placement benchmark", "",
+             f"Machine: {env['machine']}; Python {env['python']}, numpy {env['numpy']}, OR-Tools {env['ortools']}; "
+             f"{env['date']}.", f"Command: `{env['command']}`.", "",
+             "Cost model of `placement/cost.py` on the named routing data; `copies` = GPUs other than the source "
+             "a token is sent to per layer, `internode` = other nodes, `busiest MB` = the busiest GPU port per "
+             "layer, `step ms` = predicted compute + dispatch + combine over all layers with the whole trace as "
+             "one batch. Ratios compare `ilp` with the baseline named in the column, in the same run. Qwen rows "
+             "are count matrices: balance only.", ""]
+    head = "| case | strategy | " + " | ".join(COLUMNS) + " | status |"
+    lines += ["## Ratios", "", "| case | copies ilp/eplb | internode ilp/eplb | balance ilp-eplb | "
+              "follow_cross ilp/contiguous | step ilp/eplb | ilp solve s |", "|---|---|---|---|---|---|---|"]
+    for g in result["groups"]:
+        if "ratios" not in g:
+            continue
+        r, ilp_row = g["ratios"], next(x for x in g["rows"] if x["strategy"] == "ilp")
+        lines.append(f"| {g['label']} | {_fmt(r['copies_vs_eplb'])} | {_fmt(r['internode_vs_eplb'])} | "
+                     f"{r['balance_minus_eplb']:+.4f} | {_fmt(r['follow_cross_vs_contiguous'])} | "
+                     f"{_fmt(r['step_vs_eplb'])} | {_fmt(ilp_row['solve_s'], 1)} |")
+    lines += ["", "## All rows", "", head, "|" + "---|" * (len(COLUMNS) + 3)]
+    for g in result["groups"]:
+        for row in g["rows"]:
+            if "infeasible" in row:
+                lines.append(f"| {g['label']} | {row['strategy']} | infeasible: {row['infeasible']} |")
+                continue
+            cells = " | ".join(_fmt(row.get(c)) for c in COLUMNS)
+            lines.append(f"| {g['label']} | {row['strategy']} | {cells} | {row.get('status') or ''} |")
+    if result["decomposition"]:
+        lines += ["", "## Loss from decomposing stage 1 (nodes, then GPUs) vs one flat model", "",
+                  "| case | flat copies | decomposed copies | flat internode | decomposed internode | "
+                  "copies loss | internode loss | flat s | decomposed s |", "|---|---|---|---|---|---|---|---|---|"]
+        for d in result["decomposition"]:
+            f, s = d["flat"], d["decomposed"]
+            lines.append(f"| {d['label']} | {_fmt(f['copies'])} | {_fmt(s['copies'])} | "
+                         f"{_fmt(f['internode_copies'])} | {_fmt(s['internode_copies'])} | "
+                         f"{d['copies_loss']:+.3f} | {d['internode_loss']:+.3f} | {_fmt(f['solve_s'], 1)} | "
+                         f"{_fmt(s['solve_s'], 1)} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes, print only")
+    args = parser.parse_args()
+    result = run(args.quick)
+    if args.quick:
+        return
+    env = _environment()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    (RESULTS / "placement.json").write_text(json.dumps(clean({"environment": env, **result}), indent=1) + "\n")
+    write_markdown(result, env, RESULTS / "placement.md")
+    print(f"wrote {RESULTS / 'placement.md'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
