@@ -37,8 +37,11 @@ class StatsUnavailableError(StatsStoreError):
     """Redis cannot be reached (refused, timed out, wrong password, TLS failure)."""
 
 
-class StatsSchemaError(StatsStoreError, ValueError):
-    """Data under the prefix is not ours, is malformed, or has another shape than expected."""
+class StatsSchemaError(StatsStoreError):
+    """Data under the prefix is not ours, is malformed, or has another shape than expected.
+
+    A failure of the store's content, not of the caller's arguments: CLIs exit 1 for it, not 2 (usage).
+    """
 
 
 def masked(url: str) -> str:
@@ -85,9 +88,14 @@ class StatsTarget:
 
     def connect(self, **options):
         """A redis-py client; `options` go to the client (timeouts, retry). Nothing is sent yet."""
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
+        try:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError as exc:
+            raise StatsStoreError(
+                f"the 'redis' package is needed for {self.display}: pip install 'expertmesh[stats]'"
+            ) from exc
 
         # Our callers decide about retries (the recorder backs off and buffers); redis-py's own default
         # retries would block a serving loop for seconds while Redis is away.

@@ -17,8 +17,9 @@ ValueError only for input that is wrong (shape, ids outside [0, E), an expert ch
 `flush(window)` closes the current window under the id `window`: every writer of the same window uses the
 same id (a step counter divided by the window length, as above), and the store sums their deltas. Without an
 id, the window is the wall-clock bucket `time // sink.window_seconds`. A flush with nothing recorded is a
-no-op. `flush` only encodes (milliseconds for DeepSeek-V3 sizes) and hands the delta to the sender thread;
-it never blocks on the network and never raises because Redis is slow, away, or restarting.
+no-op. `flush` only swaps the counting arrays for fresh ones and hands the closed window to the sender
+thread, which encodes and sends it; it never blocks on the network and never raises because Redis is slow,
+away, or restarting.
 
 Delivery: the sender sends each delta as one atomic script (one round trip; a backlog goes in one
 pipeline). Every delta carries (writer, incarnation, seq); the store applies a seq at most once, so a
@@ -51,6 +52,7 @@ from .codec import encode_window
 from .connect import ENV_URL, StatsSchemaError, StatsUnavailableError, check_name, parse_target
 from .counting import WindowAccumulator
 from .store import DEFAULT_DECAY, DEFAULT_KEEP, DEFAULT_TTL_S, StatsStore, check_window_id, make_header
+from .window import WindowCounts
 
 __all__ = ["RedisStatsSink", "StatsRecorder", "RecorderStatus"]
 
@@ -116,7 +118,16 @@ class RecorderStatus:
 class _Delta:
     seq: int
     window: int
-    blob: bytes
+    counts: WindowCounts | None  # until the sender thread has encoded it
+    blob: bytes = b""
+
+    @property
+    def size(self) -> int:
+        """Bytes it holds: the encoded blob, or the raw arrays before encoding."""
+        if self.counts is None:
+            return len(self.blob)
+        c = self.counts
+        return c.counts.nbytes + (c.coact.nbytes + c.trans.nbytes if c.has_pairs else 0)
 
 
 class StatsRecorder:
@@ -169,12 +180,13 @@ class StatsRecorder:
         window = check_window_id(window)
         if self._acc.tokens == 0:
             return
-        blob = encode_window(self._acc.take())
+        delta = _Delta(0, window, self._acc.take())
         with self._cond:
             self._seq += 1
+            delta.seq = self._seq
             self._windows += 1
-            self._pending.append(_Delta(self._seq, window, blob))
-            self._pending_bytes += len(blob)
+            self._pending.append(delta)
+            self._pending_bytes += delta.size
             self._enforce_bound()
             self._cond.notify_all()
 
@@ -185,7 +197,7 @@ class StatsRecorder:
                 sent=self._counters["sent"],
                 duplicates=self._counters["duplicates"],
                 pending=len(self._pending) + len(self._inflight),
-                pending_bytes=self._pending_bytes + sum(len(d.blob) for d in self._inflight),
+                pending_bytes=self._pending_bytes + sum(d.size for d in self._inflight),
                 dropped=self._counters["dropped"],
                 rejected=self._counters["rejected"],
                 failures=self._counters["failures"],
@@ -260,7 +272,7 @@ class StatsRecorder:
             self._pending_bytes > self.sink.max_buffer_bytes or len(self._pending) > self.sink.max_buffer_windows
         ):
             old = self._pending.popleft()
-            self._pending_bytes -= len(old.blob)
+            self._pending_bytes -= old.size
             self._counters["dropped"] += 1
             log.warning(
                 "stats writer %s: buffer full (%d deltas, %d bytes); dropped window %d seq %d (%d in all)",
@@ -272,29 +284,55 @@ class StatsRecorder:
                 self._counters["dropped"],
             )
 
+    def _encode_pending(self) -> None:
+        """Encode closed windows (outside the lock: numpy releases the GIL, the caller keeps counting)."""
+        with self._cond:
+            todo = [d for d in self._pending if d.counts is not None]
+        encoded = [(d, encode_window(d.counts)) for d in todo]
+        with self._cond:
+            for d, blob in encoded:
+                if d.counts is None:
+                    continue
+                raw = d.size
+                d.blob, d.counts = blob, None
+                if any(p is d for p in self._pending):  # not dropped meanwhile
+                    self._pending_bytes += d.size - raw
+            self._enforce_bound()
+
     def _run(self) -> None:
         while True:
             with self._cond:
                 while True:
                     now = time.monotonic()
                     closing = self._closing_deadline is not None
+                    unencoded = any(d.counts is not None for d in self._pending)
                     if closing and (not self._pending or now >= self._closing_deadline):
                         return
-                    if self._pending and now >= self._retry_at:
+                    if unencoded or (self._pending and now >= self._retry_at):
                         break
                     wait = None if not self._pending else self._retry_at - now
                     if closing:
                         wait = min(wait if wait is not None else 1.0, self._closing_deadline - now)
                     self._cond.wait(wait)
+            if unencoded:
+                self._encode_pending()
+                continue
+            with self._cond:
                 batch: list[_Delta] = []
                 size = 0
                 # A backlog goes in one pipeline, capped so one round trip stays a reasonable size.
-                while self._pending and (not batch or size + len(self._pending[0].blob) <= 64 * 2**20):
+                while (
+                    self._pending
+                    and self._pending[0].counts is None
+                    and (not batch or size + self._pending[0].size <= 64 * 2**20)
+                ):
                     d = self._pending.popleft()
                     batch.append(d)
-                    size += len(d.blob)
+                    size += d.size
                 self._pending_bytes -= size
                 self._inflight = batch
+            if not batch:
+                continue
             sent = self._send(batch)
             with self._cond:
                 self._inflight = []

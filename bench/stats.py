@@ -1,0 +1,415 @@
+"""Benchmark: the Redis routing-statistics store at DeepSeek-V3 size (58 MoE layers, 256 experts, top-8).
+
+Every writer records 4096 tokens per window and flushes one window delta; 1 and 8 writer processes flush
+the same window ids in lockstep (a barrier before each flush), as EP workers do. Measured in one run:
+
+    record      RecordER.record() of one 4096-token step (counting, local)
+    flush       caller's time in flush() (encode + enqueue), and flush() -> acknowledged by Redis
+    snapshot    StatsStore.snapshot(16): the exact sum of the last 16 windows, read atomically and decoded
+    compact     merging 8 writers' deltas of 16 windows into one field each
+    memory      Redis MEMORY USAGE per window key
+
+Baseline (same run, same data, same server): each window stored as the raw int64 arrays of RoutingStats
+(counts [L,E] + coact [L,E,E] + trans [L-1,E,E], one HSET per writer delta, read back with one pipeline and
+summed); every row gives ours / baseline. Targets from the issue: flush < 20 ms, snapshot of 16 windows
+< 200 ms.
+
+    .venv/bin/python bench/stats.py                      # writes bench/results/stats.md and stats.json
+    .venv/bin/python bench/stats.py --windows 4 --quick  # a smoke run (smaller model), nothing written
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+FLUSH_TARGET_MS = 20.0
+SNAPSHOT_TARGET_MS = 200.0
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--loglevel",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(500):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as c:
+                c.sendall(b"PING\r\n")
+                if c.recv(8).startswith(b"+PONG"):
+                    return proc, port
+        except OSError:
+            time.sleep(0.01)
+    raise RuntimeError("redis-server did not start")
+
+
+def synth_ids(seed: int, tokens: int, layers: int, experts: int, top_k: int) -> np.ndarray:
+    """Skewed routing like a trained router: per-layer lognormal expert popularity, Gumbel top-k per token."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((tokens, layers, top_k), np.int32)
+    for layer in range(layers):
+        logw = rng.normal(0.0, 0.6, experts)
+        noisy = logw[None, :] + rng.gumbel(size=(tokens, experts)).astype(np.float32)
+        out[:, layer] = np.argpartition(-noisy, top_k - 1, axis=1)[:, :top_k]
+    return out
+
+
+def raw_blob(window) -> bytes:
+    """Baseline encoding: RoutingStats' own int64 arrays, dense."""
+    stats = window.to_stats()
+    return b"".join(np.ascontiguousarray(a, dtype=np.int64).tobytes() for a in (stats.counts, stats.coact, stats.trans))
+
+
+def writer_main(url, model, writer, windows, warmup, barrier, queue, shape, baseline_windows) -> None:
+    import redis
+
+    from expertmesh.cluster.counting import WindowAccumulator
+    from expertmesh.cluster.recorder import RedisStatsSink
+
+    tokens, layers, experts, top_k = shape
+    variants = [synth_ids(1000 * writer + v, tokens, layers, experts, top_k) for v in range(2)]
+    sink = RedisStatsSink(url, model, layers, experts, top_k, keep=64, max_buffer_bytes=2**31, op_timeout_s=120)
+    rec = sink.open(f"w{writer}")
+    rows = []
+    for w in range(warmup + windows):
+        ids = variants[w % 2]
+        t0 = time.perf_counter()
+        rec.record(ids)
+        t_record = time.perf_counter() - t0
+        barrier.wait()
+        t0 = time.perf_counter()
+        rec.flush(window=w)
+        t_call = time.perf_counter() - t0
+        rec.wait_idle()
+        t_ack = time.perf_counter() - t0
+        if w >= warmup:
+            rows.append({"record": t_record, "call": t_call, "ack": t_ack, "rtt": rec.status().last_round_trip_s})
+    status = rec.close()
+    # Baseline: the same windows as raw int64 arrays, one HSET per delta (one round trip), same barrier.
+    client = redis.Redis.from_url(url, socket_timeout=600)
+    acc = WindowAccumulator(layers, experts, top_k)
+    base = []
+    for w in range(baseline_windows):
+        acc.add(variants[w % 2])
+        window = acc.take()
+        barrier.wait()
+        t0 = time.perf_counter()
+        client.hset(f"baseline:{{{model}}}:w:{w}", f"d:w{writer}", raw_blob(window))
+        base.append(time.perf_counter() - t0)
+    queue.put({"writer": writer, "rows": rows, "baseline": base, "sent": status.sent, "dropped": status.dropped})
+
+
+def pct(values, q):
+    return float(np.percentile(np.asarray(values) * 1e3, q))
+
+
+def run_writers(url, model, n, windows, warmup, shape, baseline_windows):
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(n), ctx.Queue()
+    procs = [
+        ctx.Process(target=writer_main, args=(url, model, i, windows, warmup, barrier, queue, shape, baseline_windows))
+        for i in range(n)
+    ]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=1800) for _ in procs]
+    for p in procs:
+        p.join(60)
+    return sorted(results, key=lambda r: r["writer"])
+
+
+def timed(fn, repeat):
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return out, times
+
+
+def baseline_snapshot(client, model, windows, shape):
+    """Read the baseline's last `windows` windows in one pipeline and sum them (int64)."""
+    tokens, L, E, k = shape
+    pipe = client.pipeline(transaction=True)
+    for w in range(windows):
+        pipe.hgetall(f"baseline:{{{model}}}:w:{w}")
+    total = None
+    for fields in pipe.execute():
+        for blob in fields.values():
+            arr = np.frombuffer(blob, dtype=np.int64)
+            total = arr.copy() if total is None else total + arr
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--windows", type=int, default=16, help="measured windows per writer")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--writers", default="1,8")
+    ap.add_argument("--repeat", type=int, default=5, help="snapshot reads per case")
+    ap.add_argument("--quick", action="store_true", help="small model, results not written")
+    args = ap.parse_args()
+    shape = (512, 8, 64, 4) if args.quick else (4096, 58, 256, 8)  # tokens, layers, experts, top_k
+    tokens, L, E, k = shape
+
+    import redis
+
+    from expertmesh.cluster.codec import encode_window
+    from expertmesh.cluster.counting import WindowAccumulator
+    from expertmesh.cluster.store import StatsStore
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-stats-"))
+    proc, port = start_redis(tmp)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_timeout=600)
+    server_version = client.info("server")["redis_version"]
+    report = {"shape": {"tokens_per_window_per_writer": tokens, "layers": L, "experts": E, "top_k": k}, "cases": {}}
+    try:
+        # Encoded size and density of one writer window (what one flush sends).
+        acc = WindowAccumulator(L, E, k)
+        acc.add(synth_ids(0, tokens, L, E, k))
+        one = acc.take()
+        blob = encode_window(one)
+        report["window_bytes"] = {
+            "ours": len(blob),
+            "baseline": len(raw_blob(one)),
+            "coact_density": float((one.coact > 0).mean()),
+            "trans_density": float((one.trans > 0).mean()),
+        }
+        for n in [int(x) for x in args.writers.split(",")]:
+            model = f"bench-{n}"
+            print(f"{n} writer(s): recording and flushing {args.warmup}+{args.windows} windows", file=sys.stderr)
+            # Baseline windows: 4 at one writer; 1 at 8 writers (already 8 x 64 MiB raw deltas to read back).
+            bw = min(args.windows, 4 if n == 1 else 1)
+            load_before = os.getloadavg()[0]
+            results = run_writers(url, model, n, args.windows, args.warmup, shape, bw)
+            rows = [r for res in results for r in res["rows"]]
+            store = StatsStore.open(url, model=model, socket_timeout=600)
+            ids = store.window_ids()
+            mem = store.memory()["windows"]
+            last16 = ids[-16:]
+            snap, snap_t = timed(lambda s=store: s.snapshot(16), args.repeat)
+            assert snap.tokens == n * tokens * min(16, len(ids)), "snapshot lost or duplicated tokens"
+            case = {
+                "writers": n,
+                "windows": len(ids),
+                "record_ms_p50": pct([r["record"] for r in rows], 50),
+                "flush_call_ms_p50": pct([r["call"] for r in rows], 50),
+                "flush_call_ms_p95": pct([r["call"] for r in rows], 95),
+                "flush_ack_ms_p50": pct([r["ack"] for r in rows], 50),
+                "flush_ack_ms_p95": pct([r["ack"] for r in rows], 95),
+                "flush_ack_ms_max": pct([r["ack"] for r in rows], 100),
+                "send_round_trip_ms_p50": pct([r["rtt"] for r in rows], 50),
+                "baseline_flush_ms_p50": pct([b for res in results for b in res["baseline"]], 50),
+                "baseline_flush_ms_p95": pct([b for res in results for b in res["baseline"]], 95),
+                "snapshot16_ms_median": statistics.median(snap_t) * 1e3,
+                "memory_per_window_bytes": float(np.mean([mem[w] for w in last16])),
+                "dropped": sum(res["dropped"] for res in results),
+                "load_average_1min_before_after": [load_before, os.getloadavg()[0]],
+            }
+            if n > 1:
+                t0 = time.perf_counter()
+                compacted = store.compact()
+                case["compact_s"] = time.perf_counter() - t0
+                case["compact"] = compacted
+                mem = store.memory()["windows"]
+                case["memory_per_window_compacted_bytes"] = float(np.mean([mem[w] for w in last16]))
+                again, t = timed(lambda s=store: s.snapshot(16), args.repeat)
+                assert np.array_equal(again.counts, snap.counts)
+                assert np.array_equal(again.trans, snap.trans) and np.array_equal(again.coact, snap.coact)
+                case["snapshot16_compacted_ms_median"] = statistics.median(t) * 1e3
+            _, bt = timed(lambda m=model, b=bw: baseline_snapshot(client, m, b, shape), args.repeat)
+            case["baseline_snapshot_windows"] = bw
+            case["baseline_snapshot_ms_median"] = statistics.median(bt) * 1e3
+            _, ot = timed(lambda s=store, m=bw: s.snapshot(m), args.repeat)
+            case["snapshot_same_windows_ms_median"] = statistics.median(ot) * 1e3
+            case["baseline_memory_per_window_bytes"] = float(
+                np.mean([client.memory_usage(f"baseline:{{{model}}}:w:{w}", samples=0) for w in range(bw)])
+            )
+            report["cases"][str(n)] = case
+            client.flushall()
+            print(json.dumps(case, indent=1), file=sys.stderr)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    report["machine"] = {
+        "cpu": _cpu(),
+        "cores": mp.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "redis_py": redis.__version__,
+        "redis_server": server_version,
+        "platform": platform.platform(),
+    }
+    report["command"] = "python bench/stats.py " + " ".join(sys.argv[1:])
+    if args.quick:
+        print(json.dumps(report, indent=1))
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "stats.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / "stats.md").write_text(render(report))
+    print(f"wrote {RESULTS / 'stats.md'}", file=sys.stderr)
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def render(r: dict) -> str:
+    s = r["shape"]
+    m = r["machine"]
+    wb = r["window_bytes"]
+    lines = [
+        "# Routing statistics in Redis: DeepSeek-V3 size",
+        "",
+        f"Model shape: {s['layers']} MoE layers, {s['experts']} experts, top-{s['top_k']}; "
+        f"{s['tokens_per_window_per_writer']} tokens per window per writer. Writers are separate processes "
+        "flushing the same window ids in lockstep (a barrier before each flush); one private redis-server "
+        "(`--save '' --appendonly no`) on the same machine.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores (writers, Redis and the reader share them, and other jobs "
+        "ran on the machine at the same time: see the load averages below). Python "
+        f"{m['python']}, numpy {m['numpy']}, redis-py {m['redis_py']}, redis-server {m['redis_server']}. "
+        "No GPU involved.",
+        "",
+        f"Command: `{r['command']}`",
+        "",
+        "Baseline (same run, same data, same server): each writer delta stored as RoutingStats' own int64 "
+        "arrays (counts + full coact + trans, one HSET), read back in one MULTI pipeline and summed.",
+        "",
+        f"One writer window: {wb['ours'] / 2**20:.2f} MiB encoded vs {wb['baseline'] / 2**20:.2f} MiB raw "
+        f"(ratio {wb['ours'] / wb['baseline']:.3f}); cells non-zero: coact {100 * wb['coact_density']:.1f}%, "
+        f"trans {100 * wb['trans_density']:.1f}% (dense enough that the encoder stores plain 1-2 byte values).",
+        "",
+        "| writers | measure | ours | baseline | ours / baseline | target | meets |",
+        "|---:|---|---:|---:|---:|---:|:-:|",
+    ]
+
+    def row(n, what, ours, base=None, target=None, unit="ms"):
+        ratio = f"{ours / base:.3f}" if base else "-"
+        b = f"{base:.1f} {unit}" if base else "-"
+        t = f"< {target:.0f} {unit}" if target else "-"
+        ok = ("yes" if ours < target else "**no**") if target else "-"
+        lines.append(f"| {n} | {what} | {ours:.1f} {unit} | {b} | {ratio} | {t} | {ok} |")
+
+    for n, c in r["cases"].items():
+        row(n, "record() one 4096-token step (local counting)", c["record_ms_p50"])
+        row(n, "flush() caller blocked (encode + enqueue), p50", c["flush_call_ms_p50"])
+        row(
+            n,
+            "flush() until acknowledged by Redis, p50",
+            c["flush_ack_ms_p50"],
+            c["baseline_flush_ms_p50"],
+            FLUSH_TARGET_MS,
+        )
+        row(
+            n,
+            "flush() until acknowledged by Redis, p95",
+            c["flush_ack_ms_p95"],
+            c["baseline_flush_ms_p95"],
+            FLUSH_TARGET_MS,
+        )
+        row(
+            n,
+            "snapshot of the last 16 windows (exact RoutingStats)",
+            c["snapshot16_ms_median"],
+            None,
+            SNAPSHOT_TARGET_MS,
+        )
+        if "snapshot16_compacted_ms_median" in c:
+            row(
+                n,
+                "snapshot of the last 16 windows after compact()",
+                c["snapshot16_compacted_ms_median"],
+                None,
+                SNAPSHOT_TARGET_MS,
+            )
+            row(n, f"compact() {c['compact']['merged']} windows of {n} deltas", c["compact_s"] * 1e3)
+        bw = c["baseline_snapshot_windows"]
+        row(
+            n,
+            f"snapshot of {bw} windows (vs baseline on the same windows)",
+            c["snapshot_same_windows_ms_median"],
+            c["baseline_snapshot_ms_median"],
+        )
+        mib = 2**20
+        row(
+            n,
+            "Redis memory per window (MEMORY USAGE)",
+            c["memory_per_window_bytes"] / mib,
+            c["baseline_memory_per_window_bytes"] / mib,
+            unit="MiB",
+        )
+        if "memory_per_window_compacted_bytes" in c:
+            row(
+                n,
+                "Redis memory per window after compact()",
+                c["memory_per_window_compacted_bytes"] / mib,
+                c["baseline_memory_per_window_bytes"] / mib,
+                unit="MiB",
+            )
+    loads = ", ".join(
+        f"{n} writer(s): {c['load_average_1min_before_after'][0]:.1f} -> {c['load_average_1min_before_after'][1]:.1f}"
+        for n, c in r["cases"].items()
+    )
+    lines += [
+        "",
+        f"1-minute load average before -> after each case (2 cores): {loads}.",
+        "",
+        "Notes:",
+        "- flush() hands the encoded delta to the recorder's sender thread; the caller is blocked only for the "
+        "encode. 'Until acknowledged' is flush() -> the Redis reply (wait_idle), the number the target refers to.",
+        "- With 8 writers the deltas of one window arrive at the same moment and Redis runs the scripts one "
+        "after another, so the p95 includes queueing behind the other 7 writers on a shared 2-core machine.",
+        "- A snapshot reads every field of the 16 windows in one Lua script (a consistent cut) and sums them "
+        "exactly in int64; before compaction that is 8 deltas per window, after it one merged field.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
