@@ -41,8 +41,9 @@ EXIT_FAILURE, EXIT_USAGE, EXIT_INFEASIBLE = 1, 2, 3
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 trace_app = typer.Typer(no_args_is_help=True, help="Inspect and convert routing traces and statistics.")
 app.add_typer(trace_app, name="trace")
-# Wide enough for the comparison table when stderr is a file or pipe (rich assumes 80 columns there).
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
+# Wide enough for the comparison table when stderr is a file or pipe (rich assumes 80 columns there);
+# soft_wrap keeps messages on one line (grep-able, copy-able paths and URLs).
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 150, soft_wrap=True)
 
 # URL schemes (e.g. redis) whose statistics loaders the control plane registers; placement stays pure.
 _STATS_LOADERS: dict[str, Callable[[str], RoutingStats]] = {}
