@@ -16,7 +16,8 @@ Per MoE layer, inside a worker (see `moe.moe_forward`, which is exactly this):
     layout   = build_layout(topk_ids [T, k], topk_weights [T, k], emap, rank)        # DispatchLayout
     recv     = exchange.dispatch(x [T, H], layout)                                   # Received, N rows
     el       = build_expert_layout(recv.slots [N, k], S, recv.valid, align=1)        # ExpertLayout, M rows
-    xe       = permute(recv.x, el.row_index)  or  permute_dequant(recv.x, recv.scales, el.row_index)
+    xe       = permute(recv.x, el.row_index)                       # BF16 dispatch, or with FP8 dispatch:
+               permute_dequant(recv.x, recv.scales, el.row_index)  # recv.x is float8_e4m3fn + 1x128 scales
     y        = swiglu_experts(xe [M, H], w13 [S, 2F, H], w2 [S, H, F], el.offsets)  # [M, H]
     out      = exchange.combine(y, el, recv, layout)                                 # [T, H]
 
@@ -45,14 +46,20 @@ copy. `layout.send_counts` is available before sending.
 
 FP8: `quantize_fp8(x, tile=128)` -> (float8_e4m3fn [N, H], float32 scales [N, H/128]), DeepSeek-V3's
 1x128 format; `exchange(fp8=True)` dispatches FP8 and combines in the activation dtype (BF16).
-`swiglu_experts_fp8` runs `torch._scaled_grouped_mm` (rowwise) with `quantize_weights_fp8` weights.
+`swiglu_experts_fp8` runs `torch._scaled_grouped_mm` (rowwise) with `quantize_weights_fp8` weights; feed
+it groups padded to 16 rows (`build_expert_layout(..., align=16)`).
 
 Exchanges (one interface, `Exchange`):
 - `LocalExchange()`: one rank, no communication.
 - `AllToAllExchange(group, fp8)`: `torch.distributed.all_to_all_single` with split sizes; gloo or NCCL.
 - `SymmMemExchange(group, max_tokens, hidden, top_k, dtype, fp8)`: Triton kernels store rows straight into
-  peers' torch symmetric-memory buffers over NVLink (one node, CUDA; multicast never used). Results are
-  views valid until the next dispatch; dispatch and combine must alternate. No host synchronisation.
+  peers' torch symmetric-memory buffers over NVLink (one node, CUDA; multicast never used). `max_tokens`
+  bounds T per call; buffers are allocated once (collective). `Received` fields are views of this rank's
+  buffer (slots int32, weights strided), valid until its next dispatch; dispatch and combine must
+  alternate. No host synchronisation, so a layer's dispatch + combine can be captured in a CUDA graph.
+
+Shapes of `Received`: x [N, H], scales float32 [N, H/128] or None, slots int32/int64 [N, k] (-1: pair not
+served here), weights float32 [N, k], counts int64 [G] (rows from each source), valid bool [N] or None.
 """
 
 from .exchange import AllToAllExchange, Exchange, LocalExchange, Received, Traffic
