@@ -207,6 +207,11 @@ def plan(
     max_slots_per_gpu: MaxSlotsOpt = None, dataflow: DataflowOpt = Dataflow.home, time_limit: TimeOpt = 10.0,
     seed: SeedOpt = 0, workers: WorkersOpt = 0, stats: StatsOpt = None, top_k: TopKOpt = None,
     previous: Annotated[Path | None, typer.Option("--previous", help="Current plan: weigh migration cost.")] = None,
+    interval_tokens: Annotated[float | None, typer.Option(
+        "--interval-tokens", help="Tokens until the next re-placement: moves must pay back within them "
+                                  "(default: 100x the data's tokens).")] = None,
+    balance_slack: Annotated[float, typer.Option(
+        "--balance-slack", help="ilp: balancedness may fall this far below EPLB's per layer.")] = 0.01,
     hidden: HiddenOpt = 4096, ffn: FfnOpt = 14336, json_out: JsonOpt = False, plot: PlotOpt = None,
 ) -> None:
     """Place experts on GPUs from routing data; write the plan JSON."""
@@ -216,7 +221,8 @@ def plan(
         params = CostParams(hidden=hidden, ffn=ffn)
         prev = load_plan(previous) if previous else None
         options = IlpOptions(dataflow=dataflow.value, time_limit=time_limit, seed=seed, workers=workers,
-                             previous=prev, params=params)
+                             previous=prev, interval_tokens=interval_tokens, balance_slack=balance_slack,
+                             params=params)
         start = time.perf_counter()
         with _layer_progress(f"planning ({strategy.value})", strategy == Strategy.ilp) as progress:
             result = place(strategy.value, _as_stats(source), topo, redundant, options, progress)
