@@ -97,3 +97,17 @@ def test_entry_point_runs_as_a_program(tmp_path, trace_file):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\t")[1].strip() == load_plan(out).version  # result on stdout
     assert "eplb" in proc.stderr  # the table goes to stderr
+
+
+def test_topology_yaml_is_read_and_typos_are_refused(tmp_path, trace_file):
+    topo = tmp_path / "topo.yaml"
+    topo.write_text("gpus: 8\nnodes: 2\ninter_node_gbps: 25\n")
+    r = run("plan", trace_file, "--topology", topo, "--strategy", "eplb", "--out", tmp_path / "p.json", "--json")
+    assert r.exit_code == 0, r.output
+    assert load_plan(tmp_path / "p.json").num_nodes == 2
+    topo.write_text("gpus: 8\nnode: 2\n")
+    r = run("plan", trace_file, "--topology", topo, "--out", tmp_path / "q.json")
+    assert r.exit_code == 2 and "unknown field" in r.output and "node" in r.output
+    topo.write_text("gpus: 8\nnodes: 3\n")
+    r = run("plan", trace_file, "--topology", topo, "--out", tmp_path / "q.json")
+    assert r.exit_code == 2 and "nodes" in r.output
