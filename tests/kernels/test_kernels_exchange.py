@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from expertmesh.kernels import AllToAllExchange, ExpertMap, LocalExchange, moe_forward, swiglu_experts
 from kernel_cases import (
     expert_weights,
     fp8_moe_tolerance,
@@ -27,6 +26,8 @@ from kernel_cases import (
     random_phy2log,
     random_routing,
 )
+
+from expertmesh.kernels import AllToAllExchange, ExpertMap, LocalExchange, moe_forward, swiglu_experts
 
 H, F = 64, 32
 TOKENS = [33, 0, 1, 70]  # tokens on rank r: TOKENS[r % 4]

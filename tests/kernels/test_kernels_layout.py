@@ -8,9 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from kernel_cases import TOKEN_COUNTS, naive_layout, random_phy2log, random_routing
+
 from expertmesh.kernels import ExpertMap, build_expert_layout, build_layout
 from expertmesh.placement.plan import Placement
-from kernel_cases import TOKEN_COUNTS, naive_layout, random_phy2log, random_routing
 
 CASES = [  # (G, nodes, S, E): one GPU, replicas on 2 GPUs, two nodes, a DeepSeek-like 256 experts
     (1, 1, 8, 8),

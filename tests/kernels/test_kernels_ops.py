@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_cases import TOKEN_COUNTS
+
 from expertmesh.kernels import (
     FP8_DTYPE,
     dequantize_fp8,
@@ -28,7 +30,6 @@ from expertmesh.kernels import (
 from expertmesh.kernels.experts import grouped_mm_reference
 from expertmesh.kernels.fp8 import dequantize_fp8_reference, quantize_fp8_reference
 from expertmesh.kernels.permute import permute_reference, unpermute_combine_reference
-from kernel_cases import TOKEN_COUNTS
 
 IMPLS = ["auto", "torch"]
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from kernel_cases import TOKEN_COUNTS, random_phy2log
+
 from expertmesh.kernels import ExpertMap, choose_replicas, local_token_index
 from expertmesh.placement import routing
-from kernel_cases import TOKEN_COUNTS, random_phy2log
 
 
 @pytest.mark.parametrize("T", TOKEN_COUNTS)
