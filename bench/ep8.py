@@ -211,6 +211,7 @@ def environment() -> dict:
 def cmd_measure(args) -> None:
     import ray
     import torch
+
     from expertmesh.placement.plan import load_plan
     from expertmesh.placement.trace import load_trace
     from expertmesh.workers import EPGroup
@@ -221,6 +222,7 @@ def cmd_measure(args) -> None:
     G = args.gpus or (torch.cuda.device_count() if device == "cuda" else 2)
     shapes = QUICK_SHAPES if quick else SHAPES
     if not ray.is_initialized():
+        os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"  # symm_mem: workers see every GPU
         ray.init(num_cpus=max(4, 2 * G), num_gpus=G if device == "cuda" else 0, include_dashboard=False,
                  log_to_driver=True)
     dtype = "bfloat16" if device == "cuda" else "float32"
@@ -241,35 +243,37 @@ def cmd_measure(args) -> None:
                  "source": trace.meta.get("source", name), "plans": {}, "errors": []}
         result["traces"][name] = entry
         t0 = time.perf_counter()
-        group = EPGroup.create(model_dir, plans["contiguous"], G, device=device,
-                               dtype=dtype, weights="random",
+        group = EPGroup.create(model_dir, plans["contiguous"], G, device=device, dtype=dtype, weights="random",
                                cpus_per_worker=1.0, step_timeout_s=600, collective_timeout_s=600)
         entry["create_s"] = time.perf_counter() - t0
-        try:
-            for plan_name, plan in plans.items():
-                t0 = time.perf_counter()
-                if plan_name != "contiguous":
-                    group.apply_plan(plan)
-                rec = {"apply_s": time.perf_counter() - t0, "predicted": _predict(trace, plan, shape, G, elem),
-                       "measured": {}}
-                for exchange in args.exchanges:
-                    if exchange == "symm_mem" and device != "cuda":
-                        continue
-                    try:
-                        group.set_exchange(exchange, per_rank_tokens if exchange == "symm_mem" else 0)
-                        rec["measured"][exchange] = _measure_plan(group, inputs, ids, args.reps)
-                    except Exception as exc:  # noqa: BLE001 - record and go on with the other rows
-                        entry["errors"].append(f"{plan_name}/{exchange}: {type(exc).__name__}: {exc}")
-                        if not group.usable:
-                            raise
-                entry["plans"][plan_name] = rec
-                out_path.write_text(json.dumps(result))
-                print(f"{name} {plan_name}: " + ", ".join(
-                    f"{ex} step {m['step_s'] * 1e3:.1f} ms" for ex, m in rec["measured"].items()), file=sys.stderr)
-        except Exception as exc:  # noqa: BLE001
-            entry["errors"].append(f"{type(exc).__name__}: {exc}")
-        finally:
-            group.shutdown()
+        current = "contiguous"
+        # One pass per exchange over every plan, so a failing exchange costs only its own rows.
+        for exchange in args.exchanges:
+            if exchange == "symm_mem" and device != "cuda":
+                continue
+            try:
+                group.set_exchange(exchange, per_rank_tokens if exchange == "symm_mem" else 0)
+                for plan_name, plan in plans.items():
+                    rec = entry["plans"].setdefault(
+                        plan_name, {"predicted": _predict(trace, plan, shape, G, elem), "measured": {}})
+                    if plan_name != current:
+                        t0 = time.perf_counter()
+                        group.apply_plan(plan)
+                        rec["apply_s"] = time.perf_counter() - t0
+                        current = plan_name
+                    rec["measured"][exchange] = _measure_plan(group, inputs, ids, args.reps)
+                    out_path.write_text(json.dumps(result))
+                    step = rec["measured"][exchange]["step_s"] * 1e3
+                    print(f"{name} {plan_name} {exchange}: step {step:.1f} ms", file=sys.stderr, flush=True)
+            except Exception as exc:  # noqa: BLE001 - record and go on with what still works
+                entry["errors"].append(f"{exchange}: {type(exc).__name__}: {exc}")
+                if not group.usable:
+                    t0 = time.perf_counter()
+                    group = EPGroup.create(model_dir, plans["contiguous"], G, device=device, dtype=dtype,
+                                           weights="random", cpus_per_worker=1.0, step_timeout_s=600,
+                                           collective_timeout_s=600)
+                    current = "contiguous"
+        group.shutdown()
         out_path.write_text(json.dumps(result))
     out_path.write_text(json.dumps(result, indent=1))
 

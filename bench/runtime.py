@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -67,10 +68,11 @@ def hf_config(shape: dict):
 def write_checkpoint(shape: dict, path: Path, device: str, shard_bytes: int = 2 * 2**30) -> dict:
     """A sharded Hugging Face checkpoint with random bf16 weights (per-expert tensors, like published ones)."""
     import torch
+    from safetensors.torch import save_file
+
     from expertmesh.workers.checkpoint import RandomReader, expert_keys
     from expertmesh.workers.config import read_model_config
     from expertmesh.workers.weights import load_model_weights
-    from safetensors.torch import save_file
 
     start = time.perf_counter()
     path.mkdir(parents=True, exist_ok=True)
@@ -210,12 +212,10 @@ def hf_decode(model, batch: int, vocab: int, rng, device: str) -> float:
 def measure_shape(name: str, shape: dict, args, rows: list, notes: list, device: str, num_gpus: int) -> None:
     import torch
     import transformers
+
     from expertmesh.workers import EPGroup
 
     ckpt = Path(args.workdir) / name
-    info = write_checkpoint(shape, ckpt, device)
-    notes.append(f"{name}: checkpoint {info['bytes'] / 1e9:.1f} GB in {info['files']} files "
-                 f"written in {info['seconds']:.0f} s")
     prefill = [t for t in args.prefill if t >= SEQ_LEN or args.quick]
     seq_len = SEQ_LEN if not args.quick else 32
     dtype = "bfloat16" if device == "cuda" else "float32"
@@ -275,12 +275,23 @@ def cmd_measure(args) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     num_gpus = torch.cuda.device_count() if device == "cuda" else 2
     if not ray.is_initialized():
+        os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
         ray.init(num_cpus=8, num_gpus=num_gpus if device == "cuda" else 0, include_dashboard=False)
     shapes = QUICK if args.quick else SHAPES
     result = {"environment": ep8.environment(), "device": device, "quick": args.quick,
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "shapes": shapes, "rows": [],
               "notes": [], "settings": {"seq_len": SEQ_LEN, "prompt_len": PROMPT_LEN, "decode_steps": DECODE_STEPS,
                                         "reps": REPS}}
+    # Write every checkpoint first and flush it to disk: background writeback of freshly written
+    # gigabytes was seen to slow launch-bound decode steps several-fold on the VM.
+    for name in args.shapes:
+        info = write_checkpoint(shapes[name], Path(args.workdir) / name, device)
+        result["notes"].append(f"{name}: checkpoint {info['bytes'] / 1e9:.1f} GB in {info['files']} files "
+                               f"written in {info['seconds']:.0f} s")
+    t0 = time.perf_counter()
+    os.sync()
+    time.sleep(3)
+    result["notes"].append(f"checkpoints flushed to disk in {time.perf_counter() - t0:.0f} s before measuring")
     for name in args.shapes:
         try:
             measure_shape(name, shapes[name], args, result["rows"], result["notes"], device, num_gpus)

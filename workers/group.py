@@ -16,16 +16,18 @@ cache there); the group remembers homes and refuses a step that sends a sequence
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import ray
-from expertmesh.placement.plan import Placement, load_plan
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from expertmesh.placement.plan import Placement, load_plan
 
 from .checkpoint import WEIGHTS
 from .config import ModelConfig, read_model_config
@@ -33,7 +35,7 @@ from .moe import EXCHANGES
 from .plans import PlanMismatchError, check_plan, contiguous_plan
 from .recording import StatsSink
 from .sampling import GREEDY, SamplingParams
-from .worker import DTYPES, ExpertWorker, StepOutput, WorkerSpec
+from .worker import DTYPES, NOSET_CVD, ExpertWorker, StepOutput, WorkerSpec
 
 __all__ = ["EPGroup", "GroupError", "WorkerFailure", "StepTimeout", "PlanMismatchError", "contiguous_plan"]
 
@@ -130,6 +132,8 @@ class EPGroup:
         if exchange == "symm_mem" and (device != "cuda" or max_tokens < 1):
             raise ValueError("exchange: 'symm_mem' needs device='cuda' and max_tokens >= 1")
         if not ray.is_initialized():
+            # Workers then see every GPU of their node and pick theirs (the symm_mem exchange needs that).
+            os.environ.setdefault(NOSET_CVD, "1")
             ray.init()
 
         bundle = {"CPU": cpus_per_worker, **({"GPU": 1} if device == "cuda" else {})}

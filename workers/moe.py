@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from expertmesh.kernels.exchange import AllToAllExchange, Exchange, LocalExchange
 from expertmesh.kernels.expert_map import ExpertMap
 from expertmesh.kernels.experts import swiglu_experts
@@ -66,6 +67,11 @@ def make_exchange(world_size: int, kind: str = "auto", fp8: bool = False, max_to
         if max_tokens < 1 or cfg is None:
             raise ValueError(
                 f"max_tokens: the symm_mem exchange needs a token capacity >= 1, got {max_tokens}"
+            )
+        if torch.cuda.device_count() < world_size:
+            raise RuntimeError(
+                "exchange: 'symm_mem' needs every worker to see all GPUs of the node; start Ray with "
+                "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1 (EPGroup.create does when it starts Ray)"
             )
         return SymmMemExchange(None, max_tokens, cfg.hidden_size, cfg.top_k, dtype, fp8)
     return AllToAllExchange(fp8=fp8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from expertmesh.placement.plan import Placement
 
 from .config import ModelConfig

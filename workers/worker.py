@@ -19,6 +19,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+
 from expertmesh.placement.plan import Placement
 
 from .checkpoint import CheckpointReader, RandomReader, open_weights
@@ -66,6 +67,29 @@ class StepOutput:
     layers: list[LayerMeasure] = field(default_factory=list)  # per MoE layer, when measured
 
 
+NOSET_CVD = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+def _local_gpu_index() -> int:
+    """This actor's GPU as a torch index.
+
+    By default Ray narrows CUDA_VISIBLE_DEVICES to the actor's GPU, which is then cuda:0. The symmetric
+    memory exchange needs every process to see all GPUs of the node (each rank maps its peers' buffers),
+    so a cluster started with RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1 leaves the variable alone and
+    the actor picks its assigned GPU by id among the visible ones.
+    """
+    if torch.cuda.device_count() == 1:
+        return 0
+    import ray
+
+    ids = [str(i) for i in ray.get_gpu_ids()]
+    if not ids:
+        raise RuntimeError("no GPU assigned to this worker by Ray (created without num_gpus=1?)")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    order = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    return order.index(ids[0]) if ids[0] in order else int(ids[0])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -94,8 +118,7 @@ class ExpertWorker:
         start = time.perf_counter()
         self.spec = spec
         if spec.device == "cuda":
-            # Ray has set CUDA_VISIBLE_DEVICES to this actor's GPU.
-            self.device = torch.device("cuda", 0)
+            self.device = torch.device("cuda", _local_gpu_index())
             torch.cuda.set_device(self.device)
             backend = "nccl"
         else:

@@ -9,6 +9,8 @@ dispatch bytes equal the cost model's exactly, for the all_to_all and the symmet
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -54,6 +56,7 @@ def ref(checkpoint):
 @pytest.fixture(scope="module")
 def cluster():
     if not ray.is_initialized():
+        os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"  # symm_mem: workers see both GPUs
         ray.init(num_cpus=4, num_gpus=NUM_GPUS, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
