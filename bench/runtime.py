@@ -352,6 +352,9 @@ def cmd_report(args) -> None:
         lines.append("")
     if args.replay:
         lines += replay_section(json.loads(Path(args.replay).read_text()))
+    notes = Path(args.results) / "runtime.notes.md"
+    if notes.exists():  # the reading of these numbers, written by hand after the run
+        lines += ["", notes.read_text().rstrip()]
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "runtime.md").write_text("\n".join(lines) + "\n")
