@@ -1,25 +1,30 @@
-"""The binary form of one window in Redis: a small header, then each statistic in its smallest exact encoding.
+"""The binary form of one window in Redis: a small header, then each statistic in a compact exact encoding.
 
 Layout (little endian):
 
     header  "EMW1" | u8 version | u8 flags | u16 0 | u32 L | u32 E | u32 k | f64 tokens | u32 deltas
-    array   u8 encoding | u8 value bytes | u8 index bytes | u8 value kind | u64 cells | u64 nnz | payload
+    array   u8 layout | u8 value bits | u8 index bytes | u8 value kind | u8 excess bytes | u64 cells | u64 nnz
+            | u64 overflow | layout part | packed values | overflow cell indices | overflow excess
             (counts, then coact and trans when flags has PAIRS)
 
-Encodings of an array of `n` non-negative cells with `nnz` non-zeros (the encoder picks the smallest, but
-keeps DENSE, the fastest to write and read, unless another form saves at least a quarter of its bytes):
+Layouts of an array of `n` non-negative cells with `nnz` non-zeros:
 
-    DENSE   every cell, in the narrowest unsigned type that holds the largest value      n * v bytes
-    BITMAP  one bit per cell (is it non-zero), then only the non-zero values           n / 8 + nnz * v
-    COO     the flat index of each non-zero cell (u16/u32/u64), then its value         nnz * (i + v)
+    DENSE   every cell's value                                                 n values
+    BITMAP  one bit per cell (is it non-zero), then the non-zero values        n / 8 bytes + nnz values
+    COO     the flat index of each non-zero cell (u16/u32/u64), then values    nnz * index + nnz values
+
+Values are packed in 4, 8, 16, 32 or 64 bits. A value too large for the width is written as the width's
+all-ones escape and patched from the overflow list (cell index, excess over the escape in the narrowest
+unsigned type), so a few hot cells do not widen every cell. The encoder picks the width and layout with the
+fewest bytes, but keeps DENSE, the fastest to write and read, unless another layout saves a quarter of them.
 
 Why this form: co-activation and transition matrices are sparse for short windows and small top-k (most of
-the E^2 cells are zero, COO wins), but a DeepSeek-V3 writer window (4096 tokens x 28 pairs into 32,640 cells
-per layer) fills ~97% of them, where any index costs more than the value it locates; there, plain dense
-values in one byte each are smallest. Counts per cell stay small, so one or two bytes per value instead of
-eight is most of the saving, and it costs only a max() and a cast, keeping a flush under a few milliseconds
-of encoding. Float arrays (the decayed aggregate) use the same encodings with f8 values. The header names
-the shape, so a window of another model, or bytes that are not ours, are refused before any arithmetic.
+the E^2 cells are zero: COO or BITMAP win), but a DeepSeek-V3 writer window (4096 tokens x 28 pairs into
+32,640 cells per layer) fills 85-97% of them, where any index costs more than the value it locates: there,
+dense 4-bit values (a writer's counts per cell are mostly below 15) take half a byte per cell, 1/128 of the
+int64 arrays. Encoding is a few vectorised passes (max, counts above the escapes, a cast, a nibble pack).
+Float arrays (the decayed aggregate) use the same layouts with f8 values. The header names the shape, so a
+window of another model, or bytes that are not ours, are refused before any arithmetic.
 """
 
 from __future__ import annotations
@@ -37,54 +42,101 @@ VERSION = 1
 FLAG_PAIRS = 1
 FLAG_FLOAT = 2
 _HEADER = struct.Struct("<4sBBHIIIdI")
-_ARRAY = struct.Struct("<BBBBQQ")
+_ARRAY = struct.Struct("<BBBBBQQQ")
 DENSE, BITMAP, COO = 0, 1, 2
-# Values are counts from int64 arrays, so 8-byte values are int64 (adding uint64 to int64 would go via float).
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.int64}
 KIND_UINT, KIND_FLOAT = 0, 1
+_WIDTHS = (4, 8, 16, 32, 64)
+# Container of each width. 64-bit values are int64: they come from int64 arrays, and adding uint64 to int64
+# would go through float.
+_CONTAINER = {4: np.uint8, 8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.int64}
+_EXCESS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.int64}
 
 
 class CodecError(ValueError):
     """Bytes that are not an expertmesh window, or a window of another shape."""
 
 
+def _index_bytes(n: int) -> int:
+    return 2 if n <= 1 << 16 else 4 if n <= 1 << 32 else 8
+
+
+def _escape(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def _pack(values: np.ndarray, bits: int, clip: bool) -> bytes:
+    """Values in `bits` bits (clipped to the escape first when `clip`); 4-bit two to a byte, low nibble first."""
+    v = np.empty(values.size + (bits == 4 and values.size % 2), _CONTAINER[bits])
+    if clip:
+        np.minimum(values, _escape(bits), out=v[: values.size], casting="unsafe")
+    else:
+        v[: values.size] = values
+    if bits != 4:
+        return v.tobytes()
+    if values.size % 2:
+        v[-1] = 0
+    return (v[0::2] | (v[1::2] << 4)).tobytes()
+
+
 def _uint_bytes(maximum: int) -> int:
-    for nbytes in (1, 2, 4, 8):
-        if maximum < 1 << (8 * nbytes):
-            return nbytes
-    raise CodecError(f"value {maximum} does not fit in 64 bits")
+    return next(b for b in (1, 2, 4, 8) if maximum < 1 << (8 * b - (b == 8)))
 
 
 def _encode_array(arr: np.ndarray, parts: list[bytes]) -> None:
     flat = np.ascontiguousarray(arr).reshape(-1)
     n = flat.size
-    is_float = np.issubdtype(flat.dtype, np.floating)
-    if is_float:
-        vbytes, vtype, kind = 8, np.float64, KIND_FLOAT
-    else:
-        maximum = int(flat.max()) if n else 0
-        if n and int(flat.min()) < 0:
-            raise CodecError("counts must be non-negative")
-        vbytes, kind = _uint_bytes(maximum), KIND_UINT
-        vtype = _UINT[vbytes]
+    ibytes = _index_bytes(n)
+    itype = _CONTAINER[8 * ibytes] if ibytes < 8 else np.int64
     nnz = int(np.count_nonzero(flat))
-    ibytes = 2 if n <= 1 << 16 else 4 if n <= 1 << 32 else 8
-    sizes = {DENSE: n * vbytes, BITMAP: (n + 7) // 8 + nnz * vbytes, COO: nnz * (ibytes + vbytes)}
-    enc = min(sizes, key=lambda e: (sizes[e], e))
-    # Dense is the fastest to write and read: it stays unless a sparse form saves a quarter of the bytes.
-    if sizes[enc] > 0.75 * sizes[DENSE]:
-        enc = DENSE
-    parts.append(_ARRAY.pack(enc, vbytes, ibytes, kind, n, nnz))
-    if enc == DENSE:
-        parts.append(flat.astype(vtype, copy=False).tobytes())
-    elif enc == BITMAP:
+    over_masks: dict[int, np.ndarray] = {}
+    if np.issubdtype(flat.dtype, np.floating):
+        kind, overflow, excess_bytes = KIND_FLOAT, {64: 0}, {64: 0}
+    else:
+        # Counts are non-negative: a WindowCounts comes from the accumulator or a validated RoutingStats.
+        kind = KIND_UINT
+        peak = int(flat.max()) if n else 0
+        overflow = {}
+        for b in _WIDTHS:  # cells at or above each width's escape value (none when the largest value fits)
+            if b < 64 and peak >= _escape(b):
+                over_masks[b] = flat >= _escape(b)
+                overflow[b] = int(np.count_nonzero(over_masks[b]))
+            else:
+                overflow[b] = 0
+        excess_bytes = {b: _uint_bytes(max(peak - _escape(b), 0)) for b in _WIDTHS}
+    values = {DENSE: n, BITMAP: nnz, COO: nnz}
+    base = {DENSE: 0, BITMAP: (n + 7) // 8, COO: nnz * ibytes}
+
+    def cost(layout: int, bits: int) -> int:
+        patch = overflow[bits] * (ibytes + excess_bytes[bits]) if overflow[bits] else 0
+        return base[layout] + (values[layout] * bits + 7) // 8 + patch
+
+    best = {layout: min(overflow, key=lambda b, lo=layout: (cost(lo, b), b)) for layout in values}
+    layout = min(best, key=lambda lo: (cost(lo, best[lo]), lo))
+    # Dense is the fastest to write and read: it stays unless another layout saves a quarter of the bytes.
+    if cost(layout, best[layout]) > 0.75 * cost(DENSE, best[DENSE]):
+        layout = DENSE
+    bits = best[layout]
+    n_over = overflow[bits]
+    xbytes = excess_bytes[bits] if n_over else 0
+    parts.append(_ARRAY.pack(layout, bits, ibytes, kind, xbytes, n, nnz, n_over))
+    if layout == DENSE:
+        vals = flat
+    elif layout == BITMAP:
         mask = flat != 0
         parts.append(np.packbits(mask).tobytes())
-        parts.append(flat[mask].astype(vtype, copy=False).tobytes())
+        vals = flat[mask]
     else:
         idx = np.flatnonzero(flat)
-        parts.append(idx.astype(_UINT[ibytes], copy=False).tobytes())
-        parts.append(flat[idx].astype(vtype, copy=False).tobytes())
+        parts.append(idx.astype(itype, copy=False).tobytes())
+        vals = flat[idx]
+    if kind == KIND_FLOAT:
+        parts.append(vals.astype(np.float64, copy=False).tobytes())
+        return
+    parts.append(_pack(vals, bits, clip=n_over > 0))
+    if n_over:
+        cells = np.flatnonzero(over_masks[bits])
+        parts.append(cells.astype(itype, copy=False).tobytes())
+        parts.append((flat[cells] - _escape(bits)).astype(_EXCESS[xbytes]).tobytes())
 
 
 def encode_window(window: WindowCounts, tokens: float | None = None) -> bytes:
@@ -117,50 +169,66 @@ def _decode_array_into(blob, offset: int, out: np.ndarray, name: str) -> int:
     """Add one encoded array into `out` (flat view of the right size); returns the next offset."""
     if offset + _ARRAY.size > len(blob):
         raise CodecError(f"{name}: window truncated at byte {offset}")
-    enc, vbytes, ibytes, kind, n, nnz = _ARRAY.unpack_from(blob, offset)
+    layout, bits, ibytes, kind, xbytes, n, nnz, n_over = _ARRAY.unpack_from(blob, offset)
     offset += _ARRAY.size
     if n != out.size:
         raise CodecError(f"{name}: {n} cells stored, expected {out.size}")
-    if kind == KIND_FLOAT and vbytes == 8:
+    if kind == KIND_FLOAT and bits == 64:
+        if not np.issubdtype(out.dtype, np.floating):
+            raise CodecError(f"{name}: float values where integer counts are expected")
         vtype = np.float64
-    elif kind == KIND_UINT and vbytes in _UINT:
-        vtype = _UINT[vbytes]
+    elif kind == KIND_UINT and bits in _CONTAINER:
+        vtype = _CONTAINER[bits]
     else:
-        raise CodecError(f"{name}: unknown value type (kind {kind}, {vbytes} bytes)")
-    if kind == KIND_FLOAT and not np.issubdtype(out.dtype, np.floating):
-        raise CodecError(f"{name}: float values where integer counts are expected")
+        raise CodecError(f"{name}: unknown value type (kind {kind}, {bits} bits)")
+    if ibytes not in (2, 4, 8) or nnz > n or n_over > n:
+        raise CodecError(f"{name}: corrupt array header (index bytes {ibytes}, nnz {nnz}, overflow {n_over})")
+    itype = _CONTAINER[8 * ibytes] if ibytes < 8 else np.int64
 
-    def take(count: int, dtype) -> np.ndarray:
+    def take(count: int, dtype, nbytes: int | None = None) -> np.ndarray:
         nonlocal offset
-        size = count * np.dtype(dtype).itemsize
+        size = count * np.dtype(dtype).itemsize if nbytes is None else nbytes
         if offset + size > len(blob):
             raise CodecError(f"{name}: window truncated (needs {size} bytes at {offset}, has {len(blob) - offset})")
-        arr = np.frombuffer(blob, dtype=dtype, count=count, offset=offset)
+        arr = np.frombuffer(blob, dtype=dtype, count=size // np.dtype(dtype).itemsize, offset=offset)
         offset += size
         return arr
 
-    if enc == DENSE:
-        np.add(out, take(n, vtype), out=out)
-    elif enc == BITMAP:
-        bits = take((n + 7) // 8, np.uint8)
-        mask = np.unpackbits(bits, count=n).view(bool)
-        values = take(nnz, vtype)
+    def values(count: int) -> np.ndarray:
+        if bits != 4:
+            return take(count, vtype)
+        packed = take((count + 1) // 2, np.uint8)
+        v = np.empty(2 * packed.size, np.uint8)
+        v[0::2] = packed & 0x0F
+        v[1::2] = packed >> 4
+        return v[:count]
+
+    if layout == DENSE:
+        np.add(out, values(n), out=out)
+    elif layout == BITMAP:
+        mask = np.unpackbits(take((n + 7) // 8, np.uint8), count=n).view(bool)
         if int(np.count_nonzero(mask)) != nnz:
             raise CodecError(f"{name}: bitmap marks {np.count_nonzero(mask)} cells, header says {nnz}")
         # Scatter into a dense array of the narrow type, then one add: ~4x faster than out[mask] += values.
         dense = np.zeros(n, vtype)
-        dense[mask] = values
+        dense[mask] = values(nnz)
         np.add(out, dense, out=out)
-    elif enc == COO:
-        if ibytes not in _UINT:
-            raise CodecError(f"{name}: unknown index width {ibytes}")
-        idx = take(nnz, _UINT[ibytes])
-        values = take(nnz, vtype)
+    elif layout == COO:
+        idx = take(nnz, itype)
         if nnz and int(idx.max()) >= n:
             raise CodecError(f"{name}: index {int(idx.max())} outside {n} cells")
-        out[idx.astype(np.intp)] += values
+        out[idx.astype(np.intp)] += values(nnz)
     else:
-        raise CodecError(f"{name}: unknown encoding {enc}")
+        raise CodecError(f"{name}: unknown layout {layout}")
+    if n_over:
+        if kind == KIND_FLOAT:
+            raise CodecError(f"{name}: overflow list on float values")
+        cells = take(n_over, itype)
+        if int(cells.max()) >= n:
+            raise CodecError(f"{name}: overflow cell {int(cells.max())} outside {n} cells")
+        if xbytes not in _EXCESS:
+            raise CodecError(f"{name}: unknown overflow width {xbytes}")
+        out[cells.astype(np.intp)] += take(n_over, _EXCESS[xbytes])
     return offset
 
 

@@ -22,15 +22,17 @@ thread, which encodes and sends it; it never blocks on the network and never rai
 away, or restarting.
 
 Delivery: the sender sends each delta as one atomic script (one round trip; a backlog goes in one
-pipeline). Every delta carries (writer, incarnation, seq); the store applies a seq at most once, so a
-retry after a timeout or a Redis restart never counts twice. While Redis is unreachable the deltas wait
-in a buffer bounded by `max_buffer_bytes` and `max_buffer_windows`; when it is full the oldest delta is
-dropped and counted (`status().dropped`, a logged warning each time). Retries back off from
-`min_backoff_s` to `max_backoff_s`; the buffer is sent in order when Redis answers again.
+pipeline). Every delta carries (writer, incarnation, seq) and the writer's floor (its oldest unsettled
+seq); the store applies each seq at most once, whatever order attempts arrive in, so a retry after a
+timeout, a lost reply or a Redis restart never counts twice. While Redis is unreachable (or answers
+-LOADING, -OOM, -BUSY) the deltas wait in a buffer bounded by `max_buffer_bytes` and `max_buffer_windows`;
+when it is full the oldest delta is dropped and counted (`status().dropped`, a logged warning each time).
+Retries back off from `min_backoff_s` to `max_backoff_s`; the buffer is sent in order when Redis answers.
 
 A header of another shape under the same model/run (different layers, experts or top_k) or data that is
 not ours makes `open` raise StatsSchemaError when Redis is reachable then; found later, the delta is
-refused, counted as `rejected` and logged as an error (never retried, never merged).
+refused, counted as `rejected` and logged as an error (never retried, never merged). The store keeps, per
+writer, its floor and the applied seqs above it (a small sorted set that expires with the windows).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ from .window import WindowCounts
 __all__ = ["RedisStatsSink", "StatsRecorder", "RecorderStatus"]
 
 log = logging.getLogger("expertmesh.cluster.recorder")
+# Replies that mean "this store will never take this delta" (another shape, not ours): never retried.
+_REFUSALS = ("EMSHAPE", "EMFOREIGN", "WRONGTYPE")
 _WRITER = re.compile(r"^[A-Za-z0-9._\-/]{1,100}$")
 
 
@@ -109,7 +113,7 @@ class RecorderStatus:
     dropped: int  # oldest deltas given up because the buffer was full
     rejected: int  # deltas the store refused (another shape, not ours): never retried
     failures: int  # send attempts that did not reach Redis (each retried later)
-    connected: bool  # the last attempt reached Redis
+    connected: bool  # the last attempt was taken by Redis
     last_error: str | None
     last_round_trip_s: float | None  # duration of the last successful send
 
@@ -333,24 +337,26 @@ class StatsRecorder:
                 self._inflight = batch
             if not batch:
                 continue
-            sent = self._send(batch)
+            unsettled = self._send(batch)
             with self._cond:
                 self._inflight = []
-                if not sent:
-                    self._pending.extendleft(reversed(batch))
-                    self._pending_bytes += size
+                if unsettled:  # back to the front, in seq order, to be retried after the backoff
+                    self._pending.extendleft(reversed(unsettled))
+                    self._pending_bytes += sum(d.size for d in unsettled)
                     self._enforce_bound()
                 self._cond.notify_all()
 
-    def _send(self, batch: list[_Delta]) -> bool:
-        """Send deltas in seq order; True when Redis answered for every one of them."""
+    def _send(self, batch: list[_Delta]) -> list[_Delta]:
+        """Send deltas in seq order; returns those still unsettled (all of them when Redis was not reached)."""
         import redis
 
         started = time.perf_counter()
+        floor = batch[0].seq  # the oldest unsettled delta: every earlier one was applied or given up
         try:
             store = self._connect()
             args = [
-                store.flush_args(self._header, d.window, d.blob, self.writer_key, d.seq, self.sink.ttl_s) for d in batch
+                store.flush_args(self._header, d.window, d.blob, self.writer_key, d.seq, self.sink.ttl_s, floor)
+                for d in batch
             ]
             if len(batch) == 1:
                 try:
@@ -363,39 +369,54 @@ class StatsRecorder:
                     pipe.eval(scripts.FLUSH, *a)
                 replies = pipe.execute(raise_on_error=False)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            # Includes -LOADING (a restarted Redis reading its data back): the outcome of each delta is
+            # unknown, so all are retried; the store's per-seq dedup makes that safe.
             self._failed(exc)
-            return False
+            return batch
         except Exception as exc:  # noqa: BLE001 - the sender must outlive anything Redis or the network does
             log.exception("stats writer %s: unexpected error while sending", self.writer_id)
             self._failed(exc)
-            return False
+            return batch
         elapsed = time.perf_counter() - started
+        unsettled: list[_Delta] = []
+        transient: Exception | None = None
         with self._cond:
             if not self._connected and self._last_error:
                 log.warning(
-                    "stats writer %s: Redis reachable again; sending %d buffered deltas",
+                    "stats writer %s: Redis answers again; %d buffered deltas sent",
                     self.writer_id,
                     len(batch),
                 )
-            self._connected, self._backoff, self._round_trip = True, 0.0, elapsed
+            self._connected, self._round_trip = True, elapsed
             for d, reply in zip(batch, replies, strict=True):
-                if isinstance(reply, Exception):
+                log.debug("stats writer %s: seq %d window %d -> %r", self.writer_key, d.seq, d.window, reply)
+                if isinstance(reply, Exception) and str(reply).startswith(_REFUSALS):
                     self._counters["rejected"] += 1
                     self._last_error = str(reply)
                     log.error("stats writer %s: the store refused window %d: %s", self.writer_id, d.window, reply)
+                elif isinstance(reply, Exception):  # -OOM, -BUSY, -READONLY...: not applied, try again later
+                    unsettled.append(d)
+                    transient = reply
                 elif (reply.decode() if isinstance(reply, bytes) else str(reply)) == "dup":
                     self._counters["duplicates"] += 1
                 else:
                     self._counters["sent"] += 1
-        return True
+            if transient is None:
+                self._backoff = 0.0
+        if transient is not None:
+            self._failed(transient, disconnect=False)
+        return unsettled
 
-    def _failed(self, exc: BaseException) -> None:
-        if self._store is not None:
+    def _failed(self, exc: BaseException, disconnect: bool = True) -> None:
+        log.debug("stats writer %s: send failed: %r", self.writer_key, exc)
+        if disconnect and self._store is not None:
             with contextlib.suppress(Exception):  # the pool may already be broken
                 self._store.client.connection_pool.disconnect()
         with self._cond:
             if self._connected or self._last_error is None:
-                log.warning("stats writer %s: cannot send to Redis (%s); buffering and retrying", self.writer_id, exc)
+                log.warning(
+                    "stats writer %s: Redis did not take the deltas (%s); buffering and retrying", self.writer_id, exc
+                )
             self._connected = False
             self._counters["failures"] += 1
             self._last_error = f"{type(exc).__name__}: {exc}"

@@ -50,21 +50,29 @@ return redis.call('HGETALL', KEYS[1])
 )
 
 # Apply one writer's window delta exactly once.
-# KEYS: 1 meta, 2 writers, 3 index, 4 window
-# ARGV: 1-7 header (see prelude), 8 writer, 9 seq, 10 window id, 11 field, 12 blob, 13 ttl seconds
-# A delta whose seq is not above the writer's high-water mark was applied before (its reply was lost):
-# it is acknowledged as 'dup' and changes nothing. The writer sends its deltas in seq order.
+# KEYS: 1 meta, 2 writers, 3 index, 4 window, 5 the writer's applied set
+# ARGV: 1-7 header (see prelude), 8 writer, 9 seq, 10 window id, 11 field, 12 blob, 13 ttl seconds, 14 floor
+# Dedup is exact per seq, not a high-water mark: Redis may refuse one delta of a pipeline (-LOADING while it
+# loads its data after a restart, -OOM, -BUSY) and apply a later one, so seqs can land out of order. The
+# writer's floor is its oldest unsettled seq: everything below it was applied or given up and is never
+# applied again ('dup'), which also lets the applied set forget those seqs and stay small.
 FLUSH = (
     _ENSURE_META
     + r"""
 local bad = ensure_meta(KEYS[1])
 if bad then return redis.error_reply(bad) end
-local seq = tonumber(ARGV[9])
-local seen = tonumber(redis.call('HGET', KEYS[2], ARGV[8]) or '-1')
-if seq <= seen then return 'dup' end
+local floor = tonumber(ARGV[14])
+local settled = tonumber(redis.call('HGET', KEYS[2], ARGV[8]) or '0')
+if floor > settled then
+  redis.call('HSET', KEYS[2], ARGV[8], ARGV[14])
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. ARGV[14])
+  settled = floor
+end
+if tonumber(ARGV[9]) < settled or redis.call('ZSCORE', KEYS[5], ARGV[9]) then return 'dup' end
 redis.call('HSET', KEYS[4], ARGV[11], ARGV[12])
 redis.call('EXPIRE', KEYS[4], ARGV[13])
-redis.call('HSET', KEYS[2], ARGV[8], ARGV[9])
+redis.call('ZADD', KEYS[5], ARGV[9], ARGV[9])
+redis.call('EXPIRE', KEYS[5], ARGV[13])
 redis.call('ZADD', KEYS[3], ARGV[10], ARGV[10])
 local head = tonumber(redis.call('HGET', KEYS[1], 'head') or '-1')
 if tonumber(ARGV[10]) > head then redis.call('HSET', KEYS[1], 'head', ARGV[10]) end

@@ -7,7 +7,8 @@ every multi-key script below is atomic on a single server and on a cluster alike
     :w:<id>      hash    one field per writer delta ("d:<writer>:<seq>") or merged sum ("m:<token>"); value:
                          an encoded window (`codec`). The window is the sum of its fields. Expires after ttl.
     :windows     zset    window ids present (score = id)
-    :writers     hash    writer -> highest delta seq applied (makes a retried flush count once)
+    :writers     hash    writer -> floor: its oldest unsettled seq (every lower seq was applied or given up)
+    :applied:<writer> zset  seqs >= floor that were applied: with the floor, a retried flush counts once
     :agg         hash    blob (float window), ref (window id its weights refer to), ver, folded
 
 Windows have integer ids chosen by the writers (a step or time bucket; all writers of a window use the same
@@ -99,6 +100,13 @@ class StatsKeys:
 
     def window(self, window_id: int) -> str:
         return f"{self.window_prefix}{int(window_id)}"
+
+    @property
+    def applied_prefix(self) -> str:
+        return self.prefix + ":applied:"
+
+    def applied(self, writer: str) -> str:
+        return self.applied_prefix + writer
 
 
 @dataclass(frozen=True)
@@ -240,13 +248,24 @@ class StatsStore:
         writer: str,
         seq: int,
         ttl_s: int = DEFAULT_TTL_S,
+        floor: int | None = None,
     ) -> tuple:
-        """(numkeys, *keys, *args) of the FLUSH script for one delta (the recorder pipelines these)."""
+        """(numkeys, *keys, *args) of the FLUSH script for one delta (the recorder pipelines these).
+
+        `floor`: the writer's oldest seq not yet settled (default `seq`: every earlier one is settled).
+        """
         check_window_id(window_id)
         field = f"d:{writer}:{seq}"
-        keys = (self.keys.meta, self.keys.writers, self.keys.index, self.keys.window(window_id))
-        args = (*header.args(), writer, int(seq), int(window_id), field, blob, int(ttl_s))
-        return (4, *keys, *args)
+        keys = (
+            self.keys.meta,
+            self.keys.writers,
+            self.keys.index,
+            self.keys.window(window_id),
+            self.keys.applied(writer),
+        )
+        floor = seq if floor is None else floor
+        args = (*header.args(), writer, int(seq), int(window_id), field, blob, int(ttl_s), int(floor))
+        return (len(keys), *keys, *args)
 
     def write(
         self,
@@ -257,11 +276,14 @@ class StatsStore:
         writer: str,
         seq: int,
         ttl_s: int = DEFAULT_TTL_S,
+        floor: int | None = None,
     ) -> bool:
         """Add one delta to a window, atomically and once: False if this (writer, seq) was applied before."""
         blob = encode_window(window)
         with self._errors(f"write window {window_id}"):
-            reply = self.client.eval(scripts.FLUSH, *self.flush_args(header, window_id, blob, writer, seq, ttl_s))
+            reply = self.client.eval(
+                scripts.FLUSH, *self.flush_args(header, window_id, blob, writer, seq, ttl_s, floor)
+            )
         return _text(reply) == "ok"
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -484,8 +506,9 @@ class StatsStore:
         with self._errors("reset"):
             names = {self.keys.meta, self.keys.writers, self.keys.index, self.keys.agg}
             names.update(self.keys.window(int(_text(m))) for m in self.client.zrange(self.keys.index, 0, -1))
-            # Windows missing from the index (it is trimmed by compaction) are found by name.
-            names.update(_text(n) for n in self.client.scan_iter(match=self.keys.window_prefix + "*", count=1000))
+            # Windows missing from the index (it is trimmed by compaction) and writers' sets are found by name.
+            for pattern in (self.keys.window_prefix + "*", self.keys.applied_prefix + "*"):
+                names.update(_text(n) for n in self.client.scan_iter(match=pattern, count=1000))
             return int(self.client.unlink(*names)) if names else 0
 
     def memory(self) -> dict:

@@ -38,9 +38,15 @@ def main() -> None:
     p.add_argument("--keep", type=int, default=256)
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--close-timeout", type=float, default=60.0)
+    p.add_argument("--op-timeout", type=float, default=5.0)
     a = p.parse_args()
 
+    import logging
+
     from expertmesh.cluster.recorder import RedisStatsSink
+
+    # Every reply and failure on stderr: the tests show them when a count does not add up.
+    logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(relativeCreated)d %(message)s")
 
     sink = RedisStatsSink(
         a.url,
@@ -52,7 +58,7 @@ def main() -> None:
         min_backoff_s=0.02,
         max_backoff_s=0.2,
         connect_timeout_s=0.5,
-        op_timeout_s=5.0,
+        op_timeout_s=a.op_timeout,
     )
     rec = sink.open(f"w{a.writer}")
     for window in range(a.windows):

@@ -59,9 +59,7 @@ def test_push_then_load_stats_url_equals_the_trace(redis_url, trace_file):
     assert same(last2, stats_from_trace(trace.slice_tokens(80, 95)))
 
     # A second push continues after the newest window, with its own writer identity.
-    again = json.loads(
-        run("push", path, "--redis", redis_url, "-m", "tiny", "--window-tokens", 50, "--json").stdout
-    )
+    again = json.loads(run("push", path, "--redis", redis_url, "-m", "tiny", "--window-tokens", 50, "--json").stdout)
     assert again["windows"] == [10, 11] and again["created"] is False
     assert load_stats_url(f"{redis_url}?model=tiny").tokens == 190
 
@@ -108,7 +106,7 @@ def test_export_compact_reset(redis_url, trace_file, tmp_path):
 
     assert run("reset", "--redis", redis_url, "--model", "ex").exit_code == 2  # not interactive, no --yes
     removed = json.loads(run("reset", "--redis", redis_url, "--model", "ex", "--yes", "--json").stdout)
-    assert removed["keys_removed"] == 3 + 5  # meta, writers, index, 5 windows
+    assert removed["keys_removed"] == 3 + 5 + 1  # meta, writers, index, 5 windows, the pusher's applied set
     gone = run("show", "--redis", redis_url, "--model", "ex")
     assert gone.exit_code == 1 and "no statistics under" in gone.stderr
 

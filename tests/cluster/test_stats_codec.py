@@ -11,54 +11,65 @@ from expertmesh.cluster.codec import BITMAP, COO, DENSE, CodecError, decode_wind
 from expertmesh.cluster.window import WindowCounts, pair_count
 
 HEADER = 4 + 1 + 1 + 2 + 4 * 3 + 8 + 4
-ARRAY = struct.Struct("<BBBBQQ")
+ARRAY = struct.Struct("<BBBBBQQQ")
 
 
-def window_with(L, E, k, density, peak, seed=0):
+def window_with(L, E, k, density, peak, seed=0, hot=0):
     rng = np.random.default_rng(seed)
 
     def cells(shape):
         arr = np.where(rng.random(shape) < density, rng.integers(1, peak + 1, shape), 0).astype(np.int64)
+        flat = arr.reshape(-1)
+        flat[rng.choice(flat.size, min(hot, flat.size), replace=False)] = 10**9  # a few very hot cells
         return arr
 
     return WindowCounts(cells((L, E)), k, 123, cells((L, pair_count(E))), cells((L - 1, E * E)), deltas=3)
 
 
-def encodings(blob):
-    """(encoding, value bytes) of counts, coact, trans as written."""
+def layouts(blob):
+    """(layout, value bits, overflow cells) of counts, coact, trans as written; checks the sizes add up."""
     out, offset = [], HEADER
     for _ in range(3):
-        enc, vbytes, ibytes, _, n, nnz = ARRAY.unpack_from(blob, offset)
+        layout, bits, ib, kind, xb, n, nnz, n_over = ARRAY.unpack_from(blob, offset)
         offset += ARRAY.size
-        size = {DENSE: n * vbytes, BITMAP: (n + 7) // 8 + nnz * vbytes, COO: nnz * (ibytes + vbytes)}[enc]
-        offset += size
-        out.append((enc, vbytes))
+        m = n if layout == DENSE else nnz
+        offset += {DENSE: 0, BITMAP: (n + 7) // 8, COO: nnz * ib}[layout] + (m * bits + 7) // 8 + n_over * (ib + xb)
+        out.append((layout, bits, n_over))
     assert offset == len(blob)
     return out
 
 
 @pytest.mark.parametrize(
-    "density,peak,expect_enc,expect_bytes",
+    "density,peak,hot,expect",
     [
-        (0.0, 1, COO, 1),  # empty: nothing but headers
-        (0.01, 3, COO, 1),  # sparse: indices of the few non-zero cells
-        (0.3, 200, BITMAP, 1),  # medium: bitmap + values
-        (1.0, 60_000, DENSE, 2),  # full: values only, 2 bytes each
-        (0.5, 2**40, BITMAP, 8),  # huge counts keep full 64-bit width
+        (0.0, 1, 0, (COO, 4)),  # empty: nothing but headers
+        (0.01, 3, 0, (COO, 4)),  # sparse: indices of the few non-zero cells, 4-bit values
+        (0.3, 200, 0, (BITMAP, 8)),  # medium: bitmap + byte values
+        (1.0, 60_000, 0, (DENSE, 16)),  # full: values only, 2 bytes each
+        (1.0, 9, 5, (DENSE, 4)),  # small values, 5 huge ones: 4 bits per cell plus 5 patches
+        (0.3, 2**40, 0, (BITMAP, 64)),  # huge counts keep full 64-bit width
     ],
 )
-def test_round_trip_picks_the_smallest_exact_encoding(density, peak, expect_enc, expect_bytes):
-    w = window_with(5, 16, 2, density, peak)
+def test_round_trip_picks_a_compact_exact_encoding(density, peak, hot, expect):
+    w = window_with(5, 16, 2, density, peak, hot=hot)
     blob = encode_window(w)
     back = decode_window(blob, 5, 16, 2)
     for name in ("counts", "coact", "trans"):
         np.testing.assert_array_equal(getattr(back, name), getattr(w, name), err_msg=name)
         assert getattr(back, name).dtype == np.int64
     assert back.tokens == 123 and back.deltas == 3 and back.top_k == 2
-    encs = encodings(blob)
-    assert encs[2] == (expect_enc, expect_bytes)  # trans, the largest array
-    dense_bytes = w.trans.size * 8
-    assert len(blob) < dense_bytes  # always smaller than raw int64 (the baseline)
+    layout, bits, n_over = layouts(blob)[2]  # trans, the largest array
+    assert (layout, bits) == expect
+    assert n_over == (hot if bits == 4 else 0)
+    assert len(blob) < w.trans.size * 8  # always smaller than raw int64 (the baseline)
+
+
+def test_odd_cell_counts_pack_nibbles_exactly():
+    rng = np.random.default_rng(5)
+    w = WindowCounts(rng.integers(0, 15, (3, 7)), 2, 9, rng.integers(0, 15, (3, 21)), rng.integers(0, 15, (2, 49)))
+    back = decode_window(encode_window(w), 3, 7, 2)
+    for name in ("counts", "coact", "trans"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(w, name))
 
 
 def test_window_without_pairs_and_float_windows():
@@ -83,9 +94,7 @@ def test_refuses_foreign_truncated_and_mismatched_bytes():
         decode_window(blob[:-5], 3, 8, 2)
     with pytest.raises(CodecError, match="trailing bytes"):
         decode_window(blob + b"\0", 3, 8, 2)
-    with pytest.raises(
-        CodecError, match="window shape layers=3 experts=8 top_k=2, expected layers=3 experts=16"
-    ):
+    with pytest.raises(CodecError, match="window shape layers=3 experts=8 top_k=2, expected layers=3 experts=16"):
         decode_window(blob, 3, 16, 2)
     with pytest.raises(CodecError, match="version 9"):
         decode_window(blob[:4] + b"\x09" + blob[5:], 3, 8, 2)

@@ -39,12 +39,14 @@ def start_writers(url, model, writers, windows, **opts):
     ]
 
 
-def finish(procs, timeout=120):
+def finish(procs, timeout=120, logs=None):
     statuses = []
     for p in procs:
         out, err = p.communicate(timeout=timeout)
         assert p.returncode == 0, f"writer raised into its caller:\n{err[-3000:]}"
         statuses.append(json.loads(out))
+        if logs is not None:
+            logs.append(err)
     return statuses
 
 
@@ -128,13 +130,17 @@ def test_writer_killed_mid_flush_leaves_only_whole_deltas(redis_url):
         time.sleep(0.01)
     procs[0].send_signal(signal.SIGKILL)
     procs[0].wait(10)
-    marks = {k.decode(): int(v) for k, v in store.client.hgetall(store.keys.writers).items()}
-    assert len(marks) == 1 and next(iter(marks)).startswith("w0/")
-    applied = next(iter(marks.values()))  # seq n is window n-1 in this writer
+    floors = {k.decode(): int(v) for k, v in store.client.hgetall(store.keys.writers).items()}
+    assert len(floors) == 1 and next(iter(floors)).startswith("w0/")
+    writer, floor = next(iter(floors.items()))
+    # Applied: every seq below the floor (this writer dropped nothing) and the recorded ones above it.
+    above = [int(m) for m in store.client.zrange(store.keys.applied(writer), 0, -1)]
+    seqs = sorted(set(range(1, floor)) | set(above))
+    assert seqs == list(range(1, len(seqs) + 1))  # a whole prefix of the writer's deltas, nothing partial
+    windows = [s - 1 for s in seqs][-256:]  # seq n is window n - 1 in this writer; the store keeps 256
     snap = store.snapshot()
-    assert snap.meta["windows"] == list(range(max(0, applied - 256), applied))[-256:]
-    want = expected_sum([0], lambda w: range(max(0, applied - 256), applied), tokens, layers, experts, top_k)
-    assert_same(snap, want)
+    assert snap.meta["windows"] == windows
+    assert_same(snap, expected_sum([0], lambda w: windows, tokens, layers, experts, top_k))
 
 
 def test_redis_killed_and_restarted_while_writers_flush(redis_server_factory):
@@ -153,12 +159,19 @@ def test_redis_killed_and_restarted_while_writers_flush(redis_server_factory):
     server.kill()
     time.sleep(0.5)
     server.start()
-    statuses = finish(procs)
+    logs: list[str] = []
+    statuses = finish(procs, logs=logs)
     assert delivered < 4 * 120 * 8  # Redis died while windows were still being flushed
     assert sum(s["failures"] for s in statuses) >= 1  # and the writers ran into the outage
     assert all(s["pending"] == 0 and s["dropped"] == 0 and s["rejected"] == 0 for s in statuses)
     assert all(s["sent"] + s["duplicates"] == 120 for s in statuses)
     snap = StatsStore.open(server.url, model="restart").snapshot()
+    short = {
+        w: sorted(k.decode() for k in store.client.hkeys(store.keys.window(int(w))))
+        for w, n in snap.meta["deltas"].items()
+        if n != 4
+    }
+    assert not short, f"windows missing deltas: {short}\nstatuses {statuses}\nlogs {logs}"
     assert_same(snap, expected_sum(range(4), lambda w: range(120)))
     assert set(snap.meta["deltas"].values()) == {4}
 

@@ -77,9 +77,7 @@ def test_unreachable_redis_is_a_clear_error():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     store = StatsStore.open(f"redis://:hunter2@127.0.0.1:{port}/0?model=m", socket_connect_timeout=0.5)
-    with pytest.raises(
-        StatsUnavailableError, match=rf"cannot reach Redis at redis://:\*\*\*@127.0.0.1:{port}/0"
-    ) as e:
+    with pytest.raises(StatsUnavailableError, match=rf"cannot reach Redis at redis://:\*\*\*@127.0.0.1:{port}/0") as e:
         store.snapshot()
     assert "hunter2" not in str(e.value) and "EXPERTMESH_REDIS_URL" in str(e.value)
 

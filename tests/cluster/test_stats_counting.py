@@ -27,9 +27,7 @@ def assert_same(a: RoutingStats, b: RoutingStats) -> None:
             np.testing.assert_array_equal(x, y, err_msg=name)
 
 
-@pytest.mark.parametrize(
-    "T,L,E,k", [(60, 3, 8, 2), (41, 1, 5, 1), (33, 4, 16, 4), (7, 2, 4, 4), (1, 5, 3, 3)]
-)
+@pytest.mark.parametrize("T,L,E,k", [(60, 3, 8, 2), (41, 1, 5, 1), (33, 4, 16, 4), (7, 2, 4, 4), (1, 5, 3, 3)])
 def test_steps_sum_to_stats_from_trace(T, L, E, k):
     rng = np.random.default_rng(T * 100 + L)
     ids = random_ids(rng, T, L, E, k)

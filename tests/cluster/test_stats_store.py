@@ -87,10 +87,24 @@ def test_a_retried_delta_counts_once(store):
     assert store.write(0, w, header=header, writer="x/1", seq=1) is False  # the retry after a lost reply
     assert store.write(0, w, header=header, writer="x/1", seq=1) is False
     assert store.snapshot().tokens == w.tokens
-    assert (
-        store.write(0, w, header=header, writer="x/2", seq=1) is True
-    )  # another incarnation is another writer
+    assert store.write(0, w, header=header, writer="x/2", seq=1) is True  # another incarnation is another writer
     assert store.snapshot().tokens == 2 * w.tokens
+
+
+def test_out_of_order_deltas_each_apply_once_and_the_floor_settles(store):
+    """Redis can refuse seq 1 (-LOADING, -OOM) and apply seq 2 of the same pipeline: seq 1 must still land."""
+    header = store.ensure(L, E, K)
+    one, two, three = (window_of(ids_for(s)) for s in (1, 2, 3))
+    assert store.write(0, two, header=header, writer="w/1", seq=2, floor=1) is True
+    assert store.write(0, one, header=header, writer="w/1", seq=1, floor=1) is True  # a mark would call it dup
+    assert store.write(0, two, header=header, writer="w/1", seq=2, floor=1) is False
+    assert store.snapshot().tokens == one.tokens + two.tokens
+    # Floor 3: the writer settled 1 and 2; a stale attempt for either is a duplicate, and the set forgets them.
+    assert store.write(0, three, header=header, writer="w/1", seq=3, floor=3) is True
+    assert store.write(0, one, header=header, writer="w/1", seq=1, floor=1) is False
+    assert [int(m) for m in store.client.zrange(store.keys.applied("w/1"), 0, -1)] == [3]
+    assert store.snapshot().tokens == one.tokens + two.tokens + three.tokens
+    assert store.client.ttl(store.keys.applied("w/1")) > 0
 
 
 def test_retention_fold_and_decayed_aggregate(store):
@@ -185,7 +199,7 @@ def test_empty_prefix_and_reset(store, redis_url):
         store.write(wid, window_of(ids_for(wid)), header=header, writer="a", seq=wid + 1)
     neighbour = StatsStore.open(redis_url, model="test-model", run="r2")
     neighbour.write(0, window_of(ids_for(5)), header=neighbour.ensure(L, E, K), writer="a", seq=1)
-    assert store.reset() == 6  # meta, writers, index and 3 windows (no aggregate yet)
+    assert store.reset() == 7  # meta, writers, index, 3 windows, the writer's applied set (no aggregate yet)
     assert store.header() is None
     assert neighbour.snapshot().tokens == 24  # another run under the same model is untouched
 
