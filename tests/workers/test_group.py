@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 import torch
+
 from expertmesh.placement.cost import CostParams, evaluate
 from expertmesh.placement.eplb import eplb
 from expertmesh.placement.ilp import IlpOptions, ilp
@@ -119,6 +120,7 @@ def test_group_matches_reference_under_contiguous_and_ilp_plans(ray_cluster, tin
 
 def test_routing_counts_reach_redis_exactly(ray_cluster, tiny_models, reference, redis_url):
     import redis
+
     from expertmesh.cluster.recorder import RedisStatsSink
     from expertmesh.cluster.store import StatsStore
 

@@ -13,6 +13,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from expertmesh.placement.plan import Placement
 from expertmesh.workers.checkpoint import CheckpointError, CheckpointReader, expert_keys
 from expertmesh.workers.config import ModelConfigError, read_model_config
@@ -20,7 +22,6 @@ from expertmesh.workers.kvcache import KVArena, SequenceError
 from expertmesh.workers.local import load_local_model, run_step
 from expertmesh.workers.sampling import SamplingParams, sample
 from expertmesh.workers.weights import load_expert_shard
-from safetensors.torch import load_file, save_file
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # the checkpoints tests/workers/conftest.py writes
 
