@@ -24,8 +24,8 @@ Per MoE layer, inside a worker (see `moe.moe_forward`, which is exactly this):
     out[t] == sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])
 
 Which GPU serves a pair: `choose_replicas` (torch port of `expertmesh.placement.routing.choose_replicas`,
-tested equal): the replica on the token's own GPU, else one on a GPU the token visits anyway, else one
-on its node, else spread by (token index + expert) mod replicas. Source = rank, token index = position
+tested equal): the replica on the token's own GPU, else one on its node, else spread by (token index +
+expert) mod replicas. Source = rank, token index = position
 of the token on this rank.
 
 Exact layout (details in `layout.py`, `expert_map.py`):

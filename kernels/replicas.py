@@ -6,10 +6,8 @@ the planner's cost model predicted with (the tests compare the two on random ins
 order of preference, for a pair whose expert has no replica on the token's source GPU:
 
 1. the replica on the source GPU (no transfer);
-2. a replica on a GPU the token visits anyway (the source, or the sole GPU of another of its experts),
-   the lowest such GPU id;
-3. a replica on the source's node, if any;
-4. the (token_index + expert) mod n-th remaining candidate in GPU order.
+2. a replica on the source's node, if any;
+3. the (token_index + expert) mod n-th remaining candidate in GPU order.
 
 Shapes: T tokens, k experts per token, E logical experts, G GPUs of the EP group.
 """
@@ -58,25 +56,14 @@ def choose_replicas(
         return torch.zeros((0, k), dtype=torch.int64, device=ids.device)
     cand = replicas.to(ids.device)[ids] > 0  # [T, k, G]
     on_source = torch.nn.functional.one_hot(source, G).bool()  # [T, G]
-
-    # GPUs the token reaches regardless of choices: its source and the sole GPU of single-replica experts.
-    single = cand.sum(-1) == 1
-    must_visit = on_source | (cand & single[..., None]).any(1)
-
-    choice_set = cand & on_source[:, None, :]  # rule 1
-    need = ~choice_set.any(-1)
-    visit = cand & must_visit[:, None, :] & need[..., None]  # rule 2
-    has_visit = visit.any(-1)
-    first_visit = _first_true(visit)
+    need = ~(cand & on_source[:, None, :]).any(-1)  # rule 1 failed
 
     node = node_of_gpu.to(device=ids.device, dtype=torch.int64)
     same_node = node[None, :] == node[source][:, None]  # [T, G]
-    near = cand & same_node[:, None, :]  # rule 3
+    near = cand & same_node[:, None, :]  # rule 2
     pool = torch.where(near.any(-1, keepdim=True), near, cand)
     n = pool.sum(-1)
-    pick = (token_index.to(device=ids.device, dtype=torch.int64)[:, None] + ids) % n.clamp(min=1)  # rule 4
+    pick = (token_index.to(device=ids.device, dtype=torch.int64)[:, None] + ids) % n.clamp(min=1)  # rule 3
     rank = torch.cumsum(pool.to(torch.int64), dim=-1) - 1
     spread = _first_true(pool & (rank == pick[..., None]))
-
-    gpu = torch.where(has_visit, first_visit, spread)
-    return torch.where(need, gpu, source[:, None])
+    return torch.where(need, spread, source[:, None])

@@ -63,6 +63,10 @@ class PartitionProblem:
     `node_penalty` times its weight on top. reward [n, P] (optional) is subtracted for every part that holds
     the expert: a previous plan's placement (migration saved) or the GPUs a layer's tokens arrive from
     (token-follow). `peak_weight` > 0 adds the heaviest part's load (used when there are no pairs).
+    replica_group [P] (optional) groups parts (a node's GPUs; or each node by itself when parts are nodes):
+    the copies of an expert that fit in one group must all lie in one group. The replica rule sends a token
+    to a replica on its own node first, so copies spread unevenly over nodes would not share the expert's
+    load evenly; kept in one node, they do (EPLB's hierarchical policy does the same).
     """
 
     replicas: np.ndarray
@@ -77,15 +81,29 @@ class PartitionProblem:
     node_penalty: int = 0
     reward: np.ndarray | None = None
     peak_weight: int = 0
+    replica_group: np.ndarray | None = None
+
+    def bound_experts(self) -> np.ndarray:
+        """bool [n]: experts whose copies must share one replica group."""
+        if self.replica_group is None:
+            return np.zeros(len(self.replicas), dtype=bool)
+        group_size = np.bincount(self.replica_group).min() * self.max_per_part
+        return (self.replicas > 1) & (self.replicas <= group_size)
 
     def part_loads(self, x: np.ndarray) -> np.ndarray:
         return (self.load[:, None] * x).sum(0)
 
     def feasible(self, x: np.ndarray) -> bool:
-        return bool(
+        ok = bool(
             (x.sum(1) == self.replicas).all() and (x.sum(0) == self.slots).all()
             and (x <= self.max_per_part).all() and (self.part_loads(x) <= self.cap).all()
         )
+        bound = self.bound_experts()
+        if ok and bound.any():
+            groups = int(self.replica_group.max()) + 1
+            held = np.stack([(x[bound][:, self.replica_group == k] > 0).any(1) for k in range(groups)], 1)
+            ok = bool((held.sum(1) == 1).all())
+        return ok
 
     def objective(self, x: np.ndarray) -> float:
         """The objective of an assignment [n, P], computed directly (for hints and checks)."""
@@ -93,7 +111,13 @@ class PartitionProblem:
         total = float(self.peak_weight * self.part_loads(x).max()) if self.peak_weight else 0.0
         if len(self.pairs):
             a, b = self.pairs[:, 0], self.pairs[:, 1]
-            total += float(self.pair_weight @ ~(held[a] & held[b]).any(1))
+            shared = (held[a] & held[b]).sum(1)
+            if self.max_per_part == 1:
+                # GPUs: an expert's tokens split evenly over its replicas, so a pair meets with probability
+                # shared GPUs / (replicas of e x replicas of f); 0 or 1 when neither is replicated.
+                total += float(np.sum(self.pair_weight - self._shared_weight() * shared))
+            else:  # nodes: a token reaches a replica on its own node first, so any shared node counts
+                total += float(self.pair_weight @ (shared == 0))
             if self.node_of_part is not None and self.node_penalty:
                 nodes = int(self.node_of_part.max()) + 1
                 on = np.stack([held[:, self.node_of_part == k].any(1) for k in range(nodes)], 1)
@@ -101,6 +125,11 @@ class PartitionProblem:
         if self.reward is not None:
             total -= float((self.reward * held).sum())
         return total
+
+    def _shared_weight(self) -> np.ndarray:
+        """int [m]: what each GPU shared by a pair saves, w / (replicas of e x replicas of f)."""
+        copies = self.replicas[self.pairs[:, 0]] * self.replicas[self.pairs[:, 1]]
+        return np.round(self.pair_weight / copies).astype(np.int64)
 
 
 def _split_indicator(model, name: str, e: int, f: int, holds, single: bool, hint_held):
@@ -153,6 +182,15 @@ def partition(
         for p in range(P):
             model.add(count[e][p] >= holds[e][p])
             model.add(count[e][p] <= pb.max_per_part * holds[e][p])
+    # The copies of a bound expert all lie in one replica group (so its load splits evenly, see above).
+    for e in np.flatnonzero(pb.bound_experts()).tolist():
+        groups = int(pb.replica_group.max()) + 1
+        chosen = [model.new_bool_var(f"g_{e}_{k}") for k in range(groups)]
+        model.add_exactly_one(chosen)
+        for p in range(P):
+            model.add_implication(holds[e][p], chosen[int(pb.replica_group[p])])
+        for k in range(groups):
+            model.add_hint(chosen[k], int((hint[e, pb.replica_group == k] > 0).any()))
 
     objective = []
     single = pb.replicas == 1
@@ -168,13 +206,24 @@ def partition(
                 members = [holds[e][p] for p in np.flatnonzero(pb.node_of_part == k)]
                 model.add_max_equality(node_holds[e][k], members)
                 model.add_hint(node_holds[e][k], int(hint_node[e, k]))
-    for (e, f), w in zip(pb.pairs.tolist(), pb.pair_weight.tolist(), strict=True):
+    shared_weight = pb._shared_weight() if len(pb.pairs) else np.zeros(0, np.int64)
+    for (e, f), w, w_shared in zip(pb.pairs.tolist(), pb.pair_weight.tolist(), shared_weight.tolist(), strict=True):
         if w <= 0:
             continue
         # Every co-activated pair split across parts costs its weight: a token that chose both is
         # copied to one more GPU.
         both_single = bool(single[e] and single[f])
-        objective.append(w * _split_indicator(model, f"cut_{e}_{f}", e, f, holds, both_single, hint_held))
+        if both_single or pb.max_per_part > 1:
+            objective.append(w * _split_indicator(model, f"cut_{e}_{f}", e, f, holds, both_single, hint_held))
+        else:
+            # With replicas on GPUs, each GPU the pair shares saves its share of the weight.
+            objective.append(w)
+            for p in range(P):
+                y = model.new_bool_var(f"y_{e}_{f}_{p}")
+                model.add_implication(y, holds[e][p])
+                model.add_implication(y, holds[f][p])
+                model.add_hint(y, int(hint_held[e, p] and hint_held[f, p]))
+                objective.append(-w_shared * y)
         if node_holds is not None:
             # ...and across nodes it costs `node_penalty` times more: that copy crosses the NIC.
             cut_node = _split_indicator(model, f"cutn_{e}_{f}", e, f, node_holds, both_single, hint_node)

@@ -136,8 +136,11 @@ def _lpt(pb: PartitionProblem) -> np.ndarray:
     x = np.zeros((n, pb.num_parts), dtype=np.int64)
     part_load = np.zeros(pb.num_parts)
     items = np.repeat(np.arange(n), pb.replicas)
+    bound = pb.bound_experts()
     for e in items[np.argsort(-pb.load[items], kind="stable")]:
         ok = (x.sum(0) < pb.slots) & (x[e] < pb.max_per_part)
+        if bound[e] and x[e].any():
+            ok &= pb.replica_group == pb.replica_group[np.argmax(x[e] > 0)]
         if not ok.any():
             ok = x.sum(0) < pb.slots
         p = np.flatnonzero(ok)[np.argmin(part_load[ok])]
@@ -184,7 +187,8 @@ def _decomposed(job: _LayerJob, whole: PartitionProblem) -> tuple[np.ndarray | N
 
     def node_problem(node_cap: int) -> PartitionProblem:
         return PartitionProblem(job.replicas, whole.load, N, S * per_node, per_node, node_cap, job.pairs,
-                                job.pair_weight, reward=node_reward, peak_weight=whole.peak_weight)
+                                job.pair_weight, reward=node_reward, peak_weight=whole.peak_weight,
+                                replica_group=np.arange(N))
 
     def gpu_problems(node_x: np.ndarray) -> list[tuple[np.ndarray, PartitionProblem]]:
         out = []
@@ -249,6 +253,7 @@ def _solve_layer(job: _LayerJob) -> _LayerResult:
         job.replicas, load, G, job.slots_per_gpu, 1, cap, job.pairs, job.pair_weight,
         node_of_part=np.arange(G) // per_node, node_penalty=job.node_penalty, reward=job.reward,
         peak_weight=0 if len(job.pairs) or job.reward is not None else 1,
+        replica_group=np.arange(G) // per_node if job.num_nodes > 1 else None,
     )
     if job.num_nodes > 1 and job.decompose:
         x, reports = _decomposed(job, whole)

@@ -34,10 +34,13 @@ def greedy_partition(problem: PartitionProblem) -> np.ndarray | None:
     items = np.repeat(np.arange(n), pb.replicas)
     items = items[np.argsort(-pb.load[items], kind="stable")]
     lightest = pb.load[items[-1]] if len(items) else 0
+    bound = pb.bound_experts()
     for e in items:
         # Look ahead: the part's other free slots will each take at least the lightest remaining load.
         free = pb.slots - x.sum(0)
         room = (free > 0) & (x[e] < pb.max_per_part) & (part_load + pb.load[e] + (free - 1) * lightest <= pb.cap)
+        if bound[e] and x[e].any():  # later copies follow the first into its replica group
+            room &= pb.replica_group == pb.replica_group[np.argmax(x[e] > 0)]
         if not room.any():
             return None
         gain = affinity[e] @ (x > 0) + (0 if pb.reward is None else pb.reward[e])
@@ -81,6 +84,7 @@ def improve_by_swaps(problem: PartitionProblem, x: np.ndarray, max_rounds: int =
         np.add.at(node_conn.T, node_of[part], w)
     part_load = np.bincount(part, weights=item_load, minlength=P)
     holds = x.copy()
+    bound = pb.bound_experts()
     same_expert = expert[:, None] == expert[None, :]
     rows = np.arange(m)
     # Reward of every item in every part (a replicated expert's reward is shared between its copies).
@@ -100,6 +104,9 @@ def improve_by_swaps(problem: PartitionProblem, x: np.ndarray, max_rounds: int =
         ok = (part[:, None] != part[None, :]) & (load_i <= pb.cap) & (pb.cap >= load_i.T)
         room = holds[expert][:, part] < pb.max_per_part  # expert of i has room in the part of j
         ok &= (room | same_expert) & (room.T | same_expert)
+        if bound.any():  # copies of a bound expert never leave their replica group
+            stays = pb.replica_group[part][:, None] == pb.replica_group[part][None, :]
+            ok &= (~bound[expert][:, None] | stays) & (~bound[expert][None, :] | stays)
         gain = np.where(ok, gain, -np.inf)
         i, j = np.unravel_index(np.argmax(gain), gain.shape)
         if not gain[i, j] > 1e-9:

@@ -4,11 +4,15 @@ Given a layer's routing `topk_ids` [T, k], the GPU each token starts from `sourc
 home dataflow), and the layer's replica table `replicas` [E, G], every (token, expert) pair is served by:
 
 1. the replica on the token's source GPU, if there is one (no transfer at all);
-2. else a replica on a GPU the token must visit anyway: the source, or the only GPU of one of its other
-   experts (no extra copy: dispatch sends one copy per destination GPU); the lowest such GPU id;
-3. else a replica on the source's node, if any (intra-node links are ~7x faster than the NIC);
-4. among what is left, the (token_index + expert) mod n-th candidate in GPU order, which spreads a hot
+2. else a replica on the source's node, if any (intra-node links are ~7x faster than the NIC);
+3. among what is left, the (token_index + expert) mod n-th candidate in GPU order, which spreads a hot
    expert's tokens evenly over its replicas without any communication or randomness.
+
+So an expert's load splits evenly over its replicas when source GPUs are uniform (DESIGN.md's load
+definition). A tempting extra rule, "prefer a replica on a GPU the token visits anyway for another
+expert", saves ~8-10% of copies but piles load onto the GPUs hosting a replicated expert's partners,
+which is exactly where an affinity-aware placer puts it: measured balancedness fell 0.07-0.15 below the
+planned one, so it is left out.
 
 `token_index` is the token's position among the tokens of its source GPU in this step, so the runtime can
 apply the rule with local information only, and a trace replay reproduces it exactly.
@@ -52,28 +56,17 @@ def choose_replicas(
     cand = replicas[ids] > 0  # [T, k, G]
     on_source = np.zeros((T, G), dtype=bool)
     on_source[np.arange(T), source] = True
-
-    # GPUs the token reaches regardless of choices: its source and the sole GPU of single-replica experts.
-    single = cand.sum(-1) == 1
-    must_visit = on_source | (cand & single[..., None]).any(1)
-
-    choice_set = cand & on_source[:, None, :]  # rule 1
-    need = ~choice_set.any(-1)
-    visit = cand & must_visit[:, None, :] & need[..., None]  # rule 2
-    has_visit = visit.any(-1)
-    first_visit = np.argmax(visit, axis=-1)
+    need = ~(cand & on_source[:, None, :]).any(-1)  # rule 1 failed
 
     node = np.asarray(node_of_gpu, dtype=np.int64)
     same_node = node[None, :] == node[source][:, None]  # [T, G]
-    near = cand & same_node[:, None, :]  # rule 3
+    near = cand & same_node[:, None, :]  # rule 2
     pool = np.where(near.any(-1, keepdims=True), near, cand)
     n = pool.sum(-1)  # >= 1 since every expert has a replica
-    pick = (np.asarray(token_index, dtype=np.int64)[:, None] + ids) % np.maximum(n, 1)  # rule 4
+    pick = (np.asarray(token_index, dtype=np.int64)[:, None] + ids) % np.maximum(n, 1)  # rule 3
     rank = np.cumsum(pool, axis=-1) - 1
     spread = np.argmax(pool & (rank == pick[..., None]), axis=-1)
-
-    gpu = np.where(has_visit, first_visit, spread)
-    return np.where(need, gpu, source[:, None])
+    return np.where(need, spread, source[:, None])
 
 
 def dispatch_counts(gpus: np.ndarray, source: np.ndarray, num_gpus: int) -> np.ndarray:

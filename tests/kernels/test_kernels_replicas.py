@@ -34,13 +34,16 @@ def test_choose_replicas_matches_numpy_rule(T, k, G, nodes, S, E):
         assert np.array_equal(got.numpy(), want)
 
 
-def test_choose_replicas_prefers_source_then_visited_gpu():
-    # Expert 0 on GPUs 0 and 1, expert 1 only on GPU 1: a token on GPU 2 choosing (0, 1) must use GPU 1
-    # for expert 0 too (it visits GPU 1 anyway), one with only expert 0 from GPU 0 stays home.
-    emap = ExpertMap.from_phy2log(np.array([0, 2, 0, 1, 2, 3]), 3)
-    ids = torch.tensor([[0, 1], [0, 2]])
-    got = choose_replicas(ids, torch.tensor([2, 0]), emap.replicas, emap.node_of_gpu, torch.tensor([0, 0]))
-    assert got.tolist() == [[1, 1], [0, 0]]
+def test_choose_replicas_prefers_source_then_node_then_spreads():
+    # GPUs {0, 1} on node 0 and {2, 3} on node 1; slots: GPU 0 {0, 1}, GPU 1 {0, 2}, GPU 2 {1, 2}, GPU 3 {3, 3}.
+    emap = ExpertMap.from_phy2log(np.array([0, 1, 0, 2, 1, 2, 3, 3]), 4, num_nodes=2)
+    ids = torch.tensor([[0], [1], [0], [0], [0], [0]])
+    source = torch.tensor([1, 2, 2, 3, 3, 3])
+    index = torch.tensor([0, 0, 1, 0, 1, 2])
+    got = choose_replicas(ids, source, emap.replicas, emap.node_of_gpu, index)
+    # expert 0 from GPU 1: its own replica. Expert 1 from GPU 2: its own. Expert 0 from node 1, which has
+    # none: dealt over GPUs 0 and 1 by (token index + expert) mod 2.
+    assert got.tolist() == [[1], [2], [1], [0], [1], [0]]
 
 
 @pytest.mark.parametrize("T", TOKEN_COUNTS)

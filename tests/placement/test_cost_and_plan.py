@@ -19,7 +19,7 @@ from expertmesh.placement.topology import Topology
 from expertmesh.placement.trace import Trace
 
 
-def test_replica_rule_prefers_source_then_visited_then_same_node_then_rotates():
+def test_replica_rule_prefers_source_then_same_node_then_rotates():
     # 4 GPUs on 2 nodes. Expert 0: GPUs 0 and 3. Expert 1: GPU 3 only. Expert 2: GPUs 1 and 2.
     replicas = np.zeros((3, 4), int)
     replicas[0, [0, 3]] = 1
@@ -27,18 +27,18 @@ def test_replica_rule_prefers_source_then_visited_then_same_node_then_rotates():
     replicas[2, [1, 2]] = 1
     node = np.array([0, 0, 1, 1])
     ids = np.array([[0, 2],   # source 0 holds expert 0 -> 0; expert 2: same node as source -> GPU 1
-                    [0, 1],   # source 1: expert 1 must go to GPU 3, so expert 0 joins it there
+                    [0, 1],   # source 1: expert 0 on its node at GPU 0; expert 1 only on GPU 3
                     [2, 1],   # source 3: expert 2 on GPUs 1, 2: GPU 2 is on the source's node
                     [0, 2],   # source 2: expert 0 on GPUs 0, 3: GPU 3 shares the node
-                    [2, 0]])  # source 0 again, expert 2 rule 3: GPU 1 (node 0)
+                    [2, 0]])  # source 0 again: expert 2 -> GPU 1 (node 0), expert 0 -> home
     source = np.array([0, 1, 3, 2, 0])
     gpus = choose_replicas(ids, source, replicas, node, local_token_index(source, 4))
-    assert gpus.tolist() == [[0, 1], [3, 3], [2, 3], [3, 2], [1, 0]]
-    # Rule 4: replicas on equal footing are dealt by (token index + expert) mod n, spreading load evenly.
+    assert gpus.tolist() == [[0, 1], [0, 3], [2, 3], [3, 2], [1, 0]]
+    # Rule 3: replicas on equal footing are dealt by (token index + expert) mod n, spreading load evenly.
     picks = choose_replicas(np.zeros((8, 1), int), np.zeros(8, int), np.array([[0, 1, 1, 1]]), np.zeros(4, int),
                             np.arange(8))
     assert np.bincount(picks.ravel(), minlength=4).tolist() == [0, 3, 3, 2]
-    assert dispatch_counts(gpus, source, 4).sum() == 9  # token 1 sends one copy to GPU 3, not two
+    assert dispatch_counts(gpus, source, 4).sum() == 10  # one copy per (token, distinct destination GPU)
 
 
 def test_cost_model_on_a_hand_computed_trace():
