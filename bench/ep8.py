@@ -12,7 +12,7 @@ Traces (home dataflow: each sequence's tokens start on its home GPU, sequences d
             top-2 of 8) tiled to >= 8192 tokens; Mixtral dimensions (hidden 4096, FFN 14336); the plans
             are made from the same trace's statistics (in-sample: the trace is too small to split)
   synth64   structured synthetic trace, 64 experts top-8, 16 layers, 8192 tokens; OLMoE dimensions
-            (hidden 2048, FFN 1024); plans from another seed of the same generator (out-of-sample)
+            (hidden 2048, FFN 1024); plans from another token sample of the same router (out-of-sample)
   synth256  structured synthetic trace, 256 experts top-8, 4 layers, 8192 tokens; DeepSeek-V3 dimensions
             (hidden 7168, FFN 2048); plans out-of-sample as above
 
@@ -77,8 +77,9 @@ def make_traces(quick: bool):
         L = min(L, 4) if quick else L
 
         def spec(seed, E=E, L=L, domains=domains):
+            # One router (model_seed 0), two token samples: plans from one, replay of the other.
             return SyntheticSpec(num_experts=E, top_k=8, num_layers=L, num_tokens=tokens, num_domains=domains,
-                                 tokens_per_sequence=64, seed=seed)
+                                 tokens_per_sequence=64, seed=seed, model_seed=0)
 
         out[name] = (synthetic_trace(spec(0)), synthetic_trace(spec(1)))
     return out

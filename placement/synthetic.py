@@ -35,7 +35,10 @@ class SyntheticSpec:
     domain_skew: float = 0.6  # Zipf exponent of domain popularity
     tokens_per_sequence: int = 64
     switch_prob: float = 0.02  # chance a token leaves its sequence's domain
-    seed: int = 0
+    seed: int = 0  # draws the tokens
+    # Draws the "model": clusters and popularities. Two traces with the same model_seed and different
+    # seeds are two samples of one router (planning on one, replaying the other is out-of-sample).
+    model_seed: int | None = None  # None: the same as seed
 
     def __post_init__(self) -> None:
         if self.num_experts % self.num_domains:
@@ -57,14 +60,16 @@ def _zipf(n: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def synthetic_trace(spec: SyntheticSpec) -> Trace:
-    rng = np.random.default_rng(spec.seed)
+    model = np.random.default_rng(spec.seed if spec.model_seed is None else spec.model_seed)
+    rng = np.random.default_rng([spec.seed, 1])
     E, L, k, T, D = spec.num_experts, spec.num_layers, spec.top_k, spec.num_tokens, spec.num_domains
     # Cluster of every expert in every layer: a fresh random partition per layer.
-    cluster = np.stack([rng.permutation(E) % D for _ in range(L)])  # [L, E]
-    popularity = np.stack([_zipf(E, spec.skew, rng) for _ in range(L)])  # [L, E]
+    cluster = np.stack([model.permutation(E) % D for _ in range(L)])  # [L, E]
+    popularity = np.stack([_zipf(E, spec.skew, model) for _ in range(L)])  # [L, E]
+    domain_p = _zipf(D, spec.domain_skew, model)
 
     seq_ids = np.arange(T) // spec.tokens_per_sequence
-    seq_domain = rng.choice(D, size=seq_ids[-1] + 1, p=_zipf(D, spec.domain_skew, rng))
+    seq_domain = rng.choice(D, size=seq_ids[-1] + 1, p=domain_p)
     domain = seq_domain[seq_ids]
     switch = rng.random(T) < spec.switch_prob
     domain[switch] = rng.integers(0, D, switch.sum())

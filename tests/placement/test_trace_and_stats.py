@@ -163,3 +163,16 @@ def test_count_matrix_and_deepspeed_errors_name_the_field(tmp_path):
     bad.write_text(json.dumps({"layer": 0, "token_idx": 0, "experts": [0, "x"]}) + "\n")
     with pytest.raises(TraceError, match="experts"):
         load_routing(bad)
+
+
+def test_synthetic_model_seed_separates_the_router_from_the_sample():
+    base = SyntheticSpec(num_experts=16, top_k=4, num_layers=2, num_tokens=4096, num_domains=4, seed=1, model_seed=7)
+    a = stats_from_trace(synthetic_trace(base))
+    b = stats_from_trace(synthetic_trace(SyntheticSpec(**{**base.__dict__, "seed": 2})))
+    other = stats_from_trace(synthetic_trace(SyntheticSpec(**{**base.__dict__, "seed": 2, "model_seed": 8})))
+    assert not np.array_equal(a.counts, b.counts)  # different tokens...
+    # ...from the same router: its strongest pairs agree far better than another router's do.
+    def top_pairs(s):
+        c = s.coact[0].astype(float)
+        return set(zip(*np.unravel_index(np.argsort(-c, axis=None)[:24], c.shape), strict=True))
+    assert len(top_pairs(a) & top_pairs(b)) > 2 * len(top_pairs(a) & top_pairs(other))
