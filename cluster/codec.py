@@ -75,7 +75,9 @@ def _pack(values: np.ndarray, bits: int, clip: bool) -> bytes:
         return v.tobytes()
     if values.size % 2:
         v[-1] = 0
-    return (v[0::2] | (v[1::2] << 4)).tobytes()
+    high = v[1::2] << 4  # the only temporary: half the cells
+    np.bitwise_or(high, v[0::2], out=high)
+    return high.tobytes()
 
 
 def _uint_bytes(maximum: int) -> int:

@@ -15,6 +15,10 @@ __all__ = ["WindowAccumulator", "check_topk_ids"]
 
 # Index entries per bincount call: bounds the temporaries at ~64 MiB for DeepSeek-V3-sized steps.
 _CHUNK_ENTRIES = 8 * 2**20
+# No cell of a window exceeds its token count (a token adds at most 1 to any cell: its k experts of a layer
+# are distinct), so up to this many tokens the counts fit in uint16: a quarter of the memory traffic of
+# int64 for counting and for encoding. Past it, the window widens to int64.
+_NARROW_TOKENS = np.iinfo(np.uint16).max
 
 
 def check_topk_ids(topk_ids: np.ndarray, num_layers: int, num_experts: int, top_k: int) -> np.ndarray:
@@ -48,8 +52,14 @@ class WindowAccumulator:
         self._reset()
 
     def _reset(self) -> None:
-        self._window = WindowCounts.zeros(self.num_layers, self.num_experts, self.top_k)
+        self._window = WindowCounts.zeros(self.num_layers, self.num_experts, self.top_k, dtype=np.uint16)
         self._tokens = 0
+
+    def _widen(self) -> None:
+        w = self._window
+        self._window = WindowCounts(
+            w.counts.astype(np.int64), w.top_k, 0, w.coact.astype(np.int64), w.trans.astype(np.int64), deltas=0
+        )
 
     @property
     def tokens(self) -> int:
@@ -62,9 +72,16 @@ class WindowAccumulator:
         T = ids.shape[0]
         if T == 0:
             return
+        if self._tokens + T > _NARROW_TOKENS and self._window.counts.dtype != np.int64:
+            self._widen()
         w = self._window
+
+        def add(into: np.ndarray, counts: np.ndarray) -> None:
+            # Exact: no cell exceeds the window's tokens, which the dtype holds (see _NARROW_TOKENS).
+            np.add(into, counts.reshape(into.shape), out=into, casting="unsafe")
+
         layer = np.arange(L, dtype=np.int64)[None, :, None]
-        w.counts[:] += np.bincount((layer * E + ids).ravel(), minlength=L * E).reshape(L, E)
+        add(w.counts, np.bincount((layer * E + ids).ravel(), minlength=L * E))
 
         # Layers in chunks so the index temporaries stay bounded; each chunk adds into its own slice.
         # Index arithmetic runs on the small [T, l, k] arrays first, so the big [T, l, pairs] ones cost one
@@ -83,14 +100,14 @@ class WindowAccumulator:
                 rel = (np.arange(l1 - l0, dtype=dt) * P)[None, :, None]
                 row = chunk * (2 * E - chunk - 1) // 2 - chunk - 1 + rel
                 tri = row[:, :, ii] + chunk[:, :, jj]
-                w.coact[l0:l1] += np.bincount(tri.ravel(), minlength=(l1 - l0) * P).reshape(l1 - l0, P)
+                add(w.coact[l0:l1], np.bincount(tri.ravel(), minlength=(l1 - l0) * P))
             t1 = min(l1, L - 1)
             if t1 > l0:
                 rel = (np.arange(t1 - l0, dtype=dt) * (E * E))[None, :, None]
                 src = ids[:, l0:t1] * E + rel
                 # [T, l, k, k]: every (i, j) pair of experts in layers l and l + 1, as stats_from_trace.
                 flat = src[:, :, :, None] + ids[:, l0 + 1 : t1 + 1, None, :]
-                w.trans[l0:t1] += np.bincount(flat.ravel(), minlength=(t1 - l0) * E * E).reshape(t1 - l0, E * E)
+                add(w.trans[l0:t1], np.bincount(flat.ravel(), minlength=(t1 - l0) * E * E))
         self._tokens += T
 
     def take(self) -> WindowCounts:

@@ -80,24 +80,29 @@ class WindowCounts:
                 f"vs [L, E]={list(other.counts.shape)}, k={other.top_k}"
             )
         both = self.has_pairs and other.has_pairs
+
+        def plus(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # integers add in int64: no narrow overflow
+            wide = np.result_type(a, b, np.int64)
+            return np.add(a, b, dtype=wide)
+
         return WindowCounts(
-            self.counts + other.counts,
+            plus(self.counts, other.counts),
             self.top_k,
             self.tokens + other.tokens,
-            self.coact + other.coact if both else None,
-            self.trans + other.trans if both else None,
+            plus(self.coact, other.coact) if both else None,
+            plus(self.trans, other.trans) if both else None,
             self.deltas + other.deltas,
         )
 
     @classmethod
-    def zeros(cls, num_layers: int, num_experts: int, top_k: int, pairs: bool = True) -> WindowCounts:
+    def zeros(cls, num_layers: int, num_experts: int, top_k: int, pairs: bool = True, dtype=np.int64) -> WindowCounts:
         L, E = num_layers, num_experts
         return cls(
-            np.zeros((L, E), np.int64),
+            np.zeros((L, E), dtype),
             top_k,
             0,
-            np.zeros((L, pair_count(E)), np.int64) if pairs else None,
-            np.zeros((max(L - 1, 0), E * E), np.int64) if pairs else None,
+            np.zeros((L, pair_count(E)), dtype) if pairs else None,
+            np.zeros((max(L - 1, 0), E * E), dtype) if pairs else None,
             deltas=0,
         )
 
@@ -129,13 +134,16 @@ class WindowCounts:
         """The `RoutingStats` of this window: same integers as `stats_from_trace` on the same tokens
         (float arrays stay float: the decayed aggregate)."""
         L, E = self.counts.shape
+        # Integers come out as int64 whatever the accumulator used; floats (decayed) stay float.
+        wide = np.float64 if np.issubdtype(self.counts.dtype, np.floating) else np.int64
         coact = trans = None
         if self.has_pairs:
             upper = np.triu(np.ones((E, E), bool), k=1)  # row-major order: the same as triu_pairs
-            coact = np.zeros((L, E, E), self.coact.dtype)
+            coact = np.zeros((L, E, E), wide)
             for layer in range(L):  # one E x E layer at a time stays in cache: ~5x faster than fancy indexing
                 full = coact[layer]
                 full[upper] = self.coact[layer]
                 full += full.T
-            trans = np.asarray(self.trans).reshape(max(L - 1, 0), E, E)
-        return RoutingStats(self.counts, self.top_k, self.tokens, coact, trans, dict(meta or {}))
+            trans = np.asarray(self.trans, dtype=wide).reshape(max(L - 1, 0), E, E)
+        counts = np.asarray(self.counts, dtype=wide)
+        return RoutingStats(counts, self.top_k, self.tokens, coact, trans, dict(meta or {}))

@@ -41,6 +41,24 @@ def test_steps_sum_to_stats_from_trace(T, L, E, k):
     assert acc.take().tokens == 0  # take() starts a fresh window
 
 
+def test_windows_beyond_uint16_widen_exactly():
+    """Counting runs in uint16 up to 65,535 tokens a window; past that it widens, still exact."""
+    rng = np.random.default_rng(4)
+    ids = random_ids(rng, 70_000, 2, 2, 2)  # two experts, top-2: every cell counts every token
+    acc = WindowAccumulator(2, 2, 2)
+    acc.add(ids[:60_000])
+    assert acc.take().counts.dtype == np.uint16
+    acc.add(ids[:60_000])
+    acc.add(ids[60_000:])  # crosses the limit within the window
+    window = acc.take()
+    assert window.counts.dtype == np.int64 and window.tokens == 70_000
+    assert window.trans.max() > 2**16 - 1  # the cells really exceed uint16
+    assert_same(window.to_stats(), stats_from_trace(Trace(ids, np.zeros(70_000, np.int32), 2)))
+    big = WindowAccumulator(2, 2, 2)
+    big.add(ids)  # one step larger than the limit
+    assert_same(big.take().to_stats(), stats_from_trace(Trace(ids, np.zeros(70_000, np.int32), 2)))
+
+
 def test_layer_chunks_give_the_same_counts(monkeypatch):
     rng = np.random.default_rng(1)
     ids = random_ids(rng, 50, 7, 12, 3)
