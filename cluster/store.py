@@ -36,7 +36,7 @@ import numpy as np
 from expertmesh.placement.stats import RoutingStats
 
 from . import scripts
-from .codec import CodecError, add_window_into, encode_window, encoded_header
+from .codec import CodecError, add_window_into, encode_window, value_bound
 from .connect import (
     StatsSchemaError,
     StatsStoreError,
@@ -167,10 +167,13 @@ def _pairs(flat: list) -> dict:
 class StatsStore:
     """Statistics of one model and run in Redis (not thread-safe; one store per thread or process)."""
 
-    def __init__(self, client, model: str, run: str = "default", *, display: str = "redis") -> None:
+    def __init__(
+        self, client, model: str, run: str = "default", *, display: str = "redis", cache_bytes: int = 512 * 2**20
+    ) -> None:
         self.client = client
         self.keys = StatsKeys(model, run)
         self.display = display  # the URL with the password masked, for messages
+        self._cache = _SnapshotCache(cache_bytes)
 
     @classmethod
     def open(
@@ -178,12 +181,17 @@ class StatsStore:
         url: str | StatsTarget | None = None,
         model: str | None = None,
         run: str | None = None,
+        cache_bytes: int = 512 * 2**20,
         **client_options,
     ) -> StatsStore:
-        """A store from a URL (`connect` describes it), `model`/`run` overriding the URL's query."""
+        """A store from a URL (`connect` describes it), `model`/`run` overriding the URL's query.
+
+        `cache_bytes`: encoded windows kept between snapshots (0: read everything every time).
+        """
         target = url if isinstance(url, StatsTarget) else parse_target(url)
         target = target.with_overrides(model, run)
-        return cls(target.connect(**client_options), target.require_model(), target.run, display=target.display)
+        client = target.connect(**client_options)
+        return cls(client, target.require_model(), target.run, display=target.display, cache_bytes=cache_bytes)
 
     @property
     def where(self) -> str:
@@ -333,8 +341,21 @@ class StatsStore:
         raise StatsStoreError(f"read snapshot: {self.where} kept changing during {_READ_ATTEMPTS} attempts")
 
     def _sum(self, header: StoreHeader, fields_by_window: list[tuple[int, dict]], action: str) -> tuple:
-        """Exact int64 sum of every field of the given windows; also per-window deltas and pairs presence."""
-        total = WindowCounts.zeros(header.layers, header.experts, header.top_k)
+        """Exact sum of every field of the given windows; also the deltas per window.
+
+        The accumulator is the narrowest unsigned type the summed value bounds of the fields fit (the
+        headers say), usually uint16; `to_stats` widens to int64 once.
+        """
+        with self._errors(action):
+            bound = 0
+            for wid, fields in fields_by_window:
+                for name, blob in fields.items():
+                    try:
+                        bound += value_bound(blob)
+                    except CodecError as exc:
+                        raise CodecError(f"{self.keys.window(wid)} field {name!r}: {exc}") from None
+        dtype = np.uint16 if bound < 2**16 else np.uint32 if bound < 2**32 else np.int64
+        total = WindowCounts.zeros(header.layers, header.experts, header.top_k, dtype=dtype)
         tokens, deltas, pairs = 0, {}, True
         with self._errors(action):
             for wid, fields in fields_by_window:
@@ -344,8 +365,6 @@ class StatsStore:
                         tok, n, had_pairs = add_window_into(total, blob)
                     except CodecError as exc:
                         raise CodecError(f"{self.keys.window(wid)} field {name!r}: {exc}") from None
-                    if encoded_header(blob)["flags"] & 2:
-                        raise CodecError(f"{self.keys.window(wid)} field {name!r}: float values in a window")
                     tokens += int(tok)
                     deltas[wid] += n
                     pairs &= had_pairs
@@ -362,20 +381,56 @@ class StatsStore:
     def snapshot(self, windows: int | None = None) -> RoutingStats:
         """Exact sum of the last `windows` windows (default: all `keep`), as the `RoutingStats` of a trace.
 
-        meta: model, run, source, windows (ids), deltas (writer flushes per window), head, tokens.
+        One MULTI/EXEC reads the header and the field names of those windows: that set is the consistent
+        cut. Field values never change (every delta and every merged sum gets a fresh name), so only names
+        this store has not seen are fetched, and a running exact total is corrected by what came and went:
+        a controller re-reading the last N windows pays for the new window, not for all N.
+
+        meta: model, run, source, windows (ids), deltas (writer flushes per window), head, keep.
         """
-        header, _, found = self._read(windows, with_agg=False)
-        if not found:
-            raise StatsStoreError(f"no windows under {self.where} (newest id {header.head})")
-        window, deltas = self._sum(header, found, "read snapshot")
+        cache = self._cache
+        for attempt in range(_READ_ATTEMPTS):
+            header = self.header()
+            if header is None:
+                raise StatsStoreError(f"no statistics under {self.where}")
+            n = header.keep if not windows or windows > header.keep else int(windows)
+            ids = list(range(max(0, header.head - n + 1), header.head + 1))
+            with self._errors("read snapshot"), self.client.pipeline(transaction=True) as pipe:
+                pipe.hgetall(self.keys.meta)
+                for wid in ids:
+                    pipe.hkeys(self.keys.window(wid))
+                replies = pipe.execute()
+            meta = {_text(k): _text(v) for k, v in replies[0].items()}
+            if not meta:
+                raise StatsStoreError(f"no statistics under {self.where}")
+            now = StoreHeader.parse(meta, self.where)
+            if now.head != header.head and attempt < _READ_ATTEMPTS - 1:
+                continue  # a newer window began meanwhile: read the latest N instead
+            current = {(wid, _text(f)) for wid, names in zip(ids, replies[1:], strict=True) for f in names}
+            missing = sorted(current - cache.blobs.keys())
+            with self._errors("read snapshot"), self.client.pipeline(transaction=True) as pipe:
+                for wid, name in missing:
+                    pipe.hget(self.keys.window(wid), name)
+                values = pipe.execute() if missing else []
+            if any(v is None for v in values):
+                continue  # compaction replaced some of these fields after we listed them: list again
+            break
+        else:
+            raise StatsStoreError(f"read snapshot: {self.where} kept changing during {_READ_ATTEMPTS} attempts")
+        if not current:
+            raise StatsStoreError(f"no windows under {self.where} (newest id {now.head})")
+        window, field_deltas = cache.update(self, now, current, dict(zip(missing, values, strict=True)))
+        per_window: dict[int, int] = {}
+        for (wid, _), n_deltas in field_deltas.items():
+            per_window[wid] = per_window.get(wid, 0) + n_deltas
         meta = {
             "model": self.keys.model,
             "run": self.keys.run,
             "source": self.display,
-            "windows": [wid for wid, _ in found],
-            "deltas": {str(k): v for k, v in deltas.items()},
-            "head": header.head,
-            "keep": header.keep,
+            "windows": sorted(per_window),
+            "deltas": {str(k): v for k, v in sorted(per_window.items())},
+            "head": now.head,
+            "keep": now.keep,
         }
         return window.to_stats(meta)
 
@@ -563,3 +618,102 @@ def _scale(total: WindowCounts, factor: float) -> None:
     if total.has_pairs:
         total.coact[:] *= factor
         total.trans[:] *= factor
+
+
+class _SnapshotCache:
+    """Encoded fields seen by the last snapshot and their exact running sum (int64).
+
+    A field's bytes never change once written, so a field name identifies its value for good. The sums of
+    coact/trans run over the fields that have pairs; the result has pairs only when every field has them.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._reset()
+
+    def _reset(self) -> None:
+        self.blobs: dict[tuple[int, str], bytes] = {}
+        self.deltas: dict[tuple[int, str], int] = {}
+        self.total: WindowCounts | None = None
+        self.shape: tuple[int, int, int] | None = None
+        self.tokens = 0
+        self.no_pairs = 0  # included fields without pair statistics
+
+    def update(
+        self, store: StatsStore, header: StoreHeader, current: set, fetched: dict
+    ) -> tuple[WindowCounts, dict[tuple[int, str], int]]:
+        """(exact sum over the `current` fields, deltas per field), reusing what the last call summed."""
+        shape = (header.layers, header.experts, header.top_k)
+        blobs = {**self.blobs, **fetched}
+        gone, new = set(self.deltas) - current, current - set(self.deltas)
+        with store._errors("read snapshot"):
+            if self.total is None or self.shape != shape or len(gone) + len(new) >= len(current):
+                self._recompute(store, shape, current, blobs)
+            else:
+                for key in sorted(gone):
+                    self._apply(store, key, blobs[key], sign=-1)
+                for key in sorted(new):
+                    self._apply(store, key, blobs[key], sign=+1)
+        pairs = self.no_pairs == 0
+        t = self.total
+        result = WindowCounts(
+            t.counts.copy(),
+            header.top_k,
+            self.tokens,
+            t.coact.copy() if pairs else None,
+            t.trans.copy() if pairs else None,
+            deltas=sum(self.deltas.values()),
+        )
+        deltas = dict(self.deltas)
+        kept = {key: blobs[key] for key in current}
+        if sum(len(b) for b in kept.values()) <= self.max_bytes:
+            self.blobs = kept
+        else:
+            self._reset()  # too big to keep: the next snapshot starts from scratch
+        return result, deltas
+
+    def _recompute(self, store: StatsStore, shape: tuple[int, int, int], current: set, blobs: dict) -> None:
+        keys = sorted(current)
+        bound = 0
+        for key in keys:
+            with _naming(store, key):
+                bound += value_bound(blobs[key])
+        # Sum narrow (the headers bound every value), then widen once: a quarter of int64's traffic.
+        acc = WindowCounts.zeros(*shape, dtype=np.uint16 if bound < 2**16 else np.uint32 if bound < 2**32 else np.int64)
+        self._reset()
+        self.shape = shape
+        for key in keys:
+            with _naming(store, key):
+                tokens, n_deltas, had_pairs = add_window_into(acc, blobs[key])
+            self.deltas[key] = n_deltas
+            self.tokens += int(tokens)
+            self.no_pairs += not had_pairs
+        self.total = WindowCounts(
+            acc.counts.astype(np.int64), shape[2], 0, acc.coact.astype(np.int64), acc.trans.astype(np.int64)
+        )
+
+    def _apply(self, store: StatsStore, key: tuple[int, str], blob: bytes, sign: int) -> None:
+        with _naming(store, key):
+            bound = value_bound(blob)
+            part = WindowCounts.zeros(*self.shape, dtype=np.uint16 if bound < 2**16 else np.int64)
+            tokens, n_deltas, had_pairs = add_window_into(part, blob)
+        op = np.add if sign > 0 else np.subtract
+        op(self.total.counts, part.counts, out=self.total.counts, casting="unsafe")
+        if had_pairs:
+            op(self.total.coact, part.coact, out=self.total.coact, casting="unsafe")
+            op(self.total.trans, part.trans, out=self.total.trans, casting="unsafe")
+        self.tokens += sign * int(tokens)
+        self.no_pairs += sign * (not had_pairs)
+        if sign > 0:
+            self.deltas[key] = n_deltas
+        else:
+            del self.deltas[key]
+
+
+@contextlib.contextmanager
+def _naming(store: StatsStore, key: tuple[int, str]) -> Iterator[None]:
+    """Codec errors name the window key and field they came from."""
+    try:
+        yield
+    except CodecError as exc:
+        raise CodecError(f"{store.keys.window(key[0])} field {key[1]!r}: {exc}") from None

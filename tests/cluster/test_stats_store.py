@@ -307,3 +307,57 @@ def test_tls_server(redis_server_factory, tmp_path):
     s = StatsStore.open(url)
     s.write(0, window_of(ids_for(0)), header=s.ensure(L, E, K), writer="a", seq=1)
     assert s.snapshot().tokens == 24
+
+
+def test_repeated_snapshots_reuse_what_they_read_and_stay_exact(store, redis_url):
+    """A reader that keeps its store re-reads only new fields; every answer equals a fresh reader's."""
+    from expertmesh.cluster.window import WindowCounts
+    from expertmesh.placement.stats import RoutingStats
+
+    header = store.ensure(L, E, K, keep=4)
+    writer = StatsStore.open(redis_url, model="test-model", run="r1")
+    seq = iter(range(1, 1000))
+    fetched: list[int] = []  # fields each snapshot of `store` fetched
+
+    def write(wid, seed, pairs=True):
+        w = window_of(ids_for(seed))
+        if not pairs:
+            w = WindowCounts(w.counts, K, w.tokens)
+        writer.write(wid, w, header=header, writer="w", seq=next(seq))
+
+    def hgets():
+        return store.client.info("commandstats").get("cmdstat_hget", {}).get("calls", 0)
+
+    def check():
+        fresh = StatsStore.open(redis_url, model="test-model", run="r1", cache_bytes=0).snapshot()
+        before = hgets()
+        mine = store.snapshot()
+        fetched.append(hgets() - before)
+        assert mine.meta["windows"] == fresh.meta["windows"] and mine.meta["deltas"] == fresh.meta["deltas"]
+        assert mine.tokens == fresh.tokens and np.array_equal(mine.counts, fresh.counts)
+        assert (mine.coact is None) == (fresh.coact is None)
+        if mine.coact is not None:
+            assert np.array_equal(mine.coact, fresh.coact) and np.array_equal(mine.trans, fresh.trans)
+        return mine
+
+    for wid in range(3):
+        write(wid, wid)
+    check()
+    write(3, 10)  # one new field
+    check()
+    assert fetched[-2:] == [3, 1]  # the first read fetched every field, the second only the new one
+    write(4, 11)  # window 0 leaves the last 4, window 4 enters
+    write(4, 12)
+    snap = check()
+    assert snap.meta["windows"] == [1, 2, 3, 4] and snap.meta["deltas"]["4"] == 2
+    store.compact()  # window 4's two fields become one merged field under a new name
+    check()
+    write(5, 13, pairs=False)  # counts only: the sum loses its pairs ...
+    assert check().coact is None
+    for wid in range(6, 10):  # ... until that window leaves the last 4
+        write(wid, 20 + wid)
+    after = check()
+    assert after.coact is not None and after.meta["windows"] == [6, 7, 8, 9]
+    after.counts[:] = 0  # what a caller does to its copy never reaches the cache
+    assert check().counts.sum() > 0
+    assert isinstance(after, RoutingStats) and after.counts.dtype == np.int64
