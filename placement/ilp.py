@@ -150,9 +150,11 @@ def _lpt(pb: PartitionProblem) -> np.ndarray:
 
 
 def _heuristic(pb: PartitionProblem, hint: np.ndarray | None) -> np.ndarray | None:
-    """Local search from the hint, an affinity greedy and LPT packing (those that keep the cap); the best
-    result, or None when no start keeps the cap."""
-    starts = [x for x in (hint, greedy_partition(pb), _lpt(pb)) if x is not None and pb.feasible(x)]
+    """Local search from the hint and from an affinity greedy (from LPT packing when neither keeps the
+    cap); the best result, or None when no start keeps the cap."""
+    starts = [x for x in (hint, greedy_partition(pb)) if x is not None and pb.feasible(x)]
+    if not starts:  # LPT packs tightest: the start of last resort when the others break the cap
+        starts = [x for x in (_lpt(pb),) if pb.feasible(x)]
     return min((improve_by_swaps(pb, x) for x in starts), key=pb.objective, default=None)
 
 

@@ -60,7 +60,9 @@ def _items(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def improve_by_swaps(problem: PartitionProblem, x: np.ndarray, max_rounds: int = 5000) -> np.ndarray:
-    """Best-improvement swaps of two items in different parts while the split pair weight falls.
+    """Best-improvement swaps of two items in different parts while the split pair weight falls; each round
+    applies the best swap and every other improving one on parts (nodes, for a node-penalised problem) the
+    round has not touched yet.
 
     A replicated expert's affinity is shared between its copies (a proxy; the caller compares exact
     objectives). Swaps keep every part's slot count, never break the cap and never put more than
@@ -107,23 +109,40 @@ def improve_by_swaps(problem: PartitionProblem, x: np.ndarray, max_rounds: int =
         if bound.any():  # copies of a bound expert never leave their replica group
             stays = pb.replica_group[part][:, None] == pb.replica_group[part][None, :]
             ok &= (~bound[expert][:, None] | stays) & (~bound[expert][None, :] | stays)
-        gain = np.where(ok, gain, -np.inf)
-        i, j = np.unravel_index(np.argmax(gain), gain.shape)
-        if not gain[i, j] > 1e-9:
+        gain = np.where(ok, np.triu(gain, 1), 0.0)
+        # Apply, best first, every improving swap whose two parts (and nodes) no earlier swap of this round
+        # touched: its gain only depends on those parts' columns, so it is still exact.
+        flat_gain = gain.ravel()
+        best = np.flatnonzero(flat_gain > 1e-9)
+        if best.size > 4 * P:
+            best = best[np.argpartition(flat_gain[best], best.size - 4 * P)[-4 * P:]]
+        best = best[np.argsort(flat_gain[best])[::-1]]
+        touched: set[int] = set()
+        applied = 0
+        for flat in best.tolist():
+            i, j = divmod(flat, m)
+            if not gain[i, j] > 1e-9:
+                break
+            p, q = int(part[i]), int(part[j])
+            keys = {p, q} if node_of is None else {-1 - int(node_of[p]), -1 - int(node_of[q])}
+            if keys & touched:
+                continue
+            touched |= keys
+            applied += 1
+            conn[:, p] += w[:, j] - w[:, i]
+            conn[:, q] += w[:, i] - w[:, j]
+            if node_of is not None and node_of[p] != node_of[q]:
+                node_conn[:, node_of[p]] += w[:, j] - w[:, i]
+                node_conn[:, node_of[q]] += w[:, i] - w[:, j]
+            holds[expert[i], p] -= 1
+            holds[expert[i], q] += 1
+            holds[expert[j], q] -= 1
+            holds[expert[j], p] += 1
+            part_load[p] += item_load[j] - item_load[i]
+            part_load[q] += item_load[i] - item_load[j]
+            part[i], part[j] = q, p
+        if not applied:
             break
-        p, q = part[i], part[j]
-        conn[:, p] += w[:, j] - w[:, i]
-        conn[:, q] += w[:, i] - w[:, j]
-        if node_of is not None and node_of[p] != node_of[q]:
-            node_conn[:, node_of[p]] += w[:, j] - w[:, i]
-            node_conn[:, node_of[q]] += w[:, i] - w[:, j]
-        holds[expert[i], p] -= 1
-        holds[expert[i], q] += 1
-        holds[expert[j], q] -= 1
-        holds[expert[j], p] += 1
-        part_load[p] += item_load[j] - item_load[i]
-        part_load[q] += item_load[i] - item_load[j]
-        part[i], part[j] = q, p
     out = np.zeros((n, P), dtype=np.int64)
     np.add.at(out, (expert, part), 1)
     return out
