@@ -114,8 +114,8 @@ def _row(case: Case, strategy: str, dataflow: str, decompose: bool | None = None
 
 
 def _label(case: Case, dataflow: str) -> str:
-    return (f"{case.name} | {case.gpus} GPUs / {case.nodes} node{'s' if case.nodes > 1 else ''} | "
-            f"+{case.redundant} | {dataflow}")
+    return (f"{case.name}, {case.gpus} GPUs / {case.nodes} node{'s' if case.nodes > 1 else ''}, "
+            f"+{case.redundant} redundant, {dataflow}")
 
 
 def _ratio(a: float, b: float) -> float:
@@ -218,6 +218,9 @@ def write_markdown(result: dict, env: dict, path: Path) -> None:
                          f"{_fmt(f['internode_copies'])} | {_fmt(s['internode_copies'])} | "
                          f"{d['copies_loss']:+.3f} | {d['internode_loss']:+.3f} | {_fmt(f['solve_s'], 1)} | "
                          f"{_fmt(s['solve_s'], 1)} |")
+    notes = path.with_name("placement.notes.md")
+    if notes.exists():  # the reading of these numbers against the targets, written by hand after the run
+        lines += ["", notes.read_text().rstrip()]
     path.write_text("\n".join(lines) + "\n")
 
 
