@@ -1,1 +1,40 @@
-"""expertmesh.placement."""
+"""expertmesh.placement: pure planning, arrays in and plan out (no torch, Ray, Redis or gRPC).
+
+    trace      Trace: topk_ids [T, L, k], seq_ids [T]; the canonical .npz
+    stats      RoutingStats: counts [L, E], coact [L, E, E], trans [L-1, E, E]; additive
+    sources    importers: router JSON Lines, count matrices, DeepSpeed exp_counts
+    synthetic  seeded traces with planted co-activation and cross-layer structure
+    topology   Topology: GPUs, nodes, bandwidths, slots
+    routing    the replica-choice rule shared with the kernels and the runtime
+    cost       the cost model: balancedness, copies, internode copies, busiest port, step time
+    baselines, eplb, ilp (cpsat_models, local_search), placers: the placers behind `place`
+    plan       Placement: phy2log [L, R] and the plan file; export: vLLM / SGLang / EPLB files
+    cli        `expertmesh plan | evaluate | compare | export | trace | demo`
+"""
+
+from .cost import CostParams, Metrics, evaluate
+from .plan import Placement, PlanError, load_plan, save_plan
+from .sources import load_routing
+from .stats import RoutingStats, stats_from_trace
+from .synthetic import SyntheticSpec, synthetic_trace
+from .topology import Topology, TopologyError
+from .trace import Trace, TraceError, load_trace, save_trace
+
+__all__ = [
+    "Trace", "TraceError", "load_trace", "save_trace", "load_routing",
+    "RoutingStats", "stats_from_trace", "SyntheticSpec", "synthetic_trace",
+    "Topology", "TopologyError", "Placement", "PlanError", "load_plan", "save_plan",
+    "STRATEGIES", "InfeasibleError", "IlpOptions", "place", "CostParams", "Metrics", "evaluate",
+]
+
+# The placers need OR-Tools; the runtime reads plans and traces on machines that may not have it (a GPU
+# box), so they load on first use.
+_LAZY = {"STRATEGIES": "placers", "InfeasibleError": "placers", "place": "placers", "IlpOptions": "ilp"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -71,3 +71,14 @@ def test_checker_sees_relative_and_absolute_imports(tmp_path: Path) -> None:
     names = _imports(probe, "expertmesh.workers")
     assert "expertmesh.cluster" in names and "expertmesh.cluster.store" in names
     assert "ray.util" in names and "torch.nn" in names
+
+
+def test_reading_plans_and_traces_needs_no_solver_or_torch():
+    """The runtime reads plans on GPU machines without OR-Tools; the planner runs without torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, expertmesh.placement as p, expertmesh.placement.plan, expertmesh.placement.cost; "
+            "print(sorted(m for m in ('ortools', 'torch', 'ray', 'redis') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
