@@ -289,7 +289,8 @@ def compare(
             if name not in STRATEGIES:
                 raise ValueError(f"--strategies: unknown placer {name!r}; expected some of {list(STRATEGIES)}")
         source = _load_source(trace, stats, top_k)
-        rows, panels = _compare(source, _topology(gpus, nodes, topology, max_slots_per_gpu), names, redundant,
+        topo = _topology(gpus, nodes, topology, max_slots_per_gpu)
+        rows, panels = _compare(source, topo, names, redundant,
                                 IlpOptions(dataflow=dataflow.value, time_limit=time_limit, seed=seed,
                                            workers=workers, params=CostParams(hidden=hidden, ffn=ffn)))
         if plot:
@@ -297,7 +298,6 @@ def compare(
         if json_out:
             _print_json(rows)
         else:
-            topo = _topology(gpus, nodes, topology, max_slots_per_gpu)
             err.print(_table(rows, f"{topo.num_gpus} GPUs / {topo.num_nodes} node(s), {redundant} redundant"))
             for name, row in rows.items():
                 print(name + "\t" + "\t".join(f"{key}={_fmt(row.get(key), 4)}" for key, _, _ in COLUMNS))

@@ -30,7 +30,7 @@ across GPUs); traffic needs per-token data, so those fields are NaN there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -77,7 +77,6 @@ class Metrics:
     coact_cut: float = float("nan")
     trans_cut: float = float("nan")
     migration_bytes: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def step_s(self) -> float:
@@ -101,7 +100,6 @@ class Metrics:
             "a2a_ms": float(np.sum(self.dispatch_s + self.combine_s)) * 1e3,
             "step_ms": self.step_s * 1e3,
             "migration_gb": self.migration_bytes / 1e9,
-            **self.extra,
         }
 
 

@@ -12,7 +12,7 @@ Statistics are additive: windows merge by summing and decay by scaling (see `mer
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -101,9 +101,6 @@ class RoutingStats:
             None if self.trans is None else self.trans * factor,
             dict(self.meta),
         )
-
-    def with_meta(self, **meta) -> RoutingStats:
-        return replace(self, meta={**self.meta, **meta})
 
 
 def stats_from_trace(trace: Trace) -> RoutingStats:

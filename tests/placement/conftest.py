@@ -18,17 +18,18 @@ def small_trace():
                                          tokens_per_sequence=16, seed=3))
 
 
+def _real_data(folder: str) -> Path:
+    path = TRACES / folder
+    if not path.exists():
+        pytest.skip(f"real routing data not found at {path} (it lives in ../shared, outside the repo)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def mixtral_dir() -> Path:
-    path = TRACES / "mixtral-8x7b-decode"
-    if not path.exists():
-        pytest.skip(f"real Mixtral traces not found at {path} (they live in ../shared, outside the repo)")
-    return path
+    return _real_data("mixtral-8x7b-decode")
 
 
 @pytest.fixture(scope="session")
 def qwen_dir() -> Path:
-    path = TRACES / "qwen-moe-eplb-counts"
-    if not path.exists():
-        pytest.skip(f"real Qwen count matrices not found at {path} (they live in ../shared, outside the repo)")
-    return path
+    return _real_data("qwen-moe-eplb-counts")
