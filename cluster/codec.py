@@ -29,7 +29,11 @@ window of another model, or bytes that are not ours, are refused before any arit
 
 from __future__ import annotations
 
+import os
 import struct
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -39,6 +43,7 @@ __all__ = [
     "encode_window",
     "decode_window",
     "add_window_into",
+    "sum_windows",
     "value_bound",
     "CodecError",
     "MAGIC",
@@ -58,10 +63,17 @@ _WIDTHS = (4, 8, 16, 32, 64)
 # would go through float.
 _CONTAINER = {4: np.uint8, 8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.int64}
 _EXCESS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.int64}
+# Below this many cells to add, threads cost more than they save.
+_THREADED_CELLS = 1 << 22
 
 
 class CodecError(ValueError):
-    """Bytes that are not an expertmesh window, or a window of another shape."""
+    """Bytes that are not an expertmesh window, or a window of another shape.
+
+    `index`: which of the blobs given to `sum_windows` it was (None elsewhere).
+    """
+
+    index: int | None = None
 
 
 def _index_bytes(n: int) -> int:
@@ -83,7 +95,14 @@ def _pack(values: np.ndarray, bits: int, clip: bool) -> bytes:
         return v.tobytes()
     if values.size % 2:
         v[-1] = 0
-    high = v[1::2] << 4  # the only temporary: half the cells
+    if sys.byteorder == "little":
+        # Cells a, b (each < 16) are the two bytes of the uint16 x = a | b << 8, so the low byte of
+        # x | x >> 4 is a | b << 4: two contiguous passes, about twice as fast as strided nibble stores.
+        x = v.view(np.uint16)
+        y = x >> 4
+        np.bitwise_or(y, x, out=y)
+        return y.astype(np.uint8).tobytes()
+    high = v[1::2] << 4
     np.bitwise_or(high, v[0::2], out=high)
     return high.tobytes()
 
@@ -311,3 +330,52 @@ def decode_window(blob: bytes, num_layers: int, num_experts: int, top_k: int) ->
     tokens, deltas, _ = add_window_into(acc, blob)
     tok = tokens if is_float else int(tokens)
     return WindowCounts(acc.counts, top_k, tok, acc.coact, acc.trans, deltas=deltas)
+
+
+def sum_windows(
+    blobs: Sequence[bytes], layers: int, experts: int, top_k: int, threads: int | None = None
+) -> tuple[WindowCounts, list[tuple[float, int, bool]]]:
+    """The exact sum of encoded integer windows, and each one's (tokens, deltas, had pairs).
+
+    The accumulator is the narrowest unsigned type the summed value bounds fit (uint16 for a few DeepSeek-V3
+    writer windows, a quarter of int64's memory traffic). A large sum is split over threads, each adding a
+    share of the windows into its own accumulator (numpy releases the GIL in its adds), and the shares are
+    added at the end: decoding is most of a cold snapshot's time, and a reader has cores to spare.
+    Pair statistics of a window without them are not added (its `had pairs` says so).
+    """
+    bound = 0
+    for i, blob in enumerate(blobs):
+        try:
+            bound += value_bound(blob)
+        except CodecError as exc:
+            exc.index = i
+            raise
+    dtype = np.uint16 if bound < 2**16 else np.uint32 if bound < 2**32 else np.int64
+    cells = len(blobs) * (layers * experts + layers * pair_count(experts) + max(layers - 1, 0) * experts * experts)
+    if threads is None:
+        threads = min(len(blobs), os.cpu_count() or 1, 4) if cells >= _THREADED_CELLS else 1
+    threads = max(1, min(threads, len(blobs)))
+    shares = [range(len(blobs))[t::threads] for t in range(threads)]
+
+    def add_share(share: range) -> tuple[WindowCounts, list[tuple[int, tuple[float, int, bool]]]]:
+        acc = WindowCounts.zeros(layers, experts, top_k, dtype=dtype)
+        info = []
+        for i in share:
+            try:
+                info.append((i, add_window_into(acc, blobs[i])))
+            except CodecError as exc:
+                exc.index = i
+                raise
+        return acc, info
+
+    if threads == 1:
+        parts = [add_share(shares[0])]
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="expertmesh-decode") as pool:
+            parts = list(pool.map(add_share, shares))
+    total = parts[0][0]
+    for acc, _ in parts[1:]:  # exact: the bound above covers the whole sum
+        for name in ("counts", "coact", "trans"):
+            np.add(getattr(total, name), getattr(acc, name), out=getattr(total, name))
+    info = dict(i_info for _, share_info in parts for i_info in share_info)
+    return total, [info[i] for i in range(len(blobs))]

@@ -21,8 +21,8 @@ no-op. `flush` only swaps the counting arrays for fresh ones and hands the close
 thread, which encodes and sends it; it never blocks on the network and never raises because Redis is slow,
 away, or restarting.
 
-Delivery: the sender sends each delta as one atomic script (one round trip; a backlog goes in one
-pipeline). Every delta carries (writer, incarnation, seq) and the writer's floor (its oldest unsettled
+Delivery: the sender sends each delta as a staged SET and one atomic script in one round trip (a backlog
+goes in one pipeline). Every delta carries (writer, incarnation, seq) and the writer's floor (its oldest unsettled
 seq); the store applies each seq at most once, whatever order attempts arrive in, so a retry after a
 timeout, a lost reply or a Redis restart never counts twice. While Redis is unreachable (or answers
 -LOADING, -OOM, -BUSY) the deltas wait in a buffer bounded by `max_buffer_bytes` and `max_buffer_windows`;
@@ -49,11 +49,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import scripts
 from .codec import encode_window
 from .connect import ENV_URL, StatsSchemaError, StatsUnavailableError, check_name, parse_target
 from .counting import WindowAccumulator
-from .store import DEFAULT_DECAY, DEFAULT_KEEP, DEFAULT_TTL_S, StatsStore, check_window_id, make_header
+from .store import DEFAULT_DECAY, DEFAULT_KEEP, DEFAULT_TTL_S, StatsStore, check_window_id, flush_reply, make_header
 from .window import WindowCounts
 
 __all__ = ["RedisStatsSink", "StatsRecorder", "RecorderStatus"]
@@ -354,20 +353,14 @@ class StatsRecorder:
         floor = batch[0].seq  # the oldest unsettled delta: every earlier one was applied or given up
         try:
             store = self._connect()
-            args = [
-                store.flush_args(self._header, d.window, d.blob, self.writer_key, d.seq, self.sink.ttl_s, floor)
-                for d in batch
-            ]
-            if len(batch) == 1:
-                try:
-                    replies = [store.client.eval(scripts.FLUSH, *args[0])]
-                except redis.exceptions.ResponseError as exc:
-                    replies = [exc]
-            else:
-                pipe = store.client.pipeline(transaction=False)
-                for a in args:
-                    pipe.eval(scripts.FLUSH, *a)
-                replies = pipe.execute(raise_on_error=False)
+            pipe = store.client.pipeline(transaction=False)
+            for d in batch:
+                for command in store.flush_commands(
+                    self._header, d.window, d.blob, self.writer_key, d.seq, self.sink.ttl_s, floor
+                ):
+                    pipe.execute_command(*command)
+            flat = pipe.execute(raise_on_error=False)
+            replies = [flush_reply(flat[i : i + 2]) for i in range(0, len(flat), 2)]
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             # Includes -LOADING (a restarted Redis reading its data back): the outcome of each delta is
             # unknown, so all are retried; the store's per-seq dedup makes that safe.

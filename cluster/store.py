@@ -4,17 +4,25 @@ Keys, all under the prefix `expertmesh:{<model>:<run>}` (the braces are a Redis 
 every multi-key script below is atomic on a single server and on a cluster alike):
 
     :meta        hash    schema, layers, experts, top_k, keep (N windows), decay, head (newest id), created
-    :w:<id>      hash    one field per writer delta ("d:<writer>:<seq>") or merged sum ("m:<token>"); value:
-                         an encoded window (`codec`). The window is the sum of its fields. Expires after ttl.
+    :w:<id>      hash    the window's listing: one field per writer delta ("d:<writer>:<seq>") or merged sum
+                         ("m:<token>"), value its size in bytes. The window is the sum of its fields' blobs.
+    :b:<id>:<field> string  the encoded window (`codec`) of that field. Listing and blobs expire after ttl,
+                         the listing first.
+    :s:<writer>:<seq> string  a delta staged by its writer for the flush script (short TTL)
     :windows     zset    window ids present (score = id)
     :writers     hash    writer -> floor: its oldest unsettled seq (every lower seq was applied or given up)
     :applied:<writer> zset  seqs >= floor that were applied: with the floor, a retried flush counts once
     :agg         hash    blob (float window), ref (window id its weights refer to), ver, folded
 
 Windows have integer ids chosen by the writers (a step or time bucket; all writers of a window use the same
-id). A flush is one Lua script: the whole delta appears at once or not at all, so a reader never sees half of
-one. A snapshot reads the header and the last N windows in one MULTI/EXEC, so it is a consistent cut: every
-delta is either wholly in it or not at all.
+id). A flush is a SET of the encoded delta under a staging key and one Lua script that checks it was not
+applied before, RENAMEs it to its blob key and lists it in the window: the whole delta appears at once or not
+at all, so a reader never sees half of one. Blobs are keys of their own, not hash values, because Redis
+takes a SET's argument as the value and RENAME moves it, where HSET (or a Lua script) copies megabytes: at
+DeepSeek-V3 size that is the difference between 0.1 and 7 ms of Redis time per flush, which every other
+writer queues behind. A snapshot lists the last N windows in one MULTI/EXEC, so it is a consistent cut: every
+delta is either wholly in it or not at all; blobs never change once written, so fetching them afterwards
+reads the same bytes (or finds one merged away by compaction, and lists again).
 
 Retention: the last `keep` windows by id are kept as they are. `compact()` (the controller calls it each
 loop; `expertmesh stats compact` by hand) sums each window's deltas into one field, and folds windows that
@@ -36,7 +44,7 @@ import numpy as np
 from expertmesh.placement.stats import RoutingStats
 
 from . import scripts
-from .codec import CodecError, add_window_into, encode_window, value_bound
+from .codec import CodecError, add_window_into, encode_window, sum_windows, value_bound
 from .connect import (
     StatsSchemaError,
     StatsStoreError,
@@ -52,6 +60,7 @@ __all__ = [
     "StatsKeys",
     "StoreHeader",
     "StatsStore",
+    "flush_reply",
     "DEFAULT_KEEP",
     "DEFAULT_DECAY",
     "DEFAULT_TTL_S",
@@ -61,6 +70,7 @@ SCHEMA = "expertmesh.routing-stats/1"
 DEFAULT_KEEP = 64
 DEFAULT_DECAY = 0.9
 DEFAULT_TTL_S = 7 * 24 * 3600
+STAGE_TTL_S = 600  # a staged delta whose flush script never ran (writer killed in between) goes away
 MAX_WINDOW_ID = 2**53 - 1  # Lua numbers are doubles: ids stay exact up to here
 _READ_ATTEMPTS = 5
 
@@ -100,6 +110,20 @@ class StatsKeys:
 
     def window(self, window_id: int) -> str:
         return f"{self.window_prefix}{int(window_id)}"
+
+    @property
+    def blob_prefix(self) -> str:
+        return self.prefix + ":b:"
+
+    def blob(self, window_id: int, field: str) -> str:
+        return f"{self.blob_prefix}{int(window_id)}:{field}"
+
+    @property
+    def stage_prefix(self) -> str:
+        return self.prefix + ":s:"
+
+    def stage(self, name: str) -> str:
+        return self.stage_prefix + name
 
     @property
     def applied_prefix(self) -> str:
@@ -248,7 +272,7 @@ class StatsStore:
 
     # -- writing -----------------------------------------------------------------------------------------
 
-    def flush_args(
+    def flush_commands(
         self,
         header: StoreHeader,
         window_id: int,
@@ -257,23 +281,27 @@ class StatsStore:
         seq: int,
         ttl_s: int = DEFAULT_TTL_S,
         floor: int | None = None,
-    ) -> tuple:
-        """(numkeys, *keys, *args) of the FLUSH script for one delta (the recorder pipelines these).
+    ) -> list[tuple]:
+        """The two commands that apply one delta (stage it, then the FLUSH script), for one pipeline.
 
         `floor`: the writer's oldest seq not yet settled (default `seq`: every earlier one is settled).
+        `flush_reply` reads their two replies.
         """
         check_window_id(window_id)
         field = f"d:{writer}:{seq}"
+        stage = self.keys.stage(f"{writer}:{seq}")
         keys = (
             self.keys.meta,
             self.keys.writers,
             self.keys.index,
             self.keys.window(window_id),
             self.keys.applied(writer),
+            stage,
+            self.keys.blob(window_id, field),
         )
         floor = seq if floor is None else floor
-        args = (*header.args(), writer, int(seq), int(window_id), field, blob, int(ttl_s), int(floor))
-        return (len(keys), *keys, *args)
+        args = (*header.args(), writer, int(seq), int(window_id), field, int(ttl_s), int(floor))
+        return [("SET", stage, blob, "EX", STAGE_TTL_S), ("EVAL", scripts.FLUSH, len(keys), *keys, *args)]
 
     def write(
         self,
@@ -289,15 +317,33 @@ class StatsStore:
         """Add one delta to a window, atomically and once: False if this (writer, seq) was applied before."""
         blob = encode_window(window)
         with self._errors(f"write window {window_id}"):
-            reply = self.client.eval(
-                scripts.FLUSH, *self.flush_args(header, window_id, blob, writer, seq, ttl_s, floor)
+            pipe = self.client.pipeline(transaction=False)
+            for command in self.flush_commands(header, window_id, blob, writer, seq, ttl_s, floor):
+                pipe.execute_command(*command)
+            reply = flush_reply(pipe.execute(raise_on_error=False))
+            if isinstance(reply, Exception):
+                raise reply
+        return reply == "ok"
+
+    def _present(self, wid: int, name: str, blob: bytes | None) -> bytes:
+        if blob is None:
+            raise StatsStoreError(
+                f"{self.where}: {self.keys.window(wid)} lists field {name!r} but its blob "
+                f"{self.keys.blob(wid, name)} is missing (deleted by something else, or expired)"
             )
-        return _text(reply) == "ok"
+        return blob
+
+    def _fetch(self, names: list[tuple[int, str]], action: str = "read snapshot") -> list[bytes | None]:
+        """The blobs of these (window, field) pairs; None where a blob is gone (merged or folded meanwhile)."""
+        if not names:
+            return []
+        with self._errors(action):
+            return self.client.mget([self.keys.blob(wid, name) for wid, name in names])
 
     # -- reading -----------------------------------------------------------------------------------------
 
     def _read(self, windows: int | None, with_agg: bool) -> tuple[StoreHeader, dict, list[tuple[int, dict]]]:
-        """Header, aggregate and the fields of the wanted windows, read in one MULTI/EXEC: a consistent cut.
+        """Header, aggregate and the fields of the wanted windows, listed in one MULTI/EXEC: a consistent cut.
 
         windows: n > 0 the last n (at most `keep`); None or 0 the last `keep`; -1 every window in the index
         (kept or not yet folded). MULTI rather than a Lua script: Redis streams the values straight into
@@ -324,7 +370,7 @@ class StatsStore:
                     pipe.hgetall(self.keys.meta)
                     pipe.hgetall(self.keys.agg)
                     for wid in ids:
-                        pipe.hgetall(self.keys.window(wid))
+                        pipe.hkeys(self.keys.window(wid))
                     replies = pipe.execute()
                 except redis.exceptions.WatchError:
                     continue
@@ -335,39 +381,26 @@ class StatsStore:
             if windows != -1 and now.head != header.head and not last:
                 continue  # a newer window began meanwhile: read the latest N instead
             agg = {_text(k): v for k, v in replies[1].items()} if with_agg else {}
-            fields = [{_text(k): v for k, v in f.items()} for f in replies[2:]]
-            found = [(wid, f) for wid, f in zip(ids, fields, strict=True) if f]
-            return now, agg, found
+            names = [(wid, _text(f)) for wid, fields in zip(ids, replies[2:], strict=True) for f in fields]
+            blobs = self._fetch(names)
+            if any(b is None for b in blobs) and not last:
+                continue  # compaction consumed some of these fields after we listed them: list again
+            found: dict[int, dict] = {}
+            for (wid, name), blob in zip(names, blobs, strict=True):
+                found.setdefault(wid, {})[name] = self._present(wid, name, blob)
+            return now, agg, sorted(found.items())
         raise StatsStoreError(f"read snapshot: {self.where} kept changing during {_READ_ATTEMPTS} attempts")
 
     def _sum(self, header: StoreHeader, fields_by_window: list[tuple[int, dict]], action: str) -> tuple:
-        """Exact sum of every field of the given windows; also the deltas per window.
-
-        The accumulator is the narrowest unsigned type the summed value bounds of the fields fit (the
-        headers say), usually uint16; `to_stats` widens to int64 once.
-        """
-        with self._errors(action):
-            bound = 0
-            for wid, fields in fields_by_window:
-                for name, blob in fields.items():
-                    try:
-                        bound += value_bound(blob)
-                    except CodecError as exc:
-                        raise CodecError(f"{self.keys.window(wid)} field {name!r}: {exc}") from None
-        dtype = np.uint16 if bound < 2**16 else np.uint32 if bound < 2**32 else np.int64
-        total = WindowCounts.zeros(header.layers, header.experts, header.top_k, dtype=dtype)
-        tokens, deltas, pairs = 0, {}, True
-        with self._errors(action):
-            for wid, fields in fields_by_window:
-                deltas[wid] = 0
-                for name, blob in fields.items():
-                    try:
-                        tok, n, had_pairs = add_window_into(total, blob)
-                    except CodecError as exc:
-                        raise CodecError(f"{self.keys.window(wid)} field {name!r}: {exc}") from None
-                    tokens += int(tok)
-                    deltas[wid] += n
-                    pairs &= had_pairs
+        """Exact sum of every field of the given windows; also the deltas per window."""
+        named = [(wid, name, blob) for wid, fields in fields_by_window for name, blob in fields.items()]
+        with self._errors(action), _naming(self, [(wid, name) for wid, name, _ in named]):
+            total, info = sum_windows([b for _, _, b in named], header.layers, header.experts, header.top_k)
+        tokens, deltas, pairs = 0, {wid: 0 for wid, _ in fields_by_window}, True
+        for (wid, _, _), (tok, n, had_pairs) in zip(named, info, strict=True):
+            tokens += int(tok)
+            deltas[wid] += n
+            pairs &= had_pairs
         window = WindowCounts(
             total.counts,
             header.top_k,
@@ -408,12 +441,10 @@ class StatsStore:
                 continue  # a newer window began meanwhile: read the latest N instead
             current = {(wid, _text(f)) for wid, names in zip(ids, replies[1:], strict=True) for f in names}
             missing = sorted(current - cache.blobs.keys())
-            with self._errors("read snapshot"), self.client.pipeline(transaction=True) as pipe:
-                for wid, name in missing:
-                    pipe.hget(self.keys.window(wid), name)
-                values = pipe.execute() if missing else []
-            if any(v is None for v in values):
+            values = self._fetch(missing)
+            if any(v is None for v in values) and attempt < _READ_ATTEMPTS - 1:
                 continue  # compaction replaced some of these fields after we listed them: list again
+            values = [self._present(wid, name, v) for (wid, name), v in zip(missing, values, strict=True)]
             break
         else:
             raise StatsStoreError(f"read snapshot: {self.where} kept changing during {_READ_ATTEMPTS} attempts")
@@ -501,7 +532,12 @@ class StatsStore:
         to_fold: list[tuple[int, list[str], WindowCounts]] = []
         for wid in self.window_ids():
             with self._errors(f"compact window {wid}"):
-                fields = {_text(n): b for n, b in self.client.hgetall(self.keys.window(wid)).items()}
+                names = sorted(_text(n) for n in self.client.hkeys(self.keys.window(wid)))
+            blobs = self._fetch([(wid, name) for name in names], f"compact window {wid}")
+            if any(b is None for b in blobs):
+                report["conflicts"] += 1  # a field went away between listing and reading: next time
+                continue
+            fields = dict(zip(names, blobs, strict=True))
             if wid < first_kept:
                 win, _ = self._sum(header, [(wid, fields)], f"compact window {wid}") if fields else (None, None)
                 to_fold.append((wid, sorted(fields), win))
@@ -510,10 +546,12 @@ class StatsStore:
                 continue
             win, _ = self._sum(header, [(wid, fields)], f"compact window {wid}")
             name = f"m:{secrets.token_hex(8)}"
+            stage = self.keys.stage(name)
             with self._errors(f"compact window {wid}"):
-                ok = self.client.eval(
-                    scripts.MERGE, 1, self.keys.window(wid), name, encode_window(win), *sorted(fields)
-                )
+                pipe = self.client.pipeline(transaction=False)
+                pipe.set(stage, encode_window(win), ex=STAGE_TTL_S)
+                pipe.eval(scripts.MERGE, 2, self.keys.window(wid), stage, self.keys.blob(wid, ""), name, *names)
+                ok = pipe.execute()[1]
             report["merged" if ok else "conflicts"] += 1
         if to_fold:
             report["folded"], report["conflicts"] = self._fold(header, to_fold), report["conflicts"]
@@ -549,7 +587,7 @@ class StatsStore:
             tokens=tokens,
         )
         folded = int(_text(agg.get("folded", b"0"))) + len(to_fold)
-        args = [ver, blob, new_ref, folded, self.keys.window_prefix]
+        args = [ver, blob, new_ref, folded, self.keys.window_prefix, self.keys.blob_prefix]
         for wid, names, _ in to_fold:
             args += [wid, len(names), *names]
         with self._errors("fold windows"):
@@ -562,21 +600,32 @@ class StatsStore:
             names = {self.keys.meta, self.keys.writers, self.keys.index, self.keys.agg}
             names.update(self.keys.window(int(_text(m))) for m in self.client.zrange(self.keys.index, 0, -1))
             # Windows missing from the index (it is trimmed by compaction) and writers' sets are found by name.
-            for pattern in (self.keys.window_prefix + "*", self.keys.applied_prefix + "*"):
-                names.update(_text(n) for n in self.client.scan_iter(match=pattern, count=1000))
+            keys = self.keys
+            for prefix in (keys.window_prefix, keys.blob_prefix, keys.stage_prefix, keys.applied_prefix):
+                names.update(_text(n) for n in self.client.scan_iter(match=prefix + "*", count=1000))
             return int(self.client.unlink(*names)) if names else 0
 
     def memory(self) -> dict:
-        """Bytes Redis uses for each window key and for the other keys (MEMORY USAGE, no sampling)."""
+        """Bytes Redis uses for each window (listing and blobs) and for the other keys (MEMORY USAGE, exact)."""
+
+        def usage(key: str) -> int:
+            return int(self.client.memory_usage(key, samples=0) or 0)
+
         with self._errors("memory usage"):
-            windows = {
-                wid: int(self.client.memory_usage(self.keys.window(wid), samples=0) or 0) for wid in self.window_ids()
-            }
-            other = sum(
-                int(self.client.memory_usage(k, samples=0) or 0)
-                for k in (self.keys.meta, self.keys.writers, self.keys.index, self.keys.agg)
-            )
+            windows = {}
+            for wid in self.window_ids():
+                names = [_text(n) for n in self.client.hkeys(self.keys.window(wid))]
+                windows[wid] = usage(self.keys.window(wid)) + sum(usage(self.keys.blob(wid, n)) for n in names)
+            other = sum(usage(k) for k in (self.keys.meta, self.keys.writers, self.keys.index, self.keys.agg))
         return {"windows": windows, "other": other}
+
+
+def flush_reply(replies: list) -> str | Exception:
+    """'ok' or 'dup' from the two replies of one delta's `flush_commands`, or the error that stopped it."""
+    staged, applied = replies
+    if isinstance(staged, Exception):
+        return staged  # -OOM and the like: the script then found nothing staged; the SET's error says why
+    return applied if isinstance(applied, Exception) else _text(applied)
 
 
 def make_header(
@@ -642,7 +691,10 @@ class _SnapshotCache:
     def update(
         self, store: StatsStore, header: StoreHeader, current: set, fetched: dict
     ) -> tuple[WindowCounts, dict[tuple[int, str], int]]:
-        """(exact sum over the `current` fields, deltas per field), reusing what the last call summed."""
+        """(exact sum over the `current` fields, deltas per field), reusing what the last call summed.
+
+        The result's coact is the cache's own array: turn it into RoutingStats before the next update.
+        """
         shape = (header.layers, header.experts, header.top_k)
         blobs = {**self.blobs, **fetched}
         gone, new = set(self.deltas) - current, current - set(self.deltas)
@@ -656,11 +708,12 @@ class _SnapshotCache:
                     self._apply(store, key, blobs[key], sign=+1)
         pairs = self.no_pairs == 0
         t = self.total
+        # coact is not copied: the caller's to_stats expands it into a fresh [L, E, E] array anyway.
         result = WindowCounts(
             t.counts.copy(),
             header.top_k,
             self.tokens,
-            t.coact.copy() if pairs else None,
+            t.coact if pairs else None,
             t.trans.copy() if pairs else None,
             deltas=sum(self.deltas.values()),
         )
@@ -674,17 +727,11 @@ class _SnapshotCache:
 
     def _recompute(self, store: StatsStore, shape: tuple[int, int, int], current: set, blobs: dict) -> None:
         keys = sorted(current)
-        bound = 0
-        for key in keys:
-            with _naming(store, key):
-                bound += value_bound(blobs[key])
-        # Sum narrow (the headers bound every value), then widen once: a quarter of int64's traffic.
-        acc = WindowCounts.zeros(*shape, dtype=np.uint16 if bound < 2**16 else np.uint32 if bound < 2**32 else np.int64)
+        with _naming(store, keys):
+            acc, info = sum_windows([blobs[key] for key in keys], *shape)
         self._reset()
         self.shape = shape
-        for key in keys:
-            with _naming(store, key):
-                tokens, n_deltas, had_pairs = add_window_into(acc, blobs[key])
+        for key, (tokens, n_deltas, had_pairs) in zip(keys, info, strict=True):
             self.deltas[key] = n_deltas
             self.tokens += int(tokens)
             self.no_pairs += not had_pairs
@@ -693,7 +740,7 @@ class _SnapshotCache:
         )
 
     def _apply(self, store: StatsStore, key: tuple[int, str], blob: bytes, sign: int) -> None:
-        with _naming(store, key):
+        with _naming(store, [key]):
             bound = value_bound(blob)
             part = WindowCounts.zeros(*self.shape, dtype=np.uint16 if bound < 2**16 else np.int64)
             tokens, n_deltas, had_pairs = add_window_into(part, blob)
@@ -711,9 +758,10 @@ class _SnapshotCache:
 
 
 @contextlib.contextmanager
-def _naming(store: StatsStore, key: tuple[int, str]) -> Iterator[None]:
-    """Codec errors name the window key and field they came from."""
+def _naming(store: StatsStore, keys: list[tuple[int, str]]) -> Iterator[None]:
+    """Codec errors name the window key and field they came from (`keys[error.index]`, or the only one)."""
     try:
         yield
     except CodecError as exc:
-        raise CodecError(f"{store.keys.window(key[0])} field {key[1]!r}: {exc}") from None
+        wid, field = keys[exc.index if exc.index is not None else 0]
+        raise CodecError(f"{store.keys.window(wid)} field {field!r}: {exc}") from None

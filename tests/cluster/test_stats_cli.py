@@ -106,7 +106,8 @@ def test_export_compact_reset(redis_url, trace_file, tmp_path):
 
     assert run("reset", "--redis", redis_url, "--model", "ex").exit_code == 2  # not interactive, no --yes
     removed = json.loads(run("reset", "--redis", redis_url, "--model", "ex", "--yes", "--json").stdout)
-    assert removed["keys_removed"] == 3 + 5 + 1  # meta, writers, index, 5 windows, the pusher's applied set
+    # meta, writers, index, 5 window listings and their 5 blobs, the pusher's applied set
+    assert removed["keys_removed"] == 3 + 5 + 5 + 1
     gone = run("show", "--redis", redis_url, "--model", "ex")
     assert gone.exit_code == 1 and "no statistics under" in gone.stderr
 

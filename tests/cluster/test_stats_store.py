@@ -49,6 +49,10 @@ def store(redis_url):
     s.client.close()
 
 
+def keys_under(store, prefix: str) -> list[str]:
+    return sorted(k.decode() for k in store.client.scan_iter(match=prefix + "*"))
+
+
 def test_snapshot_of_windows_equals_the_trace(store):
     header = store.ensure(L, E, K, keep=16)
     parts = [ids_for(i) for i in range(5)]
@@ -76,6 +80,8 @@ def test_several_writers_per_window_sum_and_compaction_keeps_it_exact(store):
     report = store.compact()
     assert report == {"merged": 3, "folded": 0, "conflicts": 0}
     assert all(store.client.hlen(store.keys.window(w)) == 1 for w in range(3))
+    assert len(keys_under(store, store.keys.blob_prefix)) == 3  # the merged deltas' blobs are gone
+    assert keys_under(store, store.keys.stage_prefix) == []  # nothing staged is left behind
     after = store.snapshot()
     assert same(after, before) and after.meta["deltas"] == before.meta["deltas"]
 
@@ -125,6 +131,9 @@ def test_retention_fold_and_decayed_aggregate(store):
     assert report["folded"] == 6 and report["conflicts"] == 0
     assert store.window_ids() == [6, 7, 8, 9]
     assert not store.client.exists(store.keys.window(0))
+    blobs = keys_under(store, store.keys.blob_prefix)
+    blob_windows = {int(k[len(store.keys.blob_prefix) :].split(":")[0]) for k in blobs}
+    assert blob_windows == {6, 7, 8, 9}  # folded windows leave no blob behind
     np.testing.assert_allclose(store.decayed().counts, expected, rtol=1e-12)  # same after folding
     assert same(store.snapshot(), snap)
 
@@ -177,12 +186,17 @@ def test_foreign_or_malformed_data_is_refused(store):
     client.delete(store.keys.meta)
     header = store.ensure(L, E, K)
     store.write(0, window_of(ids_for(0)), header=header, writer="a", seq=1)
-    client.hset(store.keys.window(0), "d:intruder:1", b"\x89PNG garbage")
+    client.hset(store.keys.window(0), "d:intruder:1", 12)
+    client.set(store.keys.blob(0, "d:intruder:1"), b"\x89PNG garbage")
     with pytest.raises(StatsSchemaError, match=r":w:0 field 'd:intruder:1'.*not an expertmesh window"):
+        store.snapshot()
+    client.delete(store.keys.blob(0, "d:intruder:1"))
+    with pytest.raises(StatsStoreError, match=r":w:0 lists field 'd:intruder:1' but its blob .*:b:0:d:intruder:1 is"):
         store.snapshot()
     client.hdel(store.keys.window(0), "d:intruder:1")
     wrong = encode_window(window_of(ids_for(0, E=16), E=16))
-    client.hset(store.keys.window(0), "d:other:1", wrong)
+    client.hset(store.keys.window(0), "d:other:1", len(wrong))
+    client.set(store.keys.blob(0, "d:other:1"), wrong)
     with pytest.raises(StatsSchemaError, match="window shape layers=3 experts=16"):
         store.snapshot()
     client.hdel(store.keys.window(0), "d:other:1")
@@ -199,7 +213,8 @@ def test_empty_prefix_and_reset(store, redis_url):
         store.write(wid, window_of(ids_for(wid)), header=header, writer="a", seq=wid + 1)
     neighbour = StatsStore.open(redis_url, model="test-model", run="r2")
     neighbour.write(0, window_of(ids_for(5)), header=neighbour.ensure(L, E, K), writer="a", seq=1)
-    assert store.reset() == 7  # meta, writers, index, 3 windows, the writer's applied set (no aggregate yet)
+    # meta, writers, index, 3 window listings and their 3 blobs, the writer's applied set (no aggregate yet)
+    assert store.reset() == 10
     assert store.header() is None
     assert neighbour.snapshot().tokens == 24  # another run under the same model is untouched
 
@@ -325,14 +340,20 @@ def test_repeated_snapshots_reuse_what_they_read_and_stay_exact(store, redis_url
             w = WindowCounts(w.counts, K, w.tokens)
         writer.write(wid, w, header=header, writer="w", seq=next(seq))
 
-    def hgets():
-        return store.client.info("commandstats").get("cmdstat_hget", {}).get("calls", 0)
+    fetch = store._fetch
+    asked: list[int] = []
+
+    def counting_fetch(names, *args):
+        asked.append(len(names))
+        return fetch(names, *args)
+
+    store._fetch = counting_fetch
 
     def check():
         fresh = StatsStore.open(redis_url, model="test-model", run="r1", cache_bytes=0).snapshot()
-        before = hgets()
+        asked.clear()
         mine = store.snapshot()
-        fetched.append(hgets() - before)
+        fetched.append(sum(asked))
         assert mine.meta["windows"] == fresh.meta["windows"] and mine.meta["deltas"] == fresh.meta["deltas"]
         assert mine.tokens == fresh.tokens and np.array_equal(mine.counts, fresh.counts)
         assert (mine.coact is None) == (fresh.coact is None)
