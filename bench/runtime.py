@@ -21,9 +21,9 @@ the other baseline and the table says so). Medians of 3 timed runs after a warm-
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -124,24 +124,27 @@ def _rng_tokens(rng, n: int, vocab: int) -> list[int]:
     return rng.integers(0, vocab, n).tolist()
 
 
-def ours_prefill(group, total: int, seq_len: int, vocab: int, rng) -> float:
-    """Tokens/s of one step prefilling total / seq_len sequences (dealt round robin over the workers)."""
+def ours_prefill(group, total: int, seq_len: int, vocab: int, rng) -> tuple[float, dict]:
+    """Tokens/s of one step prefilling total / seq_len sequences (dealt round robin over the workers),
+    and the median step and worker forward times (their difference: Ray's call and the step's host work)."""
     G = group.num_workers
     n = max(total // seq_len, 1)
     seq_len = total // n
     prompts = [_rng_tokens(rng, seq_len, vocab) for _ in range(n)]
-    times = []
+    times, forward = [], []
     for rep in range(REPS + 1):
         ids = [rep * 1000 + i for i in range(n)]
         inputs = [[(ids[i], prompts[i]) for i in range(n) if i % G == r] for r in range(G)]
         t0 = time.perf_counter()
-        group.step(inputs, return_logits=False)
+        outs = group.step(inputs, return_logits=False)
         times.append(time.perf_counter() - t0)
+        forward.append(max(o.seconds for o in outs))
         group.free(ids)
-    return n * seq_len / float(np.median(times[1:]))
+    step = float(np.median(times[1:]))
+    return n * seq_len / step, {"step_ms": step * 1e3, "worker_ms": float(np.median(forward[1:])) * 1e3}
 
 
-def ours_decode(group, batch: int, vocab: int, rng) -> float:
+def ours_decode(group, batch: int, vocab: int, rng) -> tuple[float, dict]:
     from expertmesh.workers import GREEDY
 
     G = group.num_workers
@@ -149,7 +152,7 @@ def ours_decode(group, batch: int, vocab: int, rng) -> float:
     prompts = [_rng_tokens(rng, PROMPT_LEN, vocab) for _ in range(batch)]
     inputs = [[(ids[i], prompts[i]) for i in range(batch) if i % G == r] for r in range(G)]
     outs = group.step(inputs, sampling=GREEDY, return_logits=False)
-    times = []
+    times, forward = [], []
     for step in range(DECODE_STEPS + 2):
         nxt = {s: t for o in outs for s, t in zip(o.seq_ids, o.tokens, strict=True)}
         inputs = [[(s, [nxt[s]]) for s, _ in b] for b in inputs]
@@ -157,7 +160,48 @@ def ours_decode(group, batch: int, vocab: int, rng) -> float:
         outs = group.step(inputs, sampling=GREEDY, return_logits=False)
         if step >= 2:
             times.append(time.perf_counter() - t0)
+            forward.append(max(o.seconds for o in outs))
     group.free(ids)
+    return batch * len(times) / float(np.sum(times)), {"step_ms": float(np.median(times)) * 1e3,
+                                                       "worker_ms": float(np.median(forward)) * 1e3}
+
+
+def local_prefill(model, total: int, seq_len: int, vocab: int, rng) -> float:
+    """`ours-local`: the same model code in this process, every expert local (no Ray, no exchange)."""
+    from expertmesh.workers.local import run_step
+
+    n = max(total // seq_len, 1)
+    seq_len = total // n
+    prompts = [_rng_tokens(rng, seq_len, vocab) for _ in range(n)]
+    times = []
+    for rep in range(REPS + 1):
+        ids = [rep * 1000 + i for i in range(n)]
+        _sync()
+        t0 = time.perf_counter()
+        run_step(model, list(zip(ids, prompts, strict=True)))
+        _sync()
+        times.append(time.perf_counter() - t0)
+        model.arena.free(ids)
+    return n * seq_len / float(np.median(times[1:]))
+
+
+def local_decode(model, batch: int, vocab: int, rng) -> float:
+    from expertmesh.workers.local import run_step
+
+    ids = list(range(50_000, 50_000 + batch))
+    prompts = [_rng_tokens(rng, PROMPT_LEN, vocab) for _ in range(batch)]
+    logits, _ = run_step(model, list(zip(ids, prompts, strict=True)))
+    times = []
+    for step in range(DECODE_STEPS + 2):
+        nxt = logits.argmax(-1).tolist()
+        _sync()
+        t0 = time.perf_counter()
+        logits, _ = run_step(model, [(s, [t]) for s, t in zip(ids, nxt, strict=True)])
+        logits.argmax(-1).tolist()  # the token choice is part of a decode step
+        _sync()
+        if step >= 2:
+            times.append(time.perf_counter() - t0)
+    model.arena.free(ids)
     return batch * len(times) / float(np.sum(times))
 
 
@@ -209,79 +253,94 @@ def hf_decode(model, batch: int, vocab: int, rng, device: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- measure
-def measure_shape(name: str, shape: dict, args, rows: list, notes: list, device: str, num_gpus: int) -> None:
+VARIANTS = ("ours-local", "ours-1gpu", "ours-2gpu", "hf-default", "hf-grouped_mm", "hf-eager")
+HF_KWARGS = {"hf-default": {}, "hf-grouped_mm": {"experts_implementation": "grouped_mm"},
+             "hf-eager": {"experts_implementation": "eager"}}
+
+
+def measure_variant(name: str, variant: str, args, rows: list, notes: list) -> None:
+    """Every prefill and decode size of one variant of one shape, in this process."""
     import torch
-    import transformers
 
-    from expertmesh.workers import EPGroup
-
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = (QUICK if args.quick else SHAPES)[name]
     ckpt = Path(args.workdir) / name
     prefill = [t for t in args.prefill if t >= SEQ_LEN or args.quick]
     seq_len = SEQ_LEN if not args.quick else 32
-    dtype = "bfloat16" if device == "cuda" else "float32"
     torch_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    vocab = shape["vocab"]
+    rng = np.random.default_rng(0)
 
-    def record(variant, mode, size, value):
-        rows.append({"shape": name, "variant": variant, "mode": mode, "size": size, "tokens_per_s": value})
-        print(f"{name} {variant} {mode} {size}: {value:,.0f} tok/s", file=sys.stderr, flush=True)
+    def record(mode, size, value, extra=None):
+        rows.append({"shape": name, "variant": variant, "mode": mode, "size": size, "tokens_per_s": value,
+                     **(extra or {})})
+        print(f"{name} {variant} {mode} {size}: {value:,.0f} tok/s {extra or ''}", file=sys.stderr, flush=True)
 
-    for G in [g for g in (1, 2) if g <= num_gpus]:
-        rng = np.random.default_rng(0)
+    if variant == "ours-local":
+        from expertmesh.workers.local import load_local_model
+
         t0 = time.perf_counter()
-        group = EPGroup.create(ckpt, None, G, device=device, dtype=dtype, cpus_per_worker=1.0,
-                               step_timeout_s=600, collective_timeout_s=600)
+        model = load_local_model(ckpt, torch_dtype, device)
+        notes.append(f"{name}: ours-local loaded in {time.perf_counter() - t0:.0f} s")
+        for total in prefill:
+            record("prefill", total, local_prefill(model, total, seq_len, vocab, rng))
+        for batch in args.decode:
+            record("decode", batch, local_decode(model, batch, vocab, rng))
+    elif variant.startswith("ours-"):
+        import ray
+
+        from expertmesh.workers import EPGroup
+
+        G = int(variant[len("ours-")])
+        os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
+        ray.init(num_cpus=8, num_gpus=G if device == "cuda" else 0, include_dashboard=False)
+        t0 = time.perf_counter()
+        group = EPGroup.create(ckpt, None, G, device=device, dtype="bfloat16" if device == "cuda" else "float32",
+                               cpus_per_worker=1.0, step_timeout_s=600, collective_timeout_s=600)
         notes.append(f"{name}: ours on {G} GPU(s) created in {time.perf_counter() - t0:.0f} s")
         try:
             for total in prefill:
-                record(f"ours-{G}gpu", "prefill", total, ours_prefill(group, total, seq_len, shape["vocab"], rng))
+                record("prefill", total, *ours_prefill(group, total, seq_len, vocab, rng))
             for batch in args.decode:
-                record(f"ours-{G}gpu", "decode", batch, ours_decode(group, batch, shape["vocab"], rng))
-        except Exception as exc:  # noqa: BLE001 - keep the other variants' rows
-            notes.append(f"{name}: ours on {G} GPU(s) failed: {type(exc).__name__}: {exc}")
+                record("decode", batch, *ours_decode(group, batch, vocab, rng))
         finally:
             group.shutdown()
+            ray.shutdown()
+    else:
+        import transformers
 
-    variants = [("hf-default", {}), ("hf-grouped_mm", {"experts_implementation": "grouped_mm"})]
-    for variant, kwargs in variants:
-        rng = np.random.default_rng(0)
-        model = None
-        try:
-            t0 = time.perf_counter()
-            placement = {"device_map": device} if device == "cuda" else {}
-            model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype, **placement,
-                                                                      **kwargs).eval()
-            impl = getattr(model.config, "_experts_implementation", "?")
-            notes.append(f"{name}: {variant} loaded in {time.perf_counter() - t0:.0f} s, experts implementation "
-                         f"{impl!r}, attention {model.config._attn_implementation!r}")
-            if variant == "hf-default" and impl == "grouped_mm":
-                variants.append(("hf-eager", {"experts_implementation": "eager"}))
-            for total in prefill:
-                record(variant, "prefill", total, hf_prefill(model, total, seq_len, shape["vocab"], rng, device))
-            for batch in args.decode:
-                record(variant, "decode", batch, hf_decode(model, batch, shape["vocab"], rng, device))
-        except Exception as exc:  # noqa: BLE001
-            notes.append(f"{name}: {variant} failed: {type(exc).__name__}: {exc}")
-        finally:
-            del model
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        placement = {"device_map": device} if device == "cuda" else {}
+        model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype, **placement,
+                                                                  **HF_KWARGS[variant]).eval()
+        impl = getattr(model.config, "_experts_implementation", "?")
+        notes.append(f"{name}: {variant} loaded in {time.perf_counter() - t0:.0f} s, experts implementation "
+                     f"{impl!r}, attention {model.config._attn_implementation!r}")
+        for total in prefill:
+            record("prefill", total, hf_prefill(model, total, seq_len, vocab, rng, device))
+        for batch in args.decode:
+            record("decode", batch, hf_decode(model, batch, vocab, rng, device))
+
+
+def cmd_variant(args) -> None:
+    rows, notes = [], []
+    try:
+        measure_variant(args.shape, args.variant, args, rows, notes)
+    except Exception as exc:  # noqa: BLE001 - keep the rows measured so far
+        notes.append(f"{args.shape}: {args.variant} failed: {type(exc).__name__}: {exc}")
+    Path(args.out).write_text(json.dumps({"rows": rows, "notes": notes}))
 
 
 def cmd_measure(args) -> None:
-    import ray
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     num_gpus = torch.cuda.device_count() if device == "cuda" else 2
-    if not ray.is_initialized():
-        os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
-        ray.init(num_cpus=8, num_gpus=num_gpus if device == "cuda" else 0, include_dashboard=False)
     shapes = QUICK if args.quick else SHAPES
     result = {"environment": ep8.environment(), "device": device, "quick": args.quick,
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "shapes": shapes, "rows": [],
               "notes": [], "settings": {"seq_len": SEQ_LEN, "prompt_len": PROMPT_LEN, "decode_steps": DECODE_STEPS,
-                                        "reps": REPS}}
+                                        "reps": REPS, "process_per_variant": True}}
     # Write every checkpoint first and flush it to disk: background writeback of freshly written
     # gigabytes was seen to slow launch-bound decode steps several-fold on the VM.
     for name in args.shapes:
@@ -292,12 +351,29 @@ def cmd_measure(args) -> None:
     os.sync()
     time.sleep(3)
     result["notes"].append(f"checkpoints flushed to disk in {time.perf_counter() - t0:.0f} s before measuring")
+    # One fresh process per variant: a previous variant's leftovers (Ray's processes, allocator state, a
+    # slowed host) cannot bias the next one, which an earlier in-process run showed for decode.
+    passthrough = ["--workdir", args.workdir, "--prefill", *map(str, args.prefill), "--decode", *map(str, args.decode)]
+    if args.quick:
+        passthrough.append("--quick")
+    variants = [v for v in args.variants if not (v == "ours-2gpu" and num_gpus < 2)]
     for name in args.shapes:
-        try:
-            measure_shape(name, shapes[name], args, result["rows"], result["notes"], device, num_gpus)
-        except Exception as exc:  # noqa: BLE001
-            result["notes"].append(f"{name}: failed: {type(exc).__name__}: {exc}")
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        for variant in variants:
+            part = Path(args.workdir) / f"{name}-{variant}.json"
+            part.unlink(missing_ok=True)
+            cmd = [sys.executable, __file__, "variant", "--shape", name, "--variant", variant, "--out", str(part),
+                   *passthrough]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, timeout=args.variant_timeout_s, check=False)
+            if part.exists():
+                got = json.loads(part.read_text())
+                result["rows"] += got["rows"]
+                result["notes"] += got["notes"]
+            else:
+                result["notes"].append(f"{name}: {variant} wrote nothing (exit code {proc.returncode})")
+            result["notes"].append(f"{name}: {variant} measured in its own process in "
+                                   f"{time.perf_counter() - t0:.0f} s")
+            Path(args.out).write_text(json.dumps(result, indent=1))
     Path(args.out).write_text(json.dumps(result, indent=1))
 
 
@@ -319,7 +395,9 @@ def cmd_report(args) -> None:
         f"layers of real dimensions. Prefill: sequences of {measured['settings']['seq_len']} tokens, all in one "
         f"step. Decode: {measured['settings']['prompt_len']}-token prompts, tokens/s over "
         f"{measured['settings']['decode_steps']} greedy steps. Medians of {measured['settings']['reps']} runs "
-        "after a warm-up. `ours-2gpu`: sequences dealt round robin over 2 workers (data-parallel attention), "
+        "after a warm-up. Each variant runs in its own fresh process. `ours-local`: our model code in the "
+        "measuring process, every expert local (`expertmesh.workers.local`, no Ray); `ours-1gpu`: an EPGroup "
+        "of one Ray actor; `ours-2gpu`: sequences dealt round robin over 2 workers (data-parallel attention), "
         "experts split by the contiguous plan, NCCL all_to_all dispatch/combine.",
         "",
     ]
@@ -331,24 +409,36 @@ def cmd_report(args) -> None:
         mine = [r for r in rows if r["shape"] == name]
         if not mine:
             continue
-        variants = sorted({r["variant"] for r in mine}, key=lambda v: (not v.startswith("hf"), v))
+        variants = [v for v in VARIANTS if any(r["variant"] == v for r in mine)]
         hf = [v for v in variants if v.startswith("hf")]
         lines += [f"## {name}: hidden {shape['hidden']}, {shape['experts']} experts, FFN {shape['ffn']}, "
                   f"top-{shape['top_k']}, {shape['layers']} layers", "",
                   "| mode | size | " + " | ".join(f"{v} tok/s" for v in variants)
-                  + " | ours-1gpu / best hf | ours-1gpu / hf-default | ours-2gpu / ours-1gpu |",
-                  "|---|---|" + "---|" * (len(variants) + 3)]
+                  + " | ours-1gpu / best hf | ours-local / best hf | ours-1gpu / hf-default "
+                  "| ours-2gpu / ours-1gpu |",
+                  "|---|---|" + "---|" * (len(variants) + 4)]
+        nan = float("nan")
         for mode in ("prefill", "decode"):
             for size in sorted({r["size"] for r in mine if r["mode"] == mode}):
                 val = {r["variant"]: r["tokens_per_s"] for r in mine if r["mode"] == mode and r["size"] == size}
-                best_hf = max((val[v] for v in hf if v in val), default=float("nan"))
-                o1, o2 = val.get("ours-1gpu", float("nan")), val.get("ours-2gpu", float("nan"))
-                default = val.get("hf-default", float("nan"))
+                best_hf = max((val[v] for v in hf if v in val), default=nan)
+                o1, o2, loc = val.get("ours-1gpu", nan), val.get("ours-2gpu", nan), val.get("ours-local", nan)
+                default = val.get("hf-default", nan)
                 cells = " | ".join(f"{val[v]:,.0f}" if v in val else "-" for v in variants)
-                lines.append(f"| {mode} | {size} | {cells} | {o1 / best_hf:.2f}x | {o1 / default:.2f}x "
-                             f"| {o2 / o1:.2f}x |")
-                summary[f"{name}/{mode}/{size}"] = {"vs_best_hf": o1 / best_hf, "vs_hf_default": o1 / default,
-                                                   "two_over_one": o2 / o1}
+                lines.append(f"| {mode} | {size} | {cells} | {o1 / best_hf:.2f}x | {loc / best_hf:.2f}x "
+                             f"| {o1 / default:.2f}x | {o2 / o1:.2f}x |")
+                summary[f"{name}/{mode}/{size}"] = {"vs_best_hf": o1 / best_hf, "local_vs_best_hf": loc / best_hf,
+                                                   "vs_hf_default": o1 / default, "two_over_one": o2 / o1}
+        timed = [r for r in mine if "step_ms" in r]
+        if timed:
+            lines += ["", "Where a Ray step's time goes (medians): `step` = the driver's `group.step` call, "
+                      "`forward` = the slowest worker's forward pass (batch layout to last logits); the "
+                      "difference is Ray's call, moving the token lists and the step's host work.", "",
+                      "| variant | mode | size | step ms | forward ms | step - forward ms |",
+                      "|---|---|---|---|---|---|"]
+            for r in timed:
+                lines.append(f"| {r['variant']} | {r['mode']} | {r['size']} | {r['step_ms']:.2f} "
+                             f"| {r['worker_ms']:.2f} | {r['step_ms'] - r['worker_ms']:.2f} |")
         lines.append("")
     if args.replay:
         lines += replay_section(json.loads(Path(args.replay).read_text()))
@@ -406,12 +496,22 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--decode", type=int, nargs="+", default=DECODE_BATCH)
     m.add_argument("--workdir", default="/tmp/expertmesh-runtime")
     m.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    m.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    m.add_argument("--variant-timeout-s", type=float, default=900)
+    v = sub.add_parser("variant", help="one variant of one shape in this process (measure runs these)")
+    v.add_argument("--shape", required=True)
+    v.add_argument("--variant", required=True, choices=VARIANTS)
+    v.add_argument("--out", required=True)
+    v.add_argument("--prefill", type=int, nargs="+", default=PREFILL_TOKENS)
+    v.add_argument("--decode", type=int, nargs="+", default=DECODE_BATCH)
+    v.add_argument("--workdir", default="/tmp/expertmesh-runtime")
+    v.add_argument("--quick", action="store_true")
     r = sub.add_parser("report")
     r.add_argument("--measured", required=True)
     r.add_argument("--replay", help="bench/results/ep8.json (or the raw measurement) of the same GPU session")
     r.add_argument("--results", default=str(ROOT / "bench/results"))
     args = ap.parse_args(argv)
-    {"measure": cmd_measure, "report": cmd_report}[args.cmd](args)
+    {"measure": cmd_measure, "variant": cmd_variant, "report": cmd_report}[args.cmd](args)
 
 
 if __name__ == "__main__":
