@@ -15,9 +15,10 @@ minimising the traffic from where tokens are after layer l-1 to the GPUs of thei
 busiest bandwidth-weighted GPU pair (MoETuner's objective). In the home dataflow every layer's dispatch
 starts at the token's home GPU, so the mapping does not change traffic and stage 2 is skipped.
 
-Stage 3, layer after layer (token-follow only): re-solve each layer with its GPUs labelled, rewarding an
-expert on the GPUs its tokens come from (layer l-1) and go to (layer l+1), starting from stage 2's answer
-under the same cap: MoETuner's fixed groups become free to follow the tokens.
+Stage 3 (token-follow only): re-solve each layer with its GPUs labelled, rewarding an expert on the GPUs its
+tokens come from (layer l-1) and go to (layer l+1), starting from stage 2's answer under the same cap:
+MoETuner's fixed groups become free to follow the tokens. Even layers are refined in parallel against their
+odd neighbours, then odd layers against the refined even ones.
 
 Migration: with a previous plan, every expert left on a GPU that holds it already is rewarded by the bytes
 it would cost to move, converted to token copies over the horizon `interval_tokens`; parts are then
@@ -52,6 +53,10 @@ __all__ = ["IlpOptions", "ilp"]
 # Load is scaled so a layer's total is this many integer units (resolution 1e-6 of the layer).
 _LOAD_UNITS = 1_000_000
 _PAIR_UNITS = 100_000  # the heaviest co-activation pair (or reward) in a layer weighs about this much
+# CP-SAT subproblems given less deterministic time than this are skipped: at 256 experts on 64 GPUs (GPU-level
+# subproblems of ~0.01 s) they spent ~0.035 s wall each in presolve and never improved the local search's
+# answer, and the node-level model found no solution at all within ~0.05 s.
+_MIN_BUDGET = 0.05
 
 
 @dataclass(frozen=True)
@@ -159,11 +164,15 @@ def _heuristic(pb: PartitionProblem, hint: np.ndarray | None) -> np.ndarray | No
 
 
 def _subproblem(pb: PartitionProblem, hint: np.ndarray | None, seed: int, budget: float,
-                start: np.ndarray | None = None) -> tuple[np.ndarray, SolveReport]:
-    """The heuristic's best (or `start`), then CP-SAT from it (CP-SAT repairs LPT when nothing keeps the cap)."""
+                start: np.ndarray | None = None) -> tuple[np.ndarray, list[SolveReport]]:
+    """The heuristic's best (or `start`), then CP-SAT from it (CP-SAT repairs LPT when nothing keeps the cap).
+    Below `_MIN_BUDGET` CP-SAT is skipped when the start keeps the cap (no report)."""
     if start is None:
         start = _heuristic(pb, hint)
-    return partition(pb, start if start is not None else _lpt(pb), seed, budget)
+    if start is not None and budget < _MIN_BUDGET:
+        return start, []
+    x, report = partition(pb, start if start is not None else _lpt(pb), seed, budget)
+    return x, [report]
 
 
 def _restrict_pairs(pairs: np.ndarray, weight: np.ndarray, members: np.ndarray):
@@ -227,7 +236,7 @@ def _decomposed(job: _LayerJob, whole: PartitionProblem) -> tuple[np.ndarray | N
         return None, []
     reports = []
     solved, rep = _subproblem(nodes_pb, node_hint, job.seed, job.budget / 2, start=node_x)
-    reports.append(rep)
+    reports.extend(rep)
     if not np.array_equal(solved, node_x) and nodes_pb.feasible(solved):
         repacked = pack(solved)
         if repacked is not None:
@@ -235,7 +244,7 @@ def _decomposed(job: _LayerJob, whole: PartitionProblem) -> tuple[np.ndarray | N
     x = np.zeros((E, G), dtype=np.int64)
     for n, ((members, pb), first) in enumerate(zip(gpu_problems(node_x), packed, strict=True)):
         sub_x, rep = _subproblem(pb, None, job.seed, job.budget / (2 * N), start=first)
-        reports.append(rep)
+        reports.extend(rep)
         x[np.ix_(members, gpus_of[n])] = sub_x if pb.feasible(sub_x) else first
     return x, reports
 
@@ -260,8 +269,7 @@ def _solve_layer(job: _LayerJob) -> _LayerResult:
     if job.num_nodes > 1 and job.decompose:
         x, reports = _decomposed(job, whole)
     else:
-        x, rep = _subproblem(whole, job.start, job.seed, job.budget)
-        reports = [rep]
+        x, reports = _subproblem(whole, job.start, job.seed, job.budget)
 
     # Keep the starting arrangement unless ours keeps the cap and is at least as good on the whole layer.
     theirs = whole.objective(job.start)
@@ -405,6 +413,7 @@ def ilp(
             options.balance_slack, node_penalty, decompose, options.seed, stage1,
         ))
     results = _run_layers(jobs, workers, progress)
+    stage_s = {"stage1": time.perf_counter() - start_time}
     xs = [r.x for r in results]
     reports = [rep for r in results for rep in r.reports]
 
@@ -413,16 +422,21 @@ def ilp(
         if previous is None:  # with a previous plan the GPU labels are already fixed by stage 1
             xs, stage2 = _map_groups(xs, trans, topology, options.seed, solver_time * 0.2 / (L - 1))
             reports.extend(stage2)
-        for layer in range(L):  # stage 3: sequential, each layer sees its neighbours' latest placement
-            job = jobs[layer]
-            reward = _follow_reward(xs, trans, layer, pair_scales[layer])
-            if job.reward is not None:
-                reward = reward + job.reward
-            refined = _solve_layer(replace(job, start=xs[layer], reward=reward,
-                                           budget=solver_time * 0.3 / L))
-            reports.extend(refined.reports)
-            xs[layer] = refined.x
-
+        stage_s["stage2"] = time.perf_counter() - start_time - sum(stage_s.values())
+        # Stage 3, red-black: a layer's reward depends on its two neighbours only, so the even layers are
+        # refined in parallel against the odd ones, then the odd layers against the refined even ones.
+        for parity in (0, 1):
+            refine = []
+            for layer in range(parity, L, 2):
+                job = jobs[layer]
+                reward = _follow_reward(xs, trans, layer, pair_scales[layer])
+                if job.reward is not None:
+                    reward = reward + job.reward
+                refine.append(replace(job, start=xs[layer], reward=reward, budget=solver_time * 0.3 / L))
+            for refined in _run_layers(refine, workers, None):
+                reports.extend(refined.reports)
+                xs[refined.layer] = refined.x
+        stage_s["stage3"] = time.perf_counter() - start_time - sum(stage_s.values())
     phy2log = np.stack([np.concatenate([np.repeat(np.arange(E), x[:, g]) for g in range(G)]) for x in xs])
     statuses = {r.status for r in reports}
     solved = [r for r in reports if r.has_solution]
@@ -442,6 +456,7 @@ def ilp(
         "layers_kept_eplb": sum(r.kept_start for r in results),
         "time_s": time.perf_counter() - start_time,
         "workers": workers,
+        "stage_s": stage_s,
     }
     return Placement(
         phy2log, G, N, E, "ilp", solver=solver,

@@ -159,3 +159,29 @@ def test_migration_term_keeps_a_good_previous_plan_in_place(small_trace):
     assert evaluate(stats, again, topo, previous=current).migration_bytes == 0.0
     with pytest.raises(ValueError, match="previous"):
         ilp(stats, Topology(4), 32, IlpOptions(previous=current))
+
+
+def test_follow_refinement_aligns_every_layer_with_its_neighbours_in_parallel():
+    # Domain A uses {0,1}, {2,3}, {0,2}, {1,3} through four layers, domain B the complements. Stage 3 refines
+    # even layers, then odd ones, in two processes; the optimum keeps every token on its GPU throughout.
+    a = [[0, 1], [2, 3], [0, 2], [1, 3]]
+    b = [[2, 3], [0, 1], [1, 3], [0, 2]]
+    trace = Trace(np.array([a] * 50 + [b] * 50), np.arange(100), 4)
+    stats = stats_from_trace(trace)
+    topo = Topology(2)
+    plan = ilp(stats, topo, 4, IlpOptions(time_limit=2.0, workers=2, dataflow="follow"))
+    assert evaluate(trace, plan, topo, dataflow="follow").follow_cross.tolist() == [0.0, 0.0, 0.0]
+    contiguous = evaluate(trace, place("contiguous", stats, topo), topo, dataflow="follow")
+    assert contiguous.follow_cross.max() == 1.0
+
+
+def test_tiny_solver_budgets_keep_the_local_search_answer_without_cp_sat():
+    from expertmesh.placement.cpsat_models import PartitionProblem
+    from expertmesh.placement.ilp import _MIN_BUDGET, _subproblem
+
+    pb = PartitionProblem(np.ones(4, int), np.array([4, 3, 2, 1]), 2, 2, 1, 6, np.array([[0, 1]]), np.array([5]))
+    start = np.array([[1, 0], [0, 1], [0, 1], [1, 0]])
+    x, reports = _subproblem(pb, None, 0, _MIN_BUDGET / 2, start=start)
+    assert np.array_equal(x, start) and reports == []
+    x, reports = _subproblem(pb, None, 0, 1.0, start=start)
+    assert [r.status for r in reports] == ["OPTIMAL"] and pb.feasible(x)
