@@ -13,7 +13,6 @@ same number of new tokens, padded over their cached lengths.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -116,7 +115,8 @@ def build_batch(arena: KVArena, inputs: Sequence[tuple[int, Sequence[int]]],
     counts = np.asarray(new, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)])
     T = int(starts[-1])
-    flat = np.fromiter(itertools.chain.from_iterable(t for _, t in inputs), dtype=np.int64, count=T)
+    parts = [np.asarray(t, dtype=np.int64).reshape(-1) for _, t in inputs]
+    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     seq_of = np.repeat(np.arange(len(new)), counts)
     positions = np.asarray(pasts, dtype=np.int64)[seq_of] + np.arange(T) - starts[:-1][seq_of]
     token_slots = np.asarray(slots, dtype=np.int64)[seq_of]
