@@ -68,6 +68,8 @@ class PartitionProblem:
     the copies of an expert that fit in one group must all lie in one group. The replica rule sends a token
     to a replica on its own node first, so copies spread unevenly over nodes would not share the expert's
     load evenly; kept in one node, they do (EPLB's hierarchical policy does the same).
+    load_at [n, P] (optional) replaces `load` where a copy's load depends on its part: in the token-follow
+    dataflow a replica serves the tokens already on its GPU first, so it carries more where they arrive.
     """
 
     replicas: np.ndarray
@@ -83,6 +85,13 @@ class PartitionProblem:
     reward: np.ndarray | None = None
     peak_weight: int = 0
     replica_group: np.ndarray | None = None
+    load_at: np.ndarray | None = None
+
+    def copy_load(self) -> np.ndarray:
+        """int [n, P]: the load one copy of each expert adds to each part."""
+        if self.load_at is not None:
+            return self.load_at
+        return np.broadcast_to(self.load[:, None], (len(self.load), self.num_parts))
 
     def bound_experts(self) -> np.ndarray:
         """bool [n]: experts whose copies must share one replica group."""
@@ -92,7 +101,7 @@ class PartitionProblem:
         return (self.replicas > 1) & (self.replicas <= group_size)
 
     def part_loads(self, x: np.ndarray) -> np.ndarray:
-        return (self.load[:, None] * x).sum(0)
+        return (self.copy_load() * x).sum(0)
 
     def feasible(self, x: np.ndarray) -> bool:
         ok = bool(
@@ -175,7 +184,8 @@ def partition(
     for p in range(P):
         model.add(sum(count[e][p] for e in range(n)) == pb.slots)
     # No part carries more load than the cap (the balance guarantee against EPLB).
-    part_load = [sum(int(pb.load[e]) * count[e][p] for e in range(n)) for p in range(P)]
+    copy_load = pb.copy_load()
+    part_load = [sum(int(copy_load[e, p]) * count[e][p] for e in range(n)) for p in range(P)]
     for p in range(P):
         model.add(part_load[p] <= pb.cap)
     # `holds` is true exactly when at least one copy sits in the part.

@@ -66,6 +66,11 @@ class IlpOptions:
     seed: int = 0
     workers: int = 0  # processes solving layers in parallel; 0 = one per CPU core
     balance_slack: float = 0.01  # balancedness may fall at most this far below EPLB's, per layer
+    # ...on layers with replicas where tokens start from their home GPU: a replica serves the tokens homed on
+    # its GPU first (routing.py, rule 1), so its load depends on where tokens are homed, which statistics do
+    # not record; measured on a trace, a plan's balancedness there falls below the planned one (by 0.014 for
+    # EPLB and 0.021 for the ILP at +8 slots on the 64-expert synthetic trace), so no allowance is planned.
+    replica_balance_slack: float = 0.0
     pairs_per_expert: int = 8  # strongest co-activation partners kept per expert (sparsifies the model)
     eplb_policy: str = "auto"
     previous: Placement | None = None
@@ -80,8 +85,9 @@ class IlpOptions:
             raise ValueError(f"dataflow: expected one of {DATAFLOWS}, got {self.dataflow!r}")
         if not self.time_limit > 0:
             raise ValueError(f"time_limit: expected a positive number of seconds, got {self.time_limit}")
-        if not 0 <= self.balance_slack < 1:
-            raise ValueError(f"balance_slack: expected a value in [0, 1), got {self.balance_slack}")
+        for name in ("balance_slack", "replica_balance_slack"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a value in [0, 1), got {getattr(self, name)}")
         if self.workers < 0:
             raise ValueError(f"workers: expected >= 0, got {self.workers}")
         if self.pairs_per_expert < 1:
@@ -98,6 +104,7 @@ class _LayerJob:
     eplb: np.ndarray  # [E, G] EPLB's replicas per GPU: sets the cap and is the first hint
     start: np.ndarray  # [E, G] the arrangement to beat (EPLB's in stage 1, stage 2's in stage 3)
     reward: np.ndarray | None  # [E, G] int reward for holding e on g (migration, token-follow)
+    arrivals: np.ndarray | None  # [E, G] float tokens of e that reach the layer on GPU g (token-follow)
     num_nodes: int
     slots_per_gpu: int
     slack: float
@@ -142,6 +149,7 @@ def _lpt(pb: PartitionProblem) -> np.ndarray:
     part_load = np.zeros(pb.num_parts)
     items = np.repeat(np.arange(n), pb.replicas)
     bound = pb.bound_experts()
+    copy_load = pb.copy_load()
     for e in items[np.argsort(-pb.load[items], kind="stable")]:
         ok = (x.sum(0) < pb.slots) & (x[e] < pb.max_per_part)
         if bound[e] and x[e].any():
@@ -150,7 +158,7 @@ def _lpt(pb: PartitionProblem) -> np.ndarray:
             ok = x.sum(0) < pb.slots
         p = np.flatnonzero(ok)[np.argmin(part_load[ok])]
         x[e, p] += 1
-        part_load[p] += pb.load[e]
+        part_load[p] += copy_load[e, p]
     return x
 
 
@@ -194,7 +202,7 @@ def _decomposed(job: _LayerJob, whole: PartitionProblem) -> tuple[np.ndarray | N
     gpus_of = [np.arange(n * per_node, (n + 1) * per_node) for n in range(N)]
     node_hint = np.stack([job.start[:, g].sum(1) for g in gpus_of], 1)
     node_reward = None if whole.reward is None else np.stack([whole.reward[:, g].max(1) for g in gpus_of], 1)
-    start_node_peak = int(whole.part_loads(node_hint).max())
+    start_node_peak = int((whole.load[:, None] * node_hint).sum(0).max())  # nodes: loads split evenly
 
     def node_problem(node_cap: int) -> PartitionProblem:
         return PartitionProblem(job.replicas, whole.load, N, S * per_node, per_node, node_cap, job.pairs,
@@ -207,9 +215,10 @@ def _decomposed(job: _LayerJob, whole: PartitionProblem) -> tuple[np.ndarray | N
             members = np.flatnonzero(node_x[:, n])
             pairs, weight = _restrict_pairs(job.pairs, job.pair_weight, members)
             reward = None if whole.reward is None else whole.reward[np.ix_(members, gpus_of[n])]
+            load_at = None if whole.load_at is None else whole.load_at[np.ix_(members, gpus_of[n])]
             out.append((members, PartitionProblem(node_x[members, n], whole.load[members], per_node, S, 1,
                                                   whole.cap, pairs, weight, reward=reward,
-                                                  peak_weight=whole.peak_weight)))
+                                                  peak_weight=whole.peak_weight, load_at=load_at)))
         return out
 
     def pack(node_x: np.ndarray) -> list[np.ndarray] | None:
@@ -249,32 +258,56 @@ def _decomposed(job: _LayerJob, whole: PartitionProblem) -> tuple[np.ndarray | N
     return x, reports
 
 
-def _solve_layer(job: _LayerJob) -> _LayerResult:
+def _follow_copy_load(job: _LayerJob, scale: float, arrivals: np.ndarray | None) -> np.ndarray | None:
+    """int [E, G]: the load of one copy of e on g in the token-follow dataflow, where a token is served by
+    a replica on the GPU it sits on (routing.py, rule 1) and otherwise by one picked in rotation (rule 3).
+    A copy on g takes the A[e, g] tokens arriving on g plus its share of those arriving where e has no
+    copy; counting the expert's other copies as arriving-average GPUs (w / G each) makes that linear:
+    w / r + (1 - 1/r) (A[e, g] - w / G). Exact for unreplicated experts (w) and uniform arrivals (w / r).
+    None when nothing is replicated or no arrivals are known (the home dataflow: home GPUs are uniform)."""
+    if arrivals is None or not (job.replicas > 1).any():
+        return None
+    G = arrivals.shape[1]
+    r = job.replicas[:, None].astype(np.float64)
+    w = (job.load * job.replicas)[:, None]
+    per_copy = w / r + (1 - 1 / r) * (arrivals - w / G)
+    return np.maximum(np.round(per_copy * scale), 0).astype(np.int64)
+
+
+def _layer_problem(job: _LayerJob) -> PartitionProblem:
+    """The layer over all GPUs: integer loads and the cap that keeps balancedness within `slack` of EPLB's."""
     E, G = job.eplb.shape
     per_node = G // job.num_nodes
-
-    # Integer loads and the cap that keeps balancedness within `slack` of EPLB's.
     scale = _LOAD_UNITS / max(float((job.load * job.replicas).sum()), 1e-12)
     load = np.round(job.load * scale).astype(np.int64)
+    # EPLB's planned loads set the cap also in token-follow with replicas (where the copies' loads below
+    # depend on the arrivals): measured EPLB's balance there, under the same approximation for EPLB's own
+    # previous layer, let the plan overshoot the allowance by a few thousandths on the synthetic traces.
     eplb_loads = (load[:, None] * job.eplb).sum(0)
     mean = eplb_loads.sum() / G
     eplb_bal = mean / max(eplb_loads.max(), 1)
     cap = int(max(np.floor(mean / max(eplb_bal - job.slack, 1e-9)), eplb_loads.max()))
-    whole = PartitionProblem(
+    return PartitionProblem(
         job.replicas, load, G, job.slots_per_gpu, 1, cap, job.pairs, job.pair_weight,
         node_of_part=np.arange(G) // per_node, node_penalty=job.node_penalty, reward=job.reward,
         peak_weight=0 if len(job.pairs) or job.reward is not None else 1,
         replica_group=np.arange(G) // per_node if job.num_nodes > 1 else None,
+        load_at=_follow_copy_load(job, scale, job.arrivals),
     )
+
+
+def _solve_layer(job: _LayerJob) -> _LayerResult:
+    whole = _layer_problem(job)
     if job.num_nodes > 1 and job.decompose:
         x, reports = _decomposed(job, whole)
     else:
         x, reports = _subproblem(whole, job.start, job.seed, job.budget)
 
-    # Keep the starting arrangement unless ours keeps the cap and is at least as good on the whole layer.
+    # Keep the starting arrangement unless ours keeps the cap and is at least as good on the whole layer
+    # (or the start breaks the cap, as stage 2's may once replicas carry the tokens arriving on their GPU).
     theirs = whole.objective(job.start)
     ours = whole.objective(x) if x is not None and whole.feasible(x) else np.inf
-    kept = bool(ours > theirs)
+    kept = bool(ours > theirs) and (whole.feasible(job.start) or not np.isfinite(ours))
     if kept:
         x, ours = job.start.copy(), theirs
     return _LayerResult(job.layer, x, reports, ours, theirs, kept)
@@ -402,6 +435,11 @@ def ilp(
     stage1 = solver_time * (0.5 if follow else 1.0) / L
     node_penalty = int(round(topology.intra_node_gbps / topology.inter_node_gbps)) if N > 1 else 0
     decompose = options.decompose if options.decompose is not None else (N > 1 and G > 16)
+
+    def slack(layer: int) -> float:
+        from_home = not follow or layer == 0  # in token-follow, tokens reach layer 0 from their home GPU
+        return options.replica_balance_slack if from_home and (replicas[layer] > 1).any() else options.balance_slack
+
     jobs, pair_scales = [], []
     for layer in range(L):
         coact = None if stats.coact is None else stats.coact[layer]
@@ -409,8 +447,8 @@ def ilp(
         pair_scales.append(pair_scale)
         jobs.append(_LayerJob(
             layer, counts[layer] / replicas[layer], replicas[layer], pairs, weight, hint.replicas[layer],
-            hint.replicas[layer], migration_reward(layer, pair_scale, len(pairs) > 0), N, S,
-            options.balance_slack, node_penalty, decompose, options.seed, stage1,
+            hint.replicas[layer], migration_reward(layer, pair_scale, len(pairs) > 0), None, N, S,
+            slack(layer), node_penalty, decompose, options.seed, stage1,
         ))
     results = _run_layers(jobs, workers, progress)
     stage_s = {"stage1": time.perf_counter() - start_time}
@@ -425,17 +463,27 @@ def ilp(
         stage_s["stage2"] = time.perf_counter() - start_time - sum(stage_s.values())
         # Stage 3, red-black: a layer's reward depends on its two neighbours only, so the even layers are
         # refined in parallel against the odd ones, then the odd layers against the refined even ones.
+        # With replicas a copy's load depends on where layer l-1 leaves the tokens (`_follow_copy_load`), so
+        # a last pass, in layer order, re-solves every layer whose copies break the cap under its final
+        # predecessor (in layer order, each fix leaves the layers before it valid).
+        def refine_job(layer: int) -> _LayerJob:
+            job = jobs[layer]
+            reward = _follow_reward(xs, trans, layer, pair_scales[layer])
+            if job.reward is not None:
+                reward = reward + job.reward
+            arrivals = trans[layer - 1].T @ _share(xs[layer - 1]) / stats.top_k if layer else None
+            return replace(job, start=xs[layer], reward=reward, arrivals=arrivals, budget=solver_time * 0.3 / L)
+
         for parity in (0, 1):
-            refine = []
-            for layer in range(parity, L, 2):
-                job = jobs[layer]
-                reward = _follow_reward(xs, trans, layer, pair_scales[layer])
-                if job.reward is not None:
-                    reward = reward + job.reward
-                refine.append(replace(job, start=xs[layer], reward=reward, budget=solver_time * 0.3 / L))
-            for refined in _run_layers(refine, workers, None):
+            for refined in _run_layers([refine_job(layer) for layer in range(parity, L, 2)], workers, None):
                 reports.extend(refined.reports)
                 xs[refined.layer] = refined.x
+        for layer in range(1, L):
+            job = refine_job(layer)
+            if not _layer_problem(job).feasible(xs[layer]):
+                refined = _solve_layer(job)
+                reports.extend(refined.reports)
+                xs[layer] = refined.x
         stage_s["stage3"] = time.perf_counter() - start_time - sum(stage_s.values())
     phy2log = np.stack([np.concatenate([np.repeat(np.arange(E), x[:, g]) for g in range(G)]) for x in xs])
     statuses = {r.status for r in reports}

@@ -33,12 +33,13 @@ def greedy_partition(problem: PartitionProblem) -> np.ndarray | None:
     part_load = np.zeros(P, dtype=np.int64)
     items = np.repeat(np.arange(n), pb.replicas)
     items = items[np.argsort(-pb.load[items], kind="stable")]
-    lightest = pb.load[items[-1]] if len(items) else 0
+    copy_load = pb.copy_load()
+    lightest = copy_load[items[-1]].min() if len(items) else 0
     bound = pb.bound_experts()
     for e in items:
         # Look ahead: the part's other free slots will each take at least the lightest remaining load.
         free = pb.slots - x.sum(0)
-        room = (free > 0) & (x[e] < pb.max_per_part) & (part_load + pb.load[e] + (free - 1) * lightest <= pb.cap)
+        room = (free > 0) & (x[e] < pb.max_per_part) & (part_load + copy_load[e] + (free - 1) * lightest <= pb.cap)
         if bound[e] and x[e].any():  # later copies follow the first into its replica group
             room &= pb.replica_group == pb.replica_group[np.argmax(x[e] > 0)]
         if not room.any():
@@ -48,7 +49,7 @@ def greedy_partition(problem: PartitionProblem) -> np.ndarray | None:
         best = np.flatnonzero(score == score.max())
         p = best[np.argmin(part_load[best])]
         x[e, p] += 1
-        part_load[p] += pb.load[e]
+        part_load[p] += copy_load[e, p]
     return x
 
 
@@ -78,13 +79,13 @@ def improve_by_swaps(problem: PartitionProblem, x: np.ndarray, max_rounds: int =
     w = affinity_matrix(pb)[np.ix_(expert, expert)] / np.outer(copies[expert], copies[expert])
     w[expert[:, None] == expert[None, :]] = 0
     node_of = pb.node_of_part if pb.node_of_part is not None and pb.node_penalty else None
-    item_load = pb.load[expert]
+    item_load = pb.copy_load()[expert].astype(np.float64)  # [m, P]: each item's load in each part
     conn = np.zeros((m, P))  # affinity of every item to every part
     np.add.at(conn.T, part, w)
     if node_of is not None:
         node_conn = np.zeros((m, int(node_of.max()) + 1))
         np.add.at(node_conn.T, node_of[part], w)
-    part_load = np.bincount(part, weights=item_load, minlength=P)
+    part_load = np.bincount(part, weights=item_load[np.arange(m), part], minlength=P)
     holds = x.copy()
     bound = pb.bound_experts()
     same_expert = expert[:, None] == expert[None, :]
@@ -102,7 +103,8 @@ def improve_by_swaps(problem: PartitionProblem, x: np.ndarray, max_rounds: int =
             across = node[:, None] != node[None, :]
             node_gain = node_conn[:, node] - own_n[:, None] + (node_conn[:, node] - own_n[:, None]).T - 2 * w
             gain = gain + pb.node_penalty * np.where(across, node_gain, 0.0)
-        load_i = part_load[part][:, None] - item_load[:, None] + item_load[None, :]  # i's part after the trade
+        # i's part after the trade: it loses i and gains j
+        load_i = (part_load[part] - item_load[rows, part])[:, None] + item_load[:, part].T
         ok = (part[:, None] != part[None, :]) & (load_i <= pb.cap) & (pb.cap >= load_i.T)
         room = holds[expert][:, part] < pb.max_per_part  # expert of i has room in the part of j
         ok &= (room | same_expert) & (room.T | same_expert)
@@ -138,8 +140,8 @@ def improve_by_swaps(problem: PartitionProblem, x: np.ndarray, max_rounds: int =
             holds[expert[i], q] += 1
             holds[expert[j], q] -= 1
             holds[expert[j], p] += 1
-            part_load[p] += item_load[j] - item_load[i]
-            part_load[q] += item_load[i] - item_load[j]
+            part_load[p] += item_load[j, p] - item_load[i, p]
+            part_load[q] += item_load[i, q] - item_load[j, q]
             part[i], part[j] = q, p
         if not applied:
             break

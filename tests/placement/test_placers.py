@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -101,7 +103,8 @@ def test_ilp_is_never_worse_than_its_eplb_hint_and_keeps_balance(small_trace):
     topo = Topology(8, 2)
     for redundant in (0, 8):
         eplb_plan = place("eplb", stats, topo, redundant)
-        plan = place("ilp", stats, topo, redundant, QUICK)
+        # With replicas the default plans no allowance (see IlpOptions); with one, the structure is found.
+        plan = place("ilp", stats, topo, redundant, replace(QUICK, replica_balance_slack=0.01))
         assert plan.solver["layer_cost"] <= plan.solver["eplb_layer_cost"] + 1e-9
         ours, theirs = evaluate(stats, plan, topo), evaluate(stats, eplb_plan, topo)
         assert (ours.balancedness >= theirs.balancedness - 0.01 - 1e-9).all()
@@ -185,3 +188,47 @@ def test_tiny_solver_budgets_keep_the_local_search_answer_without_cp_sat():
     assert np.array_equal(x, start) and reports == []
     x, reports = _subproblem(pb, None, 0, 1.0, start=start)
     assert [r.status for r in reports] == ["OPTIMAL"] and pb.feasible(x)
+
+
+def test_copy_loads_follow_the_arrivals_of_replicated_experts_only():
+    from expertmesh.placement.ilp import _follow_copy_load, _LayerJob
+
+    # Expert 0 (120 tokens, 2 copies) has all its tokens arriving on GPU 0; expert 1 (60, 1 copy) likewise.
+    arrivals = np.array([[120.0, 0, 0], [60, 0, 0], [0, 30, 30]])
+    job = _LayerJob(0, np.array([60.0, 60, 60]), np.array([2, 1, 1]), np.zeros((0, 2), int), np.zeros(0, int),
+                    np.ones((3, 3), int), np.ones((3, 3), int), None, arrivals, 1, 1, 0.01, 0, False, 0, 1.0)
+    load = _follow_copy_load(job, 1.0, arrivals)
+    # Replicated: w/r + (1 - 1/r)(A - w/G) = 60 + 0.5 (120 - 40) on GPU 0, 60 - 20 elsewhere; singles: w.
+    assert load.tolist() == [[100, 40, 40], [60, 60, 60], [60, 60, 60]]
+    uniform = _follow_copy_load(job, 1.0, np.full((3, 3), 40.0))
+    assert uniform[0].tolist() == [60, 60, 60]  # uniform arrivals: the even split of the home dataflow
+    assert _follow_copy_load(replace(job, replicas=np.ones(3, int)), 1.0, arrivals) is None
+
+
+def test_partition_keeps_the_cap_on_part_dependent_copy_loads():
+    from expertmesh.placement.cpsat_models import PartitionProblem, partition
+    from expertmesh.placement.local_search import greedy_partition, improve_by_swaps
+
+    # Two GPUs, two slots each; expert 0 has a copy on both. Its copy on GPU 0 carries 8 (the tokens
+    # arriving there), on GPU 1 only 2. Experts 1 (5) and 2 (1) are co-activated with weight 10: together
+    # they would fit on GPU 1 only by the plain even split (0's copy 5 + 5 + 1 > cap 9 either way), so the
+    # cap forces 1 onto GPU 1 (2 + 5) and 2 onto GPU 0 (8 + 1).
+    load_at = np.array([[8, 2], [5, 5], [1, 1]])
+    pb = PartitionProblem(np.array([2, 1, 1]), np.array([5, 5, 1]), 2, 2, 1, 9, np.array([[1, 2]]), np.array([10]),
+                          load_at=load_at)
+    best = np.array([[1, 1], [0, 1], [1, 0]])
+    assert pb.feasible(best) and not pb.feasible(np.array([[1, 1], [1, 0], [0, 1]]))
+    x, report = partition(pb, np.array([[1, 1], [1, 0], [0, 1]]), budget=1.0)
+    assert np.array_equal(x, best) and report.status == "OPTIMAL"
+    assert np.array_equal(greedy_partition(pb), best)
+    assert np.array_equal(improve_by_swaps(pb, best), best)
+
+
+def test_home_dataflow_with_replicas_plans_no_balance_allowance(small_trace):
+    stats = stats_from_trace(small_trace)
+    topo = Topology(8)
+    plan, eplb_plan = place("ilp", stats, topo, 8, QUICK), place("eplb", stats, topo, 8)
+    ours, theirs = evaluate(stats, plan, topo).load, evaluate(stats, eplb_plan, topo).load
+    assert (ours.max(1) <= theirs.max(1) * (1 + 1e-5)).all()  # no heavier GPU than EPLB's, layer by layer
+    loose = place("ilp", stats, topo, 8, replace(QUICK, replica_balance_slack=0.01))
+    assert evaluate(stats, loose, topo).coact_cut <= evaluate(stats, plan, topo).coact_cut
