@@ -263,6 +263,9 @@ def measure_variant(name: str, variant: str, args, rows: list, notes: list) -> N
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Every variant gets the same CPU thread budget as one EP worker (cpus_per_worker=1): with torch's
+    # default (one thread per host core, 32 here) a batch-1 decode step ran 8.6x slower on the GPU VM.
+    torch.set_num_threads(args.torch_threads)
     shape = (QUICK if args.quick else SHAPES)[name]
     ckpt = Path(args.workdir) / name
     prefill = [t for t in args.prefill if t >= SEQ_LEN or args.quick]
@@ -340,7 +343,8 @@ def cmd_measure(args) -> None:
     result = {"environment": ep8.environment(), "device": device, "quick": args.quick,
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "shapes": shapes, "rows": [],
               "notes": [], "settings": {"seq_len": SEQ_LEN, "prompt_len": PROMPT_LEN, "decode_steps": DECODE_STEPS,
-                                        "reps": REPS, "process_per_variant": True}}
+                                        "reps": REPS, "process_per_variant": True,
+                                        "torch_threads": args.torch_threads}}
     # Write every checkpoint first and flush it to disk: background writeback of freshly written
     # gigabytes was seen to slow launch-bound decode steps several-fold on the VM.
     for name in args.shapes:
@@ -353,7 +357,8 @@ def cmd_measure(args) -> None:
     result["notes"].append(f"checkpoints flushed to disk in {time.perf_counter() - t0:.0f} s before measuring")
     # One fresh process per variant: a previous variant's leftovers (Ray's processes, allocator state, a
     # slowed host) cannot bias the next one, which an earlier in-process run showed for decode.
-    passthrough = ["--workdir", args.workdir, "--prefill", *map(str, args.prefill), "--decode", *map(str, args.decode)]
+    passthrough = ["--workdir", args.workdir, "--prefill", *map(str, args.prefill), "--decode", *map(str, args.decode),
+                   "--torch-threads", str(args.torch_threads)]
     if args.quick:
         passthrough.append("--quick")
     variants = [v for v in args.variants if not (v == "ours-2gpu" and num_gpus < 2)]
@@ -395,10 +400,12 @@ def cmd_report(args) -> None:
         f"layers of real dimensions. Prefill: sequences of {measured['settings']['seq_len']} tokens, all in one "
         f"step. Decode: {measured['settings']['prompt_len']}-token prompts, tokens/s over "
         f"{measured['settings']['decode_steps']} greedy steps. Medians of {measured['settings']['reps']} runs "
-        "after a warm-up. Each variant runs in its own fresh process. `ours-local`: our model code in the "
-        "measuring process, every expert local (`expertmesh.workers.local`, no Ray); `ours-1gpu`: an EPGroup "
-        "of one Ray actor; `ours-2gpu`: sequences dealt round robin over 2 workers (data-parallel attention), "
-        "experts split by the contiguous plan, NCCL all_to_all dispatch/combine.",
+        f"after a warm-up. Each variant runs in its own fresh process with "
+        f"{measured['settings'].get('torch_threads', 'default')} torch CPU thread(s), as an EP worker. "
+        "`ours-local`: our model code in the measuring process, every expert local "
+        "(`expertmesh.workers.local`, no Ray); `ours-1gpu`: an EPGroup of one Ray actor; `ours-2gpu`: "
+        "sequences dealt round robin over 2 workers (data-parallel attention), experts split by the "
+        "contiguous plan, NCCL all_to_all dispatch/combine.",
         "",
     ]
     for note in measured["notes"]:
@@ -498,6 +505,7 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
     m.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     m.add_argument("--variant-timeout-s", type=float, default=900)
+    m.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads of every variant")
     v = sub.add_parser("variant", help="one variant of one shape in this process (measure runs these)")
     v.add_argument("--shape", required=True)
     v.add_argument("--variant", required=True, choices=VARIANTS)
@@ -506,6 +514,7 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--decode", type=int, nargs="+", default=DECODE_BATCH)
     v.add_argument("--workdir", default="/tmp/expertmesh-runtime")
     v.add_argument("--quick", action="store_true")
+    v.add_argument("--torch-threads", type=int, default=1)
     r = sub.add_parser("report")
     r.add_argument("--measured", required=True)
     r.add_argument("--replay", help="bench/results/ep8.json (or the raw measurement) of the same GPU session")

@@ -162,6 +162,7 @@ class EPGroup:
             model_dir=model_dir, plan=plan, dtype=dtype, device=device, master_addr=addr, master_port=port,
             collective_timeout_s=collective_timeout_s, sink=sink, flush_every=flush_every, run_id=run_id,
             seed=seed, weights=weights, exchange=exchange, max_tokens=max_tokens,
+            cpu_threads=max(1, int(cpus_per_worker)),
         )
         group.infos = group._call([a.setup.remote(spec) for a in actors], setup_timeout_s, "setup")
         return group
