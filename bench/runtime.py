@@ -21,6 +21,7 @@ the other baseline and the table says so). Medians of 3 timed runs after a warm-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -263,8 +264,7 @@ def measure_variant(name: str, variant: str, args, rows: list, notes: list) -> N
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # Every variant gets the same CPU thread budget as one EP worker (cpus_per_worker=1): with torch's
-    # default (one thread per host core, 32 here) a batch-1 decode step ran 8.6x slower on the GPU VM.
+    # Every variant gets the same CPU thread budget as one EP worker (cpus_per_worker=1).
     torch.set_num_threads(args.torch_threads)
     shape = (QUICK if args.quick else SHAPES)[name]
     ckpt = Path(args.workdir) / name
@@ -319,10 +319,16 @@ def measure_variant(name: str, variant: str, args, rows: list, notes: list) -> N
         impl = getattr(model.config, "_experts_implementation", "?")
         notes.append(f"{name}: {variant} loaded in {time.perf_counter() - t0:.0f} s, experts implementation "
                      f"{impl!r}, attention {model.config._attn_implementation!r}")
-        for total in prefill:
-            record("prefill", total, hf_prefill(model, total, seq_len, vocab, rng, device))
-        for batch in args.decode:
-            record("decode", batch, hf_decode(model, batch, vocab, rng, device))
+        # The same attention backends as our model (workers/model.py says why cuDNN is left out): with
+        # cuDNN, transformers' batch-1 decode in a fresh process ran at 17.7 tok/s, without it at 294.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        with sdpa_kernel(backends) if args.sdpa == "no-cudnn" else contextlib.nullcontext():
+            for total in prefill:
+                record("prefill", total, hf_prefill(model, total, seq_len, vocab, rng, device))
+            for batch in args.decode:
+                record("decode", batch, hf_decode(model, batch, vocab, rng, device))
 
 
 def cmd_variant(args) -> None:
@@ -344,7 +350,7 @@ def cmd_measure(args) -> None:
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "shapes": shapes, "rows": [],
               "notes": [], "settings": {"seq_len": SEQ_LEN, "prompt_len": PROMPT_LEN, "decode_steps": DECODE_STEPS,
                                         "reps": REPS, "process_per_variant": True,
-                                        "torch_threads": args.torch_threads}}
+                                        "torch_threads": args.torch_threads, "hf_sdpa": args.sdpa}}
     # Write every checkpoint first and flush it to disk: background writeback of freshly written
     # gigabytes was seen to slow launch-bound decode steps several-fold on the VM.
     for name in args.shapes:
@@ -358,7 +364,7 @@ def cmd_measure(args) -> None:
     # One fresh process per variant: a previous variant's leftovers (Ray's processes, allocator state, a
     # slowed host) cannot bias the next one, which an earlier in-process run showed for decode.
     passthrough = ["--workdir", args.workdir, "--prefill", *map(str, args.prefill), "--decode", *map(str, args.decode),
-                   "--torch-threads", str(args.torch_threads)]
+                   "--torch-threads", str(args.torch_threads), "--sdpa", args.sdpa]
     if args.quick:
         passthrough.append("--quick")
     variants = [v for v in args.variants if not (v == "ours-2gpu" and num_gpus < 2)]
@@ -401,7 +407,9 @@ def cmd_report(args) -> None:
         f"step. Decode: {measured['settings']['prompt_len']}-token prompts, tokens/s over "
         f"{measured['settings']['decode_steps']} greedy steps. Medians of {measured['settings']['reps']} runs "
         f"after a warm-up. Each variant runs in its own fresh process with "
-        f"{measured['settings'].get('torch_threads', 'default')} torch CPU thread(s), as an EP worker. "
+        f"{measured['settings'].get('torch_threads', 'default')} torch CPU thread(s), as an EP worker; "
+        f"transformers' attention backends: {measured['settings'].get('hf_sdpa', 'default')} (cuDNN's SDPA "
+        "builds a plan per new key length, ~50 ms per decode step; ours never uses it). "
         "`ours-local`: our model code in the measuring process, every expert local "
         "(`expertmesh.workers.local`, no Ray); `ours-1gpu`: an EPGroup of one Ray actor; `ours-2gpu`: "
         "sequences dealt round robin over 2 workers (data-parallel attention), experts split by the "
@@ -506,6 +514,8 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     m.add_argument("--variant-timeout-s", type=float, default=900)
     m.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads of every variant")
+    m.add_argument("--sdpa", choices=("no-cudnn", "default"), default="no-cudnn",
+                   help="attention backends transformers may use (ours never uses cuDNN's)")
     v = sub.add_parser("variant", help="one variant of one shape in this process (measure runs these)")
     v.add_argument("--shape", required=True)
     v.add_argument("--variant", required=True, choices=VARIANTS)
@@ -515,6 +525,7 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--workdir", default="/tmp/expertmesh-runtime")
     v.add_argument("--quick", action="store_true")
     v.add_argument("--torch-threads", type=int, default=1)
+    v.add_argument("--sdpa", choices=("no-cudnn", "default"), default="no-cudnn")
     r = sub.add_parser("report")
     r.add_argument("--measured", required=True)
     r.add_argument("--replay", help="bench/results/ep8.json (or the raw measurement) of the same GPU session")

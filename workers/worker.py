@@ -118,9 +118,8 @@ class ExpertWorker:
         """Join the process group and load this rank's weights; returns what was loaded."""
         start = time.perf_counter()
         self.spec = spec
-        # torch defaults to one intra-op thread per core of the host, not of this worker's share: on a
-        # 32-vCPU GPU VM a batch-1 decode step ran 8.6x slower with 32 threads than with 1 (their wake-ups
-        # cost more than the small CPU ops they parallelise).
+        # torch defaults to one intra-op thread per core of the host, not of this worker's share: several
+        # workers per node would oversubscribe it (vLLM's workers run with one thread too).
         torch.set_num_threads(max(1, spec.cpu_threads))
         if spec.device == "cuda":
             self.device = torch.device("cuda", _local_gpu_index())
