@@ -18,7 +18,18 @@ starts at the token's home GPU, so the mapping does not change traffic and stage
 Stage 3 (token-follow only): re-solve each layer with its GPUs labelled, rewarding an expert on the GPUs its
 tokens come from (layer l-1) and go to (layer l+1), starting from stage 2's answer under the same cap:
 MoETuner's fixed groups become free to follow the tokens. Even layers are refined in parallel against their
-odd neighbours, then odd layers against the refined even ones.
+odd neighbours, then odd layers against the refined even ones. With replicas, a copy serves the tokens that
+already sit on its GPU first (routing.py, rule 1), so its load depends on where layer l-1 leaves them: stage
+3 gives every copy a GPU-dependent load (`_follow_copy_load`), and a last pass in layer order re-solves any
+layer whose copies break the cap behind its final predecessor.
+
+Replicas and balance: where tokens start from their home GPU (every layer in the home dataflow, layer 0 in
+token-follow), rule 1 also makes a replica's load depend on where tokens are homed, which statistics do not
+record. Measured on a trace, balancedness there falls below the planned one, so those layers are planned with
+`replica_balance_slack` (default 0: no heavier GPU than EPLB's). All copies of a replicated expert stay in one
+node (`replica_group`): spreading them over nodes would keep more tokens on their node (rule 2), but a
+domain's sequences are homed on few nodes, and at 256 experts on 32 GPUs / 4 nodes +32 slots that cut
+internode copies by only 3% more while measured balancedness fell 0.06.
 
 Migration: with a previous plan, every expert left on a GPU that holds it already is rewarded by the bytes
 it would cost to move, converted to token copies over the horizon `interval_tokens`; parts are then
