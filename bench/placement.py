@@ -7,7 +7,8 @@ Cases (issue 2):
 - synthetic traces with planted co-activation and cross-layer structure (a domain of tokens prefers a
   cluster of k experts per layer, clusters reshuffled per layer; `placement/synthetic.py`):
   8 experts top-2 x 32 layers on 4 / 8 GPUs, 64 top-8 x 16 on 8 / 16 GPUs (2 nodes),
-  256 top-8 x 58 on 32 GPUs (4 nodes) / 64 GPUs (8 nodes); home and follow dataflow;
+  256 top-8 x 58 on 32 GPUs (4 nodes) / 64 GPUs (8 nodes); home and follow dataflow; each without
+  redundant slots and with one per GPU (64 on 64 GPUs);
 - the loss from decomposing stage 1 (nodes, then GPUs) against the flat model on instances where both run.
 
 Baselines named per row: `eplb` for copies, internode copies and balance (ratio ilp / eplb), `contiguous`
@@ -85,15 +86,19 @@ def _cases(quick: bool) -> list[Case]:
     elif not qwen_dir.exists():
         print(f"skipping real Qwen counts: {qwen_dir} not found", file=sys.stderr)
 
-    shapes = [((8, 2, 32), [(4, 1), (8, 1)], 4, CostParams(4096, 14336), 10),
-              ((64, 8, 16), [(8, 1), (16, 2)], 8, CostParams(2048, 1408), 10)]
+    # (GPUs, nodes, redundant slots): every topology without and with replicas (+1 slot per GPU, as
+    # DeepSeek's 32 redundant on 256 experts; 64 where 32 does not divide over 64 GPUs).
+    shapes = [((8, 2, 32), [(4, 1, 0), (4, 1, 4), (8, 1, 0), (8, 1, 8)], 4, CostParams(4096, 14336), 10),
+              ((64, 8, 16), [(8, 1, 0), (8, 1, 8), (16, 2, 0), (16, 2, 16)], 8, CostParams(2048, 1408), 10)]
     if not quick:
-        shapes.append(((256, 8, 58), [(32, 4), (64, 8)], 32, CostParams(7168, 2048), 45))
+        shapes.append(((256, 8, 58), [(32, 4, 0), (32, 4, 32), (64, 8, 0), (64, 8, 64)], 32,
+                       CostParams(7168, 2048), 45))
     for (E, k, L), topologies, domains, params, limit in shapes:
         trace = synthetic_trace(SyntheticSpec(num_experts=E, top_k=k, num_layers=L, num_tokens=4096,
                                               num_domains=domains, seed=0))
-        for gpus, nodes in topologies:
-            cases.append(Case(f"synthetic-{E}x{L}-top{k}", trace, gpus, nodes, 0, ("home", "follow"), params, limit))
+        for gpus, nodes, redundant in topologies:
+            cases.append(Case(f"synthetic-{E}x{L}-top{k}", trace, gpus, nodes, redundant, ("home", "follow"), params,
+                              limit))
     return cases
 
 
