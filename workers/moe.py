@@ -109,8 +109,9 @@ class EPExecutor:
         t2 = self._sync() if self.measuring else 0.0
         # One rank serves every pair it has: the expert rows are exactly T * k, known without reading the
         # layout back from the device (a sync per layer that kept the host from queueing ahead).
-        rows_known = received.slots.numel() if isinstance(ex, LocalExchange) else None
-        experts = build_expert_layout(received.slots, emap.slots_per_gpu, received.valid, max_rows=rows_known)
+        local = isinstance(ex, LocalExchange)
+        experts = build_expert_layout(received.slots, emap.slots_per_gpu, received.valid,
+                                      max_rows=received.slots.numel() if local else None, all_valid=local)
         rows = permute(received.x, experts.row_index)
         y = swiglu_experts(rows, shard.w_gate_up[moe_layer], shard.w_down[moe_layer], experts.offsets)
         t3 = self._sync() if self.measuring else 0.0

@@ -105,6 +105,21 @@ def test_expert_layout_groups_pairs_by_slot(N, k, align):
     assert np.array_equal(el.pair_pos.numpy(), want_pos)
 
 
+@pytest.mark.parametrize("N", [0, 1, 33, 300])
+@pytest.mark.parametrize("k", [1, 8])
+def test_expert_layout_when_every_pair_is_local_equals_the_general_one(N, k):
+    S = 12
+    slots = torch.randint(0, S, (N, k), generator=torch.Generator().manual_seed(N + k))
+    slots[slots == 5] = 4  # an expert without tokens
+    general = build_expert_layout(slots, S)
+    for max_rows in (None, N * k + 3):
+        lean = build_expert_layout(slots, S, max_rows=max_rows, all_valid=True)
+        assert torch.equal(lean.counts, general.counts) and torch.equal(lean.offsets, general.offsets)
+        assert torch.equal(lean.pair_pos, general.pair_pos)
+        assert lean.row_index[: N * k].tolist() == general.row_index.tolist()
+        assert lean.row_index[N * k :].tolist() == [-1] * (lean.num_rows - N * k)
+
+
 def test_expert_layout_max_rows_skips_the_host_read():
     slots = torch.tensor([[0, 1], [1, -1]])
     el = build_expert_layout(slots, 2, max_rows=8)
