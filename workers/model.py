@@ -101,23 +101,42 @@ class StepBatch:
         return int(self.token_ids.shape[0])
 
 
-def build_batch(arena: KVArena, inputs: Sequence[tuple[int, Sequence[int]]],
+@dataclass(frozen=True)
+class PackedTokens:
+    """A step's inputs for one worker as three arrays (how the group ships them: one buffer each, not one
+    Python object per sequence): sequence ids, new tokens per sequence, and all new tokens in order."""
+
+    seq_ids: np.ndarray  # int64 [N]
+    lengths: np.ndarray  # int64 [N]
+    tokens: np.ndarray  # int32 [sum(lengths)]
+
+    @classmethod
+    def pack(cls, inputs: Sequence[tuple[int, Sequence[int]]]) -> PackedTokens:
+        arrays = [np.asarray(t).reshape(-1) for _, t in inputs]
+        return cls(
+            np.fromiter((int(s) for s, _ in inputs), np.int64, len(inputs)),
+            np.fromiter((a.size for a in arrays), np.int64, len(arrays)),
+            np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, np.int32),
+        )
+
+
+def build_batch(arena: KVArena, inputs: Sequence[tuple[int, Sequence[int]]] | PackedTokens,
                 device: torch.device) -> StepBatch:
     """Check a step's (sequence id, new token ids) list, reserve cache room, lay out the attention groups."""
-    seq_ids = [int(s) for s, _ in inputs]
+    packed = inputs if isinstance(inputs, PackedTokens) else PackedTokens.pack(inputs)
+    seq_ids = packed.seq_ids.tolist()
     if len(set(seq_ids)) != len(seq_ids):
         raise SequenceError(f"seq_ids: a sequence appears twice in one step ({sorted(seq_ids)})")
-    new = [len(t) for _, t in inputs]
+    new = packed.lengths.tolist()
     for s, n in zip(seq_ids, new, strict=True):
         if not n:
             raise SequenceError(f"tokens: sequence {s} brings no new token")
     slots, pasts = arena.admit(seq_ids, new)
     # Per-token index maps, vectorised: a 32k-token prefill must not cost Python loops per token.
-    counts = np.asarray(new, dtype=np.int64)
+    counts = packed.lengths
     starts = np.concatenate([[0], np.cumsum(counts)])
     T = int(starts[-1])
-    parts = [np.asarray(t, dtype=np.int64).reshape(-1) for _, t in inputs]
-    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    flat = packed.tokens.astype(np.int64)
     seq_of = np.repeat(np.arange(len(new)), counts)
     positions = np.asarray(pasts, dtype=np.int64)[seq_of] + np.arange(T) - starts[:-1][seq_of]
     token_slots = np.asarray(slots, dtype=np.int64)[seq_of]

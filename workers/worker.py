@@ -24,7 +24,7 @@ from expertmesh.placement.plan import Placement
 
 from .checkpoint import CheckpointReader, RandomReader, open_weights
 from .config import read_model_config
-from .model import MoEModel, build_batch
+from .model import MoEModel, PackedTokens, build_batch
 from .moe import EPExecutor, LayerMeasure, make_exchange
 from .recording import StatsSink, StepRecorder
 from .sampling import SamplingParams, sample
@@ -193,7 +193,7 @@ class ExpertWorker:
     # ---- serving -------------------------------------------------------------------------------
     def step(
         self,
-        inputs: Sequence[tuple[int, Sequence[int]]],
+        inputs: Sequence[tuple[int, Sequence[int]]] | PackedTokens,
         sampling: Sequence[SamplingParams] | None = None,
         return_logits: bool = True,
         measure: bool = False,
@@ -209,7 +209,7 @@ class ExpertWorker:
 
     def replay(
         self,
-        inputs: Sequence[tuple[int, Sequence[int]]],
+        inputs: Sequence[tuple[int, Sequence[int]]] | PackedTokens,
         topk_ids: np.ndarray,
         measure: bool = True,
     ) -> StepOutput:
@@ -219,11 +219,11 @@ class ExpertWorker:
         are freed afterwards and nothing is recorded as statistics.
         """
         ids = torch.tensor(np.asarray(topk_ids), dtype=torch.int64, device=self.device)
-        seq_ids = [int(s) for s, _ in inputs]
+        packed = inputs if isinstance(inputs, PackedTokens) else PackedTokens.pack(inputs)
         try:
-            return self._run(inputs, ids, None, False, measure, 0.0, record=False)
+            return self._run(packed, ids, None, False, measure, 0.0, record=False)
         finally:
-            self.model.arena.free(seq_ids)
+            self.model.arena.free(packed.seq_ids.tolist())
 
     def _run(self, inputs, override, sampling, return_logits, measure, pause_s, record) -> StepOutput:
         model = self.model

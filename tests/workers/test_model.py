@@ -117,6 +117,20 @@ def test_worker_without_tokens_runs_an_empty_step(tiny_models):
     assert logits.shape == (0, 96) and ids.shape == (0, 2, 2)
 
 
+def test_packed_inputs_run_the_same_step_as_lists(tiny_models):
+    """The group ships a step as three arrays (PackedTokens); the worker must see the same batch."""
+    from expertmesh.workers.model import PackedTokens
+
+    path = tiny_models["qwen3_moe"].path
+    inputs = [(4, [5, 6, 7]), (9, [1]), (2, [8, 9])]
+    packed = PackedTokens.pack(inputs)
+    assert packed.seq_ids.tolist() == [4, 9, 2] and packed.lengths.tolist() == [3, 1, 2]
+    assert packed.tokens.dtype == np.int32 and packed.tokens.tolist() == [5, 6, 7, 1, 8, 9]
+    want, want_ids = run_step(load_local_model(path), inputs)
+    got, got_ids = run_step(load_local_model(path), packed)
+    assert torch.equal(got, want) and torch.equal(got_ids, want_ids)
+
+
 def test_bad_step_inputs_name_the_problem(tiny_models):
     model = load_local_model(tiny_models["mixtral"].path)
     with pytest.raises(SequenceError, match="twice"):
