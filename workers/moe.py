@@ -7,7 +7,8 @@
     out      = exchange.combine(y, experts, received, layout)             weighted sum back at home
 
 Only `dispatch` and `combine` communicate. With `measuring` on, each layer's phases are timed (the device
-is synchronised between phases) and the exchange's traffic is kept as a `LayerMeasure`.
+is synchronised between phases, and the ranks meet at a barrier before each exchange, so dispatch and
+combine times exclude waiting for a slower rank) and the exchange's traffic is kept as a `LayerMeasure`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from expertmesh.kernels.exchange import AllToAllExchange, Exchange, LocalExchange
 from expertmesh.kernels.expert_map import ExpertMap
@@ -99,12 +101,20 @@ class EPExecutor:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
+    def _aligned(self) -> float:
+        """Wait until every rank got here: an exchange timed from this point measures the exchange, not
+        how much later the slowest rank finished its attention or its experts."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+        return self._sync()
+
     def __call__(self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
         emap, shard, ex = self.maps[moe_layer], self.shard, self.exchange
         t0 = self._sync() if self.measuring else 0.0
         layout = build_layout(topk_ids, topk_weights, emap, self.rank)
         t1 = self._sync() if self.measuring else 0.0
+        t1_start = self._aligned() if self.measuring else 0.0
         received = ex.dispatch(hidden, layout)
         t2 = self._sync() if self.measuring else 0.0
         # One rank serves every pair it has: the expert rows are exactly T * k, known without reading the
@@ -115,6 +125,7 @@ class EPExecutor:
         rows = permute(received.x, experts.row_index)
         y = swiglu_experts(rows, shard.w_gate_up[moe_layer], shard.w_down[moe_layer], experts.offsets)
         t3 = self._sync() if self.measuring else 0.0
+        t3_start = self._aligned() if self.measuring else 0.0
         out = ex.combine(y, experts, received, layout)
         if self.measuring:
             t4 = self._sync()
@@ -127,6 +138,6 @@ class EPExecutor:
                 combine_payload=c.payload.tolist(),
                 received_rows=int(received.counts.sum()),
                 expert_pairs=int(experts.counts.sum()),
-                route_s=t1 - t0, dispatch_s=t2 - t1, expert_s=t3 - t2, combine_s=t4 - t3,
+                route_s=t1 - t0, dispatch_s=t2 - t1_start, expert_s=t3 - t2, combine_s=t4 - t3_start,
             ))
         return out.to(hidden.dtype)

@@ -182,6 +182,17 @@ def test_replay_dispatch_bytes_equal_the_cost_model(ray_cluster, tiny_models, nu
                 assert np.array_equal(pairs, predicted.load[layer])
 
 
+def test_measured_exchange_time_excludes_waiting_for_a_late_rank(ray_cluster, tiny_models):
+    """Worker 1 starts its step 1 s late: worker 0's first dispatch must not be timed as that wait."""
+    with EPGroup.create(tiny_models["mixtral"].path, None, 2, cpus_per_worker=CPUS) as group:
+        outs = group.step([[(1, [5, 6, 7])], [(2, [8, 9])]], return_logits=False, measure=True,
+                          pause_s=[0.0, 1.0])
+    first = outs[0].layers[0]
+    assert outs[0].seconds > 0.9  # worker 0 did wait for worker 1 ...
+    assert first.dispatch_s < 0.5 and first.combine_s < 0.5  # ... at the barrier, not inside the exchange
+    assert first.route_s < 0.5
+
+
 def test_killed_worker_fails_the_step_then_the_group_can_be_recreated(ray_cluster, tiny_models):
     path = tiny_models["olmoe"].path
     group = EPGroup.create(path, None, 2, cpus_per_worker=CPUS, step_timeout_s=60)
