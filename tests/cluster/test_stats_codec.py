@@ -103,3 +103,28 @@ def test_refuses_foreign_truncated_and_mismatched_bytes():
 
     with pytest.raises(CodecError, match="float values where integer counts"):
         add_window_into(WindowCounts.zeros(3, 8, 2), float_blob)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sum_windows_is_the_exact_sum_on_any_number_of_threads(threads):
+    from expertmesh.cluster.codec import sum_windows
+
+    L, E, k = 3, 8, 2
+    windows = [window_with(L, E, k, 0.7, 9 + 5 * i, seed=i, hot=i % 2) for i in range(5)]
+    windows[2] = WindowCounts(windows[2].counts, k, 7)  # a window without pair statistics
+    total, info = sum_windows([encode_window(w) for w in windows], L, E, k, threads=threads)
+    assert np.array_equal(total.counts, sum(w.counts for w in windows))
+    with_pairs = [w for w in windows if w.has_pairs]
+    assert np.array_equal(total.coact, sum(w.coact for w in with_pairs))
+    assert np.array_equal(total.trans, sum(w.trans for w in with_pairs))
+    assert [had for _, _, had in info] == [True, True, False, True, True]
+    assert [int(tok) for tok, _, _ in info] == [123, 123, 7, 123, 123]
+
+
+def test_sum_windows_names_the_blob_it_could_not_read():
+    from expertmesh.cluster.codec import sum_windows
+
+    good = encode_window(window_with(3, 8, 2, 0.5, 9))
+    with pytest.raises(CodecError) as err:
+        sum_windows([good, good, b"GIF89a" + good[6:]], 3, 8, 2, threads=2)
+    assert err.value.index == 2
