@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from report import write_report  # bench/report.py: this folder is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 MIXTRAL_TRACE = Path(os.environ.get("EXPERTMESH_TRACES", ROOT.parent / "shared/data/traces")) / "mixtral-8x7b-decode"
@@ -467,14 +468,7 @@ def cmd_report(args) -> None:
                     lines.append(f"| {ex} | {name} | {G2} | {plan_name} | {r['a2a_ms']:.2f} | {r['expert_ms']:.2f} "
                                  f"| {r['moe_ms']:.2f} | {r['gain'] * 100:+.1f}% |")
         out["projection"] = {ex: {f"{n}.g{g}": v for (n, g), v in p_ex.items()} for ex, p_ex in proj.items()}
-    notes = Path(args.results) / "ep8.notes.md"
-    if notes.exists():  # the reading of these numbers, written by hand after the run
-        lines += ["", notes.read_text().rstrip()]
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "ep8.md").write_text("\n".join(lines) + "\n")
-    (results / "ep8.json").write_text(json.dumps({"measured": measured, "report": out}, indent=1))
-    print("\n".join(lines))
+    print(write_report(args.results, "ep8", lines, {"measured": measured, "report": out}).read_text())
 
 
 def project(data: Path, fit: dict, measured: dict) -> dict:

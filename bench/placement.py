@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from report import write_report  # bench/report.py: this folder is on sys.path when run as a script
 
 from expertmesh.placement.cost import CostParams, evaluate
 from expertmesh.placement.ilp import IlpOptions
@@ -223,10 +224,7 @@ def write_markdown(result: dict, env: dict, path: Path) -> None:
                          f"{_fmt(f['internode_copies'])} | {_fmt(s['internode_copies'])} | "
                          f"{d['copies_loss']:+.3f} | {d['internode_loss']:+.3f} | {_fmt(f['solve_s'], 1)} | "
                          f"{_fmt(s['solve_s'], 1)} |")
-    notes = path.with_name("placement.notes.md")
-    if notes.exists():  # the reading of these numbers against the targets, written by hand after the run
-        lines += ["", notes.read_text().rstrip()]
-    path.write_text("\n".join(lines) + "\n")
+    write_report(path.parent, path.stem, lines)
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ep8  # noqa: E402  (environment(), the replay tables)
+from report import write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -457,14 +458,7 @@ def cmd_report(args) -> None:
         lines.append("")
     if args.replay:
         lines += replay_section(json.loads(Path(args.replay).read_text()))
-    notes = Path(args.results) / "runtime.notes.md"
-    if notes.exists():  # the reading of these numbers, written by hand after the run
-        lines += ["", notes.read_text().rstrip()]
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "runtime.md").write_text("\n".join(lines) + "\n")
-    (results / "runtime.json").write_text(json.dumps({"measured": measured, "summary": summary}, indent=1))
-    print("\n".join(lines))
+    print(write_report(args.results, "runtime", lines, {"measured": measured, "summary": summary}).read_text())
 
 
 def replay_section(ep8_doc: dict) -> list[str]:
