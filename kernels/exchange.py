@@ -98,6 +98,7 @@ class Exchange(abc.ABC):
     rank: int
     world_size: int
     fp8: bool  # FP8 (E4M3, 1x128 scales) dispatch; combine is always in the input's dtype
+    capturable = False  # dispatch and combine read nothing back to the host: a CUDA graph can record them
     last_dispatch: Traffic | None = None
     last_combine: Traffic | None = None
 
@@ -136,6 +137,8 @@ def _unpack_meta(meta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 class LocalExchange(Exchange):
     """A group of one rank: every copy stays here; no communication (FP8 dispatch still quantises)."""
+
+    capturable = True
 
     def __init__(self, fp8: bool = False):
         self.rank, self.world_size, self.fp8 = 0, 1, fp8

@@ -5,7 +5,8 @@
 A sequence owns one slot from its first step until it is freed. The arena grows by doubling (slots or
 capacity) and is released when the last sequence is freed, so memory is (live slots) x (longest sequence):
 no paging. Sequences admitted together get consecutive slots, so a decode step over them reads the cache
-through a view instead of gathering it.
+through a view instead of gathering it. The highest slot is scratch, owned by no sequence: the padding rows
+of a fixed-size decode batch (CUDA graphs) write their keys there.
 """
 
 from __future__ import annotations
@@ -42,6 +43,19 @@ class KVArena:
     def live(self) -> int:
         return len(self.slot_of)
 
+    @property
+    def slots(self) -> int:
+        """Slots allocated, the scratch slot included (0 while nothing is allocated)."""
+        return self._slots
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def scratch_slot(self) -> int:
+        return self._slots - 1
+
     def _allocate(self, slots: int, capacity: int) -> None:
         """Grow the arena to at least (slots, capacity), copying what it holds."""
         if slots <= self._slots and capacity <= self._capacity:
@@ -59,7 +73,9 @@ class KVArena:
                     store[layer] = fresh
                 else:
                     store.append(fresh)
-        self._free_slots.extend(range(self._slots, new_slots))
+        # The old scratch slot becomes an ordinary one (a sequence writes each position before reading it);
+        # the new highest slot is the scratch.
+        self._free_slots.extend(range(max(self._slots - 1, 0), new_slots - 1))
         self._free_slots.sort(reverse=True)  # pop() hands out the lowest slot: consecutive admissions
         self._slots, self._capacity = new_slots, new_cap
 
@@ -69,7 +85,7 @@ class KVArena:
         Returns (slot, past length) per sequence; lengths advance only in `commit`.
         """
         new = [s for s in seq_ids if s not in self.slot_of]
-        need_slots = self.live + len(new)
+        need_slots = self.live + len(new) + 1  # + the scratch slot
         pasts = [self.length.get(s, 0) for s in seq_ids]
         need_cap = max((p + n for p, n in zip(pasts, new_tokens, strict=True)), default=0)
         if need_slots > self._slots or need_cap > self._capacity:

@@ -9,7 +9,7 @@ import torch
 
 from .checkpoint import CheckpointReader
 from .config import read_model_config
-from .model import MoEModel, build_batch
+from .model import MoEModel
 from .moe import EPExecutor
 from .plans import contiguous_plan
 from .weights import load_expert_shard, load_model_weights
@@ -18,18 +18,24 @@ __all__ = ["load_local_model", "run_step"]
 
 
 def load_local_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
-                     device: str | torch.device = "cpu") -> MoEModel:
-    """A `MoEModel` holding all experts of `model_dir` (the contiguous plan on one GPU)."""
+                     device: str | torch.device = "cpu", decode_graphs: bool | None = None) -> MoEModel:
+    """A `MoEModel` holding all experts of `model_dir` (the contiguous plan on one GPU).
+
+    decode_graphs: decode steps at fixed shapes (`DecodeGraphs`; CUDA graphs on a GPU); default on for CUDA.
+    """
     device = torch.device(device)
     cfg = read_model_config(model_dir)
     reader = CheckpointReader(model_dir)
     plan = contiguous_plan(cfg.num_moe_layers, cfg.num_experts, 1)
     executor = EPExecutor(cfg, 0, 1, device, dtype)
     executor.load(plan, load_expert_shard(reader, cfg, plan.phy2log, 1, 0, dtype, device))
-    return MoEModel(cfg, load_model_weights(reader, cfg, dtype, device), executor, dtype, device)
+    if decode_graphs is None:
+        decode_graphs = device.type == "cuda"
+    return MoEModel(cfg, load_model_weights(reader, cfg, dtype, device), executor, dtype, device, decode_graphs)
 
 
 def run_step(model: MoEModel, inputs: Sequence[tuple[int, Sequence[int]]],
              override_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of (sequence id, new tokens): (last-position logits [N, V], routed ids [T, L, k])."""
-    return model.forward(build_batch(model.arena, inputs, model.device), override_ids)
+    result = model.step(inputs, override_ids)
+    return result.logits, result.routed

@@ -24,13 +24,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 from .kvcache import KVArena, SequenceError
-from .weights import AttentionWeights, MLPWeights, ModelWeights
+from .weights import MLPWeights, ModelWeights
 
-__all__ = ["MoEModel", "StepBatch", "ExpertExecutor", "route", "rms_norm", "build_batch"]
+__all__ = ["MoEModel", "StepBatch", "StepResult", "ExpertExecutor", "route", "rms_norm", "build_batch"]
 
 
 class ExpertExecutor(Protocol):
-    """Routed-expert output of one MoE layer for this worker's tokens (collective: every worker calls it)."""
+    """Routed-expert output of one MoE layer for this worker's tokens (collective: every worker calls it).
+
+    An executor may say `capturable = True` when its calls read nothing back to the host (a CUDA graph may
+    record them) and carry `version`, changed whenever its weights or exchange are replaced.
+    """
 
     def __call__(self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
@@ -120,10 +124,12 @@ class PackedTokens:
         )
 
 
-def build_batch(arena: KVArena, inputs: Sequence[tuple[int, Sequence[int]]] | PackedTokens,
-                device: torch.device) -> StepBatch:
-    """Check a step's (sequence id, new token ids) list, reserve cache room, lay out the attention groups."""
-    packed = inputs if isinstance(inputs, PackedTokens) else PackedTokens.pack(inputs)
+def _as_packed(inputs: Sequence[tuple[int, Sequence[int]]] | PackedTokens) -> PackedTokens:
+    return inputs if isinstance(inputs, PackedTokens) else PackedTokens.pack(inputs)
+
+
+def _check_step(packed: PackedTokens) -> tuple[list[int], list[int]]:
+    """(sequence ids, new tokens per sequence) of a step, refused when a sequence repeats or brings nothing."""
     seq_ids = packed.seq_ids.tolist()
     if len(set(seq_ids)) != len(seq_ids):
         raise SequenceError(f"seq_ids: a sequence appears twice in one step ({sorted(seq_ids)})")
@@ -131,6 +137,14 @@ def build_batch(arena: KVArena, inputs: Sequence[tuple[int, Sequence[int]]] | Pa
     for s, n in zip(seq_ids, new, strict=True):
         if not n:
             raise SequenceError(f"tokens: sequence {s} brings no new token")
+    return seq_ids, new
+
+
+def build_batch(arena: KVArena, inputs: Sequence[tuple[int, Sequence[int]]] | PackedTokens,
+                device: torch.device) -> StepBatch:
+    """Check a step's (sequence id, new token ids) list, reserve cache room, lay out the attention groups."""
+    packed = _as_packed(inputs)
+    seq_ids, new = _check_step(packed)
     slots, pasts = arena.admit(seq_ids, new)
     # Per-token index maps, vectorised: a 32k-token prefill must not cost Python loops per token.
     counts = packed.lengths
@@ -181,11 +195,24 @@ def build_batch(arena: KVArena, inputs: Sequence[tuple[int, Sequence[int]]] | Pa
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+@dataclass(frozen=True)
+class StepResult:
+    seq_ids: list[int]
+    num_tokens: int
+    logits: torch.Tensor  # float32 [N, V] of each sequence's last new token
+    routed: torch.Tensor  # int64 [T, L_moe, k] expert ids of every new token
+
+
 class MoEModel:
-    """The forward pass of one worker. Weights are plain tensors; no autograd (inference)."""
+    """The forward pass of one worker. Weights are plain tensors; no autograd (inference).
+
+    `decode_graphs` runs steps where every sequence brings one token through `DecodeGraphs`: fixed shapes,
+    captured as CUDA graphs on a GPU when the executor allows it (a decode step is launch-bound: hundreds
+    of small kernels for ~1 ms of GPU work), the same computation run eagerly elsewhere.
+    """
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, executor: ExpertExecutor,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, decode_graphs: bool = False) -> None:
         self.cfg, self.w, self.executor = cfg, weights, executor
         self.dtype, self.device = dtype, device
         self.arena = KVArena(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype, device)
@@ -193,6 +220,11 @@ class MoEModel:
         exponents = torch.arange(0, D, 2, dtype=torch.float32, device=device) / D
         self.inv_freq = 1.0 / (cfg.rope_theta**exponents)
         self.moe_index = {layer: i for i, layer in enumerate(cfg.moe_layers)}
+        self.decoder = None
+        if decode_graphs:
+            from .decode_graph import DecodeGraphs  # it drives this class
+
+            self.decoder = DecodeGraphs(self, capture=device.type == "cuda")
 
     # ---- pieces --------------------------------------------------------------------------------
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,19 +232,28 @@ class MoEModel:
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
 
+    def _project(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q [T, Q, D], k and v [T, KV, D] of x [T, H], normalised and rotated as the family does."""
+        cfg, w = self.cfg, self.w.layers[layer].attn
+        T, Q, KV, D = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, k, v = F.linear(x, w.q, w.q_bias), F.linear(x, w.k, w.k_bias), F.linear(x, w.v, w.v_bias)
+        if cfg.qk_norm == "full":
+            q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q, k, v = q.view(T, Q, D), k.view(T, KV, D), v.view(T, KV, D)
+        if cfg.qk_norm == "head":
+            q = rms_norm(q, w.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, w.k_norm, cfg.rms_norm_eps)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
     def _attention(self, layer: int, x: torch.Tensor, batch: StepBatch, cos: torch.Tensor,
                    sin: torch.Tensor) -> torch.Tensor:
         cfg, w = self.cfg, self.w.layers[layer].attn
         T, Q, KV, D = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         if T == 0:  # a worker without sequences this step still takes part in the MoE collectives
             return x.new_zeros(x.shape)
-        q, k, v = self._qkv(w, x)
-        q, k, v = q.view(T, Q, D), k.view(T, KV, D), v.view(T, KV, D)
-        if cfg.qk_norm == "head":
-            q = rms_norm(q, w.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, w.k_norm, cfg.rms_norm_eps)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k, v = self._project(layer, x, cos, sin)
 
         k_cache, v_cache = self.arena.k[layer], self.arena.v[layer]
         k_cache[batch.token_slots, :, batch.positions] = k
@@ -240,14 +281,26 @@ class MoEModel:
                 out[g.token_index] = og
         return F.linear(out.view(T, Q * D), w.o, w.o_bias)
 
-    def _qkv(self, w: AttentionWeights, x: torch.Tensor):
-        cfg = self.cfg
-        q, k, v = F.linear(x, w.q, w.q_bias), F.linear(x, w.k, w.k_bias), F.linear(x, w.v, w.v_bias)
-        if cfg.qk_norm == "full":
-            q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
-        if cfg.clip_qkv is not None:
-            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
-        return q, k, v
+    def _decode_attention(self, layer: int, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                          mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Attention of B one-token rows over the whole arena, shapes fixed by (B, slots, capacity).
+
+        Queries are scattered into their slots and every slot attends over the full capacity under `mask`;
+        rows of other slots compute garbage nobody reads. Grouped-query attention runs as a batch of KV
+        heads with Q/KV query rows each (one new token: those rows share keys and mask), so no key is
+        repeated per query head and the masked memory-efficient kernel applies.
+        """
+        cfg, w = self.cfg, self.w.layers[layer].attn
+        Q, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, k, v = self._project(layer, x, cos, sin)
+        k_cache, v_cache = self.arena.k[layer], self.arena.v[layer]
+        k_cache[slots, :, positions] = k
+        v_cache[slots, :, positions] = v
+        S = k_cache.shape[0]
+        qs = q.new_zeros((S, Q, D))
+        qs[slots] = q  # padding rows all land in the scratch slot
+        o = F.scaled_dot_product_attention(qs.view(S, KV, Q // KV, D), k_cache, v_cache, attn_mask=mask)
+        return F.linear(o.reshape(S, Q * D).index_select(0, slots), w.o, w.o_bias)
 
     def _moe(self, layer: int, x: torch.Tensor,
              override: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,25 +317,16 @@ class MoEModel:
         return out, ids
 
     # ---- the stack -----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def forward(self, batch: StepBatch,
-                override_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the stack for one step.
-
-        override_ids: int64 [T, L_moe, k] expert ids that replace the gate's choice (routing replay).
-        Returns (logits float32 [N, V] of each sequence's last new token, routed ids int64 [T, L_moe, k]).
-        """
+    def _layers(self, x: torch.Tensor, attend, override_ids: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every decoder layer over x [T, H]; attend(layer, normed x) is the attention of the step's shape.
+        Returns (x after the last layer, routed ids int64 [T, L_moe, k])."""
         cfg = self.cfg
-        want = (batch.num_tokens, cfg.num_moe_layers, cfg.top_k)
-        if override_ids is not None and tuple(override_ids.shape) != want:
-            raise ValueError(f"topk_ids: expected shape {list(want)}, got {list(override_ids.shape)}")
-        x = self.w.embed.index_select(0, batch.token_ids)
-        cos, sin = self._rope(batch.positions)
         routed = []
         for layer, lw in enumerate(self.w.layers):
             h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
             with sdpa_kernel(_SDPA_BACKENDS):
-                x = x + self._attention(layer, h, batch, cos, sin)
+                x = x + attend(layer, h)
             h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
             if lw.router is None:
                 x = x + _swiglu(h, lw.dense)
@@ -291,8 +335,59 @@ class MoEModel:
             out, ids = self._moe(layer, h, None if override_ids is None else override_ids[:, moe_layer])
             x = x + out
             routed.append(ids)
+        return x, torch.stack(routed, dim=1)  # every model has at least one MoE layer (ModelConfig checks)
+
+    def _logits(self, last: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(last, self.w.final_norm, self.cfg.rms_norm_eps), self.w.lm_head).float()
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch,
+                override_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the stack for one step.
+
+        override_ids: int64 [T, L_moe, k] expert ids that replace the gate's choice (routing replay).
+        Returns (logits float32 [N, V] of each sequence's last new token, routed ids int64 [T, L_moe, k]).
+        """
+        want = (batch.num_tokens, self.cfg.num_moe_layers, self.cfg.top_k)
+        if override_ids is not None and tuple(override_ids.shape) != want:
+            raise ValueError(f"topk_ids: expected shape {list(want)}, got {list(override_ids.shape)}")
+        x = self.w.embed.index_select(0, batch.token_ids)
+        cos, sin = self._rope(batch.positions)
+        x, routed = self._layers(x, lambda layer, h: self._attention(layer, h, batch, cos, sin), override_ids)
         self.arena.commit(batch.seq_ids, batch.new_tokens)
-        last = rms_norm(x.index_select(0, batch.last_index), self.w.final_norm, cfg.rms_norm_eps)
-        logits = F.linear(last, self.w.lm_head).float()
-        ids = torch.stack(routed, dim=1)  # every model has at least one MoE layer (ModelConfig checks)
-        return logits, ids
+        return self._logits(x.index_select(0, batch.last_index)), routed
+
+    @torch.inference_mode()
+    def decode_forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                       slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One new token for each of B rows (token id, cache position, arena slot; int64 [B] each), every
+        shape fixed by B and the arena's size, nothing read back to the host: what a CUDA graph captures.
+
+        Padding rows point at the arena's scratch slot. Does not commit: the caller advances the lengths.
+        Returns (logits float32 [B, V], routed ids int64 [B, L_moe, k]).
+        """
+        S, C = self.arena.slots, self.arena.capacity
+        x = self.w.embed.index_select(0, token_ids)
+        cos, sin = self._rope(positions)
+        # Each slot attends to its keys up to the position its row writes; slots without a row see key 0.
+        slot_pos = torch.zeros(S, dtype=torch.int64, device=self.device).index_put_((slots,), positions)
+        mask = (torch.arange(C, device=self.device)[None, :] <= slot_pos[:, None])[:, None, None, :]
+        x, routed = self._layers(
+            x, lambda layer, h: self._decode_attention(layer, h, slots, positions, mask, cos, sin), None)
+        return self._logits(x), routed
+
+    def step(self, inputs: Sequence[tuple[int, Sequence[int]]] | PackedTokens,
+             override_ids: torch.Tensor | None = None) -> StepResult:
+        """Prefill or decode one step of (sequence id, new token ids); decode-only steps take the decoder."""
+        packed = _as_packed(inputs)
+        n = len(packed.seq_ids)
+        if (override_ids is None and self.decoder is not None and 0 < n <= self.decoder.max_batch
+                and getattr(self.executor, "capturable", False) and bool(np.all(packed.lengths == 1))):
+            seq_ids, new = _check_step(packed)
+            slots, pasts = self.arena.admit(seq_ids, new)
+            logits, routed = self.decoder.run(packed.tokens, pasts, slots)
+            self.arena.commit(seq_ids, new)
+            return StepResult(seq_ids, n, logits, routed)
+        batch = build_batch(self.arena, packed, self.device)
+        logits, routed = self.forward(batch, override_ids)
+        return StepResult(batch.seq_ids, batch.num_tokens, logits, routed)

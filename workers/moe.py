@@ -86,15 +86,34 @@ class EPExecutor:
                  dtype: torch.dtype, exchange: Exchange | None = None) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device, self.dtype = device, dtype
-        self.exchange = make_exchange(world_size, dtype=dtype) if exchange is None else exchange
+        self._exchange = make_exchange(world_size, dtype=dtype) if exchange is None else exchange
+        self.version = 0  # changes with the shard or the exchange: CUDA graphs recorded before are stale
         self.shard: ExpertShard | None = None
         self.maps: list[ExpertMap] = []
         self.measuring = False
         self.measures: list[LayerMeasure] = []
 
+    @property
+    def exchange(self) -> Exchange:
+        return self._exchange
+
+    @exchange.setter
+    def exchange(self, exchange: Exchange) -> None:
+        self._exchange = exchange
+        self.version += 1
+
+    @property
+    def capturable(self) -> bool:
+        """A call can be recorded in a CUDA graph: no measuring (it synchronises), an exchange that reads
+        nothing back, a single rank (the expert layout skips host reads only there), and bf16 on a GPU
+        (other dtypes take the per-group GEMM loop, which reads the group sizes back)."""
+        return (not self.measuring and self.world_size == 1 and self._exchange.capturable
+                and self.dtype == torch.bfloat16)
+
     def load(self, plan: Placement, shard: ExpertShard) -> None:
         self.maps = [ExpertMap.from_placement(plan, layer, self.device) for layer in range(plan.num_layers)]
         self.shard = shard
+        self.version += 1
 
     def _sync(self) -> float:
         if self.device.type == "cuda":

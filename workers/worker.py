@@ -24,7 +24,7 @@ from expertmesh.placement.plan import Placement
 
 from .checkpoint import CheckpointReader, RandomReader, open_weights
 from .config import read_model_config
-from .model import MoEModel, PackedTokens, build_batch
+from .model import MoEModel, PackedTokens
 from .moe import EPExecutor, LayerMeasure, make_exchange
 from .recording import StatsSink, StepRecorder
 from .sampling import SamplingParams, sample
@@ -54,6 +54,7 @@ class WorkerSpec:
     exchange: str = "auto"  # see moe.EXCHANGES
     max_tokens: int = 0  # most tokens one worker brings to a step (sizes the symm_mem exchange's buffers)
     cpu_threads: int = 1  # torch intra-op threads (the worker's CPU share; see setup)
+    cuda_graphs: bool = True  # decode steps as CUDA graphs where the exchange allows (one GPU)
 
 
 @dataclass
@@ -64,7 +65,8 @@ class StepOutput:
     tokens: list[int] | None  # sampled next token per sequence (when sampling was asked for)
     logits: np.ndarray | None  # float32 [N, V] of each sequence's last position (when asked for)
     num_tokens: int
-    seconds: float  # wall time of the forward pass on this worker
+    seconds: float  # wall time of the forward pass on this worker (sampling and the device sync included)
+    call_s: float = 0.0  # wall time of the whole call inside the worker (the rest is Ray and the driver)
     layers: list[LayerMeasure] = field(default_factory=list)  # per MoE layer, when measured
 
 
@@ -140,7 +142,8 @@ class ExpertWorker:
         self.executor = EPExecutor(self.cfg, self.rank, self.world_size, self.device, self.dtype)
         self.set_exchange(spec.exchange, spec.max_tokens)
         self._load_experts(spec.plan)
-        self.model = MoEModel(self.cfg, weights, self.executor, self.dtype, self.device)
+        self.model = MoEModel(self.cfg, weights, self.executor, self.dtype, self.device,
+                              decode_graphs=spec.cuda_graphs and self.device.type == "cuda")
         self.recorder = StepRecorder(spec.sink, f"{spec.run_id}/worker-{self.rank}", spec.flush_every)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(spec.seed * 1009 + self.rank)
@@ -194,16 +197,16 @@ class ExpertWorker:
     def step(
         self,
         inputs: Sequence[tuple[int, Sequence[int]]] | PackedTokens,
-        sampling: Sequence[SamplingParams] | None = None,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
         return_logits: bool = True,
         measure: bool = False,
         pause_s: float = 0.0,
     ) -> StepOutput:
         """Prefill or decode `inputs` (sequence id, new token ids) in lockstep with the group.
 
-        `sampling` (one per input) asks for next tokens; `measure` times each MoE layer's phases (it
-        synchronises the device, so it slows the step); `pause_s` sleeps before the first layer (failure
-        tests use it to hold a step open).
+        `sampling` (one for all inputs, or one per input) asks for next tokens; `measure` times each MoE
+        layer's phases (it synchronises the device, so it slows the step); `pause_s` sleeps before the first
+        layer (failure tests use it to hold a step open).
         """
         return self._run(inputs, None, sampling, return_logits, measure, pause_s, record=True)
 
@@ -226,29 +229,33 @@ class ExpertWorker:
             self.model.arena.free(packed.seq_ids.tolist())
 
     def _run(self, inputs, override, sampling, return_logits, measure, pause_s, record) -> StepOutput:
+        entered = time.perf_counter()
         model = self.model
-        batch = build_batch(model.arena, inputs, self.device)
         if pause_s:
             time.sleep(pause_s)
         self.executor.measuring = measure
         self.executor.measures = []
         start = time.perf_counter()
-        logits, routed = model.forward(batch, override)
+        result = model.step(inputs, override)
         tokens = None
         if sampling is not None:
-            positions = [model.arena.length[s] for s in batch.seq_ids]
-            tokens = sample(logits, list(sampling), positions, self.generator).tolist()
+            positions = [model.arena.length[s] for s in result.seq_ids]
+            params = [sampling] * len(positions) if isinstance(sampling, SamplingParams) else list(sampling)
+            tokens = sample(result.logits, params, positions, self.generator).tolist()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         if record:
-            self.recorder.record(routed.cpu().numpy().astype(np.int32))
+            self.recorder.record(result.routed.cpu().numpy().astype(np.int32) if self.recorder.recording
+                                 else None)
+        logits = result.logits.cpu().numpy() if return_logits else None
         return StepOutput(
-            seq_ids=batch.seq_ids,
+            seq_ids=result.seq_ids,
             tokens=tokens,
-            logits=logits.cpu().numpy() if return_logits else None,
-            num_tokens=batch.num_tokens,
+            logits=logits,
+            num_tokens=result.num_tokens,
             seconds=seconds,
+            call_s=time.perf_counter() - entered,
             layers=list(self.executor.measures),
         )
 

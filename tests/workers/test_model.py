@@ -93,6 +93,29 @@ def test_logits_match_reference_through_prefill_decode_and_chunks(tiny_models, r
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_fixed_shape_decode_matches_reference_with_padding_and_arena_growth(tiny_models, reference, family):
+    """Decode-only steps through `DecodeGraphs` (run eagerly on the CPU): padded batches (3 rows -> 4, 5 ->
+    8), a sequence joining with a one-token prompt (a decode-shaped prefill), the arena growing under it
+    (capacity 16 -> 32, slots 4 -> 8), and rows in another order than their slots."""
+    model = load_local_model(tiny_models[family].path, decode_graphs=True)
+    ref = reference(family)
+    history = {0: [5, 17, 3, 44, 9], 1: [2, 8], 2: [61, 7, 7, 30, 12, 90, 1]}
+    run_step(model, list(history.items()))  # prefill: the general path
+    for step in range(12):
+        if step in (4, 8):
+            history[step // 4 + 2] = []  # joins with one token
+        order = sorted(history, reverse=step % 2 == 1)
+        new = {s: [(7 * step + 3 * s) % 96] for s in order}
+        logits, _ = run_step(model, list(new.items()))
+        for row, seq in enumerate(order):
+            history[seq] += new[seq]
+            torch.testing.assert_close(logits[row], hf_last_logits(ref, history[seq]), atol=ATOL, rtol=RTOL)
+    # Growing (slots at step 4, capacity at step 9) dropped the shapes made before: only 5 rows -> 8 remain.
+    assert sorted(model.decoder.entries) == [8]
+    assert (model.arena.slots, model.arena.capacity) == (8, 32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_routed_experts_match_reference_router(tiny_models, reference, family):
     model = load_local_model(tiny_models[family].path)
     tokens = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
