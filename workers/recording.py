@@ -52,9 +52,14 @@ class StepRecorder:
         self.flush_every = flush_every
         self.steps = 0
 
-    def record(self, topk_ids: np.ndarray) -> None:
+    @property
+    def recording(self) -> bool:
+        """False without a sink: `record` then only counts the step (callers may skip reading ids back)."""
+        return self.recorder is not None
+
+    def record(self, topk_ids: np.ndarray | None) -> None:
         """Count one step (every worker calls this every step, with or without tokens)."""
-        if self.recorder is not None and topk_ids.shape[0]:
+        if self.recorder is not None and topk_ids is not None and topk_ids.shape[0]:
             self.recorder.record(topk_ids)
         self.steps += 1
         if self.steps % self.flush_every == 0:

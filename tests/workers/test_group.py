@@ -25,7 +25,7 @@ from expertmesh.placement.stats import stats_from_trace
 from expertmesh.placement.synthetic import SyntheticSpec, synthetic_trace
 from expertmesh.placement.topology import Topology
 from expertmesh.placement.trace import Trace
-from expertmesh.workers import EPGroup, GroupError, PlanMismatchError, StepTimeout, WorkerFailure
+from expertmesh.workers import GREEDY, EPGroup, GroupError, PlanMismatchError, StepTimeout, WorkerFailure
 from expertmesh.workers.checkpoint import expert_keys
 from expertmesh.workers.config import read_model_config
 
@@ -235,6 +235,10 @@ def test_bad_plans_and_inputs_are_refused_with_the_field_named(ray_cluster, tiny
             group.step([[], [(0, [3])]])
         with pytest.raises(ValueError, match=r"token ids of sequence 5 must be integers in \[0, 96\)"):
             group.step([[(5, [96])], []])
+        with pytest.raises(ValueError, match=r"token ids of sequence 6 must be integers"):
+            group.step([[(4, [1]), (6, [2.5])], []])
+        with pytest.raises(ValueError, match="sampling: expected one SamplingParams, or one per input"):
+            group.step([[(0, [3])], []], sampling=[[GREEDY, GREEDY], []])
         with pytest.raises(ValueError, match="one list per worker"):
             group.step([[(0, [3])]])
         assert group.step([[(0, [3])], []])[0].seq_ids == [0]  # still serving after refused inputs
