@@ -2,10 +2,20 @@
 
 A writer calls `add(topk_ids)` once per step and `take()` when it closes a window. The counts live in the
 store's layout (`WindowCounts`: coact as an upper triangle, trans flattened), so closing a window costs
-no rearrangement, and each step costs one `bincount` per statistic and chunk of layers.
+no rearrangement.
+
+A step is counted one layer at a time with `np.bincount` into that layer's E x E cells: a layer's indices
+(T x 28 pairs, T x 64 transitions for top-8) and its bins (512 KiB for 256 experts) stay in the CPU's
+caches, where one bincount over the whole step scatters into tens of MiB and misses on nearly every add.
+Same-layer pairs are counted in the order the router gave them (slot i < slot j, k (k - 1) / 2 a token, no
+sort), so pair {a, b} lands in cell (a, b) or (b, a); folding the two into the triangle costs two gathers
+of P cells a layer, and the diagonal collects an expert chosen twice by one token: that is the
+duplicate check, for free.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import numpy as np
 
@@ -13,8 +23,9 @@ from .window import WindowCounts, pair_count
 
 __all__ = ["WindowAccumulator", "check_topk_ids"]
 
-# Index entries per bincount call: bounds the temporaries at ~64 MiB for DeepSeek-V3-sized steps.
-_CHUNK_ENTRIES = 8 * 2**20
+# Tokens counted per pass over the layers: bounds the per-layer index arrays (T x k^2 intp, 2 MiB for
+# 4096 tokens at top-8) and keeps every per-block count below 2^16, so a block's bins fold in uint16.
+_TOKEN_BLOCK = 8192
 # No cell of a window exceeds its token count (a token adds at most 1 to any cell: its k experts of a layer
 # are distinct), so up to this many tokens the counts fit in uint16: a quarter of the memory traffic of
 # int64 for counting and for encoding. Past it, the window widens to int64.
@@ -22,21 +33,36 @@ _NARROW_TOKENS = np.iinfo(np.uint16).max
 
 
 def check_topk_ids(topk_ids: np.ndarray, num_layers: int, num_experts: int, top_k: int) -> np.ndarray:
-    """Validate one step's routing; returns int64 [T, L, k] sorted along k (for a < b pairs)."""
+    """Validate one step's dtype, shape and id range (not duplicates: `add` finds those while counting)."""
     ids = np.asarray(topk_ids)
     if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"topk_ids: expected an integer array, got dtype {ids.dtype}")
     if ids.ndim != 3 or ids.shape[1:] != (num_layers, top_k):
         raise ValueError(f"topk_ids: expected shape [T, {num_layers}, {top_k}], got {list(ids.shape)}")
-    ids = np.sort(ids.astype(np.int64, copy=False), axis=2)
     if ids.size:
-        lo, hi = ids[:, :, 0].min(), ids[:, :, -1].max()
+        lo, hi = ids.min(), ids.max()
         if lo < 0 or hi >= num_experts:
             raise ValueError(f"topk_ids: expert ids must lie in [0, {num_experts}), found [{lo}, {hi}]")
-        if top_k > 1 and (np.diff(ids, axis=2) == 0).any():
-            t, layer = np.argwhere((np.diff(ids, axis=2) == 0).any(axis=2))[0]
-            raise ValueError(f"topk_ids: token {t} selects the same expert twice in layer {layer}")
     return ids
+
+
+@lru_cache(maxsize=8)
+def _fold_indices(num_experts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(upper, lower, diagonal) flat indices into an E x E layer: a < b as (a, b) and (b, a), in the
+    triangle's row-major order, and (a, a)."""
+    E = num_experts
+    a, b = np.triu_indices(E, k=1)
+    out = (a * E + b, b * E + a, np.arange(E) * (E + 1))
+    for arr in out:
+        arr.setflags(write=False)
+    return out
+
+
+def _duplicate(ids: np.ndarray, layer: int) -> ValueError:
+    """The error for a step where some token chose one expert twice in `layer` (found by the counting)."""
+    chosen = np.sort(ids[:, layer], axis=1)
+    token = int(np.argwhere((np.diff(chosen, axis=1) == 0).any(axis=1))[0, 0])
+    return ValueError(f"topk_ids: token {token} selects the same expert twice in layer {layer}")
 
 
 class WindowAccumulator:
@@ -49,6 +75,7 @@ class WindowAccumulator:
                 f"got layers={num_layers}, experts={num_experts}, top_k={top_k}"
             )
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self._slots = np.triu_indices(top_k, 1)  # slot pairs i < j of one token's k choices
         self._reset()
 
     def _reset(self) -> None:
@@ -66,49 +93,60 @@ class WindowAccumulator:
         return self._tokens
 
     def add(self, topk_ids: np.ndarray) -> None:
-        """Count one step: topk_ids int [T, L, k], the experts each token chose in each layer."""
+        """Count one step: topk_ids int [T, L, k], the experts each token chose in each layer.
+
+        Raises ValueError for malformed input, and then counts nothing of the step.
+        """
         L, E, k = self.num_layers, self.num_experts, self.top_k
         ids = check_topk_ids(topk_ids, L, E, k)
         T = ids.shape[0]
         if T == 0:
             return
+        starts = range(0, T, _TOKEN_BLOCK)
+        # Pairs first, for every block: they find duplicates, and nothing is added to the window before
+        # the whole step is known to be valid.
+        pairs = np.zeros((L, pair_count(E)), np.uint16 if T <= _NARROW_TOKENS else np.int64)
+        x = None
+        for t in starts:
+            x = _layer_major(ids[t : t + _TOKEN_BLOCK])
+            bad = self._count_pairs(x, pairs)
+            if bad is not None:
+                raise _duplicate(ids, bad)
         if self._tokens + T > _NARROW_TOKENS and self._window.counts.dtype != np.int64:
             self._widen()
         w = self._window
-
-        def add(into: np.ndarray, counts: np.ndarray) -> None:
-            # Exact: no cell exceeds the window's tokens, which the dtype holds (see _NARROW_TOKENS).
-            np.add(into, counts.reshape(into.shape), out=into, casting="unsafe")
-
-        layer = np.arange(L, dtype=np.int64)[None, :, None]
-        add(w.counts, np.bincount((layer * E + ids).ravel(), minlength=L * E))
-
-        # Layers in chunks so the index temporaries stay bounded; each chunk adds into its own slice.
-        # Index arithmetic runs on the small [T, l, k] arrays first, so the big [T, l, pairs] ones cost one
-        # gather and one add; int32 when the chunk's index space allows (half the memory traffic).
-        P = pair_count(E)
-        per_layer = T * max(k * (k - 1) // 2 + k * k, 1)
-        step = max(1, _CHUNK_ENTRIES // per_layer)
-        dt = np.int32 if step * max(P, E * E) < 2**31 else np.int64
-        ids = ids.astype(dt)
-        ii, jj = np.triu_indices(k, 1)
-        for l0 in range(0, L, step):
-            l1 = min(L, l0 + step)
-            chunk = ids[:, l0:l1]
-            if k > 1:
-                # Pair (a, b), a < b, sits at a (2E - a - 1) / 2 + (b - a - 1) of its layer's triangle.
-                rel = (np.arange(l1 - l0, dtype=dt) * P)[None, :, None]
-                row = chunk * (2 * E - chunk - 1) // 2 - chunk - 1 + rel
-                tri = row[:, :, ii] + chunk[:, :, jj]
-                add(w.coact[l0:l1], np.bincount(tri.ravel(), minlength=(l1 - l0) * P))
-            t1 = min(l1, L - 1)
-            if t1 > l0:
-                rel = (np.arange(t1 - l0, dtype=dt) * (E * E))[None, :, None]
-                src = ids[:, l0:t1] * E + rel
-                # [T, l, k, k]: every (i, j) pair of experts in layers l and l + 1, as stats_from_trace.
-                flat = src[:, :, :, None] + ids[:, l0 + 1 : t1 + 1, None, :]
-                add(w.trans[l0:t1], np.bincount(flat.ravel(), minlength=(t1 - l0) * E * E))
+        _add(w.coact, pairs)
+        layer_rows = (np.arange(L) * E)[:, None, None]
+        for t in starts:
+            if len(starts) > 1:  # one block (the usual step) reuses its layout from the pair pass
+                x = _layer_major(ids[t : t + _TOKEN_BLOCK])
+            _add(w.counts.reshape(-1), np.bincount((x + layer_rows).ravel(), minlength=L * E))
+            x_rows = x * E  # expert a of layer l as the row a * E of the E x E transition cells
+            for layer in range(L - 1):
+                # [k, k, T]: every (i, j) pair of experts in layers l and l + 1, as stats_from_trace.
+                flat = x_rows[layer][:, None, :] + x[layer + 1][None, :, :]
+                _add(w.trans[layer], np.bincount(flat.ravel(), minlength=E * E))
         self._tokens += T
+
+    def _count_pairs(self, x: np.ndarray, into: np.ndarray) -> int | None:
+        """Add a block's same-layer pairs (x: intp [L, k, T]) into `into` [L, P]; returns the first layer
+        where a token chose one expert twice (then `into` is partly added: the caller drops it)."""
+        E = self.num_experts
+        first, second = self._slots
+        if first.size == 0:  # top-1: no pairs, no duplicates
+            return None
+        upper, lower, diagonal = _fold_indices(E)
+        for layer in range(self.num_layers):
+            xl = x[layer]
+            flat = xl[first] * E  # [pairs, T]: row gathers, contiguous copies
+            flat += xl[second]
+            bins = np.bincount(flat.ravel(), minlength=E * E)
+            if bins[diagonal].any():
+                return layer
+            cells = bins[upper]
+            cells += bins[lower]
+            _add(into[layer], cells)
+        return None
 
     def take(self) -> WindowCounts:
         """Close the current window: its counts, and a fresh empty one behind it."""
@@ -116,3 +154,19 @@ class WindowAccumulator:
         done = WindowCounts(w.counts, self.top_k, self._tokens, w.coact, w.trans, deltas=1)
         self._reset()
         return done
+
+
+def _layer_major(block: np.ndarray) -> np.ndarray:
+    """[T, L, k] ids as intp [L, k, T]: each layer's k slots are contiguous rows (bincount counts intp)."""
+    T, L, k = block.shape
+    x = np.empty((L, k, T), np.intp)
+    x[...] = block.transpose(1, 2, 0)
+    return x
+
+
+def _add(into: np.ndarray, counts: np.ndarray) -> None:
+    """into += counts, exactly: no cell exceeds the window's tokens, which into's dtype holds."""
+    if into.dtype == counts.dtype:
+        into += counts
+    else:  # a plain cast then a same-type add: a mixed-type add with casting goes through slow buffers
+        into += counts.astype(into.dtype)

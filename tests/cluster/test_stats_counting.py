@@ -59,15 +59,43 @@ def test_windows_beyond_uint16_widen_exactly():
     assert_same(big.take().to_stats(), stats_from_trace(Trace(ids, np.zeros(70_000, np.int32), 2)))
 
 
-def test_layer_chunks_give_the_same_counts(monkeypatch):
+def test_token_blocks_give_the_same_counts(monkeypatch):
+    """A step larger than one block is counted block by block (a partial last block too), same result."""
     rng = np.random.default_rng(1)
     ids = random_ids(rng, 50, 7, 12, 3)
     whole = WindowAccumulator(7, 12, 3)
     whole.add(ids)
-    monkeypatch.setattr(counting, "_CHUNK_ENTRIES", 1)  # one layer per bincount
-    chunked = WindowAccumulator(7, 12, 3)
-    chunked.add(ids)
-    assert_same(whole.take().to_stats(), chunked.take().to_stats())
+    monkeypatch.setattr(counting, "_TOKEN_BLOCK", 7)  # 8 blocks, the last of 1 token
+    blocked = WindowAccumulator(7, 12, 3)
+    blocked.add(ids)
+    assert_same(whole.take().to_stats(), blocked.take().to_stats())
+
+
+def test_a_duplicate_in_a_later_block_counts_nothing(monkeypatch):
+    """Pairs of every block are counted (and checked) before anything is added to the window."""
+    monkeypatch.setattr(counting, "_TOKEN_BLOCK", 4)
+    rng = np.random.default_rng(6)
+    ids = random_ids(rng, 10, 3, 8, 3)
+    ids[9, 2, 1] = ids[9, 2, 0]  # the last block, the last layer
+    acc = WindowAccumulator(3, 8, 3)
+    acc.add(ids[:3])
+    before = acc._window.coact.copy(), acc._window.trans.copy(), acc._window.counts.copy()
+    with pytest.raises(ValueError, match="token 9 selects the same expert twice in layer 2"):
+        acc.add(ids)
+    assert acc.tokens == 3
+    for got, want in zip((acc._window.coact, acc._window.trans, acc._window.counts), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_router_order_of_the_k_experts_does_not_matter():
+    """Pairs are counted in the router's slot order (unsorted); the triangle folds both orientations."""
+    rng = np.random.default_rng(7)
+    ids = random_ids(rng, 40, 3, 9, 4)
+    shuffled = np.take_along_axis(ids, np.argsort(rng.random(ids.shape), axis=2), axis=2)
+    a, b = WindowAccumulator(3, 9, 4), WindowAccumulator(3, 9, 4)
+    a.add(np.sort(ids, axis=2))
+    b.add(shuffled)
+    assert_same(a.take().to_stats(), b.take().to_stats())
 
 
 @pytest.mark.parametrize(
@@ -122,3 +150,13 @@ def test_windows_add_like_routing_stats_merge():
     assert_same(total.to_stats(), a.merge(b))
     no_pairs = WindowCounts.from_stats(a) + WindowCounts.from_stats(RoutingStats(b.counts, 2, 9))
     assert no_pairs.coact is None and no_pairs.trans is None
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int64, np.uint64])
+def test_any_integer_dtype_counts_the_same(dtype):
+    rng = np.random.default_rng(8)
+    ids = random_ids(rng, 25, 2, 6, 3)
+    a, b = WindowAccumulator(2, 6, 3), WindowAccumulator(2, 6, 3)
+    a.add(ids)
+    b.add(ids.astype(dtype))
+    assert_same(a.take().to_stats(), b.take().to_stats())
