@@ -259,7 +259,7 @@ def hf_decode(model, batch: int, vocab: int, rng, device: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- measure
-VARIANTS = ("ours-local", "ours-1gpu", "ours-2gpu", "hf-default", "hf-grouped_mm", "hf-eager")
+VARIANTS = ("ours-local", "ours-1gpu", "ours-2gpu", "ours-2gpu-symm", "hf-default", "hf-grouped_mm", "hf-eager")
 HF_KWARGS = {"hf-default": {}, "hf-grouped_mm": {"experts_implementation": "grouped_mm"},
              "hf-eager": {"experts_implementation": "eager"}}
 
@@ -303,8 +303,12 @@ def measure_variant(name: str, variant: str, args, rows: list, notes: list) -> N
         os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
         ray.init(num_cpus=8, num_gpus=G if device == "cuda" else 0, include_dashboard=False)
         t0 = time.perf_counter()
+        # `-symm`: our NVLink exchange (kernels/symm_exchange.py), buffers sized for the largest step.
+        exchange = "symm_mem" if variant.endswith("-symm") else "auto"
+        max_tokens = max([*prefill, *args.decode]) if exchange == "symm_mem" else 0
         group = EPGroup.create(ckpt, None, G, device=device, dtype="bfloat16" if device == "cuda" else "float32",
-                               cpus_per_worker=1.0, step_timeout_s=600, collective_timeout_s=600)
+                               cpus_per_worker=1.0, step_timeout_s=600, collective_timeout_s=600,
+                               exchange=exchange, max_tokens=max_tokens)
         notes.append(f"{name}: ours on {G} GPU(s) created in {time.perf_counter() - t0:.0f} s")
         try:
             for total in prefill:
@@ -372,7 +376,7 @@ def cmd_measure(args) -> None:
                    "--torch-threads", str(args.torch_threads), "--sdpa", args.sdpa]
     if args.quick:
         passthrough.append("--quick")
-    variants = [v for v in args.variants if not (v == "ours-2gpu" and num_gpus < 2)]
+    variants = [v for v in args.variants if not (v.startswith("ours-2gpu") and num_gpus < 2)]
     for name in args.shapes:
         for variant in variants:
             part = Path(args.workdir) / f"{name}-{variant}.json"
@@ -418,7 +422,9 @@ def cmd_report(args) -> None:
         "`ours-local`: our model code in the measuring process, every expert local "
         "(`expertmesh.workers.local`, no Ray); `ours-1gpu`: an EPGroup of one Ray actor; `ours-2gpu`: "
         "sequences dealt round robin over 2 workers (data-parallel attention), experts split by the "
-        "contiguous plan, NCCL all_to_all dispatch/combine.",
+        "contiguous plan, NCCL all_to_all dispatch/combine; `ours-2gpu-symm`: the same with our NVLink "
+        "exchange (Triton kernels writing into the peer's symmetric-memory buffers). `ours-2gpu / ours-1gpu` "
+        "takes the faster 2-GPU variant.",
         "",
     ]
     for note in measured["notes"]:
@@ -442,7 +448,8 @@ def cmd_report(args) -> None:
             for size in sorted({r["size"] for r in mine if r["mode"] == mode}):
                 val = {r["variant"]: r["tokens_per_s"] for r in mine if r["mode"] == mode and r["size"] == size}
                 best_hf = max((val[v] for v in hf if v in val), default=nan)
-                o1, o2, loc = val.get("ours-1gpu", nan), val.get("ours-2gpu", nan), val.get("ours-local", nan)
+                o1, loc = val.get("ours-1gpu", nan), val.get("ours-local", nan)
+                o2 = max((val[v] for v in ("ours-2gpu", "ours-2gpu-symm") if v in val), default=nan)
                 default = val.get("hf-default", nan)
                 cells = " | ".join(f"{val[v]:,.0f}" if v in val else "-" for v in variants)
                 lines.append(f"| {mode} | {size} | {cells} | {o1 / best_hf:.2f}x | {loc / best_hf:.2f}x "

@@ -184,11 +184,39 @@ class EPGroup:
             raise GroupError(f"this group is unusable ({self._broken}); create a new one with EPGroup.create")
 
     def _call(self, refs: list, timeout_s: float, what: str) -> list:
-        """Wait for one call per worker; on the first failure or at the timeout, tear the group down."""
+        """Wait for one call per worker; on the first failure or at the timeout, tear the group down.
+
+        Each result is fetched once, as it arrives (a decode step is short enough for every extra Ray
+        round trip to show); the last one outstanding is fetched without a `ray.wait` before it.
+        """
         deadline = time.monotonic() + timeout_s
+        results: dict[int, object] = {}
         pending = list(refs)
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
+            left = max(deadline - time.monotonic(), 0)
+            ready = pending[:1]
+            if len(pending) > 1:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            else:
+                pending = []
+            rank = refs.index(ready[0]) if ready else -1
+            try:
+                if ready:
+                    results[rank] = ray.get(ready[0], timeout=left)
+            except GetTimeoutError:
+                ready, pending = [], ready
+            except RayActorError as err:
+                self._teardown(f"worker {rank} died during {what}")
+                raise WorkerFailure(
+                    f"{what}: worker {rank} died ({type(err).__name__}); the group was torn down, "
+                    f"create a new one with EPGroup.create"
+                ) from err
+            except RayTaskError as err:
+                cause = _cause(err)
+                self._teardown(f"worker {rank} failed during {what}")
+                if isinstance(cause, (ValueError, KeyError, TypeError)):
+                    raise cause from err  # bad input: the worker's own error names the field
+                raise WorkerFailure(f"{what}: worker {rank} raised {type(cause).__name__}: {cause}") from err
             if not ready:
                 stuck = [refs.index(r) for r in pending]
                 self._teardown(f"{what} timed out")
@@ -196,23 +224,7 @@ class EPGroup:
                     f"{what}: workers {stuck} did not answer within {timeout_s:.0f} s; "
                     "the group was torn down"
                 )
-            try:
-                ray.get(ready[0])
-            except RayActorError as err:
-                rank = refs.index(ready[0])
-                self._teardown(f"worker {rank} died during {what}")
-                raise WorkerFailure(
-                    f"{what}: worker {rank} died ({type(err).__name__}); the group was torn down, "
-                    f"create a new one with EPGroup.create"
-                ) from err
-            except RayTaskError as err:
-                rank = refs.index(ready[0])
-                cause = _cause(err)
-                self._teardown(f"worker {rank} failed during {what}")
-                if isinstance(cause, (ValueError, KeyError, TypeError)):
-                    raise cause from err  # bad input: the worker's own error names the field
-                raise WorkerFailure(f"{what}: worker {rank} raised {type(cause).__name__}: {cause}") from err
-        return ray.get(refs)
+        return [results[i] for i in range(len(refs))]
 
     def _teardown(self, reason: str) -> None:
         self._broken = reason
