@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import struct
 import sys
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -86,15 +87,27 @@ def _escape(bits: int) -> int:
 
 def _pack(values: np.ndarray, bits: int, clip: bool) -> bytes:
     """Values in `bits` bits (clipped to the escape first when `clip`); 4-bit two to a byte, low nibble first."""
-    v = np.empty(values.size + (bits == 4 and values.size % 2), _CONTAINER[bits])
+    if bits == 4:
+        return _pack_nibbles(values, clip)
+    v = np.empty(values.size, _CONTAINER[bits])
     if clip:
-        np.minimum(values, _escape(bits), out=v[: values.size], casting="unsafe")
+        np.minimum(values, _escape(bits), out=v, casting="unsafe")
     else:
-        v[: values.size] = values
-    if bits != 4:
-        return v.tobytes()
-    if values.size % 2:
-        v[-1] = 0
+        v[:] = values
+    return v.tobytes()
+
+
+def _pack_nibbles(values: np.ndarray, clip: bool) -> bytes:
+    """Unsigned values (< 15, or any when `clip`: those >= 15 become the escape 15), two to a byte."""
+    n = values.size
+    v = np.zeros(n + n % 2, np.uint8)
+    v[:n] = values  # a plain narrowing cast: values >= 256 wrap here, and are clipped just below
+    if clip:
+        # v = min(value, 15) without np.minimum (a slow loop for a scalar bound): the low nibble of
+        # every cell, then all four bits set where the value is at or above the escape.
+        escaped = (values >= 15).view(np.uint8) * np.uint8(15)
+        np.bitwise_and(v[:n], 15, out=v[:n])
+        np.bitwise_or(v[:n], escaped, out=v[:n])
     if sys.byteorder == "little":
         # Cells a, b (each < 16) are the two bytes of the uint16 x = a | b << 8, so the low byte of
         # x | x >> 4 is a | b << 4: two contiguous passes, about twice as fast as strided nibble stores.
@@ -111,13 +124,60 @@ def _uint_bytes(maximum: int) -> int:
     return next(b for b in (1, 2, 4, 8) if maximum < 1 << (8 * b - (b == 8)))
 
 
+# Cells per share of a dense array encoded on a thread (even, so every share starts on a whole byte of
+# nibbles). Each share's passes run in numpy with the GIL released; below two shares, no threads.
+_SHARE_CELLS = 1 << 20
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _encode_pool() -> ThreadPoolExecutor:
+    """One pool per process, shared by every encode (a sender thread encodes one window at a time)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="expertmesh-encode")
+        return _pool
+
+
+def _dense_share(flat: np.ndarray, start: int, bits: int, clip: bool, itype, xtype) -> tuple[bytes, bytes, bytes]:
+    """Packed values of one share of a dense array, and its overflow cells (global indices) and excess."""
+    packed = _pack(flat, bits, clip)
+    if not clip:
+        return packed, b"", b""
+    local = np.flatnonzero(flat >= _escape(bits))
+    cells = (local + start).astype(itype, copy=False).tobytes()
+    excess = (flat[local] - _escape(bits)).astype(xtype).tobytes()
+    return packed, cells, excess
+
+
+def _dense_parts(flat: np.ndarray, bits: int, n_over: int, ibytes: int, xbytes: int) -> list[bytes]:
+    """The DENSE layout's values, overflow cells and excess, in shares on threads for a large array.
+
+    Byte-identical to encoding the array in one piece: shares start on even cells, and each share's
+    overflow cells come out in ascending order, shifted by where the share starts.
+    """
+    itype = _CONTAINER[8 * ibytes] if ibytes < 8 else np.int64
+    xtype = _EXCESS[xbytes] if n_over else None
+    starts = list(range(0, flat.size, _SHARE_CELLS))
+    clip = n_over > 0
+
+    def share(start: int) -> tuple[bytes, bytes, bytes]:
+        return _dense_share(flat[start : start + _SHARE_CELLS], start, bits, clip, itype, xtype)
+
+    if len(starts) < 2 or (os.cpu_count() or 1) < 2:
+        shares = [share(s) for s in starts]
+    else:
+        shares = list(_encode_pool().map(share, starts))
+    return [b"".join(p for p, _, _ in shares), b"".join(c for _, c, _ in shares), b"".join(x for _, _, x in shares)]
+
+
 def _encode_array(arr: np.ndarray, parts: list[bytes]) -> None:
     flat = np.ascontiguousarray(arr).reshape(-1)
     n = flat.size
     ibytes = _index_bytes(n)
     itype = _CONTAINER[8 * ibytes] if ibytes < 8 else np.int64
     nnz = int(np.count_nonzero(flat))
-    over_masks: dict[int, np.ndarray] = {}
     if np.issubdtype(flat.dtype, np.floating):
         kind, overflow, excess_bytes = KIND_FLOAT, {64: 0}, {64: 0}
     else:
@@ -126,11 +186,7 @@ def _encode_array(arr: np.ndarray, parts: list[bytes]) -> None:
         peak = int(flat.max()) if n else 0
         overflow = {}
         for b in _WIDTHS:  # cells at or above each width's escape value (none when the largest value fits)
-            if b < 64 and peak >= _escape(b):
-                over_masks[b] = flat >= _escape(b)
-                overflow[b] = int(np.count_nonzero(over_masks[b]))
-            else:
-                overflow[b] = 0
+            overflow[b] = int(np.count_nonzero(flat >= _escape(b))) if b < 64 and peak >= _escape(b) else 0
         excess_bytes = {b: _uint_bytes(max(peak - _escape(b), 0)) for b in _WIDTHS}
     values = {DENSE: n, BITMAP: nnz, COO: nnz}
     base = {DENSE: 0, BITMAP: (n + 7) // 8, COO: nnz * ibytes}
@@ -148,6 +204,9 @@ def _encode_array(arr: np.ndarray, parts: list[bytes]) -> None:
     n_over = overflow[bits]
     xbytes = excess_bytes[bits] if n_over else 0
     parts.append(_ARRAY.pack(layout, bits, ibytes, kind, xbytes, n, nnz, n_over))
+    if kind == KIND_UINT and layout == DENSE:
+        parts.extend(_dense_parts(flat, bits, n_over, ibytes, xbytes))
+        return
     if layout == DENSE:
         vals = flat
     elif layout == BITMAP:
@@ -163,7 +222,7 @@ def _encode_array(arr: np.ndarray, parts: list[bytes]) -> None:
         return
     parts.append(_pack(vals, bits, clip=n_over > 0))
     if n_over:
-        cells = np.flatnonzero(over_masks[bits])
+        cells = np.flatnonzero(flat >= _escape(bits))
         parts.append(cells.astype(itype, copy=False).tobytes())
         parts.append((flat[cells] - _escape(bits)).astype(_EXCESS[xbytes]).tobytes())
 

@@ -128,3 +128,21 @@ def test_sum_windows_names_the_blob_it_could_not_read():
     with pytest.raises(CodecError) as err:
         sum_windows([good, good, b"GIF89a" + good[6:]], 3, 8, 2, threads=2)
     assert err.value.index == 2
+
+
+@pytest.mark.parametrize("share", [2, 6, 64])
+def test_dense_arrays_in_shares_encode_to_the_same_bytes(monkeypatch, share):
+    """A large dense array is encoded in shares on threads: the bytes equal the one-piece encoding
+    (overflow cells in every share, an odd cell count, values wider than the escape and than a byte)."""
+    import expertmesh.cluster.codec as codec
+
+    w = window_with(5, 16, 2, 0.97, 14, seed=4, hot=7)
+    whole = encode_window(w)
+    for layout, bits, n_over in layouts(whole)[1:]:  # coact and trans: dense nibbles with patches
+        assert (layout, bits) == (DENSE, 4) and n_over > 0
+    monkeypatch.setattr(codec, "_SHARE_CELLS", share)
+    monkeypatch.setattr(codec.os, "cpu_count", lambda: 4)
+    assert encode_window(w) == whole
+    back = decode_window(whole, 5, 16, 2)
+    for name in ("counts", "coact", "trans"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(w, name), err_msg=name)
