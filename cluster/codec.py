@@ -12,19 +12,28 @@ Layouts of an array of `n` non-negative cells with `nnz` non-zeros:
     DENSE   every cell's value                                                 n values
     BITMAP  one bit per cell (is it non-zero), then the non-zero values        n / 8 bytes + nnz values
     COO     the flat index of each non-zero cell (u16/u32/u64), then values    nnz * index + nnz values
+    GROUPS  (version 2) cells in groups of 4, G = ceil(n / 4), the last one padded with zeros: every
+            cell's 4-bit value (0 in hot groups), then for the `overflow` hot groups (a cell above 15)
+            the gap from the previous hot group (the first from group 0) in `index bytes` (1/2/4/8),
+            then their 4 cells each in `value bits` (8 or 16)        2G + hot x (index + 4 values)
 
-Values are packed in 4, 8, 16, 32 or 64 bits. A value too large for the width is written as the width's
-all-ones escape and patched from the overflow list (cell index, excess over the escape in the narrowest
-unsigned type), so a few hot cells do not widen every cell. The encoder picks the width and layout with the
-fewest bytes, but keeps DENSE, the fastest to write and read, unless another layout saves a quarter of them.
+Values are packed in 4, 8, 16, 32 or 64 bits. In DENSE, BITMAP and COO a value too large for the width is
+written as the width's all-ones escape and patched from the overflow list (cell index, excess over the
+escape in the narrowest unsigned type), so a few hot cells do not widen every cell. The encoder picks the
+width and layout with the fewest bytes, but keeps the fastest to write (GROUPS where it applies, else
+DENSE, also the fastest to read) unless another layout saves a quarter of them.
 
 Why this form: co-activation and transition matrices are sparse for short windows and small top-k (most of
 the E^2 cells are zero: COO or BITMAP win), but a DeepSeek-V3 writer window (4096 tokens x 28 pairs into
 32,640 cells per layer) fills 85-97% of them, where any index costs more than the value it locates: there,
-dense 4-bit values (a writer's counts per cell are mostly below 15) take half a byte per cell, 1/128 of the
-int64 arrays. Encoding is a few vectorised passes (max, counts above the escapes, a cast, a nibble pack).
-Float arrays (the decayed aggregate) use the same layouts with f8 values. The header names the shape, so a
-window of another model, or bytes that are not ours, are refused before any arithmetic.
+4-bit values (a writer's counts per cell are mostly below 15) take half a byte per cell, 1/128 of the int64
+arrays. About 3% of a writer window's cells exceed 4 bits. Version 1 patched each of them from a list of
+cell indices, and finding those cells (np.nonzero over every cell) was the largest part of a flush's
+encoding; GROUPS finds hot groups with one 64-bit test per four uint16 cells and searches only the groups,
+and its gap-coded group list is smaller than version 1's cell list (3.46 vs 3.62 MB a writer window).
+Float arrays (the decayed aggregate) use DENSE, BITMAP or COO with f8 values. The header names the shape and
+the version, so a window of another model, of a format this reader does not know, or bytes that are not
+ours, are refused before any arithmetic; this reader reads versions 1 and 2.
 """
 
 from __future__ import annotations
@@ -46,18 +55,26 @@ __all__ = [
     "add_window_into",
     "sum_windows",
     "value_bound",
+    "value_bounds",
+    "accumulator_for",
     "CodecError",
     "MAGIC",
     "encoded_header",
 ]
 
 MAGIC = b"EMW1"
-VERSION = 1
+# 2 added the GROUPS layout. A reader decodes every version in READS and refuses any other by number.
+VERSION = 2
+READS = (1, 2)
 FLAG_PAIRS = 1
 FLAG_FLOAT = 2
 _HEADER = struct.Struct("<4sBBHIIIdI")
 _ARRAY = struct.Struct("<BBBBBQQQ")
-DENSE, BITMAP, COO = 0, 1, 2
+DENSE, BITMAP, COO, GROUPS = 0, 1, 2, 3
+# GROUPS: cells in groups of 4 (one uint64 of four uint16 cells); a group is hot when a cell exceeds 15.
+_GROUP = 4
+_HOT_BITS = 0xFFF0_FFF0_FFF0_FFF0  # the bits above 15 of each of a group's four uint16 cells
+_LAYOUTS = {1: (DENSE, BITMAP, COO), 2: (DENSE, BITMAP, COO, GROUPS)}  # by format version
 KIND_UINT, KIND_FLOAT = 0, 1
 _WIDTHS = (4, 8, 16, 32, 64)
 # Container of each width. 64-bit values are int64: they come from int64 arrays, and adding uint64 to int64
@@ -100,8 +117,11 @@ def _pack(values: np.ndarray, bits: int, clip: bool) -> bytes:
 def _pack_nibbles(values: np.ndarray, clip: bool) -> bytes:
     """Unsigned values (< 15, or any when `clip`: those >= 15 become the escape 15), two to a byte."""
     n = values.size
-    v = np.zeros(n + n % 2, np.uint8)
-    v[:n] = values  # a plain narrowing cast: values >= 256 wrap here, and are clipped just below
+    if not clip and n % 2 == 0 and values.dtype == np.uint8:
+        v = values  # read only below
+    else:
+        v = np.zeros(n + n % 2, np.uint8)
+        v[:n] = values  # a plain narrowing cast: values >= 256 wrap here, and are clipped just below
     if clip:
         # v = min(value, 15) without np.minimum (a slow loop for a scalar bound): the low nibble of
         # every cell, then all four bits set where the value is at or above the escape.
@@ -124,9 +144,10 @@ def _uint_bytes(maximum: int) -> int:
     return next(b for b in (1, 2, 4, 8) if maximum < 1 << (8 * b - (b == 8)))
 
 
-# Cells per share of a dense array encoded on a thread (even, so every share starts on a whole byte of
-# nibbles). Each share's passes run in numpy with the GIL released; below two shares, no threads.
+# Cells per share of a dense array encoded on a thread (a multiple of 32 cells: every share starts on a
+# whole byte of nibbles and of the hot-group bitmap). Each share's passes run in numpy with the GIL released.
 _SHARE_CELLS = 1 << 20
+_THREADED_ENCODE_CPUS = 4
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -136,40 +157,85 @@ def _encode_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="expertmesh-encode")
+            _pool = ThreadPoolExecutor(min(4, (os.cpu_count() or 1) // 2), thread_name_prefix="expertmesh-encode")
         return _pool
 
 
-def _dense_share(flat: np.ndarray, start: int, bits: int, clip: bool, itype, xtype) -> tuple[bytes, bytes, bytes]:
-    """Packed values of one share of a dense array, and its overflow cells (global indices) and excess."""
-    packed = _pack(flat, bits, clip)
-    if not clip:
-        return packed, b"", b""
-    local = np.flatnonzero(flat >= _escape(bits))
-    cells = (local + start).astype(itype, copy=False).tobytes()
-    excess = (flat[local] - _escape(bits)).astype(xtype).tobytes()
-    return packed, cells, excess
+def _in_shares(n: int, encode_share) -> list[tuple]:
+    """encode_share(start, stop) over the cells [0, n) in shares, on the pool when there are several and
+    the machine has cores to spare (on 2 cores, measured: the shares on threads were slower than one pass,
+    as the writer's other threads and processes keep both busy)."""
+    step = max(32, _SHARE_CELLS - _SHARE_CELLS % 32)
+    bounds = [(start, min(n, start + step)) for start in range(0, n, step)]
+    if len(bounds) < 2 or (os.cpu_count() or 1) < _THREADED_ENCODE_CPUS:
+        return [encode_share(a, b) for a, b in bounds]
+    return list(_encode_pool().map(lambda ab: encode_share(*ab), bounds))
 
 
 def _dense_parts(flat: np.ndarray, bits: int, n_over: int, ibytes: int, xbytes: int) -> list[bytes]:
     """The DENSE layout's values, overflow cells and excess, in shares on threads for a large array.
 
-    Byte-identical to encoding the array in one piece: shares start on even cells, and each share's
+    Byte-identical to encoding the array in one piece: shares start on whole bytes, and each share's
     overflow cells come out in ascending order, shifted by where the share starts.
     """
     itype = _CONTAINER[8 * ibytes] if ibytes < 8 else np.int64
-    xtype = _EXCESS[xbytes] if n_over else None
-    starts = list(range(0, flat.size, _SHARE_CELLS))
     clip = n_over > 0
 
-    def share(start: int) -> tuple[bytes, bytes, bytes]:
-        return _dense_share(flat[start : start + _SHARE_CELLS], start, bits, clip, itype, xtype)
+    def share(start: int, stop: int) -> tuple[bytes, bytes, bytes]:
+        part = flat[start:stop]
+        packed = _pack(part, bits, clip)
+        if not clip:
+            return packed, b"", b""
+        local = np.flatnonzero(part >= _escape(bits))
+        cells = (local + start).astype(itype, copy=False).tobytes()
+        return packed, cells, (part[local] - _escape(bits)).astype(_EXCESS[xbytes]).tobytes()
 
-    if len(starts) < 2 or (os.cpu_count() or 1) < 2:
-        shares = [share(s) for s in starts]
-    else:
-        shares = list(_encode_pool().map(share, starts))
+    shares = _in_shares(flat.size, share)
     return [b"".join(p for p, _, _ in shares), b"".join(c for _, c, _ in shares), b"".join(x for _, _, x in shares)]
+
+
+def _as_groups(flat: np.ndarray, peak: int) -> np.ndarray | None:
+    """uint16 cells padded with zeros to whole groups (None when a value needs more than 16 bits)."""
+    if peak >= 1 << 16:
+        return None
+    cells = flat.astype(np.uint16, copy=False)
+    pad = -cells.size % _GROUP
+    return np.concatenate([cells, np.zeros(pad, np.uint16)]) if pad else cells
+
+
+def _hot_groups(cells: np.ndarray) -> np.ndarray:
+    """bool [G]: the groups with a cell above 15 (one 64-bit and per group of four uint16 cells)."""
+    words = cells.view(np.uint64)
+    return np.bitwise_and(words, np.uint64(_HOT_BITS)) != 0
+
+
+def _groups_parts(cells: np.ndarray, hot: np.ndarray, bits: int) -> tuple[int, list[bytes]]:
+    """The GROUPS layout: (gap bytes, [nibbles of every cell (0 in hot groups), gaps between hot groups,
+    hot groups' cells]).
+
+    No pass looks for single cells: hot groups come from one 64-bit test per group, and the only index
+    search runs over the groups (a quarter of the cells), unlike DENSE's overflow list. Hot groups are
+    stored as gaps from the previous one (the first from group 0) in the narrowest unsigned type that
+    holds the largest: 2 bytes a group for a writer window, and the reader gets them back with a cumsum.
+    """
+    words = cells.view(np.uint64)
+    vtype = _CONTAINER[bits]
+
+    def share(start: int, stop: int) -> tuple[bytes, np.ndarray, bytes]:
+        g0, g1 = start // _GROUP, -(-stop // _GROUP)
+        part, hot_part = cells[start:stop], hot[g0:g1]
+        v = part.astype(np.uint8)  # a narrowing cast: cells above 15 are in hot groups, zeroed next
+        np.bitwise_and(v, 15, out=v)
+        np.multiply(v.view(np.uint32), ~hot_part, out=v.view(np.uint32), casting="unsafe")
+        index = g0 + np.flatnonzero(hot_part)
+        return _pack_nibbles(v, clip=False), index, words[index].view(np.uint16).astype(vtype, copy=False).tobytes()
+
+    shares = _in_shares(cells.size, share)
+    index = np.concatenate([i for _, i, _ in shares])
+    gaps = np.diff(index, prepend=0)
+    gbytes = _uint_bytes(int(gaps.max()) if gaps.size else 0)
+    gap_bytes = gaps.astype(_EXCESS[gbytes]).tobytes()
+    return gbytes, [b"".join(p for p, _, _ in shares), gap_bytes, b"".join(h for _, _, h in shares)]
 
 
 def _encode_array(arr: np.ndarray, parts: list[bytes]) -> None:
@@ -178,6 +244,7 @@ def _encode_array(arr: np.ndarray, parts: list[bytes]) -> None:
     ibytes = _index_bytes(n)
     itype = _CONTAINER[8 * ibytes] if ibytes < 8 else np.int64
     nnz = int(np.count_nonzero(flat))
+    groups = hot = None
     if np.issubdtype(flat.dtype, np.floating):
         kind, overflow, excess_bytes = KIND_FLOAT, {64: 0}, {64: 0}
     else:
@@ -188,6 +255,8 @@ def _encode_array(arr: np.ndarray, parts: list[bytes]) -> None:
         for b in _WIDTHS:  # cells at or above each width's escape value (none when the largest value fits)
             overflow[b] = int(np.count_nonzero(flat >= _escape(b))) if b < 64 and peak >= _escape(b) else 0
         excess_bytes = {b: _uint_bytes(max(peak - _escape(b), 0)) for b in _WIDTHS}
+        if peak > 15 and nnz > n // 2:  # GROUPS only pays where most cells are kept and some exceed 4 bits
+            groups = _as_groups(flat, peak)
     values = {DENSE: n, BITMAP: nnz, COO: nnz}
     base = {DENSE: 0, BITMAP: (n + 7) // 8, COO: nnz * ibytes}
 
@@ -195,12 +264,25 @@ def _encode_array(arr: np.ndarray, parts: list[bytes]) -> None:
         patch = overflow[bits] * (ibytes + excess_bytes[bits]) if overflow[bits] else 0
         return base[layout] + (values[layout] * bits + 7) // 8 + patch
 
-    best = {layout: min(overflow, key=lambda b, lo=layout: (cost(lo, b), b)) for layout in values}
-    layout = min(best, key=lambda lo: (cost(lo, best[lo]), lo))
-    # Dense is the fastest to write and read: it stays unless another layout saves a quarter of the bytes.
-    if cost(layout, best[layout]) > 0.75 * cost(DENSE, best[DENSE]):
-        layout = DENSE
-    bits = best[layout]
+    costs = {(layout, b): cost(layout, b) for layout in values for b in overflow}
+    if groups is not None:
+        hot = _hot_groups(groups)
+        n_hot = int(np.count_nonzero(hot))
+        hot_bits = 8 if peak < 256 else 16
+        G = groups.size // _GROUP
+        # Gaps between hot groups estimated at 2 bytes (the exact width is known once they are found).
+        costs[(GROUPS, hot_bits)] = 2 * G + n_hot * 2 + n_hot * _GROUP * hot_bits // 8
+    layout, bits = min(costs, key=lambda lb: (costs[lb], lb))
+    # The fastest layout to write stays unless another saves a quarter of the bytes: GROUPS where it
+    # applies (no search over single cells), else DENSE (every cell in place, also the fastest to read).
+    fast = (GROUPS, hot_bits) if groups is not None else min(((DENSE, b) for b in overflow), key=costs.get)
+    if costs[(layout, bits)] > 0.75 * costs[fast]:
+        layout, bits = fast
+    if layout == GROUPS:
+        gap_bytes, group_parts = _groups_parts(groups, hot, bits)
+        parts.append(_ARRAY.pack(GROUPS, bits, gap_bytes, kind, 0, n, nnz, n_hot))
+        parts.extend(group_parts)
+        return
     n_over = overflow[bits]
     xbytes = excess_bytes[bits] if n_over else 0
     parts.append(_ARRAY.pack(layout, bits, ibytes, kind, xbytes, n, nnz, n_over))
@@ -248,43 +330,103 @@ def encoded_header(blob: bytes) -> dict:
     magic, version, flags, _, L, E, k, tokens, deltas = _HEADER.unpack_from(blob, 0)
     if magic != MAGIC:
         raise CodecError(f"not an expertmesh window: starts with {bytes(magic)!r}, expected {MAGIC!r}")
-    if version != VERSION:
-        raise CodecError(f"window format version {version}, this expertmesh reads {VERSION}")
-    return {"flags": flags, "layers": L, "experts": E, "top_k": k, "tokens": tokens, "deltas": deltas}
+    if version not in READS:
+        raise CodecError(
+            f"window format version {version}, this expertmesh reads versions {', '.join(map(str, READS))}"
+        )
+    return {
+        "version": version,
+        "flags": flags,
+        "layers": L,
+        "experts": E,
+        "top_k": k,
+        "tokens": tokens,
+        "deltas": deltas,
+    }
 
 
 def value_bound(blob: bytes) -> int:
-    """An upper bound on every value in an encoded integer window, from its array headers alone.
+    """An upper bound on every value in an encoded integer window, from its array headers alone."""
+    return max(value_bounds(blob))
 
-    Summing windows can then run in the narrowest accumulator the summed bounds fit (uint16 for a few
-    DeepSeek-V3 writer windows), a quarter of int64's memory traffic, and widen once at the end.
+
+def value_bounds(blob: bytes) -> list[int]:
+    """Upper bounds on the values of each array of an encoded integer window (counts, then coact and
+    trans when it has pairs), from its array headers alone.
+
+    Summing windows can then run each array in the narrowest accumulator its summed bounds fit (uint16 for
+    the pair arrays of a few DeepSeek-V3 writer windows, whose counts need uint32), a quarter of int64's
+    memory traffic, and widen once at the end.
     """
     h = encoded_header(blob)
     if h["flags"] & FLAG_FLOAT:
         raise CodecError("float window where integer counts are expected")
-    offset, bound = _HEADER.size, 0
+    offset, bounds = _HEADER.size, []
     for _ in range(3 if h["flags"] & FLAG_PAIRS else 1):
         if offset + _ARRAY.size > len(blob):
             raise CodecError(f"window truncated at byte {offset}")
         layout, bits, ibytes, _, xbytes, n, nnz, n_over = _ARRAY.unpack_from(blob, offset)
-        if layout not in (DENSE, BITMAP, COO) or bits not in _CONTAINER:
+        if layout not in _LAYOUTS[h["version"]] or bits not in _CONTAINER:
             raise CodecError(f"unknown layout {layout} or width {bits}")
-        m = n if layout == DENSE else nnz
-        offset += _ARRAY.size + {DENSE: 0, BITMAP: (n + 7) // 8, COO: nnz * ibytes}[layout]
-        offset += (m * bits + 7) // 8 + n_over * (ibytes + xbytes)
+        offset += _ARRAY.size
         top = (1 << min(bits, 63)) - 1
-        if n_over:
-            top += (1 << min(8 * xbytes, 63)) - 1
-        bound = max(bound, top)
-    return bound
+        if layout == GROUPS:  # a cell is its nibble (at most 15) or its hot group's value
+            groups = -(-n // _GROUP)
+            offset += 2 * groups + n_over * ibytes + n_over * _GROUP * bits // 8
+            top += 15
+        else:
+            m = n if layout == DENSE else nnz
+            offset += {DENSE: 0, BITMAP: (n + 7) // 8, COO: nnz * ibytes}[layout]
+            offset += (m * bits + 7) // 8 + n_over * (ibytes + xbytes)
+            if n_over:
+                top += (1 << min(8 * xbytes, 63)) - 1
+        bounds.append(top)
+    return bounds
 
 
-def _decode_array_into(blob, offset: int, out: np.ndarray, name: str) -> int:
+def accumulator_for(bounds: Sequence[int], layers: int, experts: int, top_k: int) -> WindowCounts:
+    """Zeros to add windows into, each array in the narrowest type its bound (a summed `value_bounds`) fits;
+    pair arrays take the counts' bound when no bound is given for them."""
+
+    def narrow(bound: int):
+        return np.uint16 if bound < 2**16 else np.uint32 if bound < 2**32 else np.int64
+
+    counts, coact, trans = (list(bounds) + [bounds[0]] * 2)[:3]
+    L, E = layers, experts
+    return WindowCounts(
+        np.zeros((L, E), narrow(counts)),
+        top_k,
+        0,
+        np.zeros((L, pair_count(E)), narrow(coact)),
+        np.zeros((max(L - 1, 0), E * E), narrow(trans)),
+        deltas=0,
+    )
+
+
+def _unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
+    """uint8 [count]: the cells of `_pack_nibbles`, low nibble first."""
+    if sys.byteorder == "little":
+        # Byte p = a | b << 4 becomes the uint16 a | b << 8, whose two bytes are the cells a, b: three
+        # contiguous passes instead of two strided stores.
+        x = packed.astype(np.uint16)
+        y = x << 4
+        np.bitwise_or(y, x, out=y)
+        np.bitwise_and(y, 0x0F0F, out=y)
+        return y.view(np.uint8)[:count]
+    v = np.empty(2 * packed.size, np.uint8)
+    v[0::2] = packed & 0x0F
+    v[1::2] = packed >> 4
+    return v[:count]
+
+
+def _decode_array_into(blob, offset: int, out: np.ndarray, name: str, version: int = VERSION) -> int:
     """Add one encoded array into `out` (flat view of the right size); returns the next offset."""
     if offset + _ARRAY.size > len(blob):
         raise CodecError(f"{name}: window truncated at byte {offset}")
     layout, bits, ibytes, kind, xbytes, n, nnz, n_over = _ARRAY.unpack_from(blob, offset)
     offset += _ARRAY.size
+    if layout not in _LAYOUTS[version]:
+        raise CodecError(f"{name}: unknown layout {layout} in a version {version} window")
     if n != out.size:
         raise CodecError(f"{name}: {n} cells stored, expected {out.size}")
     if kind == KIND_FLOAT and bits == 64:
@@ -295,7 +437,7 @@ def _decode_array_into(blob, offset: int, out: np.ndarray, name: str) -> int:
         vtype = _CONTAINER[bits]
     else:
         raise CodecError(f"{name}: unknown value type (kind {kind}, {bits} bits)")
-    if ibytes not in (2, 4, 8) or nnz > n or n_over > n:
+    if ibytes not in ((1, 2, 4, 8) if layout == GROUPS else (2, 4, 8)) or nnz > n or n_over > n:
         raise CodecError(f"{name}: corrupt array header (index bytes {ibytes}, nnz {nnz}, overflow {n_over})")
     itype = _CONTAINER[8 * ibytes] if ibytes < 8 else np.int64
 
@@ -311,11 +453,7 @@ def _decode_array_into(blob, offset: int, out: np.ndarray, name: str) -> int:
     def values(count: int) -> np.ndarray:
         if bits != 4:
             return take(count, vtype)
-        packed = take((count + 1) // 2, np.uint8)
-        v = np.empty(2 * packed.size, np.uint8)
-        v[0::2] = packed & 0x0F
-        v[1::2] = packed >> 4
-        return v[:count]
+        return _unpack_nibbles(take((count + 1) // 2, np.uint8), count)
 
     # Adds cast "unsafe" into narrow accumulators: callers size them from value_bound(), so nothing wraps.
     if layout == DENSE:
@@ -333,6 +471,11 @@ def _decode_array_into(blob, offset: int, out: np.ndarray, name: str) -> int:
         if nnz and int(idx.max()) >= n:
             raise CodecError(f"{name}: index {int(idx.max())} outside {n} cells")
         out[idx.astype(np.intp)] += values(nnz)
+    elif layout == GROUPS:
+        if kind != KIND_UINT or bits not in (8, 16):
+            raise CodecError(f"{name}: groups with kind {kind} and {bits}-bit values (expected uint, 8 or 16)")
+        _add_groups(out, take, n, n_over, ibytes, vtype, name)
+        return offset
     else:
         raise CodecError(f"{name}: unknown layout {layout}")
     if n_over:
@@ -347,6 +490,45 @@ def _decode_array_into(blob, offset: int, out: np.ndarray, name: str) -> int:
     return offset
 
 
+def _add_groups(out: np.ndarray, take, n: int, n_hot: int, gap_bytes: int, vtype, name: str) -> None:
+    """Add a GROUPS array into `out`: every cell's nibble, then the hot groups' cells over their zeros."""
+    groups = -(-n // _GROUP)
+    plane = _unpack_nibbles(take(2 * groups, np.uint8), _GROUP * groups)
+    if plane[n:].any():
+        raise CodecError(f"{name}: padding cells after cell {n} are not zero")
+    np.add(out, plane[:n], out=out, casting="unsafe")
+    if gap_bytes not in _EXCESS:
+        raise CodecError(f"{name}: hot group gaps of {gap_bytes} bytes (expected 1, 2, 4 or 8)")
+    gaps = take(n_hot, _EXCESS[gap_bytes])
+    cells = take(n_hot * _GROUP, vtype).reshape(n_hot, _GROUP)
+    if n_hot == 0:
+        return
+    if (gaps[1:] == 0).any():
+        raise CodecError(f"{name}: hot groups not in increasing order")
+    index = np.cumsum(gaps, dtype=np.intp)
+    if index[-1] >= groups:
+        raise CodecError(f"{name}: hot group {index[-1]} outside {groups} groups")
+    if n % _GROUP == 0 and out.dtype in (np.uint16, np.uint32, np.int64):
+        # A group is 8 (uint16 cells), 16 or 32 bytes of `out`: one, two or four 64-bit words, and one
+        # 64-bit add per word adds its cells at once. No cell carries into the next: value_bound() sized
+        # the accumulator for the whole sum (and int64 cells are whole words).
+        words = out.view(np.uint64)
+        per_group = _GROUP * out.itemsize // 8
+        if per_group > 1:
+            index = (index[:, None] * per_group + np.arange(per_group)).reshape(-1)
+        words[index] += cells.astype(out.dtype, copy=False).reshape(-1).view(np.uint64)
+        return
+    if n % _GROUP == 0:
+        rows = out.reshape(-1, _GROUP)
+        rows[index] += cells  # rows are distinct: a fancy-index add is exact
+        return
+    flat = (index[:, None] * _GROUP + np.arange(_GROUP)).reshape(-1)
+    inside = flat < n
+    if cells.reshape(-1)[~inside].any():
+        raise CodecError(f"{name}: padding cells after cell {n} are not zero")
+    out[flat[inside]] += cells.reshape(-1)[inside]
+
+
 def add_window_into(acc: WindowCounts, blob: bytes) -> tuple[float, int, bool]:
     """Add an encoded window into the accumulator `acc` (in place); returns (tokens, deltas, had pairs).
 
@@ -359,13 +541,14 @@ def add_window_into(acc: WindowCounts, blob: bytes) -> tuple[float, int, bool]:
             f"window shape layers={h['layers']} experts={h['experts']} top_k={h['top_k']}, "
             f"expected layers={L} experts={E} top_k={acc.top_k}"
         )
-    offset = _decode_array_into(blob, _HEADER.size, acc.counts.reshape(-1), "counts")
+    version = h["version"]
+    offset = _decode_array_into(blob, _HEADER.size, acc.counts.reshape(-1), "counts", version)
     pairs = bool(h["flags"] & FLAG_PAIRS)
     if not pairs or not acc.has_pairs:
         # Without pairs on both sides only counts merge (as RoutingStats.merge); the caller drops pairs.
         return h["tokens"], h["deltas"], pairs
-    offset = _decode_array_into(blob, offset, acc.coact.reshape(-1), "coact")
-    offset = _decode_array_into(blob, offset, acc.trans.reshape(-1), "trans")
+    offset = _decode_array_into(blob, offset, acc.coact.reshape(-1), "coact", version)
+    offset = _decode_array_into(blob, offset, acc.trans.reshape(-1), "trans", version)
     if offset != len(blob):
         raise CodecError(f"window has {len(blob) - offset} trailing bytes")
     return h["tokens"], h["deltas"], pairs
@@ -396,20 +579,21 @@ def sum_windows(
 ) -> tuple[WindowCounts, list[tuple[float, int, bool]]]:
     """The exact sum of encoded integer windows, and each one's (tokens, deltas, had pairs).
 
-    The accumulator is the narrowest unsigned type the summed value bounds fit (uint16 for a few DeepSeek-V3
-    writer windows, a quarter of int64's memory traffic). A large sum is split over threads, each adding a
-    share of the windows into its own accumulator (numpy releases the GIL in its adds), and the shares are
-    added at the end: decoding is most of a cold snapshot's time, and a reader has cores to spare.
+    Each array's accumulator is the narrowest unsigned type its summed value bounds fit (uint16 for the pair
+    arrays of 16 DeepSeek-V3 writer windows, a quarter of int64's memory traffic). A large sum is split over
+    threads, each adding a share of the windows into its own accumulator (numpy releases the GIL in its
+    adds), and the shares are added at the end: decoding is most of a cold snapshot's time, and a reader
+    has cores to spare.
     Pair statistics of a window without them are not added (its `had pairs` says so).
     """
-    bound = 0
+    bounds = [0, 0, 0]
     for i, blob in enumerate(blobs):
         try:
-            bound += value_bound(blob)
+            for a, top in enumerate(value_bounds(blob)):
+                bounds[a] += top
         except CodecError as exc:
             exc.index = i
             raise
-    dtype = np.uint16 if bound < 2**16 else np.uint32 if bound < 2**32 else np.int64
     cells = len(blobs) * (layers * experts + layers * pair_count(experts) + max(layers - 1, 0) * experts * experts)
     if threads is None:
         threads = min(len(blobs), os.cpu_count() or 1, 4) if cells >= _THREADED_CELLS else 1
@@ -417,7 +601,7 @@ def sum_windows(
     shares = [range(len(blobs))[t::threads] for t in range(threads)]
 
     def add_share(share: range) -> tuple[WindowCounts, list[tuple[int, tuple[float, int, bool]]]]:
-        acc = WindowCounts.zeros(layers, experts, top_k, dtype=dtype)
+        acc = accumulator_for(bounds, layers, experts, top_k)
         info = []
         for i in share:
             try:

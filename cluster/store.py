@@ -44,7 +44,7 @@ import numpy as np
 from expertmesh.placement.stats import RoutingStats
 
 from . import scripts
-from .codec import CodecError, add_window_into, encode_window, sum_windows, value_bound
+from .codec import CodecError, accumulator_for, add_window_into, encode_window, sum_windows, value_bounds
 from .connect import (
     StatsSchemaError,
     StatsStoreError,
@@ -741,8 +741,7 @@ class _SnapshotCache:
 
     def _apply(self, store: StatsStore, key: tuple[int, str], blob: bytes, sign: int) -> None:
         with _naming(store, [key]):
-            bound = value_bound(blob)
-            part = WindowCounts.zeros(*self.shape, dtype=np.uint16 if bound < 2**16 else np.int64)
+            part = accumulator_for(value_bounds(blob), *self.shape)
             tokens, n_deltas, had_pairs = add_window_into(part, blob)
         op = np.add if sign > 0 else np.subtract
         op(self.total.counts, part.counts, out=self.total.counts, casting="unsafe")

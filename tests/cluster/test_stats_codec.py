@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from expertmesh.cluster.codec import BITMAP, COO, DENSE, CodecError, decode_window, encode_window
+from expertmesh.cluster.codec import BITMAP, COO, DENSE, GROUPS, CodecError, decode_window, encode_window
 from expertmesh.cluster.window import WindowCounts, pair_count
 
 HEADER = 4 + 1 + 1 + 2 + 4 * 3 + 8 + 4
@@ -33,7 +33,11 @@ def layouts(blob):
         layout, bits, ib, kind, xb, n, nnz, n_over = ARRAY.unpack_from(blob, offset)
         offset += ARRAY.size
         m = n if layout == DENSE else nnz
-        offset += {DENSE: 0, BITMAP: (n + 7) // 8, COO: nnz * ib}[layout] + (m * bits + 7) // 8 + n_over * (ib + xb)
+        if layout == GROUPS:  # nibbles of 4-cell groups, gaps between hot groups, their cells
+            groups = -(-n // 4)
+            offset += 2 * groups + n_over * ib + n_over * 4 * bits // 8
+        else:
+            offset += {DENSE: 0, BITMAP: (n + 7) // 8, COO: nnz * ib}[layout] + (m * bits + 7) // 8 + n_over * (ib + xb)
         out.append((layout, bits, n_over))
     assert offset == len(blob)
     return out
@@ -130,19 +134,120 @@ def test_sum_windows_names_the_blob_it_could_not_read():
     assert err.value.index == 2
 
 
-@pytest.mark.parametrize("share", [2, 6, 64])
-def test_dense_arrays_in_shares_encode_to_the_same_bytes(monkeypatch, share):
-    """A large dense array is encoded in shares on threads: the bytes equal the one-piece encoding
-    (overflow cells in every share, an odd cell count, values wider than the escape and than a byte)."""
-    import expertmesh.cluster.codec as codec
+def dense_window(L, E, k, seed=0, hot=0.03, wide=0):
+    """A writer-like window: nearly every cell in use, most below 16, `hot` of them 16-255, `wide` above 255."""
+    rng = np.random.default_rng(seed)
 
-    w = window_with(5, 16, 2, 0.97, 14, seed=4, hot=7)
-    whole = encode_window(w)
-    for layout, bits, n_over in layouts(whole)[1:]:  # coact and trans: dense nibbles with patches
-        assert (layout, bits) == (DENSE, 4) and n_over > 0
-    monkeypatch.setattr(codec, "_SHARE_CELLS", share)
-    monkeypatch.setattr(codec.os, "cpu_count", lambda: 4)
-    assert encode_window(w) == whole
-    back = decode_window(whole, 5, 16, 2)
+    def cells(shape):
+        arr = rng.integers(0, 15, shape)
+        flat = arr.reshape(-1)
+        flat[rng.choice(flat.size, max(2, int(hot * flat.size)), replace=False)] = rng.integers(16, 256)
+        flat[rng.choice(flat.size, min(wide, flat.size), replace=False)] = 40_000
+        return arr
+
+    return WindowCounts(cells((L, E)), k, 77, cells((L, pair_count(E))), cells((L - 1, E * E)), deltas=1)
+
+
+@pytest.mark.parametrize("E,wide", [(16, 0), (16, 3), (7, 0), (7, 2)])  # cells a multiple of 4 or not
+def test_dense_windows_with_hot_groups_round_trip_exactly(E, wide):
+    """Version 2's GROUPS layout (a writer window): nibbles, plus whole 4-cell groups where a cell > 15."""
+    from expertmesh.cluster.codec import sum_windows
+
+    w = dense_window(4, E, 2, seed=E + wide, wide=wide)
+    blob = encode_window(w)
+    for layout, bits, n_hot in layouts(blob)[1:]:
+        assert layout == GROUPS and bits == (16 if wide else 8) and n_hot > 0
+    back = decode_window(blob, 4, E, 2)
     for name in ("counts", "coact", "trans"):
         np.testing.assert_array_equal(getattr(back, name), getattr(w, name), err_msg=name)
+    # Summed in narrow accumulators (one 64-bit add per hot group where the cells allow it), and in threads.
+    others = [dense_window(4, E, 2, seed=s, wide=wide) for s in range(3)]
+    for threads in (1, 2):
+        total, _ = sum_windows([blob] + [encode_window(o) for o in others], 4, E, 2, threads=threads)
+        for name in ("counts", "coact", "trans"):
+            want = getattr(w, name) + sum(getattr(o, name) for o in others)
+            np.testing.assert_array_equal(getattr(total, name), want, err_msg=name)
+
+
+def test_sum_windows_sizes_each_array_from_its_own_bound():
+    """Large counts do not widen the pair arrays' accumulators (their traffic is most of a snapshot)."""
+    from expertmesh.cluster.codec import sum_windows, value_bounds
+
+    w = dense_window(3, 16, 2, seed=9)
+    counts = w.counts.copy()
+    counts[0, 0] = 255_000  # counts need 32 bits
+    w = WindowCounts(counts, 2, 77, w.coact, w.trans)
+    blob = encode_window(w)
+    counts_bound, coact_bound, trans_bound = value_bounds(blob)
+    assert counts_bound >= 255_000 and coact_bound < 2**10 and trans_bound < 2**10
+    total, _ = sum_windows([blob] * 4, 3, 16, 2)
+    assert total.counts.dtype != np.uint16 and total.coact.dtype == total.trans.dtype == np.uint16
+    np.testing.assert_array_equal(total.counts, 4 * w.counts)
+    np.testing.assert_array_equal(total.trans, 4 * w.trans)
+
+
+@pytest.mark.parametrize("share", [32, 64, 96])
+def test_arrays_in_shares_encode_to_the_same_bytes(monkeypatch, share):
+    """A large array is encoded in shares on threads: the bytes equal the one-piece encoding, for GROUPS
+    and for DENSE with an overflow list (values beyond 16 bits rule GROUPS out)."""
+    import expertmesh.cluster.codec as codec
+
+    grouped = dense_window(5, 16, 2, seed=4, wide=2)
+    patched = window_with(5, 16, 2, 0.97, 14, seed=4, hot=7)
+    blobs = [encode_window(grouped), encode_window(patched)]
+    assert [lo for lo, _, _ in layouts(blobs[0])[1:]] == [GROUPS, GROUPS]
+    assert [(lo, bits) for lo, bits, n in layouts(blobs[1])[1:] if n] == [(DENSE, 4), (DENSE, 4)]
+    monkeypatch.setattr(codec, "_SHARE_CELLS", share)
+    monkeypatch.setattr(codec, "_THREADED_ENCODE_CPUS", 1)
+    assert [encode_window(grouped), encode_window(patched)] == blobs
+
+
+# A version 1 window (as the previous encoder wrote it): 4-bit cells with an overflow list.
+V1_BLOB = bytes.fromhex(
+    "454d57310101000002000000030000000200000000000000000022400200000000040200010600000000000000050000000000"
+    "000001000000000000000317f2050019000402000206000000000000000400000000000000010000000000000001021f04001d"
+    "010004020000090000000000000008000000000000000000000000000000103254760e"
+)
+
+
+def test_reads_version_1_windows_and_refuses_groups_in_them():
+    back = decode_window(V1_BLOB, 2, 3, 2)
+    np.testing.assert_array_equal(back.counts, [[3, 0, 7], [1, 2, 40]])
+    np.testing.assert_array_equal(back.coact, [[1, 0, 2], [0, 300, 1]])
+    np.testing.assert_array_equal(back.trans, [[0, 1, 2, 3, 4, 5, 6, 7, 14]])
+    assert back.tokens == 9 and back.deltas == 2
+    # A GROUPS array in a version 1 window: not something version 1 had.
+    v2 = encode_window(dense_window(3, 16, 2))
+    with pytest.raises(CodecError, match="counts: unknown layout 3 in a version 1 window"):
+        decode_window(v2[:4] + b"\x01" + v2[5:], 3, 16, 2)
+
+
+def array_offsets(blob):
+    """Byte offset of each array header (counts, coact, trans) of an encoded window."""
+    out, offset = [], HEADER
+    for _ in range(3):
+        out.append(offset)
+        layout, bits, ib, _, xb, n, nnz, n_over = ARRAY.unpack_from(blob, offset)
+        offset += ARRAY.size
+        if layout == GROUPS:
+            offset += 2 * (-(-n // 4)) + n_over * ib + n_over * 4 * bits // 8
+        else:
+            m = n if layout == DENSE else nnz
+            offset += {DENSE: 0, BITMAP: (n + 7) // 8, COO: nnz * ib}[layout] + (m * bits + 7) // 8 + n_over * (ib + xb)
+    return out
+
+
+def test_refuses_corrupt_hot_groups():
+    blob = encode_window(dense_window(3, 16, 2, seed=2))
+    at = array_offsets(blob)[1]  # coact
+    layout, _, ib, _, _, n, _, n_hot = ARRAY.unpack_from(blob, at)
+    assert layout == GROUPS and n_hot >= 2
+    gaps = at + ARRAY.size + 2 * (-(-n // 4))
+    bad = bytearray(blob)
+    bad[gaps + ib : gaps + 2 * ib] = bytes(ib)  # the second gap 0: one group twice
+    with pytest.raises(CodecError, match="coact: hot groups not in increasing order"):
+        decode_window(bytes(bad), 3, 16, 2)
+    bad = bytearray(blob)
+    bad[gaps : gaps + ib] = (2 ** (8 * ib) - 1).to_bytes(ib, "little")  # the first hot group far outside
+    with pytest.raises(CodecError, match="coact: hot group .* outside"):
+        decode_window(bytes(bad), 3, 16, 2)
