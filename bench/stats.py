@@ -3,7 +3,8 @@
 Every writer records 4096 tokens per window and flushes one window delta; 1 and 8 writer processes flush
 the same window ids in lockstep (a barrier before each flush), as EP workers do. Measured in one run:
 
-    record      RecordER.record() of one 4096-token step (counting, local)
+    record      StatsRecorder.record() of one 4096-token step (counting, local); also alone in one process
+    encode      encode_window() of one writer window alone in one process (the sender thread's CPU per flush)
     flush       caller's time in flush() (swap arrays + enqueue), and flush() -> acknowledged by Redis;
                 Redis's own time per flush, SET + script (INFO commandstats: the part 8 writers queue behind)
     snapshot    StatsStore.snapshot(16): the exact sum of the last 16 windows, read atomically and decoded
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from report import write_report  # bench/report.py: this folder is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -184,6 +186,8 @@ def main() -> None:
     ap.add_argument("--writers", default="1,8")
     ap.add_argument("--repeat", type=int, default=9, help="snapshot reads per case (the median is reported)")
     ap.add_argument("--quick", action="store_true", help="small model, results not written")
+    ap.add_argument("--results", default=str(RESULTS), help="folder for the tables")
+    ap.add_argument("--name", default="stats", help="file name of the tables (e.g. stats-16core on a bigger host)")
     args = ap.parse_args()
     shape = (512, 8, 64, 4) if args.quick else (4096, 58, 256, 8)  # tokens, layers, experts, top_k
     tokens, L, E, k = shape
@@ -201,18 +205,31 @@ def main() -> None:
     server_version = client.info("server")["redis_version"]
     report = {"shape": {"tokens_per_window_per_writer": tokens, "layers": L, "experts": E, "top_k": k}, "cases": {}}
     try:
-        # Encoded size and density of one writer window (what one flush sends).
+        # Encoded size and density of one writer window (what one flush sends), and the writer's CPU per
+        # step (record) and per flush (encode) alone in this process: the writer cases below run them in
+        # n processes at once, which on a small machine measures the sharing of its cores as well.
         acc = WindowAccumulator(L, E, k)
-        acc.add(synth_ids(0, tokens, L, E, k))
+        steps = [synth_ids(s, tokens, L, E, k) for s in range(2)]
+        _, record_t = timed(lambda: (acc.add(steps[0]), acc.take()), args.repeat)
+        acc.add(steps[0])
         one = acc.take()
-        blob = encode_window(one)
+        blob, encode_t = timed(lambda: encode_window(one), 3 * args.repeat)
         new_window = one  # what each writer adds in the warm-read measurement
         report["window_bytes"] = {
             "ours": len(blob),
             "baseline": len(raw_blob(one)),
             "coact_density": float((one.coact > 0).mean()),
             "trans_density": float((one.trans > 0).mean()),
+            "layouts": array_layouts(blob),
         }
+        report["alone"] = {
+            "record_ms_median": statistics.median(record_t) * 1e3,
+            "record_ms_min": min(record_t) * 1e3,
+            "encode_ms_median": statistics.median(encode_t) * 1e3,
+            "encode_ms_min": min(encode_t) * 1e3,
+            "repeats": {"record": len(record_t), "encode": len(encode_t)},
+        }
+        print(json.dumps(report["alone"]), file=sys.stderr)
         for n in [int(x) for x in args.writers.split(",")]:
             model = f"bench-{n}"
             print(f"{n} writer(s): recording and flushing {args.warmup}+{args.windows} windows", file=sys.stderr)
@@ -307,10 +324,28 @@ def main() -> None:
     if args.quick:
         print(json.dumps(report, indent=1))
         return
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "stats.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / "stats.md").write_text(render(report))
-    print(f"wrote {RESULTS / 'stats.md'}", file=sys.stderr)
+    md = write_report(args.results, args.name, render(report).rstrip("\n").split("\n"), report)
+    print(f"wrote {md}", file=sys.stderr)
+
+
+def array_layouts(blob: bytes) -> list[str]:
+    """'LAYOUT/bits' of each array of an encoded window (counts, coact, trans), from its array headers."""
+    from expertmesh.cluster import codec
+
+    names = {codec.DENSE: "DENSE", codec.BITMAP: "BITMAP", codec.COO: "COO", codec.GROUPS: "GROUPS"}
+    out, offset = [], codec._HEADER.size
+    for _ in range(3):
+        layout, bits, ibytes, _, xbytes, n, nnz, n_over = codec._ARRAY.unpack_from(blob, offset)
+        out.append(f"{names[layout]}/{bits}")
+        offset += codec._ARRAY.size
+        if layout == codec.GROUPS:
+            offset += 2 * (-(-n // 4)) + n_over * ibytes + n_over * 4 * bits // 8
+        else:
+            m = n if layout == codec.DENSE else nnz
+            part = {codec.DENSE: 0, codec.BITMAP: (n + 7) // 8, codec.COO: nnz * ibytes}[layout]
+            offset += part + (m * bits + 7) // 8 + n_over * (ibytes + xbytes)
+    assert offset == len(blob), "array headers do not add up to the blob"
+    return out
 
 
 def _version(module: str) -> str:
@@ -353,8 +388,14 @@ def render(r: dict) -> str:
         "",
         f"One writer window: {wb['ours'] / 2**20:.2f} MiB encoded vs {wb['baseline'] / 2**20:.2f} MiB raw "
         f"(ratio {wb['ours'] / wb['baseline']:.3f}); cells non-zero: coact {100 * wb['coact_density']:.1f}%, "
-        f"trans {100 * wb['trans_density']:.1f}%. At this density the encoder keeps every cell "
-        "(no index pays for itself) in 4 bits, patching the few cells above 14 from an overflow list.",
+        f"trans {100 * wb['trans_density']:.1f}%. Layouts written (counts, coact, trans): "
+        f"{', '.join(wb.get('layouts', []))}: at this density no index pays for itself, so every cell "
+        "keeps 4 bits, and groups of 4 cells with one above 15 are stored whole (format version 2).",
+        "",
+        f"Alone in one process (median of {r['alone']['repeats']['record']} / {r['alone']['repeats']['encode']}"
+        f"): record() of one step {r['alone']['record_ms_median']:.1f} ms (min {r['alone']['record_ms_min']:.1f}), "
+        f"encode_window() of one writer window {r['alone']['encode_ms_median']:.1f} ms "
+        f"(min {r['alone']['encode_ms_min']:.1f}).",
         "",
         "| writers | measure | ours | baseline | ours / baseline | target | meets |",
         "|---:|---|---:|---:|---:|---:|:-:|",
@@ -368,7 +409,7 @@ def render(r: dict) -> str:
         lines.append(f"| {n} | {what} | {ours:.1f} {unit} | {b} | {ratio} | {t} | {ok} |")
 
     for n, c in r["cases"].items():
-        row(n, "record() one 4096-token step (local counting)", c["record_ms_p50"])
+        row(n, f"record() one 4096-token step (local counting), p50 over {n} writer(s) at once", c["record_ms_p50"])
         row(n, "flush() caller blocked (swap arrays + enqueue), p50", c["flush_call_ms_p50"])
         row(
             n,
@@ -437,7 +478,7 @@ def render(r: dict) -> str:
     )
     lines += [
         "",
-        f"1-minute load average before -> after each case (2 cores): {loads}.",
+        f"1-minute load average before -> after each case ({m['cores']} cores): {loads}.",
         "",
         "Notes:",
         "- flush() hands the closed window to the recorder's sender thread, which encodes and sends it; the "
@@ -446,8 +487,8 @@ def render(r: dict) -> str:
         "- A flush SETs the encoded delta under a staging key and runs the FLUSH script, which RENAMEs it to its "
         "blob key: Redis moves the value instead of copying it (an HSET or a Lua argument copies megabytes; "
         "that was 7.4 ms of Redis time per flush before). With 8 writers the deltas of one window arrive at "
-        "the same moment; what they queue behind now is the 2 shared cores (8 writers encoding at once, "
-        "plus Redis), not Redis.",
+        "the same moment; what they queue behind is the machine's cores (8 writers encoding at once, "
+        "plus Redis reading 8 deltas), not Redis's script time.",
         "- A snapshot lists the fields of the 16 windows in one MULTI/EXEC (the consistent cut), fetches the "
         "fields it has not seen (all of them when cold) and sums exactly; before compaction that is 8 deltas "
         "per window, after it one merged field. A warm reader keeps the encoded fields and the exact running "
