@@ -3,7 +3,8 @@
 A decode step (every sequence brings one token) is launch-bound: ~350 kernels for ~1 ms of GPU work on
 the benchmark shapes, so the host, not the GPU, set its pace. `DecodeGraphs` pads the step's B rows to a
 batch size of `BATCH_SIZES` (as vLLM and SGLang do), runs `MoEModel.decode_forward` on fixed input buffers
-and, on a GPU, captures that call once per padded size and replays it: one launch per step.
+and, on a GPU where the executor is capturable (bf16, one rank), captures that call once per padded size
+and replays it: one launch per step. Elsewhere the same fixed-shape call runs eagerly.
 
     inputs  int64 [3, B]   token ids, cache positions, arena slots (padding: token 0, position 0, scratch slot)
     outputs logits float32 [B, V], routed ids int64 [B, L_moe, k]; the first n rows are the step's
@@ -79,8 +80,7 @@ class DecodeGraphs:
             self.invalidate()
             self._key = key
         entry = self.entries.get(B)
-        fresh = entry is None
-        if fresh:
+        if entry is None:
             pin = self.capture and torch.cuda.is_available()
             entry = _Entry(torch.empty((3, B), dtype=torch.int64, device=self.model.device),
                            torch.empty((3, B), dtype=torch.int64, pin_memory=pin))
@@ -92,10 +92,10 @@ class DecodeGraphs:
         host[:2, n:] = 0
         host[2, n:] = self.model.arena.scratch_slot
         entry.inputs.copy_(entry.host, non_blocking=True)
-        if not self.capture:
+        if not (self.capture and getattr(self.model.executor, "capturable", False)):
             logits, routed = self.model.decode_forward(*entry.inputs)
             return logits[:n], routed[:n]
-        if fresh:
+        if entry.graph is None:
             try:
                 self._record(entry)
             except RuntimeError as err:  # an op that cannot be captured: stay correct, say so once

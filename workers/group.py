@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import ray
@@ -75,6 +76,8 @@ class EPGroup:
         self.home: dict[int, int] = {}
         self.steps = 0
         self.max_tokens = 0  # token capacity per worker and step (symm_mem exchange), 0 = unbounded
+        self.compiled_steps = False  # steps through a Ray compiled graph (see _step_graph)
+        self._graph = None
         self._broken: str | None = None
 
     # ---- creation ------------------------------------------------------------------------------
@@ -99,6 +102,7 @@ class EPGroup:
         weights: str = "checkpoint",
         exchange: str = "auto",
         max_tokens: int = 0,
+        compiled_steps: bool | None = None,
     ) -> EPGroup:
         """Start `num_workers` workers (default: the plan's GPU count) serving `model_dir` under `plan`.
 
@@ -108,6 +112,10 @@ class EPGroup:
         weights: "checkpoint", or "random" (seeded random tensors; model_dir needs only config.json).
         exchange: "auto"/"all_to_all" (NCCL or gloo all_to_all_single) or "symm_mem" (NVLink writes into
         peers' buffers; needs `max_tokens`, the most new tokens one worker brings to a step).
+        compiled_steps: drive `step` through a Ray compiled graph (one ~0.1 ms round trip through shared
+        memory instead of a ~1 ms actor call; other calls stay plain actor calls). Default: on for CUDA.
+        Its workers poll their input channel while the group lives (a core each, busy), which a GPU worker's
+        reserved CPU absorbs and a CPU-only group sharing few cores does not.
         """
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
@@ -159,6 +167,7 @@ class EPGroup:
         ]
         group = cls(actors, pg, cfg, plan, model_dir, device, dtype, step_timeout_s, [])
         group.max_tokens = max_tokens if exchange == "symm_mem" else 0
+        group.compiled_steps = device == "cuda" if compiled_steps is None else compiled_steps
         addr, port = group._call([actors[0].rendezvous_address.remote()], setup_timeout_s, "rendezvous")[0]
         spec = WorkerSpec(
             model_dir=model_dir, plan=plan, dtype=dtype, device=device, master_addr=addr, master_port=port,
@@ -199,44 +208,90 @@ class EPGroup:
                 ready, pending = ray.wait(pending, num_returns=1, timeout=left)
             else:
                 pending = []
-            rank = refs.index(ready[0]) if ready else -1
-            try:
-                if ready:
-                    results[rank] = ray.get(ready[0], timeout=left)
-            except GetTimeoutError:
-                ready, pending = [], ready
-            except RayActorError as err:
-                self._teardown(f"worker {rank} died during {what}")
-                raise WorkerFailure(
-                    f"{what}: worker {rank} died ({type(err).__name__}); the group was torn down, "
-                    f"create a new one with EPGroup.create"
-                ) from err
-            except RayTaskError as err:
-                cause = _cause(err)
-                self._teardown(f"worker {rank} failed during {what}")
-                if isinstance(cause, (ValueError, KeyError, TypeError)):
-                    raise cause from err  # bad input: the worker's own error names the field
-                raise WorkerFailure(f"{what}: worker {rank} raised {type(cause).__name__}: {cause}") from err
             if not ready:
-                stuck = [refs.index(r) for r in pending]
-                self._teardown(f"{what} timed out")
-                raise StepTimeout(
-                    f"{what}: workers {stuck} did not answer within {timeout_s:.0f} s; "
-                    "the group was torn down"
-                )
+                self._timed_out(what, [refs.index(r) for r in pending], timeout_s)
+            rank = refs.index(ready[0])
+            try:
+                results[rank] = ray.get(ready[0], timeout=left)
+            except GetTimeoutError:
+                self._timed_out(what, [rank], timeout_s)
+            except (RayActorError, RayTaskError) as err:
+                self._failed(what, rank, err)
         return [results[i] for i in range(len(refs))]
+
+    def _timed_out(self, what: str, stuck: list[int], timeout_s: float) -> NoReturn:
+        self._teardown(f"{what} timed out")
+        raise StepTimeout(f"{what}: workers {stuck} did not answer within {timeout_s:.0f} s; the group was torn down")
+
+    def _failed(self, what: str, rank: int, err: Exception) -> NoReturn:
+        """Tear down after worker `rank` died or raised; a bad-input error keeps its own type and message."""
+        if isinstance(err, RayActorError):
+            self._teardown(f"worker {rank} died during {what}")
+            raise WorkerFailure(
+                f"{what}: worker {rank} died ({type(err).__name__}); the group was torn down, "
+                f"create a new one with EPGroup.create"
+            ) from err
+        cause = _cause(err)
+        self._teardown(f"worker {rank} failed during {what}")
+        if isinstance(cause, (ValueError, KeyError, TypeError)):
+            raise cause from err  # bad input: the worker's own error names the field
+        raise WorkerFailure(f"{what}: worker {rank} raised {type(cause).__name__}: {cause}") from err
+
+    # ---- steps through a compiled graph ---------------------------------------------------------
+    def _step_graph(self):
+        """A Ray compiled graph of one step on every worker, built on first use.
+
+        Arguments and results travel through shared-memory channels the workers poll, so a step costs
+        ~0.1 ms of Ray instead of an actor call's ~1 ms (measured on the GPU host), which a decode step
+        of a few milliseconds feels. Worker failures surface as on the plain path: a dead worker as
+        `RayActorError`, a worker's exception as `RayTaskError`.
+        """
+        if self._graph is None:
+            from ray.dag import InputNode, MultiOutputNode
+
+            with InputNode() as args:
+                outputs = MultiOutputNode([a.step_packed.bind(args[r]) for r, a in enumerate(self._actors)])
+            self._graph = outputs.experimental_compile()
+        return self._graph
+
+    def _graph_call(self, args: list[tuple], timeout_s: float, what: str) -> list:
+        refs = self._step_graph().execute(*args)
+        try:
+            # All at once: a worker that dies or raises fails the whole get at once, even while the
+            # others still wait for it inside a collective.
+            return ray.get(refs, timeout=timeout_s)
+        except TimeoutError:  # RayChannelTimeoutError
+            self._timed_out(what, list(range(len(refs))), timeout_s)
+        except (RayActorError, RayTaskError) as err:
+            self._failed(what, self._rank_of(err), err)
+
+    def _rank_of(self, err: Exception) -> int:
+        """The rank of the worker an error came from (-1 when Ray does not say)."""
+        actor_id = getattr(err, "actor_id", None)
+        for rank, actor in enumerate(self._actors):
+            if actor_id is not None and actor._actor_id.hex() == str(actor_id):
+                return rank
+        return -1
+
+    def _release_graph(self) -> None:
+        graph, self._graph = self._graph, None
+        if graph is not None:
+            with contextlib.suppress(Exception):  # a worker already gone makes teardown raise
+                graph.teardown()
 
     def _teardown(self, reason: str) -> None:
         self._broken = reason
         for actor in self._actors:
             with contextlib.suppress(Exception):  # already gone
                 ray.kill(actor, no_restart=True)
+        self._release_graph()  # after the kill: a graph waiting on a dead or stuck worker returns at once
         with contextlib.suppress(Exception):
             remove_placement_group(self._pg)
 
     def shutdown(self) -> None:
         """Flush statistics, leave the process group and stop every worker (idempotent)."""
         if self._broken is None:
+            self._release_graph()
             with contextlib.suppress(GroupError):
                 self._call([a.shutdown.remote() for a in self._actors], 60.0, "shutdown")
         if self._broken is None:
@@ -326,11 +381,13 @@ class EPGroup:
         else:
             sampling = [sampling] * self.num_workers
         pause = list(pause_s) if pause_s is not None else [0.0] * self.num_workers
-        refs = [
-            actor.step.remote(batch, sampling[rank], return_logits, measure, pause[rank])
-            for rank, (actor, batch) in enumerate(zip(self._actors, checked, strict=True))
-        ]
-        outputs = self._call(refs, self.step_timeout_s, f"step {self.steps}")
+        args = [(batch, sampling[rank], return_logits, measure, pause[rank]) for rank, batch in enumerate(checked)]
+        what = f"step {self.steps}"
+        if self.compiled_steps:
+            outputs = self._graph_call(args, self.step_timeout_s, what)
+        else:
+            outputs = self._call([a.step.remote(*x) for a, x in zip(self._actors, args, strict=True)],
+                                 self.step_timeout_s, what)
         for rank, batch in enumerate(inputs):
             for seq, _ in batch:
                 self.home[int(seq)] = rank

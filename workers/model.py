@@ -32,8 +32,9 @@ __all__ = ["MoEModel", "StepBatch", "StepResult", "ExpertExecutor", "route", "rm
 class ExpertExecutor(Protocol):
     """Routed-expert output of one MoE layer for this worker's tokens (collective: every worker calls it).
 
-    An executor may say `capturable = True` when its calls read nothing back to the host (a CUDA graph may
-    record them) and carry `version`, changed whenever its weights or exchange are replaced.
+    An executor may carry `world_size` and `measuring` (fixed-shape decode steps run only on one rank, not
+    measured), `capturable = True` when its calls read nothing back to the host (a CUDA graph may record
+    them) and `version`, changed whenever its weights or exchange are replaced.
     """
 
     def __call__(self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
@@ -381,8 +382,11 @@ class MoEModel:
         """Prefill or decode one step of (sequence id, new token ids); decode-only steps take the decoder."""
         packed = _as_packed(inputs)
         n = len(packed.seq_ids)
-        if (override_ids is None and self.decoder is not None and 0 < n <= self.decoder.max_batch
-                and getattr(self.executor, "capturable", False) and bool(np.all(packed.lengths == 1))):
+        # Padding rows cost nothing on one rank; with several they would travel through the exchange (and
+        # could overflow a fixed-capacity one), and a measured step must count only real tokens.
+        single = getattr(self.executor, "world_size", 1) == 1 and not getattr(self.executor, "measuring", False)
+        if (override_ids is None and self.decoder is not None and single and 0 < n <= self.decoder.max_batch
+                and bool(np.all(packed.lengths == 1))):
             seq_ids, new = _check_step(packed)
             slots, pasts = self.arena.admit(seq_ids, new)
             logits, routed = self.decoder.run(packed.tokens, pasts, slots)

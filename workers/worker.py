@@ -210,6 +210,10 @@ class ExpertWorker:
         """
         return self._run(inputs, None, sampling, return_logits, measure, pause_s, record=True)
 
+    def step_packed(self, args: tuple) -> StepOutput:
+        """`step(*args)`: the entry point of the group's compiled graph (one argument per worker)."""
+        return self.step(*args)
+
     def replay(
         self,
         inputs: Sequence[tuple[int, Sequence[int]]] | PackedTokens,

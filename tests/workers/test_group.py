@@ -193,9 +193,27 @@ def test_measured_exchange_time_excludes_waiting_for_a_late_rank(ray_cluster, ti
     assert first.route_s < 0.5
 
 
-def test_killed_worker_fails_the_step_then_the_group_can_be_recreated(ray_cluster, tiny_models):
+def test_compiled_steps_give_the_results_of_actor_calls(ray_cluster, tiny_models):
+    """Steps through a Ray compiled graph (the GPU default) against plain actor calls: same logits and
+    the same greedy tokens (failures through the graph: the killed-worker test below)."""
+    path = tiny_models["qwen3_moe"].path
+    prompts = [[5, 17, 3], [2, 8], [61, 7, 7, 30]]
+    results = []
+    for compiled in (False, True):
+        with EPGroup.create(path, None, 2, cpus_per_worker=CPUS, compiled_steps=compiled) as group:
+            outs = group.step([[(9, [4, 4, 9])], [(8, [1])]])
+            group.free([9, 8])
+            results.append(([o.logits for o in outs], group.generate(prompts, 6)))
+    (plain_logits, plain_tokens), (graph_logits, graph_tokens) = results
+    assert graph_tokens == plain_tokens
+    for a, b in zip(graph_logits, plain_logits, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["actor-calls", "compiled-graph"])
+def test_killed_worker_fails_the_step_then_the_group_can_be_recreated(ray_cluster, tiny_models, compiled):
     path = tiny_models["olmoe"].path
-    group = EPGroup.create(path, None, 2, cpus_per_worker=CPUS, step_timeout_s=60)
+    group = EPGroup.create(path, None, 2, cpus_per_worker=CPUS, step_timeout_s=60, compiled_steps=compiled)
     victim = group.pids()[1]
     threading.Timer(1.0, os.kill, (victim, signal.SIGKILL)).start()
     start = time.monotonic()
@@ -206,13 +224,13 @@ def test_killed_worker_fails_the_step_then_the_group_can_be_recreated(ray_cluste
         group.step([[(0, [1])], [(1, [2])]])
 
     # A hung worker: the step gives up at its timeout and tears the group down.
-    group = EPGroup.create(path, None, 2, cpus_per_worker=CPUS, step_timeout_s=3)
+    group = EPGroup.create(path, None, 2, cpus_per_worker=CPUS, step_timeout_s=3, compiled_steps=compiled)
     start = time.monotonic()
     with pytest.raises(StepTimeout, match="did not answer within 3 s"):
         group.step([[(0, [1, 2, 3])], [(1, [4, 5])]], pause_s=[30.0, 0.0])
     assert time.monotonic() - start < 10
 
-    with EPGroup.create(path, None, 2, cpus_per_worker=CPUS) as group:
+    with EPGroup.create(path, None, 2, cpus_per_worker=CPUS, compiled_steps=compiled) as group:
         outs = group.step([[(0, [1, 2, 3])], [(1, [4, 5])]])
         assert [o.seq_ids for o in outs] == [[0], [1]]
 
