@@ -45,7 +45,7 @@ FLUSH_TARGET_MS = 20.0
 SNAPSHOT_TARGET_MS = 200.0
 
 
-def start_redis(workdir: Path) -> tuple[subprocess.Popen, int]:
+def start_redis(workdir: Path, io_threads: int = 1) -> tuple[subprocess.Popen, int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -64,6 +64,8 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, int]:
             "no",
             "--protected-mode",
             "no",
+            # Redis reads and parses clients' requests on these threads too (8 writers' deltas arrive at once).
+            *(["--io-threads", str(io_threads), "--io-threads-do-reads", "yes"] if io_threads > 1 else []),
             "--loglevel",
             "warning",
         ],
@@ -188,6 +190,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small model, results not written")
     ap.add_argument("--results", default=str(RESULTS), help="folder for the tables")
     ap.add_argument("--name", default="stats", help="file name of the tables (e.g. stats-16core on a bigger host)")
+    ap.add_argument(
+        "--redis-io-threads", type=int, default=1, help="redis-server --io-threads (reads too); 1: Redis's default"
+    )
     args = ap.parse_args()
     shape = (512, 8, 64, 4) if args.quick else (4096, 58, 256, 8)  # tokens, layers, experts, top_k
     tokens, L, E, k = shape
@@ -199,7 +204,7 @@ def main() -> None:
     from expertmesh.cluster.store import StatsStore
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-stats-"))
-    proc, port = start_redis(tmp)
+    proc, port = start_redis(tmp, args.redis_io_threads)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url, socket_timeout=600)
     server_version = client.info("server")["redis_version"]
@@ -318,6 +323,7 @@ def main() -> None:
         "redis_py": redis.__version__,
         "hiredis": _version("hiredis"),
         "redis_server": server_version,
+        "redis_io_threads": args.redis_io_threads,
         "platform": platform.platform(),
     }
     report["command"] = "python bench/stats.py " + " ".join(sys.argv[1:])
@@ -379,7 +385,8 @@ def render(r: dict) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores (writers, Redis and the reader share them; the load averages "
         f"below say how busy the machine was). Python {m['python']}, numpy {m['numpy']}, redis-py "
-        f"{m['redis_py']} (hiredis {m.get('hiredis', 'absent')}), redis-server {m['redis_server']}. No GPU involved.",
+        f"{m['redis_py']} (hiredis {m.get('hiredis', 'absent')}), redis-server {m['redis_server']} "
+        f"(io-threads {m.get('redis_io_threads', 1)}). No GPU involved.",
         "",
         f"Command: `{r['command']}`",
         "",
