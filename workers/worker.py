@@ -124,6 +124,10 @@ class ExpertWorker:
         # workers per node would oversubscribe it (vLLM's workers run with one thread too).
         torch.set_num_threads(max(1, spec.cpu_threads))
         if spec.device == "cuda":
+            if os.environ.get(NOSET_CVD) == "1" and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+                # Ray's compiled graphs map this actor's GPU id through the variable and refuse an empty
+                # one; naming every GPU in order changes nothing for a process that sees them all.
+                os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(torch.cuda.device_count())))
             self.device = torch.device("cuda", _local_gpu_index())
             torch.cuda.set_device(self.device)
             backend = "nccl"
@@ -212,6 +216,10 @@ class ExpertWorker:
 
     def step_packed(self, args: tuple) -> StepOutput:
         """`step(*args)`: the entry point of the group's compiled graph (one argument per worker)."""
+        if self.device.type == "cuda":
+            # The graph runs this on a thread of its own, whose current device is not the one setup chose
+            # (Triton launches and CUDA graph capture use the current device).
+            torch.cuda.set_device(self.device)
         return self.step(*args)
 
     def replay(
