@@ -4,6 +4,9 @@
     coact   int64 [L, E, E]      tokens that chose both e and e' in the same layer (symmetric, zero diagonal)
     trans   int64 [L-1, E, E]    tokens that chose e in layer l and e' in layer l+1 (all k x k pairs)
     tokens  int                  T, tokens summarised
+    trans_top1 int64 [L-1, E, E] (optional) tokens whose top-1 expert in layer l is e and that chose e' in
+                                 layer l+1 (k pairs per token): in the token-follow dataflow a token sits on its
+                                 top-1 expert's GPU, so this, not `trans`, is the traffic between layers
 
 `coact` and `trans` are None when the source has no per-token data (aggregate count matrices).
 Statistics are additive: windows merge by summing and decay by scaling (see `merge`, `scaled`).
@@ -31,6 +34,9 @@ class RoutingStats:
     trans: np.ndarray | None = None  # [L-1, E, E]
     # Provenance: model name, window ids, wall time, source; never affects placement.
     meta: dict = field(default_factory=dict, compare=False)
+    # Optional (sources without it plan token-follow with trans / top_k, the expectation when every one of a
+    # token's k experts is equally likely to be its top-1).
+    trans_top1: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         counts = np.asarray(self.counts)
@@ -43,7 +49,7 @@ class RoutingStats:
             raise TraceError(f"top_k: expected 1..{E}, got {self.top_k}")
         if int(self.tokens) < 0:
             raise TraceError(f"tokens: expected a non-negative integer, got {self.tokens}")
-        for name, expect in (("coact", (L, E, E)), ("trans", (L - 1, E, E))):
+        for name, expect in (("coact", (L, E, E)), ("trans", (L - 1, E, E)), ("trans_top1", (L - 1, E, E))):
             arr = getattr(self, name)
             if arr is None:
                 continue
@@ -71,6 +77,13 @@ class RoutingStats:
     def has_pairs(self) -> bool:
         return self.coact is not None and self.trans is not None
 
+    def follow_trans(self) -> np.ndarray | None:
+        """float [L-1, E, E]: tokens sitting on expert e's GPU after layer l (their top-1) that want e' in
+        layer l+1; `trans_top1` when recorded, else its expectation trans / top_k. None without pairs."""
+        if self.trans_top1 is not None:
+            return self.trans_top1.astype(np.float64)
+        return None if self.trans is None else self.trans.astype(np.float64) / self.top_k
+
     def check_compatible(self, other: RoutingStats) -> None:
         if self.counts.shape != other.counts.shape or self.top_k != other.top_k:
             raise TraceError(
@@ -89,6 +102,8 @@ class RoutingStats:
             self.coact + other.coact if both else None,
             self.trans + other.trans if both else None,
             {**self.meta, "merged": True},
+            self.trans_top1 + other.trans_top1 if both and self.trans_top1 is not None
+            and other.trans_top1 is not None else None,
         )
 
     def scaled(self, factor: float) -> RoutingStats:
@@ -100,6 +115,7 @@ class RoutingStats:
             None if self.coact is None else self.coact * factor,
             None if self.trans is None else self.trans * factor,
             dict(self.meta),
+            None if self.trans_top1 is None else self.trans_top1 * factor,
         )
 
 
@@ -128,8 +144,12 @@ def stats_from_trace(trace: Trace) -> RoutingStats:
                 src, dst = ids[:, :-1, i], ids[:, 1:, j]
                 trans += np.bincount((base + src * E + dst).ravel(), minlength=(L - 1) * E * E)
     trans = trans.reshape(L - 1, E, E)
+    top1 = np.zeros((max(L - 1, 0)) * E * E, dtype=np.int64)
+    if L > 1:  # column 0 is the top-1 expert (the cost model's token-follow convention)
+        for j in range(k):
+            top1 += np.bincount((base + ids[:, :-1, 0] * E + ids[:, 1:, j]).ravel(), minlength=(L - 1) * E * E)
     meta = {**trace.meta, "created": time.time()}
-    return RoutingStats(counts, k, T, coact, trans, meta)
+    return RoutingStats(counts, k, T, coact, trans, meta, top1.reshape(L - 1, E, E))
 
 
 def save_stats(stats: RoutingStats, path: str | Path) -> None:
@@ -138,6 +158,8 @@ def save_stats(stats: RoutingStats, path: str | Path) -> None:
         arrays["coact"] = stats.coact
     if stats.trans is not None:
         arrays["trans"] = stats.trans
+    if stats.trans_top1 is not None:
+        arrays["trans_top1"] = stats.trans_top1
     np.savez_compressed(path, **arrays)
 
 
@@ -160,4 +182,5 @@ def load_stats(path: str | Path) -> RoutingStats:
             data["coact"] if "coact" in data.files else None,
             data["trans"] if "trans" in data.files else None,
             {"source": str(path)},
+            data["trans_top1"] if "trans_top1" in data.files else None,
         )

@@ -67,6 +67,7 @@ def test_stats_match_a_naive_count():
     counts = np.zeros((3, 6), int)
     coact = np.zeros((3, 6, 6), int)
     trans = np.zeros((2, 6, 6), int)
+    top1 = np.zeros((2, 6, 6), int)
     for t in range(40):
         for layer in range(3):
             for e in ids[t, layer]:
@@ -78,9 +79,15 @@ def test_stats_match_a_naive_count():
                 for a in ids[t, layer]:
                     for b in ids[t, layer + 1]:
                         trans[layer, a, b] += 1
+                for b in ids[t, layer + 1]:  # token-follow: the token sits on its top-1 expert's GPU
+                    top1[layer, ids[t, layer, 0], b] += 1
     assert np.array_equal(stats.counts, counts)
     assert np.array_equal(stats.coact, coact)
     assert np.array_equal(stats.trans, trans)
+    assert np.array_equal(stats.trans_top1, top1)
+    assert np.array_equal(stats.follow_trans(), top1)
+    # Without the top-1 counts (a source that lacks them), token-follow plans with their expectation.
+    assert np.allclose(RoutingStats(counts, 3, 40, coact, trans).follow_trans(), trans / 3)
     assert stats.tokens == 40 and stats.top_k == 3
 
 
@@ -90,6 +97,8 @@ def test_stats_merge_is_a_sum_and_refuses_other_shapes(tmp_path):
     both = stats_from_trace(Trace(np.concatenate([_ids(seed=1), _ids(seed=2)]), np.zeros(12, int), 5))
     merged = a.merge(b)
     assert np.array_equal(merged.counts, both.counts) and np.array_equal(merged.trans, both.trans)
+    assert np.array_equal(merged.trans_top1, both.trans_top1)
+    assert np.array_equal(a.scaled(0.5).trans_top1, a.trans_top1 * 0.5)
     assert merged.tokens == 12
     other = stats_from_trace(Trace(_ids(E=6), np.zeros(6, int), 6))
     with pytest.raises(TraceError, match="do not match"):
@@ -97,8 +106,14 @@ def test_stats_merge_is_a_sum_and_refuses_other_shapes(tmp_path):
     save_stats(merged, tmp_path / "s.npz")
     back = load_stats(tmp_path / "s.npz")
     assert np.array_equal(back.coact, merged.coact) and back.tokens == 12
+    assert np.array_equal(back.trans_top1, merged.trans_top1)
+    # Merging with a window that lacks the top-1 counts drops them (a partial sum would be wrong).
+    lacking = RoutingStats(b.counts, b.top_k, b.tokens, b.coact, b.trans)
+    assert a.merge(lacking).trans_top1 is None and a.merge(lacking).trans is not None
     with pytest.raises(TraceError, match="coact"):
         RoutingStats(np.ones((2, 3)), 1, 3, coact=np.ones((2, 3, 4)))
+    with pytest.raises(TraceError, match="trans_top1"):
+        RoutingStats(np.ones((2, 3)), 1, 3, trans_top1=np.ones((2, 3, 3)))
 
 
 def test_synthetic_trace_is_seeded_and_structured():
