@@ -15,12 +15,16 @@ minimising the traffic from where tokens are after layer l-1 to the GPUs of thei
 busiest bandwidth-weighted GPU pair (MoETuner's objective). In the home dataflow every layer's dispatch
 starts at the token's home GPU, so the mapping does not change traffic and stage 2 is skipped.
 
-Stage 3 (token-follow only): re-solve each layer with its GPUs labelled, rewarding an expert on the GPUs its
-tokens come from (layer l-1) and go to (layer l+1), starting from stage 2's answer under the same cap:
-MoETuner's fixed groups become free to follow the tokens. Even layers are refined in parallel against their
-odd neighbours, then odd layers against the refined even ones. With replicas, a copy serves the tokens that
-already sit on its GPU first (routing.py, rule 1), so its load depends on where layer l-1 leaves them: stage
-3 gives every copy a GPU-dependent load (`_follow_copy_load`), and a last pass in layer order re-solves any
+Stage 3 (token-follow only): with its two neighbours fixed, a layer's follow objective is a value per (expert,
+GPU): tokens that arrive on g from their top-1 expert of layer l-1 and want e, plus tokens of e that go on to
+experts of layer l+1 on g (`RoutingStats.follow_trans`: the top-1 counts, else trans / k). So each layer is
+re-solved as an assignment under the cap (assignment.py: min-cost flow with the cap priced in, repaired by
+swaps; CP-SAT on top in the last sweep where the layer is small), without stage 1's co-activation pairs,
+which outweighed the follow reward and kept stage 1's grouping. MoETuner's fixed groups become free to follow
+the tokens. Red-black sweeps: even layers in parallel against their odd neighbours, then odd layers against
+the refined even ones, `_FOLLOW_SWEEPS` times. With replicas, a copy serves the tokens that already sit on
+its GPU first (routing.py, rule 1), so its load depends on where layer l-1 leaves them: stage 3 gives every
+copy a GPU-dependent load (`_follow_copy_load`), and a last pass in layer order repairs (or re-solves) any
 layer whose copies break the cap behind its final predecessor.
 
 Replicas and balance: where tokens start from their home GPU (every layer in the home dataflow, layer 0 in
@@ -51,6 +55,7 @@ from multiprocessing import get_all_start_methods, get_context
 
 import numpy as np
 
+from .assignment import assign_under_cap, repair_cap
 from .cost import DATAFLOWS, CostParams
 from .cpsat_models import PartitionProblem, SolveReport, assign, partition
 from .eplb import eplb
@@ -68,6 +73,16 @@ _PAIR_UNITS = 100_000  # the heaviest co-activation pair (or reward) in a layer 
 # subproblems of ~0.01 s) they spent ~0.035 s wall each in presolve and never improved the local search's
 # answer, and the node-level model found no solution at all within ~0.05 s.
 _MIN_BUDGET = 0.05
+# Token-follow refinement: red-black sweeps over the layers (each layer against its neighbours' latest
+# placement; a third sweep took 256x58 on 32 GPUs from follow_cross 0.681 to 0.676, a fourth and fifth changed
+# nothing at 64x16), swap rounds that polish each priced assignment (50 gave the same plans as 5,000), the
+# share of the solver time CP-SAT gets in the last sweep, and the largest layer (experts x GPUs) on which it
+# runs: above it (256 x 32, 256 x 64) CP-SAT found no solution within 0.5 s, while the priced assignment
+# comes within a few percent of its bound.
+_FOLLOW_SWEEPS = 3
+_POLISH_ROUNDS = 50
+_FOLLOW_CPSAT_SHARE = 0.6
+_LINEAR_CPSAT_CELLS = 2048
 
 
 @dataclass(frozen=True)
@@ -173,9 +188,34 @@ def _lpt(pb: PartitionProblem) -> np.ndarray:
     return x
 
 
+def _group_mask(pb: PartitionProblem, hint: np.ndarray) -> np.ndarray | None:
+    """bool [n, P]: where each expert's copies may go so that a bound expert stays in the replica group
+    of its first copy in `hint` (None when no expert is bound)."""
+    bound = pb.bound_experts()
+    if not bound.any():
+        return None
+    group_of = pb.replica_group[np.argmax(hint > 0, axis=1)]
+    return ~bound[:, None] | (pb.replica_group[None, :] == group_of[:, None])
+
+
+def _linear_start(pb: PartitionProblem, hint: np.ndarray) -> np.ndarray | None:
+    """For a problem whose objective is a value per (expert, GPU) (rewards, no pairs: token-follow with
+    its neighbours fixed), the priced min-cost-flow assignment from `hint` (assignment.py), or None when it
+    finds nothing under the cap. Copies of a bound expert stay in the replica group the hint gives them, so
+    the answer keeps that rule too."""
+    return assign_under_cap(pb.reward, pb.copy_load(), pb.replicas, pb.slots, pb.cap, hint,
+                            _group_mask(pb, hint)).x
+
+
 def _heuristic(pb: PartitionProblem, hint: np.ndarray | None) -> np.ndarray | None:
     """Local search from the hint and from an affinity greedy (from LPT packing when neither keeps the
-    cap); the best result, or None when no start keeps the cap."""
+    cap); the best result, or None when no start keeps the cap. A linear objective (rewards, no pairs) is
+    solved as a priced assignment from the hint instead, then polished by swaps."""
+    linear = not len(pb.pairs) and pb.reward is not None and not pb.peak_weight and pb.max_per_part == 1
+    # The hint may break the cap (with replicas, a copy's load moves with its neighbour's placement).
+    x = _linear_start(pb, hint) if linear and hint is not None else None
+    if x is not None:
+        return improve_by_swaps(pb, x, max_rounds=_POLISH_ROUNDS)
     starts = [x for x in (hint, greedy_partition(pb)) if x is not None and pb.feasible(x)]
     if not starts:  # LPT packs tightest: the start of last resort when the others break the cap
         starts = [x for x in (_lpt(pb),) if pb.feasible(x)]
@@ -443,7 +483,9 @@ def ilp(
     # CP-SAT's deterministic time runs ~2x slower than the wall clock here, and the local search and
     # process start-up take their share: the solver gets a fifth of the wall budget, spread over stages.
     solver_time = 0.2 * options.time_limit * workers
-    stage1 = solver_time * (0.5 if follow else 1.0) / L
+    # In token-follow, stage 1 only gives stage 3 its start: measured on the synthetic traces, its CP-SAT
+    # budget changed the final follow_cross by under 0.001, so stage 3 gets most of the time.
+    stage1 = solver_time * (0.1 if follow else 1.0) / L
     node_penalty = int(round(topology.intra_node_gbps / topology.inter_node_gbps)) if N > 1 else 0
     decompose = options.decompose if options.decompose is not None else (N > 1 and G > 16)
 
@@ -467,35 +509,52 @@ def ilp(
     reports = [rep for r in results for rep in r.reports]
 
     if follow:
-        trans = stats.trans.astype(np.float64)
+        # Where tokens go between layers: from their top-1 expert's GPU (where they sit) to their next experts.
+        trans = stats.follow_trans()
         if previous is None:  # with a previous plan the GPU labels are already fixed by stage 1
-            xs, stage2 = _map_groups(xs, trans, topology, options.seed, solver_time * 0.2 / (L - 1))
+            xs, stage2 = _map_groups(xs, trans, topology, options.seed, solver_time * 0.1 / (L - 1))
             reports.extend(stage2)
         stage_s["stage2"] = time.perf_counter() - start_time - sum(stage_s.values())
-        # Stage 3, red-black: a layer's reward depends on its two neighbours only, so the even layers are
-        # refined in parallel against the odd ones, then the odd layers against the refined even ones.
-        # With replicas a copy's load depends on where layer l-1 leaves the tokens (`_follow_copy_load`), so
-        # a last pass, in layer order, re-solves every layer whose copies break the cap under its final
-        # predecessor (in layer order, each fix leaves the layers before it valid).
-        def refine_job(layer: int) -> _LayerJob:
+        # Stage 3 (module docstring): red-black sweeps of per-layer assignments against the neighbours, then
+        # a pass in layer order over layers whose copies break the cap behind their final predecessor (in
+        # layer order, each fix leaves the layers before it valid).
+        no_pairs = np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int64)
+        small = E * G <= _LINEAR_CPSAT_CELLS
+
+        def refine_job(layer: int, last: bool = True) -> _LayerJob:
             job = jobs[layer]
             reward = _follow_reward(xs, trans, layer, pair_scales[layer])
             if job.reward is not None:
                 reward = reward + job.reward
-            arrivals = trans[layer - 1].T @ _share(xs[layer - 1]) / stats.top_k if layer else None
-            return replace(job, start=xs[layer], reward=reward, arrivals=arrivals, budget=solver_time * 0.3 / L)
+            arrivals = trans[layer - 1].T @ _share(xs[layer - 1]) if layer else None
+            budget = solver_time * _FOLLOW_CPSAT_SHARE / L if small and last else 0.0
+            return replace(job, start=xs[layer], pairs=no_pairs[0], pair_weight=no_pairs[1], reward=reward,
+                           arrivals=arrivals, decompose=False, budget=budget)
 
-        for parity in (0, 1):
-            for refined in _run_layers([refine_job(layer) for layer in range(parity, L, 2)], workers, None):
-                reports.extend(refined.reports)
-                xs[refined.layer] = refined.x
+        for sweep in range(_FOLLOW_SWEEPS):
+            last = sweep == _FOLLOW_SWEEPS - 1
+            for parity in (0, 1):
+                batch = [refine_job(layer, last) for layer in range(parity, L, 2)]
+                for refined in _run_layers(batch, workers, None):
+                    reports.extend(refined.reports)
+                    xs[refined.layer] = refined.x
+        fix_repaired = fix_resolved = 0
         for layer in range(1, L):
             job = refine_job(layer)
-            if not _layer_problem(job).feasible(xs[layer]):
+            pb = _layer_problem(job)
+            if not pb.feasible(xs[layer]):
+                # Cheapest first: trade copies off the GPUs now over the cap; else re-solve the layer.
+                fixed = repair_cap(xs[layer], pb.reward, pb.copy_load(), pb.cap, _group_mask(pb, xs[layer]))
+                if fixed is not None and pb.feasible(fixed):
+                    xs[layer] = fixed
+                    fix_repaired += 1
+                    continue
                 refined = _solve_layer(job)
                 reports.extend(refined.reports)
                 xs[layer] = refined.x
+                fix_resolved += 1
         stage_s["stage3"] = time.perf_counter() - start_time - sum(stage_s.values())
+        stage_s["stage3_layers_repaired"], stage_s["stage3_layers_resolved"] = fix_repaired, fix_resolved
     phy2log = np.stack([np.concatenate([np.repeat(np.arange(E), x[:, g]) for g in range(G)]) for x in xs])
     statuses = {r.status for r in reports}
     solved = [r for r in reports if r.has_solution]

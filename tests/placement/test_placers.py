@@ -232,3 +232,29 @@ def test_home_dataflow_with_replicas_plans_no_balance_allowance(small_trace):
     assert (ours.max(1) <= theirs.max(1) * (1 + 1e-5)).all()  # no heavier GPU than EPLB's, layer by layer
     loose = place("ilp", stats, topo, 8, replace(QUICK, replica_balance_slack=0.01))
     assert evaluate(stats, loose, topo).coact_cut <= evaluate(stats, plan, topo).coact_cut
+
+
+def test_ilp_follow_aligns_layers_by_where_tokens_sit_their_top_1_expert():
+    # Two layers of 4 equally loaded experts on 2 GPUs. trans_top1[e, f]: tokens whose top-1 expert in
+    # layer 0 is e (so they sit on e's GPU) that want f in layer 1; trans adds the pairs of their other
+    # expert. Enumerated: the top-1 counts are best served by {0,1}|{2,3} in both layers (480 of 1,160
+    # local), while trans alone prefers {0,3}|{1,2} (which keeps only 360 local): planned from trans alone,
+    # the ILP misses the top-1 optimum.
+    top1 = np.array([[80, 60, 50, 20], [30, 0, 0, 0], [10, 80, 60, 90], [50, 60, 90, 70]])
+    other = np.array([[180, 150, 150, 270], [60, 240, 180, 0], [90, 240, 150, 0], [210, 210, 240, 30]])
+    counts = np.full((2, 4), 100)
+    coact = np.zeros((2, 4, 4), dtype=np.int64)
+    with_top1 = RoutingStats(counts, 2, 200, coact, (top1 + other)[None], trans_top1=top1[None])
+    without = RoutingStats(counts, 2, 200, coact, (top1 + other)[None])
+    options = replace(QUICK, dataflow="follow")
+
+    def groups(plan):
+        return [sorted(sorted(g) for g in plan.phy2log[layer].reshape(2, 2).tolist()) for layer in range(2)]
+
+    def local(plan):
+        gpu = [np.argmax(plan.replicas[layer], axis=1) for layer in range(2)]
+        return sum(top1[e, f] for e in range(4) for f in range(4) if gpu[0][e] == gpu[1][f])
+
+    plan = ilp(with_top1, Topology(2), 4, options)
+    assert groups(plan) == [[[0, 1], [2, 3]]] * 2 and local(plan) == 480
+    assert local(ilp(without, Topology(2), 4, options)) < 480
