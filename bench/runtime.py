@@ -308,7 +308,7 @@ def measure_variant(name: str, variant: str, args, rows: list, notes: list) -> N
         max_tokens = max([*prefill, *args.decode]) if exchange == "symm_mem" else 0
         group = EPGroup.create(ckpt, None, G, device=device, dtype="bfloat16" if device == "cuda" else "float32",
                                cpus_per_worker=1.0, step_timeout_s=600, collective_timeout_s=600,
-                               exchange=exchange, max_tokens=max_tokens)
+                               exchange=exchange, max_tokens=max_tokens, compiled_steps=True)
         notes.append(f"{name}: ours on {G} GPU(s) created in {time.perf_counter() - t0:.0f} s")
         try:
             for total in prefill:
@@ -420,7 +420,8 @@ def cmd_report(args) -> None:
         f"transformers' attention backends: {measured['settings'].get('hf_sdpa', 'default')} (cuDNN's SDPA "
         "builds a plan per new key length, ~50 ms per decode step; ours never uses it). "
         "`ours-local`: our model code in the measuring process, every expert local "
-        "(`expertmesh.workers.local`, no Ray); `ours-1gpu`: an EPGroup of one Ray actor; `ours-2gpu`: "
+        "(`expertmesh.workers.local`, no Ray); `ours-1gpu`: an EPGroup of one Ray actor, steps through a Ray "
+        "compiled graph (`compiled_steps=True`); `ours-2gpu`: "
         "sequences dealt round robin over 2 workers (data-parallel attention), experts split by the "
         "contiguous plan, NCCL all_to_all dispatch/combine; `ours-2gpu-symm`: the same with our NVLink "
         "exchange (Triton kernels writing into the peer's symmetric-memory buffers). `ours-2gpu / ours-1gpu` "

@@ -204,6 +204,10 @@ def test_compiled_steps_give_the_results_of_actor_calls(ray_cluster, tiny_models
             outs = group.step([[(9, [4, 4, 9])], [(8, [1])]])
             group.free([9, 8])
             results.append(([o.logits for o in outs], group.generate(prompts, 6)))
+            if compiled:  # calls that run the model outside `step` release the graph; the next step rebuilds it
+                group.apply_plan(group.plan)
+                assert group._graph is None
+                assert group.generate(prompts, 6, first_seq_id=20) == results[-1][1]
     (plain_logits, plain_tokens), (graph_logits, graph_tokens) = results
     assert graph_tokens == plain_tokens
     for a, b in zip(graph_logits, plain_logits, strict=True):
