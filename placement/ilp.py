@@ -217,8 +217,12 @@ def _heuristic(pb: PartitionProblem, hint: np.ndarray | None) -> np.ndarray | No
     if x is not None:
         return improve_by_swaps(pb, x, max_rounds=_POLISH_ROUNDS)
     starts = [x for x in (hint, greedy_partition(pb)) if x is not None and pb.feasible(x)]
-    if not starts:  # LPT packs tightest: the start of last resort when the others break the cap
-        starts = [x for x in (_lpt(pb),) if pb.feasible(x)]
+    if not starts:  # LPT packs tightest: the start of last resort when the others break the cap...
+        packed = _lpt(pb)
+        one_copy = pb.max_per_part == 1 or (pb.replicas == 1).all()  # (repair_cap moves single copies)
+        if not pb.feasible(packed) and one_copy:  # ...repaired by swaps where it still does
+            packed = repair_cap(packed, np.zeros(packed.shape), pb.copy_load(), pb.cap, _group_mask(pb, packed))
+        starts = [x for x in (packed,) if x is not None and pb.feasible(x)]
     return min((improve_by_swaps(pb, x) for x in starts), key=pb.objective, default=None)
 
 
@@ -286,6 +290,12 @@ def _decomposed(job: _LayerJob, whole: PartitionProblem) -> tuple[np.ndarray | N
     # alone, the loosest node cap that packs, tightening toward the starting plan's heaviest node (whose
     # replicas are known to pack), and at last keeping its node sets; then spend the solver budget once
     # per subproblem.
+    # The flat heuristic (local search over GPUs with the node penalty) competes with the decomposition: a
+    # node partition must still pack onto the node's GPUs under the cap, which the node model cannot see
+    # (an expert filling most of a GPU alone needs light GPU-mates), so it has to tighten the node cap or
+    # fall back to the start's node sets. At 256x58 on 32 GPUs / 4 nodes that cost 9 of 58 layers all of
+    # their internode gain and others half of it; the flat heuristic packs GPU by GPU (~0.25 s a layer).
+    flat = _heuristic(whole, job.start)
     for tighten in (1.0, 0.97, 0.93, 0.0, None):
         nodes_pb = node_problem(max(int(whole.cap * per_node * (tighten or 0)), start_node_peak))
         node_x = _heuristic(nodes_pb, node_hint) if tighten is not None else node_hint
@@ -293,7 +303,7 @@ def _decomposed(job: _LayerJob, whole: PartitionProblem) -> tuple[np.ndarray | N
         if packed is not None:
             break
     else:
-        return None, []
+        return flat, []
     reports = []
     solved, rep = _subproblem(nodes_pb, node_hint, job.seed, job.budget / 2, start=node_x)
     reports.extend(rep)
@@ -306,6 +316,8 @@ def _decomposed(job: _LayerJob, whole: PartitionProblem) -> tuple[np.ndarray | N
         sub_x, rep = _subproblem(pb, None, job.seed, job.budget / (2 * N), start=first)
         reports.extend(rep)
         x[np.ix_(members, gpus_of[n])] = sub_x if pb.feasible(sub_x) else first
+    if flat is not None and whole.objective(flat) < whole.objective(x):
+        return flat, reports
     return x, reports
 
 

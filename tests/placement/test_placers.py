@@ -258,3 +258,22 @@ def test_ilp_follow_aligns_layers_by_where_tokens_sit_their_top_1_expert():
     plan = ilp(with_top1, Topology(2), 4, options)
     assert groups(plan) == [[[0, 1], [2, 3]]] * 2 and local(plan) == 480
     assert local(ilp(without, Topology(2), 4, options)) < 480
+
+
+def test_decomposed_stage_one_is_never_worse_than_the_flat_heuristic(small_trace):
+    # A node partition must still pack onto its GPUs under the cap, which the node model cannot see; the
+    # flat heuristic (GPUs with the node penalty) competes, so decomposing never loses to it.
+    from expertmesh.placement import ilp as ilp_module
+
+    stats = stats_from_trace(small_trace)
+    topo = Topology(8, 2)
+    hint = place("eplb", stats, topo, 0)
+    for layer in range(stats.num_layers):
+        pairs, weight, _ = ilp_module._strong_pairs(stats.coact[layer], 8)
+        job = ilp_module._LayerJob(layer, stats.counts[layer].astype(float), hint.logcnt[layer], pairs, weight,
+                                   hint.replicas[layer], hint.replicas[layer], None, None, 2, 4, 0.01, 7, True,
+                                   0, 0.0)
+        whole = ilp_module._layer_problem(job)
+        x, _ = ilp_module._decomposed(job, whole)
+        flat = ilp_module._heuristic(whole, job.start)
+        assert whole.feasible(x) and whole.objective(x) <= whole.objective(flat)
