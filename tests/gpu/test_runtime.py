@@ -151,3 +151,21 @@ def test_decode_cuda_graphs_replay_the_eager_fixed_shape_step_bf16(checkpoint):
     assert got_tokens == want_tokens
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_compiled_steps_match_reference_then_replay_runs(cluster, checkpoint, ref, num_workers):
+    """Steps through a Ray compiled graph (opt-in) give the reference's greedy tokens on 1 and 2 GPUs, and
+    a routing replay afterwards (a plain actor call; the group releases the graph first) still answers.
+    A previous version hung on the device somewhere in this sequence (bench/results/runtime.notes.md)."""
+    if num_workers > NUM_GPUS:
+        pytest.skip(f"needs {num_workers} GPUs")
+    with EPGroup.create(checkpoint, None, num_workers, device="cuda", dtype="float32", compiled_steps=True,
+                        step_timeout_s=60) as group:
+        assert group.generate(PROMPTS, 8) == [greedy(ref, p, 8) for p in PROMPTS]
+        ids = np.zeros((5, 3, 2), dtype=np.int32)
+        ids[:, :, 1] = 1
+        outs = group.replay([[(100, [1, 2, 3, 4, 5])]] + [[] for _ in range(num_workers - 1)],
+                            [ids] + [np.zeros((0, 3, 2), np.int32)] * (num_workers - 1))
+        assert outs[0].num_tokens == 5
+        assert group.generate(PROMPTS[:1], 4, first_seq_id=50) == [greedy(ref, PROMPTS[0], 4)]
