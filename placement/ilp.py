@@ -137,6 +137,7 @@ class _LayerJob:
     node_penalty: int
     decompose: bool
     seed: int
+    flat_competes: bool  # the flat heuristic competes with the decomposition (see `_decomposed`)
     budget: float  # CP-SAT deterministic time for the layer
 
 
@@ -294,14 +295,17 @@ def _decomposed(job: _LayerJob, whole: PartitionProblem) -> tuple[np.ndarray | N
     # node partition must still pack onto the node's GPUs under the cap, which the node model cannot see
     # (an expert filling most of a GPU alone needs light GPU-mates), so it has to tighten the node cap or
     # fall back to the start's node sets. At 256x58 on 32 GPUs / 4 nodes that cost 9 of 58 layers all of
-    # their internode gain and others half of it; the flat heuristic packs GPU by GPU (~0.25 s a layer).
-    flat = _heuristic(whole, job.start)
+    # their internode gain and others half of it; the flat heuristic packs GPU by GPU (~0.25 s a layer at
+    # 32 GPUs, ~1 s at 64), so it runs once the node cap has had to tighten.
+    flat = None
     for tighten in (1.0, 0.97, 0.93, 0.0, None):
         nodes_pb = node_problem(max(int(whole.cap * per_node * (tighten or 0)), start_node_peak))
         node_x = _heuristic(nodes_pb, node_hint) if tighten is not None else node_hint
         packed = None if node_x is None else pack(node_x)
         if packed is not None:
             break
+        if flat is None and job.flat_competes:  # only where the node cap had to tighten (it costs ~1 s at 64 GPUs)
+            flat = _heuristic(whole, job.start)
     else:
         return flat, []
     reports = []
@@ -513,7 +517,8 @@ def ilp(
         jobs.append(_LayerJob(
             layer, counts[layer] / replicas[layer], replicas[layer], pairs, weight, hint.replicas[layer],
             hint.replicas[layer], migration_reward(layer, pair_scale, len(pairs) > 0), None, N, S,
-            slack(layer), node_penalty, decompose, options.seed, stage1,
+            # In token-follow stage 1 only starts stage 3, which re-solves every layer flat: no competitor there.
+            slack(layer), node_penalty, decompose, options.seed, not follow, stage1,
         ))
     results = _run_layers(jobs, workers, progress)
     stage_s = {"stage1": time.perf_counter() - start_time}
