@@ -7,7 +7,8 @@ and, on a GPU where the executor is capturable (bf16, one rank), captures that c
 and replays it: one launch per step. Elsewhere the same fixed-shape call runs eagerly.
 
     inputs  int64 [3, B]   token ids, cache positions, arena slots (padding: token 0, position 0, scratch slot)
-    outputs logits float32 [B, V], routed ids int64 [B, L_moe, k]; the first n rows are the step's
+    outputs final hidden states [B, H], routed ids int64 [B, L_moe, k]; the first n rows are the step's
+            (the logits of those n rows are computed after the replay, outside the graph)
 
 A graph bakes in the addresses of the cache arena, the weights and the expert shard. Graphs are dropped
 and captured again when the arena is reallocated (it grows by doubling) or the executor's `version`
@@ -48,7 +49,7 @@ class _Entry:
     inputs: torch.Tensor  # int64 [3, B] on the device
     host: torch.Tensor  # int64 [3, B], pinned on a GPU: the one copy per step
     graph: torch.cuda.CUDAGraph | None = None
-    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
     routed: torch.Tensor | None = None
 
 
@@ -93,8 +94,8 @@ class DecodeGraphs:
         host[2, n:] = self.model.arena.scratch_slot
         entry.inputs.copy_(entry.host, non_blocking=True)
         if not (self.capture and getattr(self.model.executor, "capturable", False)):
-            logits, routed = self.model.decode_forward(*entry.inputs)
-            return logits[:n], routed[:n]
+            hidden, routed = self.model.decode_forward(*entry.inputs)
+            return self.model.logits(hidden[:n]), routed[:n]
         if entry.graph is None:
             try:
                 self._record(entry)
@@ -105,7 +106,7 @@ class DecodeGraphs:
                 return self.run(tokens, positions, slots)
         entry.graph.replay()
         # The outputs live in the graph's pool and the next replay (of any size) may overwrite them.
-        return entry.logits[:n].clone(), entry.routed[:n].clone()
+        return self.model.logits(entry.hidden[:n]), entry.routed[:n].clone()
 
     def _record(self, entry: _Entry) -> None:
         model = self.model
@@ -118,6 +119,6 @@ class DecodeGraphs:
             self._pool = torch.cuda.graph_pool_handle()
         entry.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(entry.graph, pool=self._pool):
-            entry.logits, entry.routed = model.decode_forward(*entry.inputs)
+            entry.hidden, entry.routed = model.decode_forward(*entry.inputs)
         self.captures += 1
         log.debug("captured a decode graph for batch %d (%d so far)", entry.inputs.shape[1], self.captures)

@@ -338,7 +338,9 @@ class MoEModel:
             routed.append(ids)
         return x, torch.stack(routed, dim=1)  # every model has at least one MoE layer (ModelConfig checks)
 
-    def _logits(self, last: torch.Tensor) -> torch.Tensor:
+    @torch.inference_mode()
+    def logits(self, last: torch.Tensor) -> torch.Tensor:
+        """float32 [N, V] next-token logits of final hidden states [N, H]."""
         return F.linear(rms_norm(last, self.w.final_norm, self.cfg.rms_norm_eps), self.w.lm_head).float()
 
     @torch.inference_mode()
@@ -356,7 +358,7 @@ class MoEModel:
         cos, sin = self._rope(batch.positions)
         x, routed = self._layers(x, lambda layer, h: self._attention(layer, h, batch, cos, sin), override_ids)
         self.arena.commit(batch.seq_ids, batch.new_tokens)
-        return self._logits(x.index_select(0, batch.last_index)), routed
+        return self.logits(x.index_select(0, batch.last_index)), routed
 
     @torch.inference_mode()
     def decode_forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
@@ -365,7 +367,9 @@ class MoEModel:
         shape fixed by B and the arena's size, nothing read back to the host: what a CUDA graph captures.
 
         Padding rows point at the arena's scratch slot. Does not commit: the caller advances the lengths.
-        Returns (logits float32 [B, V], routed ids int64 [B, L_moe, k]).
+        Returns (final hidden states [B, H], routed ids int64 [B, L_moe, k]); `logits` maps the real rows'
+        states to logits outside the graph, whose outputs stay allocated per batch size ([B, V] float32
+        logits at every size up to 512 would hold ~10 GB for a 152k vocabulary).
         """
         S, C = self.arena.slots, self.arena.capacity
         x = self.w.embed.index_select(0, token_ids)
@@ -375,7 +379,7 @@ class MoEModel:
         mask = (torch.arange(C, device=self.device)[None, :] <= slot_pos[:, None])[:, None, None, :]
         x, routed = self._layers(
             x, lambda layer, h: self._decode_attention(layer, h, slots, positions, mask, cos, sin), None)
-        return self._logits(x), routed
+        return x, routed
 
     def step(self, inputs: Sequence[tuple[int, Sequence[int]]] | PackedTokens,
              override_ids: torch.Tensor | None = None) -> StepResult:
