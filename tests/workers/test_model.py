@@ -113,6 +113,11 @@ def test_fixed_shape_decode_matches_reference_with_padding_and_arena_growth(tiny
     # Growing (slots at step 4, capacity at step 9) dropped the shapes made before: only 5 rows -> 8 remain.
     assert sorted(model.decoder.entries) == [8]
     assert (model.arena.slots, model.arena.capacity) == (8, 32)
+    # A new shard or exchange (the executor's version) makes the recorded steps stale too.
+    before = model.decoder.entries[8]
+    model.executor.exchange = model.executor.exchange
+    run_step(model, [(s, [1]) for s in sorted(history)])
+    assert model.decoder.entries[8] is not before
 
 
 @pytest.mark.parametrize("family", FAMILIES)
