@@ -282,3 +282,15 @@ def test_decomposed_stage_one_falls_back_to_the_flat_heuristic_where_node_sets_d
         objective[competes] = whole.objective(x)
     assert objective[True] <= whole.objective(ilp_module._heuristic(whole, job.start))
     assert objective[True] < 0.8 * objective[False]
+
+
+def test_ilp_follow_reports_the_priced_assignments_bound(small_trace):
+    # Stage 3's layers are solved by the priced assignment where CP-SAT does not run (here: a budget below
+    # its minimum, so stage 2's three assignments would be the only reports); their Lagrangian bounds enter
+    # the plan's bound, which never exceeds its objective.
+    stats = stats_from_trace(small_trace)
+    plan = ilp(stats, Topology(8), 32, IlpOptions(dataflow="follow", time_limit=0.1, workers=1))
+    assert plan.solver["subproblems"] >= stats.num_layers  # one report per refined layer at least
+    assert plan.solver["bound"] <= plan.solver["objective"] + 1e-6
+    assert 0 <= plan.solver["gap"] < 0.5
+
