@@ -128,6 +128,40 @@ class WindowAccumulator:
                 _add(w.trans[layer], np.bincount(flat.ravel(), minlength=E * E))
         self._tokens += T
 
+    def add_dense(self, counts: np.ndarray, pairs: np.ndarray, trans: np.ndarray, tokens: int) -> None:
+        """Add counts a writer made elsewhere (e.g. on its GPU) in the plain E x E layout of this module.
+
+        counts [L, E]; pairs [L, E, E] where a token's slots i < j add one to (id_i, id_j), in the
+        router's order (folded here into the triangle; a diagonal cell is a token that chose one expert
+        twice); trans [L-1, E, E]; tokens = tokens counted. Raises ValueError naming the field for
+        anything else, and then adds nothing.
+        """
+        L, E = self.num_layers, self.num_experts
+        want = {"counts": (counts, (L, E)), "pairs": (pairs, (L, E, E)), "trans": (trans, (L - 1, E, E))}
+        arrays = {}
+        for name, (arr, shape) in want.items():
+            a = np.asarray(arr)
+            if a.shape != shape or not np.issubdtype(a.dtype, np.integer):
+                raise ValueError(f"{name}: expected an integer array of shape {list(shape)}, "
+                                 f"got {a.dtype} {list(a.shape)}")
+            if a.size and a.min() < 0:
+                raise ValueError(f"{name}: expected counts >= 0, found {a.min()}")
+            arrays[name] = a.astype(np.int64, copy=False)
+        if not isinstance(tokens, (int, np.integer)) or tokens < 0:
+            raise ValueError(f"tokens: expected an integer >= 0, got {tokens!r}")
+        upper, lower, diagonal = _fold_indices(E)
+        flat = arrays["pairs"].reshape(L, E * E)
+        doubled = np.flatnonzero(flat[:, diagonal].any(axis=1))
+        if doubled.size:
+            raise ValueError(f"pairs: a token selected the same expert twice in layer {int(doubled[0])}")
+        if self._tokens + int(tokens) > _NARROW_TOKENS and self._window.counts.dtype != np.int64:
+            self._widen()
+        w = self._window
+        _add(w.counts, arrays["counts"])
+        _add(w.coact, flat[:, upper] + flat[:, lower])
+        _add(w.trans, arrays["trans"].reshape(L - 1, E * E))
+        self._tokens += int(tokens)
+
     def _count_pairs(self, x: np.ndarray, into: np.ndarray) -> int | None:
         """Add a block's same-layer pairs (x: intp [L, k, T]) into `into` [L, P]; returns the first layer
         where a token chose one expert twice (then `into` is partly added: the caller drops it)."""

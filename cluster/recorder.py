@@ -176,6 +176,11 @@ class StatsRecorder:
         """Count one step: topk_ids int [T, L, k]. Local only; ValueError for malformed input."""
         self._acc.add(topk_ids)
 
+    def add_counts(self, counts: np.ndarray, pairs: np.ndarray, trans: np.ndarray, tokens: int) -> None:
+        """Add steps the caller counted itself (`WindowAccumulator.add_dense`'s layout): a GPU worker
+        counts on its device and hands over one window's arrays at flush, instead of ids every step."""
+        self._acc.add_dense(counts, pairs, trans, tokens)
+
     def flush(self, window: int | None = None) -> None:
         """Close the current window under id `window`, queue its delta for Redis; never raises for Redis."""
         if window is None:

@@ -4,6 +4,11 @@ The driver passes a picklable sink, e.g. `expertmesh.cluster.recorder.RedisStats
 `EPGroup.create`; every worker calls `sink.open(writer_id)` in its own process and hands each step's routed
 expert ids to the recorder it gets back. The recorder turns them into counts, same-layer co-activation and
 layer-to-layer transitions (DESIGN.md §3) and writes them when flushed.
+
+On a GPU, a recorder that also takes counts (`add_counts`) gets them from `DeviceCounts` instead: the
+worker counts each step where its ids already are (a few scatter-adds) and hands over one window's arrays
+at flush. Counting a 4096-token step of a 58-layer, 256-expert, top-8 model on the CPU costs ~60 ms (numpy
+bincount over ~21 M cells), more than the step itself.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+import torch
 
-__all__ = ["StatsSink", "StatsRecorder", "StepRecorder"]
+__all__ = ["StatsSink", "StatsRecorder", "StepRecorder", "DeviceCounts"]
 
 
 @runtime_checkable
@@ -34,6 +40,62 @@ class StatsSink(Protocol):
         ...
 
 
+class DeviceCounts:
+    """One window's routing counts, accumulated on the ids' device (int32; a window holds < 2^31 tokens).
+
+        counts [L, E]          tokens per expert and layer
+        pairs  [L, E, E]       slots i < j of a token add one to (id_i, id_j), in the router's order
+        trans  [L-1, E, E]     every expert of layer l times every expert of layer l + 1
+
+    the layout `add_counts` of a recorder takes (it folds pairs into its triangle and checks duplicates).
+    """
+
+    # Tokens per pass: bounds the transition index tensor (T x k^2 x (L-1) int64, 30 MB at top-8, 58 layers).
+    block = 1024
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, device: torch.device) -> None:
+        L, E = num_layers, num_experts
+        self.shape = (L, E, top_k)
+        self.counts = torch.zeros(L * E, dtype=torch.int32, device=device)
+        self.pairs = torch.zeros(L * E * E, dtype=torch.int32, device=device)
+        self.trans = torch.zeros(max(L - 1, 0) * E * E, dtype=torch.int32, device=device)
+        self.tokens = 0
+        first, second = torch.triu_indices(top_k, top_k, 1, device=device)
+        self._first, self._second = first, second
+        self._layer = torch.arange(L, device=device)[:, None, None]
+
+    def add(self, topk_ids: torch.Tensor) -> None:
+        """Count one step: int [T, L, k] ids on this counter's device (the router's: in range, checked
+        for duplicates when the window is folded)."""
+        L, E, k = self.shape
+        if topk_ids.dim() != 3 or tuple(topk_ids.shape[1:]) != (L, k):
+            raise ValueError(f"topk_ids: expected shape [T, {L}, {k}], got {list(topk_ids.shape)}")
+        for start in range(0, topk_ids.shape[0], self.block):
+            x = topk_ids[start : start + self.block].to(torch.int64).permute(1, 2, 0)  # [L, k, T]
+            rows = self._layer * E
+            _scatter_count(self.counts, (x + rows).reshape(-1))
+            _scatter_count(self.pairs, ((x[:, self._first] * E + x[:, self._second]) + rows * E).reshape(-1))
+            if L > 1:  # [L-1, k, k, T]: (expert of layer l) * E + (expert of layer l + 1), offset per layer
+                cells = x[:-1, :, None, :] * E + x[1:, None, :, :] + (self._layer[:-1, :, :, None] * E * E)
+                _scatter_count(self.trans, cells.reshape(-1))
+        self.tokens += int(topk_ids.shape[0])
+
+    def take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(counts, pairs, trans, tokens) on the host, and zeros behind them."""
+        L, E, _ = self.shape
+        host = [t.to("cpu", copy=True).numpy() for t in (self.counts, self.pairs, self.trans)]  # copies: zeroed next
+        out = (host[0].reshape(L, E), host[1].reshape(L, E, E), host[2].reshape(max(L - 1, 0), E, E), self.tokens)
+        for t in (self.counts, self.pairs, self.trans):
+            t.zero_()
+        self.tokens = 0
+        return out
+
+
+def _scatter_count(into: torch.Tensor, cells: torch.Tensor) -> None:
+    """into[c] += 1 for every c in cells (repeats add up; integer adds are exact in any order)."""
+    into.index_add_(0, cells, torch.ones(cells.shape, dtype=into.dtype, device=into.device))
+
+
 class StepRecorder:
     """A worker's side of recording: record every serving step, flush every `flush_every` steps.
 
@@ -41,7 +103,9 @@ class StepRecorder:
     one window carry the same id everywhere. A recorder with `close(timeout_s)` is closed at shutdown.
     """
 
-    def __init__(self, sink: StatsSink | None, writer_id: str, flush_every: int = 1) -> None:
+    def __init__(self, sink: StatsSink | None, writer_id: str, flush_every: int = 1,
+                 shape: tuple[int, int, int] | None = None, device: torch.device | None = None,
+                 device_counting: bool | None = None) -> None:
         if sink is not None and not isinstance(sink, StatsSink):
             raise TypeError(
                 f"sink: expected an object with open(writer_id) -> recorder, got {type(sink).__name__}"
@@ -51,24 +115,39 @@ class StepRecorder:
         self.recorder = None if sink is None else sink.open(writer_id)
         self.flush_every = flush_every
         self.steps = 0
+        # Given (layers, experts, top_k), count on `device` when the recorder takes counts. Default: on a GPU
+        # only; on the CPU numpy's bincount (the recorder's own counting) is ~10x faster than torch's
+        # index_add_ (56 vs 649 ms for a 4096-token step of 58 layers x 256 experts, top-8).
+        device = device or torch.device("cpu")
+        if device_counting is None:
+            device_counting = device.type == "cuda"
+        self.device_counts = None
+        if device_counting and self.recorder is not None and hasattr(self.recorder, "add_counts") and shape:
+            self.device_counts = DeviceCounts(*shape, device=device)
 
     @property
     def recording(self) -> bool:
         """False without a sink: `record` then only counts the step (callers may skip reading ids back)."""
         return self.recorder is not None
 
-    def record(self, topk_ids: np.ndarray | None) -> None:
-        """Count one step (every worker calls this every step, with or without tokens)."""
+    def record(self, topk_ids: torch.Tensor | None) -> None:
+        """Count one step (every worker calls this every step, with or without tokens): int [T, L, k]."""
         if self.recorder is not None and topk_ids is not None and topk_ids.shape[0]:
-            self.recorder.record(topk_ids)
+            if self.device_counts is not None:
+                self.device_counts.add(topk_ids)
+            else:
+                self.recorder.record(topk_ids.cpu().numpy().astype(np.int32))
         self.steps += 1
         if self.steps % self.flush_every == 0:
             self.flush()
 
     def flush(self) -> None:
         """Close the current window (a recorder ignores a window with nothing recorded)."""
-        if self.recorder is not None and self.steps:
-            self.recorder.flush((self.steps - 1) // self.flush_every)  # the window of the last step
+        if self.recorder is None or not self.steps:
+            return
+        if self.device_counts is not None and self.device_counts.tokens:
+            self.recorder.add_counts(*self.device_counts.take())
+        self.recorder.flush((self.steps - 1) // self.flush_every)  # the window of the last step
 
     def close(self, timeout_s: float = 10.0) -> None:
         self.flush()

@@ -148,7 +148,8 @@ class ExpertWorker:
         self._load_experts(spec.plan)
         self.model = MoEModel(self.cfg, weights, self.executor, self.dtype, self.device,
                               decode_graphs=spec.cuda_graphs and self.device.type == "cuda")
-        self.recorder = StepRecorder(spec.sink, f"{spec.run_id}/worker-{self.rank}", spec.flush_every)
+        self.recorder = StepRecorder(spec.sink, f"{spec.run_id}/worker-{self.rank}", spec.flush_every,
+                                     (self.cfg.num_moe_layers, self.cfg.num_experts, self.cfg.top_k), self.device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(spec.seed * 1009 + self.rank)
         return {**self.info(), "load_s": time.perf_counter() - start}
@@ -258,8 +259,7 @@ class ExpertWorker:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         if record:
-            self.recorder.record(result.routed.cpu().numpy().astype(np.int32) if self.recorder.recording
-                                 else None)
+            self.recorder.record(result.routed if self.recorder.recording else None)
         logits = result.logits.cpu().numpy() if return_logits else None
         return StepOutput(
             seq_ids=result.seq_ids,

@@ -160,3 +160,66 @@ def test_any_integer_dtype_counts_the_same(dtype):
     a.add(ids)
     b.add(ids.astype(dtype))
     assert_same(a.take().to_stats(), b.take().to_stats())
+
+
+@pytest.mark.parametrize("T,L,E,k", [(60, 3, 8, 2), (41, 1, 5, 1), (2100, 4, 16, 4), (1, 5, 3, 3)])
+def test_counts_made_on_a_device_fold_into_the_same_window(T, L, E, k, monkeypatch):
+    """A worker's DeviceCounts (torch; CPU here, the GPU in serving) handed over with add_dense give the
+    window WindowAccumulator.add counts from the same ids, token blocks included."""
+    import torch
+
+    from expertmesh.workers.recording import DeviceCounts
+
+    monkeypatch.setattr(DeviceCounts, "block", 1000)  # 2100 tokens: three blocks
+    rng = np.random.default_rng(T + 7 * E)
+    ids = random_ids(rng, T, L, E, k)
+    direct, dense = WindowAccumulator(L, E, k), WindowAccumulator(L, E, k)
+    device = DeviceCounts(L, E, k, torch.device("cpu"))
+    for start in range(0, T, 700):
+        direct.add(ids[start : start + 700])
+        device.add(torch.from_numpy(ids[start : start + 700]))
+    dense.add_dense(*device.take())
+    assert device.take()[3] == 0  # take() zeroes the counter
+    want, got = direct.take(), dense.take()
+    assert got.tokens == want.tokens == T
+    assert_same(got.to_stats(), want.to_stats())
+
+
+def test_dense_counts_are_refused_by_field_and_add_nothing():
+    L, E, k = 2, 4, 2
+    acc = WindowAccumulator(L, E, k)
+    counts, pairs, trans = np.zeros((L, E), np.int64), np.zeros((L, E, E), np.int64), np.zeros((L - 1, E, E))
+    with pytest.raises(ValueError, match=r"pairs: expected an integer array of shape \[2, 4, 4\]"):
+        acc.add_dense(counts, pairs[:1], trans.astype(np.int64), 1)
+    with pytest.raises(ValueError, match="trans: expected an integer array"):
+        acc.add_dense(counts, pairs, trans, 1)  # float
+    pairs[1, 3, 3] = 1
+    counts[0, 0] = 5
+    with pytest.raises(ValueError, match="same expert twice in layer 1"):
+        acc.add_dense(counts, pairs, trans.astype(np.int64), 1)
+    with pytest.raises(ValueError, match="counts: expected counts >= 0"):
+        acc.add_dense(-counts, np.zeros_like(pairs), trans.astype(np.int64), 1)
+    assert acc.tokens == 0 and not acc.take().counts.any()
+
+
+def test_a_worker_counting_on_its_device_writes_the_stats_of_its_ids(redis_url):
+    """StepRecorder with device counting (a GPU worker's path; forced on the CPU here): steps recorded as
+    torch ids, flushed every 2 steps and at close, reach Redis as stats_from_trace of those ids."""
+    import redis
+    import torch
+
+    from expertmesh.cluster.recorder import RedisStatsSink
+    from expertmesh.cluster.store import StatsStore
+    from expertmesh.workers.recording import StepRecorder
+
+    L, E, k = 3, 8, 2
+    ids = random_ids(np.random.default_rng(5), 90, L, E, k)
+    sink = RedisStatsSink(redis_url, "dev", L, E, k, run="r")
+    rec = StepRecorder(sink, "w0", flush_every=2, shape=(L, E, k), device=torch.device("cpu"),
+                       device_counting=True)
+    assert rec.device_counts is not None
+    for start in range(0, 90, 20):  # 5 steps: windows {0, 1}, {2, 3}, {4} (at close)
+        rec.record(torch.from_numpy(ids[start : start + 20]))
+    rec.close()
+    got = StatsStore(redis.Redis.from_url(redis_url), "dev", "r").snapshot()
+    assert_same(got, stats_from_trace(Trace(ids, np.zeros(90, np.int32), E)))
