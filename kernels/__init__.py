@@ -47,7 +47,9 @@ copy. `layout.send_counts` is available before sending.
 FP8: `quantize_fp8(x, tile=128)` -> (float8_e4m3fn [N, H], float32 scales [N, H/128]), DeepSeek-V3's
 1x128 format; `exchange(fp8=True)` dispatches FP8 and combines in the activation dtype (BF16).
 `swiglu_experts_fp8` runs `torch._scaled_grouped_mm` (rowwise) with `quantize_weights_fp8` weights; feed
-it groups padded to 16 rows (`build_expert_layout(..., align=16)`).
+it groups padded to 16 rows (`build_expert_layout(..., align=16)`). `scaled_grouped_mm_blockwise` takes the
+1x128 activations as dispatched and `quantize_weights_fp8_blockwise` weights (one scale per 128x128 block,
+DeepSeek-V3's training format) through our Triton kernel.
 
 Exchanges (one interface, `Exchange`):
 - `LocalExchange()`: one rank, no communication.
@@ -65,10 +67,13 @@ served here), weights float32 [N, k], counts int64 [G] (rows from each source), 
 from .exchange import AllToAllExchange, Exchange, LocalExchange, Received, Traffic
 from .expert_map import ExpertMap
 from .experts import (
+    FP8BlockWeights,
     FP8Weights,
     grouped_mm,
     quantize_weights_fp8,
+    quantize_weights_fp8_blockwise,
     scaled_grouped_mm,
+    scaled_grouped_mm_blockwise,
     swiglu_experts,
     swiglu_experts_fp8,
 )
@@ -86,6 +91,7 @@ __all__ = [
     "ExpertLayout",
     "ExpertMap",
     "ExpertsFn",
+    "FP8BlockWeights",
     "FP8Weights",
     "FP8_DTYPE",
     "FP8_MAX",
@@ -104,7 +110,9 @@ __all__ = [
     "permute_dequant",
     "quantize_fp8",
     "quantize_weights_fp8",
+    "quantize_weights_fp8_blockwise",
     "scaled_grouped_mm",
+    "scaled_grouped_mm_blockwise",
     "swiglu_experts",
     "swiglu_experts_fp8",
     "unpermute_combine",

@@ -12,6 +12,11 @@ and hold unspecified values). Weights are stored like `nn.Linear.weight`, output
 and a per-group loop of `torch.mm` elsewhere. The FP8 path quantises activations rowwise (one scale per
 row) and weights per output channel, and runs `torch._scaled_grouped_mm` on CUDA SM90+; elsewhere it
 dequantises and runs the loop in float32 (same numbers up to accumulation order).
+
+`scaled_grouped_mm_blockwise` takes DeepSeek-V3's finer format instead: activations with one scale per
+1 x 128 tile (what FP8 dispatch carries), weights with one per 128 x 128 block (`quantize_weights_fp8_blockwise`);
+its fast path is our Triton kernel (`_triton_grouped_fp8.py`), since torch's grouped FP8 GEMM takes only
+rowwise scales on SM90.
 """
 
 from __future__ import annotations
@@ -21,12 +26,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._backend import check_impl
+from ._backend import check_impl, use_triton
 from .fp8 import FP8_DTYPE, dequantize_fp8_reference, quantize_fp8
 
 __all__ = [
     "FP8Weights",
+    "FP8BlockWeights",
     "quantize_weights_fp8",
+    "quantize_weights_fp8_blockwise",
+    "scaled_grouped_mm_blockwise",
     "grouped_mm",
     "scaled_grouped_mm",
     "swiglu_experts",
@@ -49,6 +57,64 @@ def quantize_weights_fp8(w: torch.Tensor) -> FP8Weights:
     S, N, K = w.shape
     q, s = quantize_fp8(w.reshape(S * N, K), tile=None)
     return FP8Weights(q.view(S, N, K), s.view(S, N))
+
+
+WEIGHT_BLOCK = 128  # DeepSeek-V3's weight scale block (n and k); activations use 1 x 128 tiles
+
+
+@dataclass(frozen=True)
+class FP8BlockWeights:
+    """Expert weights in FP8, one scale per 128 x 128 block: w[s, n, k] ~= q[s, n, k] * scale[s, n//128, k//128]."""
+
+    q: torch.Tensor  # float8_e4m3fn [S, N, K]
+    scale: torch.Tensor  # float32 [S, N / 128, K / 128]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        full = self.scale.repeat_interleave(WEIGHT_BLOCK, 1).repeat_interleave(WEIGHT_BLOCK, 2)
+        return (self.q.float() * full).to(dtype)
+
+
+def quantize_weights_fp8_blockwise(w: torch.Tensor) -> FP8BlockWeights:
+    """FP8BlockWeights for w [S, N, K] (nn.Linear layout per expert); N and K multiples of 128."""
+    if w.dim() != 3 or w.shape[1] % WEIGHT_BLOCK or w.shape[2] % WEIGHT_BLOCK:
+        raise ValueError(f"w: expected shape [S, N, K] with N and K multiples of {WEIGHT_BLOCK}, "
+                         f"got {list(w.shape)}")
+    S, N, K = w.shape
+    nb, kb = N // WEIGHT_BLOCK, K // WEIGHT_BLOCK
+    blocks = w.reshape(S, nb, WEIGHT_BLOCK, kb, WEIGHT_BLOCK).permute(0, 1, 3, 2, 4)  # [S, nb, kb, 128, 128]
+    q, scale = quantize_fp8(blocks.reshape(S * nb * kb, WEIGHT_BLOCK * WEIGHT_BLOCK), tile=None)
+    q = q.view(S, nb, kb, WEIGHT_BLOCK, WEIGHT_BLOCK).permute(0, 1, 3, 2, 4).reshape(S, N, K)
+    return FP8BlockWeights(q.contiguous(), scale.view(S, nb, kb))
+
+
+def scaled_grouped_mm_blockwise(xq: torch.Tensor, x_scale: torch.Tensor, w: FP8BlockWeights,
+                                offsets: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+                                impl: str = "auto") -> torch.Tensor:
+    """[M, N] out_dtype: FP8 rows xq [M, K] with 1 x 128 scales x_scale [M, K/128] times block-scaled FP8
+    weights, per group (offsets int32 [S] group ends; rows past offsets[-1] are not computed)."""
+    _check_grouped(xq, w.q, offsets)
+    check_impl(impl)
+    M, K = xq.shape
+    S, N, _ = w.q.shape
+    if xq.dtype != FP8_DTYPE or w.q.dtype != FP8_DTYPE:
+        raise ValueError(f"xq, w.q: expected {FP8_DTYPE}, got {xq.dtype} and {w.q.dtype}")
+    if K % WEIGHT_BLOCK or N % WEIGHT_BLOCK:
+        raise ValueError(f"w.q: expected N and K multiples of {WEIGHT_BLOCK}, got {list(w.q.shape)}")
+    if tuple(x_scale.shape) != (M, K // WEIGHT_BLOCK):
+        raise ValueError(f"x_scale: expected float32 [{M}, {K // WEIGHT_BLOCK}] (1 x 128 tiles), "
+                         f"got {list(x_scale.shape)}")
+    if tuple(w.scale.shape) != (S, N // WEIGHT_BLOCK, K // WEIGHT_BLOCK):
+        raise ValueError(f"w.scale: expected float32 [{S}, {N // WEIGHT_BLOCK}, {K // WEIGHT_BLOCK}], "
+                         f"got {list(w.scale.shape)}")
+    if M == 0:
+        return torch.zeros((0, N), dtype=out_dtype, device=xq.device)
+    if use_triton(impl, xq, x_scale, w.q, w.scale, offsets):
+        from ._triton_grouped_fp8 import grouped_fp8_blockwise_triton
+
+        return grouped_fp8_blockwise_triton(xq.contiguous(), x_scale.contiguous().float(), w.q.contiguous(),
+                                            w.scale.contiguous().float(), offsets, out_dtype)
+    x = dequantize_fp8_reference(xq, x_scale, WEIGHT_BLOCK, torch.float32)
+    return grouped_mm_reference(x, w.dequantize(torch.float32), offsets).to(out_dtype)
 
 
 def _cuda_sm90(t: torch.Tensor) -> bool:

@@ -79,6 +79,12 @@ def test_fp8(N, H, tile):
     tc.check_fp8(DEV, N, H, tile)
 
 
+@pytest.mark.parametrize("counts,N,K", [([0, 5, 70, 1], 256, 256), ([300] * 16, 512, 1024),
+                                         ([0, 1, 2000, 129, 0, 64], 2048, 7168)])
+def test_grouped_fp8_blockwise(counts, N, K):
+    tc.check_grouped_fp8_blockwise(DEV, counts, N, K)
+
+
 @pytest.mark.parametrize("G,k,E,S,tokens,fp8,dtype", [
     (1, 2, 8, 10, [33], False, torch.float32),
     (2, 1, 8, 5, [33, 0], True, torch.float32),

@@ -35,6 +35,11 @@ def test_fp8(N, H, tile):
     tc.check_fp8("cpu", N, H, tile)
 
 
+@pytest.mark.parametrize("counts,N,K", [([0, 5, 70, 1], 256, 256), ([3], 128, 128), ([0, 0, 65], 128, 384)])
+def test_grouped_fp8_blockwise(counts, N, K):
+    tc.check_grouped_fp8_blockwise("cpu", counts, N, K)
+
+
 # The interpreter runs every program in Python (~50 ms each), so token counts stay small here; the GPU
 # tests run the same check at full size.
 @pytest.mark.parametrize("G,k,E,S,tokens,fp8", [

@@ -22,7 +22,9 @@ from expertmesh.kernels import (
     permute_dequant,
     quantize_fp8,
     quantize_weights_fp8,
+    quantize_weights_fp8_blockwise,
     scaled_grouped_mm,
+    scaled_grouped_mm_blockwise,
     swiglu_experts,
     swiglu_experts_fp8,
     unpermute_combine,
@@ -175,6 +177,32 @@ def test_scaled_grouped_mm_reference_scales():
     xq, xs = quantize_fp8(x, tile=None)
     out = scaled_grouped_mm(xq, xs[:, 0], quantize_weights_fp8(w), _offsets([1, 1]), torch.float32)
     assert out.tolist() == [[1.5], [12.0]]
+
+
+def test_blockwise_fp8_grouped_mm_matches_a_per_row_loop_and_checks_its_inputs():
+    """DeepSeek-V3's format (1 x 128 activation tiles, 128 x 128 weight blocks) at the dispatch point, against
+    a loop over rows and k-blocks that applies each block's two scales to its own partial product."""
+    gen = torch.Generator().manual_seed(3)
+    counts, N, K = [2, 0, 5], 256, 384
+    x = torch.randn(sum(counts), K, generator=gen) * torch.logspace(-2, 2, K)
+    w = torch.randn(len(counts), N, K, generator=gen)
+    xq, xs = quantize_fp8(x, 128)
+    wb = quantize_weights_fp8_blockwise(w)
+    out = scaled_grouped_mm_blockwise(xq, xs, wb, _offsets(counts), torch.float32)
+    group = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    want = torch.zeros(sum(counts), N)
+    for r in range(sum(counts)):
+        g = int(group[r])
+        for b in range(K // 128):
+            part = wb.q[g, :, b * 128:(b + 1) * 128].float() @ xq[r, b * 128:(b + 1) * 128].float()
+            want[r] += part * xs[r, b] * wb.scale[g, :, b].repeat_interleave(128)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    step = wb.scale.repeat_interleave(128, 1).repeat_interleave(128, 2) * 2.0 ** -9  # smallest E4M3 step
+    assert torch.all((wb.dequantize() - w).abs() <= w.abs() * 2.0 ** -4 * 1.001 + step)
+    with pytest.raises(ValueError, match="x_scale: expected float32 \\[7, 3\\]"):
+        scaled_grouped_mm_blockwise(xq, xs[:, :2], wb, _offsets(counts))
+    with pytest.raises(ValueError, match="multiples of 128"):
+        quantize_weights_fp8_blockwise(torch.zeros(1, 100, 128))
 
 
 def test_op_inputs_are_checked():

@@ -22,6 +22,8 @@ from expertmesh.kernels import (
     permute,
     permute_dequant,
     quantize_fp8,
+    quantize_weights_fp8_blockwise,
+    scaled_grouped_mm_blockwise,
     swiglu_experts,
     unpermute_combine,
 )
@@ -79,6 +81,27 @@ def check_fp8(device: str, N: int, H: int, tile: int | None) -> None:
         torch.testing.assert_close(permute_dequant(q, s, index, tile, torch.float32, impl="triton"),
                                    permute_dequant(q, s, index, tile, torch.float32, impl="torch"),
                                    rtol=0, atol=0)
+
+
+def check_grouped_fp8_blockwise(device: str, counts: list[int], N: int, K: int, extra_rows: int = 3) -> None:
+    """The Triton blockwise FP8 grouped GEMM against the dequantise-then-float32 reference: groups of the
+    given sizes (empty ones included), rows past the last group left alone, float32 and bf16 outputs."""
+    gen = torch.Generator().manual_seed(sum(counts) + N + K)
+    S, M = len(counts), sum(counts) + extra_rows
+    x = (torch.randn(M, K, generator=gen) * torch.logspace(-2, 2, K)[None, :]).to(device)
+    w = (torch.randn(S, N, K, generator=gen) * 0.05).to(device)
+    offsets = torch.tensor(np.cumsum(counts), dtype=torch.int32, device=device)
+    xq, xs = quantize_fp8(x, 128, impl="torch")
+    wb = quantize_weights_fp8_blockwise(w)
+    rows = sum(counts)
+    for out_dtype, rtol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
+        got = scaled_grouped_mm_blockwise(xq, xs, wb, offsets, out_dtype, impl="triton")[:rows].float()
+        want = scaled_grouped_mm_blockwise(xq, xs, wb, offsets, out_dtype, impl="torch")[:rows].float()
+        assert got.shape == (rows, N)
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
+    # The block format itself: dequantised weights within one E4M3 step of the originals.
+    step = wb.scale.repeat_interleave(128, 1).repeat_interleave(128, 2) * 2.0 ** -9  # smallest E4M3 step
+    assert torch.all((wb.dequantize() - w).abs() <= w.abs() * 2.0 ** -4 * 1.001 + step)
 
 
 def symm_loopback_moe(device: str, G: int, k: int, E: int, S: int, tokens: list[int], fp8: bool,
