@@ -333,7 +333,10 @@ class EPGroup:
                     raise ValueError(f"inputs: sequence {seq} brings no new token")
             # One array of every token of the worker (not one per sequence: a 256-sequence decode step
             # spent ~0.4 ms converting them one by one); its dtype says whether they all were integers.
-            flat = np.asarray(list(itertools.chain.from_iterable(tokens for _, tokens in batch)))
+            try:
+                flat = np.asarray(list(itertools.chain.from_iterable(tokens for _, tokens in batch)))
+            except (TypeError, ValueError):  # ragged nesting, tokens that are not a sequence
+                flat = np.zeros((1, 1), np.float32)
             bad = flat.size and (flat.ndim != 1 or not np.issubdtype(flat.dtype, np.integer)
                                  or flat.min() < 0 or flat.max() >= V)
             if bad:
@@ -349,7 +352,10 @@ class EPGroup:
     def _bad_sequence(batch: Sequence[tuple[int, Sequence[int]]], vocab: int) -> int:
         """The first sequence of `batch` whose token ids are not integers in [0, vocab)."""
         for seq, tokens in batch:
-            arr = np.asarray(tokens)
+            try:
+                arr = np.asarray(tokens)
+            except (TypeError, ValueError):
+                return int(seq)
             if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or (
                     arr.size and (arr.min() < 0 or arr.max() >= vocab)):
                 return int(seq)

@@ -259,6 +259,8 @@ def test_bad_plans_and_inputs_are_refused_with_the_field_named(ray_cluster, tiny
             group.step([[(5, [96])], []])
         with pytest.raises(ValueError, match=r"token ids of sequence 6 must be integers"):
             group.step([[(4, [1]), (6, [2.5])], []])
+        with pytest.raises(ValueError, match=r"token ids of sequence 7 must be integers"):
+            group.step([[(4, [1]), (7, [[1, 2], [3]])], []])
         with pytest.raises(ValueError, match="sampling: expected one SamplingParams, or one per input"):
             group.step([[(0, [3])], []], sampling=[[GREEDY, GREEDY], []])
         with pytest.raises(ValueError, match="one list per worker"):
