@@ -127,7 +127,7 @@ def writer_main(url, model, writer, windows, warmup, barrier, queue, shape, base
     status = rec.close()
     # Baseline: the same windows as raw int64 arrays, one HSET per delta (one round trip), same barrier.
     client = redis.Redis.from_url(url, socket_timeout=600)
-    acc = WindowAccumulator(layers, experts, top_k)
+    acc = WindowAccumulator(layers, experts, top_k, top1=False)
     base = []
     for w in range(baseline_windows):
         acc.add(variants[w % 2])
@@ -213,7 +213,7 @@ def main() -> None:
         # Encoded size and density of one writer window (what one flush sends), and the writer's CPU per
         # step (record) and per flush (encode) alone in this process: the writer cases below run them in
         # n processes at once, which on a small machine measures the sharing of its cores as well.
-        acc = WindowAccumulator(L, E, k)
+        acc = WindowAccumulator(L, E, k, top1=False)  # as a live writer records by default (RedisStatsSink.top1)
         steps = [synth_ids(s, tokens, L, E, k) for s in range(2)]
         _, record_t = timed(lambda: (acc.add(steps[0]), acc.take()), args.repeat)
         acc.add(steps[0])

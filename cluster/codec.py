@@ -5,7 +5,7 @@ Layout (little endian):
     header  "EMW1" | u8 version | u8 flags | u16 0 | u32 L | u32 E | u32 k | f64 tokens | u32 deltas
     array   u8 layout | u8 value bits | u8 index bytes | u8 value kind | u8 excess bytes | u64 cells | u64 nnz
             | u64 overflow | layout part | packed values | overflow cell indices | overflow excess
-            (counts, then coact and trans when flags has PAIRS)
+            (counts, then coact and trans when flags has PAIRS, then trans_top1 when it also has TOP1)
 
 Layouts of an array of `n` non-negative cells with `nnz` non-zeros:
 
@@ -63,18 +63,20 @@ __all__ = [
 ]
 
 MAGIC = b"EMW1"
-# 2 added the GROUPS layout. A reader decodes every version in READS and refuses any other by number.
-VERSION = 2
-READS = (1, 2)
+# 2 added the GROUPS layout, 3 the TOP1 flag (a fourth array, trans_top1). A reader decodes every version
+# in READS and refuses any other by number.
+VERSION = 3
+READS = (1, 2, 3)
 FLAG_PAIRS = 1
 FLAG_FLOAT = 2
+FLAG_TOP1 = 4
 _HEADER = struct.Struct("<4sBBHIIIdI")
 _ARRAY = struct.Struct("<BBBBBQQQ")
 DENSE, BITMAP, COO, GROUPS = 0, 1, 2, 3
 # GROUPS: cells in groups of 4 (one uint64 of four uint16 cells); a group is hot when a cell exceeds 15.
 _GROUP = 4
 _HOT_BITS = 0xFFF0_FFF0_FFF0_FFF0  # the bits above 15 of each of a group's four uint16 cells
-_LAYOUTS = {1: (DENSE, BITMAP, COO), 2: (DENSE, BITMAP, COO, GROUPS)}  # by format version
+_LAYOUTS = {1: (DENSE, BITMAP, COO), 2: (DENSE, BITMAP, COO, GROUPS), 3: (DENSE, BITMAP, COO, GROUPS)}  # by version
 KIND_UINT, KIND_FLOAT = 0, 1
 _WIDTHS = (4, 8, 16, 32, 64)
 # Container of each width. 64-bit values are int64: they come from int64 arrays, and adding uint64 to int64
@@ -314,12 +316,15 @@ def encode_window(window: WindowCounts, tokens: float | None = None) -> bytes:
     L, E = window.counts.shape
     is_float = np.issubdtype(window.counts.dtype, np.floating)
     flags = (FLAG_PAIRS if window.has_pairs else 0) | (FLAG_FLOAT if is_float else 0)
+    flags |= FLAG_TOP1 if window.has_top1 else 0
     tok = float(window.tokens if tokens is None else tokens)
     parts = [_HEADER.pack(MAGIC, VERSION, flags, 0, L, E, window.top_k, tok, window.deltas)]
     _encode_array(window.counts, parts)
     if window.has_pairs:
         _encode_array(window.coact, parts)
         _encode_array(window.trans, parts)
+        if window.has_top1:
+            _encode_array(window.trans_top1, parts)
     return b"".join(parts)
 
 
@@ -352,7 +357,7 @@ def value_bound(blob: bytes) -> int:
 
 def value_bounds(blob: bytes) -> list[int]:
     """Upper bounds on the values of each array of an encoded integer window (counts, then coact and
-    trans when it has pairs), from its array headers alone.
+    trans when it has pairs, then trans_top1 when it has it), from its array headers alone.
 
     Summing windows can then run each array in the narrowest accumulator its summed bounds fit (uint16 for
     the pair arrays of a few DeepSeek-V3 writer windows, whose counts need uint32), a quarter of int64's
@@ -362,7 +367,8 @@ def value_bounds(blob: bytes) -> list[int]:
     if h["flags"] & FLAG_FLOAT:
         raise CodecError("float window where integer counts are expected")
     offset, bounds = _HEADER.size, []
-    for _ in range(3 if h["flags"] & FLAG_PAIRS else 1):
+    pairs = bool(h["flags"] & FLAG_PAIRS)
+    for _ in range(1 + 2 * pairs + (pairs and bool(h["flags"] & FLAG_TOP1))):
         if offset + _ARRAY.size > len(blob):
             raise CodecError(f"window truncated at byte {offset}")
         layout, bits, ibytes, _, xbytes, n, nnz, n_over = _ARRAY.unpack_from(blob, offset)
@@ -391,7 +397,7 @@ def accumulator_for(bounds: Sequence[int], layers: int, experts: int, top_k: int
     def narrow(bound: int):
         return np.uint16 if bound < 2**16 else np.uint32 if bound < 2**32 else np.int64
 
-    counts, coact, trans = (list(bounds) + [bounds[0]] * 2)[:3]
+    counts, coact, trans, top1 = (list(bounds) + [bounds[0]] * 3)[:4]
     L, E = layers, experts
     return WindowCounts(
         np.zeros((L, E), narrow(counts)),
@@ -400,6 +406,7 @@ def accumulator_for(bounds: Sequence[int], layers: int, experts: int, top_k: int
         np.zeros((L, pair_count(E)), narrow(coact)),
         np.zeros((max(L - 1, 0), E * E), narrow(trans)),
         deltas=0,
+        trans_top1=np.zeros((max(L - 1, 0), E * E), narrow(top1)),
     )
 
 
@@ -529,8 +536,9 @@ def _add_groups(out: np.ndarray, take, n: int, n_hot: int, gap_bytes: int, vtype
     out[flat[inside]] += cells.reshape(-1)[inside]
 
 
-def add_window_into(acc: WindowCounts, blob: bytes) -> tuple[float, int, bool]:
-    """Add an encoded window into the accumulator `acc` (in place); returns (tokens, deltas, had pairs).
+def add_window_into(acc: WindowCounts, blob: bytes) -> tuple[float, int, bool, bool]:
+    """Add an encoded window into the accumulator `acc` (in place); returns (tokens, deltas, had pairs,
+    had trans_top1). A window without trans_top1 adds nothing to the accumulator's (the caller drops it).
 
     Refuses a window of another shape: the message names what is stored and what was expected.
     """
@@ -544,14 +552,18 @@ def add_window_into(acc: WindowCounts, blob: bytes) -> tuple[float, int, bool]:
     version = h["version"]
     offset = _decode_array_into(blob, _HEADER.size, acc.counts.reshape(-1), "counts", version)
     pairs = bool(h["flags"] & FLAG_PAIRS)
+    top1 = pairs and bool(h["flags"] & FLAG_TOP1)
     if not pairs or not acc.has_pairs:
         # Without pairs on both sides only counts merge (as RoutingStats.merge); the caller drops pairs.
-        return h["tokens"], h["deltas"], pairs
+        return h["tokens"], h["deltas"], pairs, top1
     offset = _decode_array_into(blob, offset, acc.coact.reshape(-1), "coact", version)
     offset = _decode_array_into(blob, offset, acc.trans.reshape(-1), "trans", version)
+    if top1:
+        into = acc.trans_top1 if acc.has_top1 else np.zeros_like(acc.trans)
+        offset = _decode_array_into(blob, offset, into.reshape(-1), "trans_top1", version)
     if offset != len(blob):
         raise CodecError(f"window has {len(blob) - offset} trailing bytes")
-    return h["tokens"], h["deltas"], pairs
+    return h["tokens"], h["deltas"], pairs, top1
 
 
 def decode_window(blob: bytes, num_layers: int, num_experts: int, top_k: int) -> WindowCounts:
@@ -568,25 +580,27 @@ def decode_window(blob: bytes, num_layers: int, num_experts: int, top_k: int) ->
             None if not pairs else np.zeros((num_layers, pair_count(num_experts))),
             None if not pairs else np.zeros((max(num_layers - 1, 0), num_experts * num_experts)),
             deltas=0,
+            trans_top1=None if not pairs else np.zeros((max(num_layers - 1, 0), num_experts * num_experts)),
         )
-    tokens, deltas, _ = add_window_into(acc, blob)
+    tokens, deltas, _, top1 = add_window_into(acc, blob)
     tok = tokens if is_float else int(tokens)
-    return WindowCounts(acc.counts, top_k, tok, acc.coact, acc.trans, deltas=deltas)
+    return WindowCounts(acc.counts, top_k, tok, acc.coact, acc.trans, deltas=deltas,
+                        trans_top1=acc.trans_top1 if top1 else None)
 
 
 def sum_windows(
     blobs: Sequence[bytes], layers: int, experts: int, top_k: int, threads: int | None = None
-) -> tuple[WindowCounts, list[tuple[float, int, bool]]]:
-    """The exact sum of encoded integer windows, and each one's (tokens, deltas, had pairs).
+) -> tuple[WindowCounts, list[tuple[float, int, bool, bool]]]:
+    """The exact sum of encoded integer windows, and each one's (tokens, deltas, had pairs, had trans_top1).
 
     Each array's accumulator is the narrowest unsigned type its summed value bounds fit (uint16 for the pair
     arrays of 16 DeepSeek-V3 writer windows, a quarter of int64's memory traffic). A large sum is split over
     threads, each adding a share of the windows into its own accumulator (numpy releases the GIL in its
     adds), and the shares are added at the end: decoding is most of a cold snapshot's time, and a reader
     has cores to spare.
-    Pair statistics of a window without them are not added (its `had pairs` says so).
+    Pair statistics of a window without them are not added (its `had pairs` says so), nor trans_top1.
     """
-    bounds = [0, 0, 0]
+    bounds = [0, 0, 0, 0]
     for i, blob in enumerate(blobs):
         try:
             for a, top in enumerate(value_bounds(blob)):
@@ -594,13 +608,13 @@ def sum_windows(
         except CodecError as exc:
             exc.index = i
             raise
-    cells = len(blobs) * (layers * experts + layers * pair_count(experts) + max(layers - 1, 0) * experts * experts)
+    cells = len(blobs) * (layers * experts + layers * pair_count(experts) + 2 * max(layers - 1, 0) * experts * experts)
     if threads is None:
         threads = min(len(blobs), os.cpu_count() or 1, 4) if cells >= _THREADED_CELLS else 1
     threads = max(1, min(threads, len(blobs)))
     shares = [range(len(blobs))[t::threads] for t in range(threads)]
 
-    def add_share(share: range) -> tuple[WindowCounts, list[tuple[int, tuple[float, int, bool]]]]:
+    def add_share(share: range) -> tuple[WindowCounts, list[tuple[int, tuple[float, int, bool, bool]]]]:
         acc = accumulator_for(bounds, layers, experts, top_k)
         info = []
         for i in share:
@@ -618,7 +632,7 @@ def sum_windows(
             parts = list(pool.map(add_share, shares))
     total = parts[0][0]
     for acc, _ in parts[1:]:  # exact: the bound above covers the whole sum
-        for name in ("counts", "coact", "trans"):
+        for name in ("counts", "coact", "trans", "trans_top1"):
             np.add(getattr(total, name), getattr(acc, name), out=getattr(total, name))
     info = dict(i_info for _, share_info in parts for i_info in share_info)
     return total, [info[i] for i in range(len(blobs))]

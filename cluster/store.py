@@ -396,11 +396,12 @@ class StatsStore:
         named = [(wid, name, blob) for wid, fields in fields_by_window for name, blob in fields.items()]
         with self._errors(action), _naming(self, [(wid, name) for wid, name, _ in named]):
             total, info = sum_windows([b for _, _, b in named], header.layers, header.experts, header.top_k)
-        tokens, deltas, pairs = 0, {wid: 0 for wid, _ in fields_by_window}, True
-        for (wid, _, _), (tok, n, had_pairs) in zip(named, info, strict=True):
+        tokens, deltas, pairs, top1 = 0, {wid: 0 for wid, _ in fields_by_window}, True, True
+        for (wid, _, _), (tok, n, had_pairs, had_top1) in zip(named, info, strict=True):
             tokens += int(tok)
             deltas[wid] += n
             pairs &= had_pairs
+            top1 &= had_top1
         window = WindowCounts(
             total.counts,
             header.top_k,
@@ -408,6 +409,7 @@ class StatsStore:
             total.coact if pairs else None,
             total.trans if pairs else None,
             deltas=sum(deltas.values()),
+            trans_top1=total.trans_top1 if pairs and top1 else None,
         )
         return window, deltas
 
@@ -474,7 +476,7 @@ class StatsStore:
         header, agg, found = self._read(-1, with_agg=True)
         L, E, k = header.layers, header.experts, header.top_k
         total = _float_zeros(L, E, k)
-        tokens, pairs = 0.0, True
+        tokens, pairs, top1 = 0.0, True, True
         with self._errors("read decayed aggregate"):
             for wid, fields in found:
                 win, _ = self._sum(header, [(wid, fields)], "read decayed aggregate")
@@ -482,14 +484,16 @@ class StatsStore:
                 _axpy(total, win, factor)
                 tokens += factor * win.tokens
                 pairs &= win.has_pairs
+                top1 &= win.has_top1
             if agg.get("blob"):
                 ref = int(_text(agg["ref"]))
                 part = _float_zeros(L, E, k)
-                tok, _, had = add_window_into(part, agg["blob"])
+                tok, _, had, had_top1 = add_window_into(part, agg["blob"])
                 factor = header.decay ** max(header.head - ref, 0)
                 _axpy(total, part, factor)
                 tokens += factor * tok
                 pairs &= had
+                top1 &= had_top1
         if not found and not agg.get("blob"):
             raise StatsStoreError(f"no windows under {self.where}")
         window = WindowCounts(
@@ -498,6 +502,7 @@ class StatsStore:
             int(round(tokens)),
             total.coact if pairs else None,
             total.trans if pairs else None,
+            trans_top1=total.trans_top1 if pairs and top1 else None,
         )
         stats = window.to_stats(
             {
@@ -565,10 +570,10 @@ class StatsStore:
             agg = {_text(n): v for n, v in self.client.hgetall(self.keys.agg).items()}
         ver = _text(agg.get("ver", b""))
         total = _float_zeros(L, E, k)
-        tokens, pairs, ref = 0.0, True, None
+        tokens, pairs, top1, ref = 0.0, True, True, None
         if agg.get("blob"):
             with self._errors("fold windows"):
-                tokens, _, pairs = add_window_into(total, agg["blob"])
+                tokens, _, pairs, top1 = add_window_into(total, agg["blob"])
             ref = int(_text(agg["ref"]))
         newest = max(wid for wid, _, _ in to_fold)
         new_ref = newest if ref is None else max(ref, newest)
@@ -582,8 +587,10 @@ class StatsStore:
             _axpy(total, win, factor)
             tokens += factor * win.tokens
             pairs &= win.has_pairs
+            top1 &= win.has_top1
         blob = encode_window(
-            WindowCounts(total.counts, k, 0, total.coact if pairs else None, total.trans if pairs else None, deltas=0),
+            WindowCounts(total.counts, k, 0, total.coact if pairs else None, total.trans if pairs else None, deltas=0,
+                         trans_top1=total.trans_top1 if pairs and top1 else None),
             tokens=tokens,
         )
         folded = int(_text(agg.get("folded", b"0"))) + len(to_fold)
@@ -649,8 +656,9 @@ def check_window_id(window_id: int) -> int:
 
 
 def _float_zeros(L: int, E: int, k: int) -> WindowCounts:
+    trans = (max(L - 1, 0), E * E)
     return WindowCounts(
-        np.zeros((L, E)), k, 0, np.zeros((L, pair_count(E))), np.zeros((max(L - 1, 0), E * E)), deltas=0
+        np.zeros((L, E)), k, 0, np.zeros((L, pair_count(E))), np.zeros(trans), deltas=0, trans_top1=np.zeros(trans)
     )
 
 
@@ -660,6 +668,8 @@ def _axpy(total: WindowCounts, win: WindowCounts, factor: float) -> None:
     if total.has_pairs and win.has_pairs:
         total.coact[:] += factor * win.coact
         total.trans[:] += factor * win.trans
+    if total.has_top1 and win.has_top1:
+        total.trans_top1[:] += factor * win.trans_top1
 
 
 def _scale(total: WindowCounts, factor: float) -> None:
@@ -667,6 +677,8 @@ def _scale(total: WindowCounts, factor: float) -> None:
     if total.has_pairs:
         total.coact[:] *= factor
         total.trans[:] *= factor
+    if total.has_top1:
+        total.trans_top1[:] *= factor
 
 
 class _SnapshotCache:
@@ -687,6 +699,7 @@ class _SnapshotCache:
         self.shape: tuple[int, int, int] | None = None
         self.tokens = 0
         self.no_pairs = 0  # included fields without pair statistics
+        self.no_top1 = 0  # included fields without trans_top1
 
     def update(
         self, store: StatsStore, header: StoreHeader, current: set, fetched: dict
@@ -707,6 +720,7 @@ class _SnapshotCache:
                 for key in sorted(new):
                     self._apply(store, key, blobs[key], sign=+1)
         pairs = self.no_pairs == 0
+        top1 = pairs and self.no_top1 == 0
         t = self.total
         # coact is not copied: the caller's to_stats expands it into a fresh [L, E, E] array anyway.
         result = WindowCounts(
@@ -716,6 +730,7 @@ class _SnapshotCache:
             t.coact if pairs else None,
             t.trans.copy() if pairs else None,
             deltas=sum(self.deltas.values()),
+            trans_top1=t.trans_top1.copy() if top1 else None,
         )
         deltas = dict(self.deltas)
         kept = {key: blobs[key] for key in current}
@@ -731,25 +746,30 @@ class _SnapshotCache:
             acc, info = sum_windows([blobs[key] for key in keys], *shape)
         self._reset()
         self.shape = shape
-        for key, (tokens, n_deltas, had_pairs) in zip(keys, info, strict=True):
+        for key, (tokens, n_deltas, had_pairs, had_top1) in zip(keys, info, strict=True):
             self.deltas[key] = n_deltas
             self.tokens += int(tokens)
             self.no_pairs += not had_pairs
+            self.no_top1 += not had_top1
         self.total = WindowCounts(
-            acc.counts.astype(np.int64), shape[2], 0, acc.coact.astype(np.int64), acc.trans.astype(np.int64)
+            acc.counts.astype(np.int64), shape[2], 0, acc.coact.astype(np.int64), acc.trans.astype(np.int64),
+            trans_top1=acc.trans_top1.astype(np.int64),
         )
 
     def _apply(self, store: StatsStore, key: tuple[int, str], blob: bytes, sign: int) -> None:
         with _naming(store, [key]):
             part = accumulator_for(value_bounds(blob), *self.shape)
-            tokens, n_deltas, had_pairs = add_window_into(part, blob)
+            tokens, n_deltas, had_pairs, had_top1 = add_window_into(part, blob)
         op = np.add if sign > 0 else np.subtract
         op(self.total.counts, part.counts, out=self.total.counts, casting="unsafe")
         if had_pairs:
             op(self.total.coact, part.coact, out=self.total.coact, casting="unsafe")
             op(self.total.trans, part.trans, out=self.total.trans, casting="unsafe")
+        if had_top1:
+            op(self.total.trans_top1, part.trans_top1, out=self.total.trans_top1, casting="unsafe")
         self.tokens += sign * int(tokens)
         self.no_pairs += sign * (not had_pairs)
+        self.no_top1 += sign * (not had_top1)
         if sign > 0:
             self.deltas[key] = n_deltas
         else:

@@ -3,6 +3,8 @@
     counts  int64 [L, E]             token-expert assignments per expert
     coact   int64 [L, P]             P = E (E - 1) / 2 same-layer pairs (a < b), row-major upper triangle
     trans   int64 [L-1, E * E]       layer l expert a -> layer l+1 expert b, flat index a * E + b
+    trans_top1 int64 [L-1, E * E]    the same, from a token's top-1 expert of layer l only (what the
+                                     token-follow dataflow moves); None where a writer did not record it
     tokens  int                      tokens counted
     deltas  int                      writer flushes summed into this window (1 for a single flush)
 
@@ -47,6 +49,7 @@ class WindowCounts:
     trans: np.ndarray | None = None  # int64 [L-1, E*E]
     deltas: int = 1
     meta: dict = field(default_factory=dict, compare=False)
+    trans_top1: np.ndarray | None = None  # int64 [L-1, E*E], only with pairs
 
     def __post_init__(self) -> None:
         counts = np.asarray(self.counts)
@@ -56,6 +59,9 @@ class WindowCounts:
         expect = {"coact": (L, pair_count(E)), "trans": (max(L - 1, 0), E * E)}
         if (self.coact is None) != (self.trans is None):
             raise ValueError("coact/trans: expected both or neither")
+        if self.trans_top1 is not None and self.coact is None:
+            raise ValueError("trans_top1: expected only with coact and trans")
+        expect["trans_top1"] = expect["trans"]
         for name, shape in expect.items():
             arr = getattr(self, name)
             if arr is not None and np.asarray(arr).shape != shape:
@@ -72,6 +78,10 @@ class WindowCounts:
     @property
     def has_pairs(self) -> bool:
         return self.coact is not None
+
+    @property
+    def has_top1(self) -> bool:
+        return self.trans_top1 is not None
 
     def __add__(self, other: WindowCounts) -> WindowCounts:
         if self.counts.shape != other.counts.shape or self.top_k != other.top_k:
@@ -92,6 +102,7 @@ class WindowCounts:
             plus(self.coact, other.coact) if both else None,
             plus(self.trans, other.trans) if both else None,
             self.deltas + other.deltas,
+            trans_top1=plus(self.trans_top1, other.trans_top1) if self.has_top1 and other.has_top1 else None,
         )
 
     @classmethod
@@ -104,18 +115,19 @@ class WindowCounts:
             np.zeros((L, pair_count(E)), dtype) if pairs else None,
             np.zeros((max(L - 1, 0), E * E), dtype) if pairs else None,
             deltas=0,
+            trans_top1=np.zeros((max(L - 1, 0), E * E), dtype) if pairs else None,
         )
 
     @classmethod
     def from_stats(cls, stats: RoutingStats) -> WindowCounts:
         """The window of an in-memory `RoutingStats`; refuses what the store cannot hold exactly."""
         L, E = stats.counts.shape
-        arrays = {"counts": stats.counts, "coact": stats.coact, "trans": stats.trans}
+        arrays = {"counts": stats.counts, "coact": stats.coact, "trans": stats.trans, "trans_top1": stats.trans_top1}
         for name, arr in arrays.items():
             integral = arr is None or np.issubdtype(np.asarray(arr).dtype, np.integer)
             if not integral and not np.array_equal(arr, np.round(arr)):
                 raise ValueError(f"{name}: expected integer counts, got non-integral values (decayed stats?)")
-        coact = trans = None
+        coact = trans = top1 = None
         if stats.has_pairs:
             full = np.asarray(stats.coact, dtype=np.int64)
             diag = np.einsum("lii->li", full)
@@ -128,7 +140,10 @@ class WindowCounts:
             a, b = triu_pairs(E)
             coact = full[:, a, b]
             trans = np.asarray(stats.trans, dtype=np.int64).reshape(max(L - 1, 0), E * E)
-        return cls(np.asarray(stats.counts, dtype=np.int64), stats.top_k, stats.tokens, coact, trans)
+            if stats.trans_top1 is not None:
+                top1 = np.asarray(stats.trans_top1, dtype=np.int64).reshape(max(L - 1, 0), E * E)
+        return cls(np.asarray(stats.counts, dtype=np.int64), stats.top_k, stats.tokens, coact, trans,
+                   trans_top1=top1)
 
     def to_stats(self, meta: dict | None = None) -> RoutingStats:
         """The `RoutingStats` of this window: same integers as `stats_from_trace` on the same tokens
@@ -136,7 +151,7 @@ class WindowCounts:
         L, E = self.counts.shape
         # Integers come out as int64 whatever the accumulator used; floats (decayed) stay float.
         wide = np.float64 if np.issubdtype(self.counts.dtype, np.floating) else np.int64
-        coact = trans = None
+        coact = trans = top1 = None
         if self.has_pairs:
             upper = np.triu(np.ones((E, E), bool), k=1)  # row-major order: the same as triu_pairs
             coact = np.zeros((L, E, E), wide)
@@ -145,5 +160,7 @@ class WindowCounts:
                 full[upper] = self.coact[layer]
                 full += full.T
             trans = np.asarray(self.trans, dtype=wide).reshape(max(L - 1, 0), E, E)
+            if self.has_top1:
+                top1 = np.asarray(self.trans_top1, dtype=wide).reshape(max(L - 1, 0), E, E)
         counts = np.asarray(self.counts, dtype=wide)
-        return RoutingStats(counts, self.top_k, self.tokens, coact, trans, dict(meta or {}))
+        return RoutingStats(counts, self.top_k, self.tokens, coact, trans, dict(meta or {}), top1)

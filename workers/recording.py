@@ -46,6 +46,7 @@ class DeviceCounts:
         counts [L, E]          tokens per expert and layer
         pairs  [L, E, E]       slots i < j of a token add one to (id_i, id_j), in the router's order
         trans  [L-1, E, E]     every expert of layer l times every expert of layer l + 1
+        trans_top1 [L-1, E, E] the same from slot 0 (the router's first choice) only
 
     the layout `add_counts` of a recorder takes (it folds pairs into its triangle and checks duplicates).
     """
@@ -59,6 +60,7 @@ class DeviceCounts:
         self.counts = torch.zeros(L * E, dtype=torch.int32, device=device)
         self.pairs = torch.zeros(L * E * E, dtype=torch.int32, device=device)
         self.trans = torch.zeros(max(L - 1, 0) * E * E, dtype=torch.int32, device=device)
+        self.trans_top1 = torch.zeros_like(self.trans)
         self.tokens = 0
         first, second = torch.triu_indices(top_k, top_k, 1, device=device)
         self._first, self._second = first, second
@@ -78,14 +80,19 @@ class DeviceCounts:
             if L > 1:  # [L-1, k, k, T]: (expert of layer l) * E + (expert of layer l + 1), offset per layer
                 cells = x[:-1, :, None, :] * E + x[1:, None, :, :] + (self._layer[:-1, :, :, None] * E * E)
                 _scatter_count(self.trans, cells.reshape(-1))
+                _scatter_count(self.trans_top1, cells[:, 0].reshape(-1))
         self.tokens += int(topk_ids.shape[0])
 
-    def take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """(counts, pairs, trans, tokens) on the host, and zeros behind them."""
+    def take(self) -> dict:
+        """{counts, pairs, trans, trans_top1, tokens} on the host (a recorder's `add_counts` keywords), and
+        zeros behind them."""
         L, E, _ = self.shape
-        host = [t.to("cpu", copy=True).numpy() for t in (self.counts, self.pairs, self.trans)]  # copies: zeroed next
-        out = (host[0].reshape(L, E), host[1].reshape(L, E, E), host[2].reshape(max(L - 1, 0), E, E), self.tokens)
-        for t in (self.counts, self.pairs, self.trans):
+        arrays = {"counts": self.counts, "pairs": self.pairs, "trans": self.trans, "trans_top1": self.trans_top1}
+        shapes = {"counts": (L, E), "pairs": (L, E, E), "trans": (max(L - 1, 0), E, E)}
+        out = {name: t.to("cpu", copy=True).numpy().reshape(shapes.get(name, shapes["trans"]))  # copies: zeroed next
+               for name, t in arrays.items()}
+        out["tokens"] = self.tokens
+        for t in arrays.values():
             t.zero_()
         self.tokens = 0
         return out
@@ -146,7 +153,7 @@ class StepRecorder:
         if self.recorder is None or not self.steps:
             return
         if self.device_counts is not None and self.device_counts.tokens:
-            self.recorder.add_counts(*self.device_counts.take())
+            self.recorder.add_counts(**self.device_counts.take())
         self.recorder.flush((self.steps - 1) // self.flush_every)  # the window of the last step
 
     def close(self, timeout_s: float = 10.0) -> None:

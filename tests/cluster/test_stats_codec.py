@@ -116,13 +116,19 @@ def test_sum_windows_is_the_exact_sum_on_any_number_of_threads(threads):
     L, E, k = 3, 8, 2
     windows = [window_with(L, E, k, 0.7, 9 + 5 * i, seed=i, hot=i % 2) for i in range(5)]
     windows[2] = WindowCounts(windows[2].counts, k, 7)  # a window without pair statistics
+    for i in (0, 1, 4):  # with trans_top1 (format 3); window 3 without (as a version-2 writer wrote)
+        w = windows[i]
+        windows[i] = WindowCounts(w.counts, k, w.tokens, w.coact, w.trans, w.deltas, trans_top1=w.trans // 2)
     total, info = sum_windows([encode_window(w) for w in windows], L, E, k, threads=threads)
     assert np.array_equal(total.counts, sum(w.counts for w in windows))
     with_pairs = [w for w in windows if w.has_pairs]
     assert np.array_equal(total.coact, sum(w.coact for w in with_pairs))
     assert np.array_equal(total.trans, sum(w.trans for w in with_pairs))
-    assert [had for _, _, had in info] == [True, True, False, True, True]
-    assert [int(tok) for tok, _, _ in info] == [123, 123, 7, 123, 123]
+    assert np.array_equal(total.trans_top1, sum(w.trans_top1 for w in windows if w.has_top1))
+    assert [(had, top1) for _, _, had, top1 in info] == [(True, True), (True, True), (False, False),
+                                                         (True, False), (True, True)]
+    assert [int(tok) for tok, _, _, _ in info] == [123, 123, 7, 123, 123]
+    assert np.array_equal(decode_window(encode_window(windows[0]), L, E, k).trans_top1, windows[0].trans_top1)
 
 
 def test_sum_windows_names_the_blob_it_could_not_read():

@@ -16,10 +16,10 @@ def random_ids(rng, T, L, E, k):
     return np.argsort(rng.random((T, L, E)), axis=2)[:, :, :k].astype(np.int32)
 
 
-def assert_same(a: RoutingStats, b: RoutingStats) -> None:
+def assert_same(a: RoutingStats, b: RoutingStats, names=("coact", "trans", "trans_top1")) -> None:
     assert a.tokens == b.tokens and a.top_k == b.top_k
     np.testing.assert_array_equal(a.counts, b.counts)
-    for name in ("coact", "trans"):
+    for name in names:
         x, y = getattr(a, name), getattr(b, name)
         assert (x is None) == (y is None), name
         if x is not None:
@@ -95,7 +95,8 @@ def test_router_order_of_the_k_experts_does_not_matter():
     a, b = WindowAccumulator(3, 9, 4), WindowAccumulator(3, 9, 4)
     a.add(np.sort(ids, axis=2))
     b.add(shuffled)
-    assert_same(a.take().to_stats(), b.take().to_stats())
+    # trans_top1 follows slot 0, so it does depend on the order; every other statistic does not.
+    assert_same(a.take().to_stats(), b.take().to_stats(), names=("coact", "trans"))
 
 
 @pytest.mark.parametrize(
@@ -178,8 +179,8 @@ def test_counts_made_on_a_device_fold_into_the_same_window(T, L, E, k, monkeypat
     for start in range(0, T, 700):
         direct.add(ids[start : start + 700])
         device.add(torch.from_numpy(ids[start : start + 700]))
-    dense.add_dense(*device.take())
-    assert device.take()[3] == 0  # take() zeroes the counter
+    dense.add_dense(**device.take())
+    assert device.take()["tokens"] == 0  # take() zeroes the counter
     want, got = direct.take(), dense.take()
     assert got.tokens == want.tokens == T
     assert_same(got.to_stats(), want.to_stats())
@@ -214,7 +215,7 @@ def test_a_worker_counting_on_its_device_writes_the_stats_of_its_ids(redis_url):
 
     L, E, k = 3, 8, 2
     ids = random_ids(np.random.default_rng(5), 90, L, E, k)
-    sink = RedisStatsSink(redis_url, "dev", L, E, k, run="r")
+    sink = RedisStatsSink(redis_url, "dev", L, E, k, run="r", top1=True)
     rec = StepRecorder(sink, "w0", flush_every=2, shape=(L, E, k), device=torch.device("cpu"),
                        device_counting=True)
     assert rec.device_counts is not None
@@ -223,3 +224,26 @@ def test_a_worker_counting_on_its_device_writes_the_stats_of_its_ids(redis_url):
     rec.close()
     got = StatsStore(redis.Redis.from_url(redis_url), "dev", "r").snapshot()
     assert_same(got, stats_from_trace(Trace(ids, np.zeros(90, np.int32), E)))
+
+
+def test_writers_record_trans_top1_only_when_asked(redis_url):
+    """trans_top1 costs a DeepSeek-V3-size window ~40% more bytes: live writers record it on request; a
+    window without it leaves the snapshot without it (token-follow plans then use trans / top_k)."""
+    import redis
+
+    from expertmesh.cluster.recorder import RedisStatsSink
+    from expertmesh.cluster.store import StatsStore
+
+    L, E, k = 3, 8, 2
+    ids = random_ids(np.random.default_rng(9), 30, L, E, k)
+    assert WindowAccumulator(L, E, k, top1=False).take().trans_top1 is None
+    want = stats_from_trace(Trace(ids, np.zeros(30, np.int32), E))
+    for run, top1 in (("plain", False), ("top1", True)):
+        with RedisStatsSink(redis_url, "m", L, E, k, run=run, top1=top1).open("w") as rec:
+            rec.record(ids)
+            rec.flush(0)
+        got = StatsStore(redis.Redis.from_url(redis_url), "m", run).snapshot()
+        assert_same(got, want, names=("coact", "trans"))
+        assert (got.trans_top1 is not None) == top1
+        if top1:
+            np.testing.assert_array_equal(got.trans_top1, want.trans_top1)

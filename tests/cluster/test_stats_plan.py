@@ -38,10 +38,12 @@ def pushed(redis_url, tmp_path):
     return path, f"{redis_url}?model=planned"
 
 
-@pytest.mark.parametrize("strategy", ["eplb", "ilp"])
-def test_plan_from_redis_equals_plan_from_trace(pushed, tmp_path, strategy):
+@pytest.mark.parametrize("strategy,dataflow", [("eplb", "home"), ("ilp", "home"), ("ilp", "follow")])
+def test_plan_from_redis_equals_plan_from_trace(pushed, tmp_path, strategy, dataflow):
+    """Token-follow plans read the top-1 transitions (trans_top1): Redis must hold them as the trace has them."""
     trace, url = pushed
-    common = ["--gpus", 4, "--strategy", strategy, "--redundant", 4, "--seed", 0, "--workers", 1, "--json"]
+    common = ["--gpus", 4, "--strategy", strategy, "--redundant", 4, "--seed", 0, "--workers", 1, "--json",
+              "--dataflow", dataflow]
     invoke("plan", trace, "--out", tmp_path / "a.json", *common)
     invoke("plan", "--stats", url, "--out", tmp_path / "b.json", *common)
     a, b = load_plan(tmp_path / "a.json"), load_plan(tmp_path / "b.json")
