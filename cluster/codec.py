@@ -318,7 +318,9 @@ def encode_window(window: WindowCounts, tokens: float | None = None) -> bytes:
     flags = (FLAG_PAIRS if window.has_pairs else 0) | (FLAG_FLOAT if is_float else 0)
     flags |= FLAG_TOP1 if window.has_top1 else 0
     tok = float(window.tokens if tokens is None else tokens)
-    parts = [_HEADER.pack(MAGIC, VERSION, flags, 0, L, E, window.top_k, tok, window.deltas)]
+    # Version 3 only where it adds something: a window without trans_top1 stays readable by version-2 readers.
+    version = VERSION if window.has_top1 else 2
+    parts = [_HEADER.pack(MAGIC, version, flags, 0, L, E, window.top_k, tok, window.deltas)]
     _encode_array(window.counts, parts)
     if window.has_pairs:
         _encode_array(window.coact, parts)

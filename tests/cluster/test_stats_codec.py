@@ -129,6 +129,8 @@ def test_sum_windows_is_the_exact_sum_on_any_number_of_threads(threads):
                                                          (True, False), (True, True)]
     assert [int(tok) for tok, _, _, _ in info] == [123, 123, 7, 123, 123]
     assert np.array_equal(decode_window(encode_window(windows[0]), L, E, k).trans_top1, windows[0].trans_top1)
+    # Format 3 only with trans_top1: the others stay readable by version-2 readers.
+    assert [encode_window(w)[4] for w in windows] == [3, 3, 2, 2, 3]
 
 
 def test_sum_windows_names_the_blob_it_could_not_read():
