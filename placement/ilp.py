@@ -26,6 +26,11 @@ the refined even ones, `_FOLLOW_SWEEPS` times. With replicas, a copy serves the 
 its GPU first (routing.py, rule 1), so its load depends on where layer l-1 leaves them: stage 3 gives every
 copy a GPU-dependent load (`_follow_copy_load`), and a last pass in layer order repairs (or re-solves) any
 layer whose copies break the cap behind its final predecessor.
+Sweeps settle in one of many local optima within ~1% of each other, so stage 3 restarts (`follow_starts`,
+by default by size and time limit): the first start is stage 2's plan, every further one kicks the best plan
+so far (random swaps of half of each layer's single-copy experts under the cap, seeded by (seed, start)) and
+sweeps again; the plan keeping the most tokens on their GPU between layers (`_follow_value`) wins, a later
+start only if strictly better and within the cap on every layer. The solver report covers the winner.
 
 Replicas and balance: where tokens start from their home GPU (every layer in the home dataflow, layer 0 in
 token-follow), rule 1 also makes a replica's load depend on where tokens are homed, which statistics do not
@@ -83,6 +88,16 @@ _FOLLOW_SWEEPS = 3
 _POLISH_ROUNDS = 50
 _FOLLOW_CPSAT_SHARE = 0.6
 _LINEAR_CPSAT_CELLS = 2048
+# Token-follow multi-start: every start after the first kicks the best plan so far by swapping this share of
+# each layer's single-copy experts in random pairs (under the cap), then runs stage 3's sweeps again (CP-SAT
+# included, as the first start: kicked starts swept without it rarely beat a first start swept with it).
+# `_auto_follow_starts` picks the number of starts from the instance's size and the time limit, not from
+# the clock, so plans stay deterministic under the seed: experts x GPUs x layers x starts at most
+# `_FOLLOW_START_CELLS` per 10 s of time limit (3 starts for 64x16 on 8 GPUs at 10 s, ~2.3 s each on 2 cores;
+# one at 16 GPUs and on the 256-expert shapes, whose single start already takes ~20-35 s).
+_KICK_SHARE = 0.5
+_FOLLOW_START_CELLS = 64 * 8 * 16 * 3
+_MAX_FOLLOW_STARTS = 4
 
 
 @dataclass(frozen=True)
@@ -105,6 +120,8 @@ class IlpOptions:
     # Stage 1 over nodes, then GPUs (True), or in one model over all GPUs with a node penalty (False).
     # None decides: decompose above 16 GPUs on several nodes. Forcing False measures the decomposition's loss.
     decompose: bool | None = None
+    # Token-follow stage 3 starts (None: by size, `_auto_follow_starts`); the first is stage 2's plan.
+    follow_starts: int | None = None
 
     def __post_init__(self) -> None:
         if self.dataflow not in DATAFLOWS:
@@ -116,6 +133,8 @@ class IlpOptions:
                 raise ValueError(f"{name}: expected a value in [0, 1), got {getattr(self, name)}")
         if self.workers < 0:
             raise ValueError(f"workers: expected >= 0, got {self.workers}")
+        if self.follow_starts is not None and self.follow_starts < 1:
+            raise ValueError(f"follow_starts: expected >= 1, got {self.follow_starts}")
         if self.pairs_per_expert < 1:
             raise ValueError(f"pairs_per_expert: expected >= 1, got {self.pairs_per_expert}")
 
@@ -470,6 +489,44 @@ def _follow_reward(xs: list[np.ndarray], trans: np.ndarray, layer: int, scale: f
     return np.round(reward * scale).astype(np.int64)
 
 
+def _follow_value(xs: list[np.ndarray], trans: np.ndarray) -> float:
+    """Tokens that stay on their GPU between consecutive layers (top-1 expert's GPU to a next expert's),
+    summed over the transitions: what stage 3 maximises, per layer its reward."""
+    return float(sum(np.sum(_share(xs[layer]) * (trans[layer] @ _share(xs[layer + 1])))
+                     for layer in range(len(xs) - 1)))
+
+
+def _auto_follow_starts(E: int, G: int, L: int, time_limit: float) -> int:
+    """Token-follow stage 3 starts by size and time limit (see `_FOLLOW_START_CELLS`)."""
+    return int(min(_MAX_FOLLOW_STARTS, max(1, _FOLLOW_START_CELLS * time_limit / 10 // (E * G * L))))
+
+
+def _kick(x: np.ndarray, pb: PartitionProblem, rng: np.random.Generator) -> np.ndarray:
+    """`x` with `_KICK_SHARE` of its single-copy experts swapped in random pairs across GPUs, each swap only
+    where both GPUs stay under the cap."""
+    x = x.copy()
+    w = pb.copy_load()
+    single = np.flatnonzero(x.sum(1) == 1)
+    gpu = np.argmax(x, axis=1)
+    loads = pb.part_loads(x).astype(np.float64)
+    swaps = int(np.ceil(_KICK_SHARE * len(single) / 2))
+    for _ in range(swaps):
+        if len(single) < 2:
+            break
+        e, f = rng.choice(single, 2, replace=False)
+        g, h = gpu[e], gpu[f]
+        if g == h:
+            continue
+        new_g = loads[g] - w[e, g] + w[f, g]
+        new_h = loads[h] - w[f, h] + w[e, h]
+        if new_g > pb.cap or new_h > pb.cap:
+            continue
+        x[e, g], x[e, h], x[f, h], x[f, g] = 0, 1, 0, 1
+        gpu[e], gpu[f] = h, g
+        loads[g], loads[h] = new_g, new_h
+    return x
+
+
 def ilp(
     stats: RoutingStats,
     topology: Topology,
@@ -553,7 +610,7 @@ def ilp(
         no_pairs = np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int64)
         small = E * G <= _LINEAR_CPSAT_CELLS
 
-        def refine_job(layer: int, last: bool = True) -> _LayerJob:
+        def refine_job(xs: list[np.ndarray], layer: int, last: bool = True) -> _LayerJob:
             job = jobs[layer]
             reward = _follow_reward(xs, trans, layer, pair_scales[layer])
             if job.reward is not None:
@@ -563,30 +620,60 @@ def ilp(
             return replace(job, start=xs[layer], pairs=no_pairs[0], pair_weight=no_pairs[1], reward=reward,
                            arrivals=arrivals, decompose=False, budget=budget)
 
-        for sweep in range(_FOLLOW_SWEEPS):
-            last = sweep == _FOLLOW_SWEEPS - 1
-            for parity in (0, 1):
-                batch = [refine_job(layer, last) for layer in range(parity, L, 2)]
-                for refined in _run_layers(batch, workers, None):
+        def refine(xs: list[np.ndarray]) -> tuple[list[np.ndarray], list[SolveReport], int, int]:
+            xs, reports = list(xs), []
+            for sweep in range(_FOLLOW_SWEEPS):
+                last = sweep == _FOLLOW_SWEEPS - 1
+                for parity in (0, 1):
+                    batch = [refine_job(xs, layer, last) for layer in range(parity, L, 2)]
+                    for refined in _run_layers(batch, workers, None):
+                        reports.extend(refined.reports)
+                        xs[refined.layer] = refined.x
+            repaired = resolved = 0
+            for layer in range(1, L):
+                job = refine_job(xs, layer)
+                pb = _layer_problem(job)
+                if not pb.feasible(xs[layer]):
+                    # Cheapest first: trade copies off the GPUs now over the cap; else re-solve the layer.
+                    fixed = repair_cap(xs[layer], pb.reward, pb.copy_load(), pb.cap, _group_mask(pb, xs[layer]))
+                    if fixed is not None and pb.feasible(fixed):
+                        xs[layer] = fixed
+                        repaired += 1
+                        continue
+                    refined = _solve_layer(job)
                     reports.extend(refined.reports)
-                    xs[refined.layer] = refined.x
-        fix_repaired = fix_resolved = 0
-        for layer in range(1, L):
-            job = refine_job(layer)
-            pb = _layer_problem(job)
-            if not pb.feasible(xs[layer]):
-                # Cheapest first: trade copies off the GPUs now over the cap; else re-solve the layer.
-                fixed = repair_cap(xs[layer], pb.reward, pb.copy_load(), pb.cap, _group_mask(pb, xs[layer]))
-                if fixed is not None and pb.feasible(fixed):
-                    xs[layer] = fixed
-                    fix_repaired += 1
-                    continue
-                refined = _solve_layer(job)
-                reports.extend(refined.reports)
-                xs[layer] = refined.x
-                fix_resolved += 1
+                    xs[layer] = refined.x
+                    resolved += 1
+            return xs, reports, repaired, resolved
+
+        def keeps_cap(xs: list[np.ndarray]) -> bool:
+            return all(_layer_problem(refine_job(xs, layer)).feasible(xs[layer]) for layer in range(L))
+
+        # Multi-start (iterated local search): the first start is stage 2's plan; every further start kicks
+        # the best plan so far (random swaps in every layer, seeded by (seed, start)) and sweeps again. The
+        # plan with the most tokens staying on their GPU between layers wins; a later start must beat it
+        # strictly and keep the cap on every layer.
+        xs, stage3, fix_repaired, fix_resolved = refine(xs)
+        best_value = _follow_value(xs, trans)
+        start_values, best_start = [best_value], 0
+        starts = options.follow_starts
+        if starts is None:
+            starts = _auto_follow_starts(E, G, L, options.time_limit)
+        if previous is not None:  # other starts would move experts the migration term pins: one start
+            starts = 1
+        for index in range(1, starts):
+            rng = np.random.default_rng([options.seed, index])
+            kicked = [_kick(x, _layer_problem(refine_job(xs, layer)), rng) for layer, x in enumerate(xs)]
+            candidate, candidate_reports, repaired, resolved = refine(kicked)
+            value = _follow_value(candidate, trans)
+            start_values.append(value)
+            if value > best_value + 1e-9 * abs(best_value) and keeps_cap(candidate):
+                xs, stage3, best_value, best_start = candidate, candidate_reports, value, index
+                fix_repaired, fix_resolved = repaired, resolved
+        reports.extend(stage3)
         stage_s["stage3"] = time.perf_counter() - start_time - sum(stage_s.values())
         stage_s["stage3_layers_repaired"], stage_s["stage3_layers_resolved"] = fix_repaired, fix_resolved
+        follow_starts = {"starts": starts, "values": start_values, "best": best_start}
     phy2log = np.stack([np.concatenate([np.repeat(np.arange(E), x[:, g]) for g in range(G)]) for x in xs])
     statuses = {r.status for r in reports}
     solved = [r for r in reports if r.has_solution]
@@ -609,6 +696,8 @@ def ilp(
         "workers": workers,
         "stage_s": stage_s,
     }
+    if follow:
+        solver["follow_starts"] = follow_starts
     return Placement(
         phy2log, G, N, E, "ilp", solver=solver,
         options={"dataflow": options.dataflow, "seed": options.seed, "time_limit": options.time_limit,
