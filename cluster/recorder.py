@@ -179,6 +179,11 @@ class StatsRecorder:
         """Count one step: topk_ids int [T, L, k]. Local only; ValueError for malformed input."""
         self._acc.add(topk_ids)
 
+    @property
+    def top1(self) -> bool:
+        """Whether windows carry trans_top1 (`RedisStatsSink.top1`): a caller counting itself may skip it."""
+        return self.sink.top1
+
     def add_counts(self, counts: np.ndarray, pairs: np.ndarray, trans: np.ndarray, tokens: int,
                    trans_top1: np.ndarray | None = None) -> None:
         """Add steps the caller counted itself (`WindowAccumulator.add_dense`'s layout): a GPU worker

@@ -54,13 +54,14 @@ class DeviceCounts:
     # Tokens per pass: bounds the transition index tensor (T x k^2 x (L-1) int64, 30 MB at top-8, 58 layers).
     block = 1024
 
-    def __init__(self, num_layers: int, num_experts: int, top_k: int, device: torch.device) -> None:
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, device: torch.device,
+                 top1: bool = True) -> None:
         L, E = num_layers, num_experts
         self.shape = (L, E, top_k)
         self.counts = torch.zeros(L * E, dtype=torch.int32, device=device)
         self.pairs = torch.zeros(L * E * E, dtype=torch.int32, device=device)
         self.trans = torch.zeros(max(L - 1, 0) * E * E, dtype=torch.int32, device=device)
-        self.trans_top1 = torch.zeros_like(self.trans)
+        self.trans_top1 = torch.zeros_like(self.trans) if top1 else None  # None: not counted, not handed over
         self.tokens = 0
         first, second = torch.triu_indices(top_k, top_k, 1, device=device)
         self._first, self._second = first, second
@@ -80,14 +81,17 @@ class DeviceCounts:
             if L > 1:  # [L-1, k, k, T]: (expert of layer l) * E + (expert of layer l + 1), offset per layer
                 cells = x[:-1, :, None, :] * E + x[1:, None, :, :] + (self._layer[:-1, :, :, None] * E * E)
                 _scatter_count(self.trans, cells.reshape(-1))
-                _scatter_count(self.trans_top1, cells[:, 0].reshape(-1))
+                if self.trans_top1 is not None:
+                    _scatter_count(self.trans_top1, cells[:, 0].reshape(-1))
         self.tokens += int(topk_ids.shape[0])
 
     def take(self) -> dict:
-        """{counts, pairs, trans, trans_top1, tokens} on the host (a recorder's `add_counts` keywords), and
-        zeros behind them."""
+        """{counts, pairs, trans, tokens}, and trans_top1 when counted, on the host (a recorder's
+        `add_counts` keywords), and zeros behind them."""
         L, E, _ = self.shape
-        arrays = {"counts": self.counts, "pairs": self.pairs, "trans": self.trans, "trans_top1": self.trans_top1}
+        arrays = {"counts": self.counts, "pairs": self.pairs, "trans": self.trans}
+        if self.trans_top1 is not None:
+            arrays["trans_top1"] = self.trans_top1
         shapes = {"counts": (L, E), "pairs": (L, E, E), "trans": (max(L - 1, 0), E, E)}
         out = {name: t.to("cpu", copy=True).numpy().reshape(shapes.get(name, shapes["trans"]))  # copies: zeroed next
                for name, t in arrays.items()}
@@ -130,7 +134,8 @@ class StepRecorder:
             device_counting = device.type == "cuda"
         self.device_counts = None
         if device_counting and self.recorder is not None and hasattr(self.recorder, "add_counts") and shape:
-            self.device_counts = DeviceCounts(*shape, device=device)
+            # Skip the top-1 transitions where the recorder would drop them (RedisStatsSink.top1 off).
+            self.device_counts = DeviceCounts(*shape, device=device, top1=getattr(self.recorder, "top1", True))
 
     @property
     def recording(self) -> bool:

@@ -203,9 +203,11 @@ def test_dense_counts_are_refused_by_field_and_add_nothing():
     assert acc.tokens == 0 and not acc.take().counts.any()
 
 
-def test_a_worker_counting_on_its_device_writes_the_stats_of_its_ids(redis_url):
+@pytest.mark.parametrize("top1", [False, True])
+def test_a_worker_counting_on_its_device_writes_the_stats_of_its_ids(redis_url, top1):
     """StepRecorder with device counting (a GPU worker's path; forced on the CPU here): steps recorded as
-    torch ids, flushed every 2 steps and at close, reach Redis as stats_from_trace of those ids."""
+    torch ids, flushed every 2 steps and at close, reach Redis as stats_from_trace of those ids; the top-1
+    transitions are counted only where the sink keeps them."""
     import redis
     import torch
 
@@ -215,15 +217,17 @@ def test_a_worker_counting_on_its_device_writes_the_stats_of_its_ids(redis_url):
 
     L, E, k = 3, 8, 2
     ids = random_ids(np.random.default_rng(5), 90, L, E, k)
-    sink = RedisStatsSink(redis_url, "dev", L, E, k, run="r", top1=True)
+    sink = RedisStatsSink(redis_url, "dev", L, E, k, run=f"r{int(top1)}", top1=top1)
     rec = StepRecorder(sink, "w0", flush_every=2, shape=(L, E, k), device=torch.device("cpu"),
                        device_counting=True)
-    assert rec.device_counts is not None
+    assert rec.device_counts is not None and (rec.device_counts.trans_top1 is not None) == top1
     for start in range(0, 90, 20):  # 5 steps: windows {0, 1}, {2, 3}, {4} (at close)
         rec.record(torch.from_numpy(ids[start : start + 20]))
     rec.close()
-    got = StatsStore(redis.Redis.from_url(redis_url), "dev", "r").snapshot()
-    assert_same(got, stats_from_trace(Trace(ids, np.zeros(90, np.int32), E)))
+    got = StatsStore(redis.Redis.from_url(redis_url), "dev", f"r{int(top1)}").snapshot()
+    want = stats_from_trace(Trace(ids, np.zeros(90, np.int32), E))
+    assert_same(got, want, names=("coact", "trans", "trans_top1") if top1 else ("coact", "trans"))
+    assert (got.trans_top1 is not None) == top1
 
 
 def test_writers_record_trans_top1_only_when_asked(redis_url):
