@@ -225,14 +225,22 @@ class EPGroup:
         raise StepTimeout(f"{what}: workers {stuck} did not answer within {timeout_s:.0f} s; the group was torn down")
 
     def _failed(self, what: str, rank: int, err: Exception) -> NoReturn:
-        """Tear down after worker `rank` died or raised; a bad-input error keeps its own type and message."""
+        """Tear down after worker `rank` died or raised; a bad-input error keeps its own type and message.
+
+        A worker's collective fails as soon as a peer's process is gone, often before Ray reports the
+        death, so a worker that raised anything but bad input is blamed only when no peer is dead.
+        """
+        cause = _cause(err)
+        if not isinstance(err, RayActorError) and not isinstance(cause, (ValueError, KeyError, TypeError)):
+            dead = self._dead_ranks()
+            if dead:
+                rank, err = dead[0]
         if isinstance(err, RayActorError):
             self._teardown(f"worker {rank} died during {what}")
             raise WorkerFailure(
                 f"{what}: worker {rank} died ({type(err).__name__}); the group was torn down, "
                 f"create a new one with EPGroup.create"
             ) from err
-        cause = _cause(err)
         self._teardown(f"worker {rank} failed during {what}")
         if isinstance(cause, (ValueError, KeyError, TypeError)):
             raise cause from err  # bad input: the worker's own error names the field
@@ -267,12 +275,35 @@ class EPGroup:
             self._failed(what, self._rank_of(err), err)
 
     def _rank_of(self, err: Exception) -> int:
-        """The rank of the worker an error came from (-1 when Ray does not say)."""
+        """The rank of the worker an error came from, by actor id or process id (-1 when Ray says neither)."""
         actor_id = getattr(err, "actor_id", None)
         for rank, actor in enumerate(self._actors):
             if actor_id is not None and actor._actor_id.hex() == str(actor_id):
                 return rank
-        return -1
+        pid = getattr(err, "pid", None)
+        pids = self.pids()
+        return pids.index(pid) if pid in pids else -1
+
+    def _dead_ranks(self, timeout_s: float = 5.0) -> list[tuple[int, RayActorError]]:
+        """The workers found dead by a ping within `timeout_s`, each with Ray's error (first found first).
+
+        A worker busy inside a compiled graph's loop does not answer, which is not death; the wait ends
+        at the first dead worker found.
+        """
+        pings = [actor.__ray_ready__.remote() for actor in self._actors]
+        deadline = time.monotonic() + timeout_s
+        pending, dead = list(pings), []
+        while pending and not dead:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
+            if not ready:
+                break
+            try:
+                ray.get(ready[0], timeout=0)
+            except RayActorError as err:
+                dead.append((pings.index(ready[0]), err))
+            except Exception:  # noqa: BLE001 - anything else is not death
+                pass
+        return dead
 
     def _release_graph(self) -> None:
         graph, self._graph = self._graph, None
