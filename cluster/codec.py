@@ -3,6 +3,7 @@
 Layout (little endian):
 
     header  "EMW1" | u8 version | u8 flags | u16 0 | u32 L | u32 E | u32 k | f64 tokens | u32 deltas
+            [ | u32 first layer | u32 share layers ]   (version 4, when flags has SHARE: a layer share)
     array   u8 layout | u8 value bits | u8 index bytes | u8 value kind | u8 excess bytes | u64 cells | u64 nnz
             | u64 overflow | layout part | packed values | overflow cell indices | overflow excess
             (counts, then coact and trans when flags has PAIRS, then trans_top1 when it also has TOP1)
@@ -33,7 +34,10 @@ encoding; GROUPS finds hot groups with one 64-bit test per four uint16 cells and
 and its gap-coded group list is smaller than version 1's cell list (3.46 vs 3.62 MB a writer window).
 Float arrays (the decayed aggregate) use DENSE, BITMAP or COO with f8 values. The header names the shape and
 the version, so a window of another model, of a format this reader does not know, or bytes that are not
-ours, are refused before any arithmetic; this reader reads versions 1 and 2.
+ours, are refused before any arithmetic; this reader reads versions 1 to 4.
+
+A layer share (version 4, `window.WindowCounts`) names the model's L in the header, then its own first layer
+and layer count; its arrays have the share's rows and add into those rows of a whole window's accumulator.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .window import WindowCounts, pair_count
+from .window import WindowCounts, pair_count, transition_rows
 
 __all__ = [
     "encode_window",
@@ -63,20 +67,23 @@ __all__ = [
 ]
 
 MAGIC = b"EMW1"
-# 2 added the GROUPS layout, 3 the TOP1 flag (a fourth array, trans_top1). A reader decodes every version
-# in READS and refuses any other by number.
-VERSION = 3
-READS = (1, 2, 3)
+# 2 added the GROUPS layout, 3 the TOP1 flag (a fourth array, trans_top1), 4 the SHARE flag (a layer share).
+# A writer writes the lowest version that holds its window; a reader decodes every version in READS and
+# refuses any other by number.
+VERSION = 4
+READS = (1, 2, 3, 4)
 FLAG_PAIRS = 1
 FLAG_FLOAT = 2
 FLAG_TOP1 = 4
+FLAG_SHARE = 8
 _HEADER = struct.Struct("<4sBBHIIIdI")
+_SHARE = struct.Struct("<II")
 _ARRAY = struct.Struct("<BBBBBQQQ")
 DENSE, BITMAP, COO, GROUPS = 0, 1, 2, 3
 # GROUPS: cells in groups of 4 (one uint64 of four uint16 cells); a group is hot when a cell exceeds 15.
 _GROUP = 4
 _HOT_BITS = 0xFFF0_FFF0_FFF0_FFF0  # the bits above 15 of each of a group's four uint16 cells
-_LAYOUTS = {1: (DENSE, BITMAP, COO), 2: (DENSE, BITMAP, COO, GROUPS), 3: (DENSE, BITMAP, COO, GROUPS)}  # by version
+_LAYOUTS = {1: (DENSE, BITMAP, COO), **dict.fromkeys((2, 3, 4), (DENSE, BITMAP, COO, GROUPS))}  # by version
 KIND_UINT, KIND_FLOAT = 0, 1
 _WIDTHS = (4, 8, 16, 32, 64)
 # Container of each width. 64-bit values are int64: they come from int64 arrays, and adding uint64 to int64
@@ -313,14 +320,18 @@ def _encode_array(arr: np.ndarray, parts: list[bytes]) -> None:
 
 def encode_window(window: WindowCounts, tokens: float | None = None) -> bytes:
     """bytes: the window in the layout above (float arrays allowed: the decayed aggregate)."""
-    L, E = window.counts.shape
+    n, E = window.counts.shape
     is_float = np.issubdtype(window.counts.dtype, np.floating)
     flags = (FLAG_PAIRS if window.has_pairs else 0) | (FLAG_FLOAT if is_float else 0)
     flags |= FLAG_TOP1 if window.has_top1 else 0
+    flags |= FLAG_SHARE if window.is_share else 0
     tok = float(window.tokens if tokens is None else tokens)
-    # Version 3 only where it adds something: a window without trans_top1 stays readable by version-2 readers.
-    version = VERSION if window.has_top1 else 2
-    parts = [_HEADER.pack(MAGIC, version, flags, 0, L, E, window.top_k, tok, window.deltas)]
+    # The lowest version that holds the window: a whole window without trans_top1 stays readable by
+    # version-2 readers.
+    version = 4 if window.is_share else 3 if window.has_top1 else 2
+    parts = [_HEADER.pack(MAGIC, version, flags, 0, window.total_layers, E, window.top_k, tok, window.deltas)]
+    if window.is_share:
+        parts.append(_SHARE.pack(window.first_layer, n))
     _encode_array(window.counts, parts)
     if window.has_pairs:
         _encode_array(window.coact, parts)
@@ -341,6 +352,14 @@ def encoded_header(blob: bytes) -> dict:
         raise CodecError(
             f"window format version {version}, this expertmesh reads versions {', '.join(map(str, READS))}"
         )
+    first, n, size = 0, L, _HEADER.size
+    if flags & FLAG_SHARE:
+        if version < 4 or len(blob) < size + _SHARE.size:
+            raise CodecError(f"layer share flag in a version {version} window of {len(blob)} bytes")
+        first, n = _SHARE.unpack_from(blob, size)
+        size += _SHARE.size
+        if first + n > L:
+            raise CodecError(f"layer share [{first}, {first + n}) outside the window's {L} layers")
     return {
         "version": version,
         "flags": flags,
@@ -349,6 +368,9 @@ def encoded_header(blob: bytes) -> dict:
         "top_k": k,
         "tokens": tokens,
         "deltas": deltas,
+        "first_layer": first,
+        "share_layers": n,
+        "size": size,  # of the header: the first array starts here
     }
 
 
@@ -368,7 +390,7 @@ def value_bounds(blob: bytes) -> list[int]:
     h = encoded_header(blob)
     if h["flags"] & FLAG_FLOAT:
         raise CodecError("float window where integer counts are expected")
-    offset, bounds = _HEADER.size, []
+    offset, bounds = h["size"], []
     pairs = bool(h["flags"] & FLAG_PAIRS)
     for _ in range(1 + 2 * pairs + (pairs and bool(h["flags"] & FLAG_TOP1))):
         if offset + _ARRAY.size > len(blob):
@@ -540,33 +562,39 @@ def _add_groups(out: np.ndarray, take, n: int, n_hot: int, gap_bytes: int, vtype
 
 
 def add_window_into(acc: WindowCounts, blob: bytes) -> tuple[float, int, bool, bool]:
-    """Add an encoded window into the accumulator `acc` (in place); returns (tokens, deltas, had pairs,
-    had trans_top1). A window without trans_top1 adds nothing to the accumulator's (the caller drops it).
+    """Add an encoded window into the accumulator `acc` (in place; a whole window's, also for a layer
+    share, which adds into its own rows); returns (tokens, deltas, had pairs, had trans_top1). A share's
+    tokens count only where it holds layer 0 (every share of a group window counts the same tokens). A
+    window without trans_top1 adds nothing to the accumulator's (the caller drops it).
 
     Refuses a window of another shape: the message names what is stored and what was expected.
     """
     h = encoded_header(blob)
     L, E = acc.counts.shape
-    if (h["layers"], h["experts"], h["top_k"]) != (L, E, acc.top_k):
+    if (h["layers"], h["experts"], h["top_k"]) != (L, E, acc.top_k) or acc.is_share:
         raise CodecError(
             f"window shape layers={h['layers']} experts={h['experts']} top_k={h['top_k']}, "
             f"expected layers={L} experts={E} top_k={acc.top_k}"
         )
-    version = h["version"]
-    offset = _decode_array_into(blob, _HEADER.size, acc.counts.reshape(-1), "counts", version)
+    version, first, n = h["version"], h["first_layer"], h["share_layers"]
+    rows = slice(first, first + n)
+    moves = slice(first, first + transition_rows(first, n, L))
+    # Rows of a C-contiguous [L, X] array are contiguous: each share adds into a flat view.
+    offset = _decode_array_into(blob, h["size"], acc.counts[rows].reshape(-1), "counts", version)
     pairs = bool(h["flags"] & FLAG_PAIRS)
     top1 = pairs and bool(h["flags"] & FLAG_TOP1)
+    tokens = h["tokens"] if first == 0 else 0.0
     if not pairs or not acc.has_pairs:
         # Without pairs on both sides only counts merge (as RoutingStats.merge); the caller drops pairs.
-        return h["tokens"], h["deltas"], pairs, top1
-    offset = _decode_array_into(blob, offset, acc.coact.reshape(-1), "coact", version)
-    offset = _decode_array_into(blob, offset, acc.trans.reshape(-1), "trans", version)
+        return tokens, h["deltas"], pairs, top1
+    offset = _decode_array_into(blob, offset, acc.coact[rows].reshape(-1), "coact", version)
+    offset = _decode_array_into(blob, offset, acc.trans[moves].reshape(-1), "trans", version)
     if top1:
-        into = acc.trans_top1 if acc.has_top1 else np.zeros_like(acc.trans)
+        into = acc.trans_top1[moves] if acc.has_top1 else np.zeros_like(acc.trans[moves])
         offset = _decode_array_into(blob, offset, into.reshape(-1), "trans_top1", version)
     if offset != len(blob):
         raise CodecError(f"window has {len(blob) - offset} trailing bytes")
-    return h["tokens"], h["deltas"], pairs, top1
+    return tokens, h["deltas"], pairs, top1
 
 
 def decode_window(blob: bytes, num_layers: int, num_experts: int, top_k: int) -> WindowCounts:

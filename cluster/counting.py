@@ -68,21 +68,31 @@ def _duplicate(ids: np.ndarray, layer: int) -> ValueError:
 class WindowAccumulator:
     """Counts of the current window of one writer (not thread-safe: one writer, one thread)."""
 
-    def __init__(self, num_layers: int, num_experts: int, top_k: int, top1: bool = True) -> None:
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, top1: bool = True,
+                 layers: tuple[int, int] | None = None) -> None:
         """top1: also count trans_top1 (the top-1 expert's transitions, what token-follow plans read). A
-        DeepSeek-V3-size window then encodes ~40% larger and ~15 ms slower; live writers opt in."""
+        DeepSeek-V3-size window then encodes ~40% larger and ~15 ms slower; live writers opt in.
+        layers: count only the share [first, stop) of the model's layers (`window.layer_shares`); steps
+        still bring every layer's ids (the transitions of a share's last layer read the next one's)."""
         if num_layers < 1 or num_experts < 1 or not 1 <= top_k <= num_experts:
             raise ValueError(
                 f"shape: expected layers >= 1, experts >= 1, 1 <= top_k <= experts; "
                 f"got layers={num_layers}, experts={num_experts}, top_k={top_k}"
             )
+        first, stop = (0, num_layers) if layers is None else layers
+        if not 0 <= first < stop <= num_layers:
+            raise ValueError(f"layers: expected a share [first, stop) with 0 <= first < stop <= {num_layers}, "
+                             f"got {layers}")
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.first, self.stop = first, stop
         self.top1 = top1
         self._slots = np.triu_indices(top_k, 1)  # slot pairs i < j of one token's k choices
         self._reset()
 
     def _reset(self) -> None:
-        self._window = WindowCounts.zeros(self.num_layers, self.num_experts, self.top_k, dtype=np.uint16)
+        share = self.stop - self.first
+        self._window = WindowCounts.zeros(share, self.num_experts, self.top_k, dtype=np.uint16,
+                                          first_layer=self.first, model_layers=self.num_layers)
         self._tokens = 0
         self._no_top1 = False  # some steps came without trans_top1: the window carries none
 
@@ -90,7 +100,7 @@ class WindowAccumulator:
         w = self._window
         self._window = WindowCounts(
             w.counts.astype(np.int64), w.top_k, 0, w.coact.astype(np.int64), w.trans.astype(np.int64), deltas=0,
-            trans_top1=w.trans_top1.astype(np.int64),
+            trans_top1=w.trans_top1.astype(np.int64), first_layer=w.first_layer, model_layers=w.model_layers,
         )
 
     @property
@@ -102,32 +112,36 @@ class WindowAccumulator:
 
         Raises ValueError for malformed input, and then counts nothing of the step.
         """
-        L, E, k = self.num_layers, self.num_experts, self.top_k
-        ids = check_topk_ids(topk_ids, L, E, k)
+        E, k = self.num_experts, self.top_k
+        ids = check_topk_ids(topk_ids, self.num_layers, E, k)
         T = ids.shape[0]
         if T == 0:
             return
+        # The share's layers, and the next one where its last layer's transitions lead.
+        n = self.stop - self.first
+        moves = self._window.trans.shape[0]
+        span = slice(self.first, self.first + max(n, moves + 1))
         starts = range(0, T, _TOKEN_BLOCK)
         # Pairs first, for every block: they find duplicates, and nothing is added to the window before
         # the whole step is known to be valid.
-        pairs = np.zeros((L, pair_count(E)), np.uint16 if T <= _NARROW_TOKENS else np.int64)
+        pairs = np.zeros((n, pair_count(E)), np.uint16 if T <= _NARROW_TOKENS else np.int64)
         x = None
         for t in starts:
-            x = _layer_major(ids[t : t + _TOKEN_BLOCK])
+            x = _layer_major(ids[t : t + _TOKEN_BLOCK, span])
             bad = self._count_pairs(x, pairs)
             if bad is not None:
-                raise _duplicate(ids, bad)
+                raise _duplicate(ids, self.first + bad)
         if self._tokens + T > _NARROW_TOKENS and self._window.counts.dtype != np.int64:
             self._widen()
         w = self._window
         _add(w.coact, pairs)
-        layer_rows = (np.arange(L) * E)[:, None, None]
+        layer_rows = (np.arange(n) * E)[:, None, None]
         for t in starts:
             if len(starts) > 1:  # one block (the usual step) reuses its layout from the pair pass
-                x = _layer_major(ids[t : t + _TOKEN_BLOCK])
-            _add(w.counts.reshape(-1), np.bincount((x + layer_rows).ravel(), minlength=L * E))
+                x = _layer_major(ids[t : t + _TOKEN_BLOCK, span])
+            _add(w.counts.reshape(-1), np.bincount((x[:n] + layer_rows).ravel(), minlength=n * E))
             x_rows = x * E  # expert a of layer l as the row a * E of the E x E transition cells
-            for layer in range(L - 1):
+            for layer in range(moves):
                 # [k, k, T]: every (i, j) pair of experts in layers l and l + 1, as stats_from_trace.
                 flat = x_rows[layer][:, None, :] + x[layer + 1][None, :, :]
                 _add(w.trans[layer], np.bincount(flat.ravel(), minlength=E * E))
@@ -142,15 +156,17 @@ class WindowAccumulator:
         counts [L, E]; pairs [L, E, E] where a token's slots i < j add one to (id_i, id_j), in the
         router's order (folded here into the triangle; a diagonal cell is a token that chose one expert
         twice); trans [L-1, E, E]; tokens = tokens counted; trans_top1 [L-1, E, E] from slot 0 only (None:
-        not counted, and the window then carries none). Raises ValueError naming the field for anything
-        else, and then adds nothing.
+        not counted, and the window then carries none). For a layer share, L is the share's layers and the
+        transitions are those leaving them (`window.transition_rows`). Raises ValueError naming the field
+        for anything else, and then adds nothing.
         """
-        L, E = self.num_layers, self.num_experts
+        L, E = self.stop - self.first, self.num_experts  # a share's layers: its own rows only
+        moves = self._window.trans.shape[0]
         if not self.top1:
             trans_top1 = None
-        want = {"counts": (counts, (L, E)), "pairs": (pairs, (L, E, E)), "trans": (trans, (L - 1, E, E))}
+        want = {"counts": (counts, (L, E)), "pairs": (pairs, (L, E, E)), "trans": (trans, (moves, E, E))}
         if trans_top1 is not None:
-            want["trans_top1"] = (trans_top1, (L - 1, E, E))
+            want["trans_top1"] = (trans_top1, (moves, E, E))
         arrays = {}
         for name, (arr, shape) in want.items():
             a = np.asarray(arr)
@@ -166,17 +182,17 @@ class WindowAccumulator:
         flat = arrays["pairs"].reshape(L, E * E)
         doubled = np.flatnonzero(flat[:, diagonal].any(axis=1))
         if doubled.size:
-            raise ValueError(f"pairs: a token selected the same expert twice in layer {int(doubled[0])}")
+            raise ValueError(f"pairs: a token selected the same expert twice in layer {self.first + int(doubled[0])}")
         if self._tokens + int(tokens) > _NARROW_TOKENS and self._window.counts.dtype != np.int64:
             self._widen()
         w = self._window
         _add(w.counts, arrays["counts"])
         _add(w.coact, flat[:, upper] + flat[:, lower])
-        _add(w.trans, arrays["trans"].reshape(L - 1, E * E))
+        _add(w.trans, arrays["trans"].reshape(moves, E * E))
         if trans_top1 is None:
             self._no_top1 = True
         else:
-            _add(w.trans_top1, arrays["trans_top1"].reshape(L - 1, E * E))
+            _add(w.trans_top1, arrays["trans_top1"].reshape(moves, E * E))
         self._tokens += int(tokens)
 
     def _count_pairs(self, x: np.ndarray, into: np.ndarray) -> int | None:
@@ -187,7 +203,7 @@ class WindowAccumulator:
         if first.size == 0:  # top-1: no pairs, no duplicates
             return None
         upper, lower, diagonal = _fold_indices(E)
-        for layer in range(self.num_layers):
+        for layer in range(into.shape[0]):
             xl = x[layer]
             flat = xl[first] * E  # [pairs, T]: row gathers, contiguous copies
             flat += xl[second]
@@ -203,7 +219,8 @@ class WindowAccumulator:
         """Close the current window: its counts, and a fresh empty one behind it."""
         w = self._window
         done = WindowCounts(w.counts, self.top_k, self._tokens, w.coact, w.trans, deltas=1,
-                            trans_top1=None if self._no_top1 or not self.top1 else w.trans_top1)
+                            trans_top1=None if self._no_top1 or not self.top1 else w.trans_top1,
+                            first_layer=w.first_layer, model_layers=w.model_layers)
         self._reset()
         return done
 

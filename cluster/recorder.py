@@ -100,9 +100,13 @@ class RedisStatsSink:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
 
-    def open(self, writer_id: str | int) -> StatsRecorder:
-        """A recorder for this process. Raises StatsSchemaError if Redis answers with another shape."""
-        return StatsRecorder(self, str(writer_id))
+    def open(self, writer_id: str | int, layers: tuple[int, int] | None = None) -> StatsRecorder:
+        """A recorder for this process. Raises StatsSchemaError if Redis answers with another shape.
+
+        layers: record only the share [first, stop) of the layers (`window.layer_shares`), for a writer
+        whose group sums its counts before flushing, each member flushing one share of the group's window.
+        """
+        return StatsRecorder(self, str(writer_id), layers)
 
 
 @dataclass(frozen=True)
@@ -139,14 +143,15 @@ class _Delta:
 class StatsRecorder:
     """Counts routing locally and ships closed windows to Redis from one background thread."""
 
-    def __init__(self, sink: RedisStatsSink, writer_id: str) -> None:
+    def __init__(self, sink: RedisStatsSink, writer_id: str, layers: tuple[int, int] | None = None) -> None:
         if not _WRITER.match(writer_id):
             raise ValueError(f"writer_id: expected 1-100 of letters, digits, '.', '_', '-', '/', got {writer_id!r}")
         self.sink = sink
         self.writer_id = writer_id
         # A new incarnation per open(): a restarted writer's seq numbers never collide with its predecessor's.
         self.writer_key = f"{writer_id}/{secrets.token_hex(6)}"
-        self._acc = WindowAccumulator(sink.num_layers, sink.num_experts, sink.top_k, top1=sink.top1)
+        self._acc = WindowAccumulator(sink.num_layers, sink.num_experts, sink.top_k, top1=sink.top1, layers=layers)
+        self.layers = (self._acc.first, self._acc.stop)
         self._header = make_header(sink.num_layers, sink.num_experts, sink.top_k, sink.keep, sink.decay)
         self._target = parse_target(sink.url or os.environ.get(ENV_URL, "")).with_overrides(sink.model, sink.run)
         self._store: StatsStore | None = None
@@ -186,8 +191,9 @@ class StatsRecorder:
 
     def add_counts(self, counts: np.ndarray, pairs: np.ndarray, trans: np.ndarray, tokens: int,
                    trans_top1: np.ndarray | None = None) -> None:
-        """Add steps the caller counted itself (`WindowAccumulator.add_dense`'s layout): a GPU worker
-        counts on its device and hands over one window's arrays at flush, instead of ids every step."""
+        """Add steps the caller counted itself (`WindowAccumulator.add_dense`'s layout, the rows of this
+        recorder's layer share): a GPU worker counts on its device and hands over one window's arrays at
+        flush, instead of ids every step."""
         self._acc.add_dense(counts, pairs, trans, tokens, trans_top1)
 
     def flush(self, window: int | None = None) -> None:

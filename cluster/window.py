@@ -12,6 +12,13 @@
 triangle holds all of it: half the cells, and the full matrix comes back exactly (`to_stats`).
 `coact` and `trans` are both None for sources without per-token data (aggregate count matrices).
 Windows are additive: `a + b` sums every statistic, which is how writer flushes merge.
+
+A *layer share* holds layers [first_layer, first_layer + n) of a model of `model_layers` layers: counts and
+coact have its n rows, trans and trans_top1 the transitions that leave them (n rows, one fewer where the
+share ends at the last layer). The workers of an EP group sum their counts once per window (one collective
+on arrays they already hold) and each flushes one share: a writer encodes and sends 1/W of a window, and a
+reader fetches one group window instead of W writer windows (DESIGN.md §3 deviation, see `layer_shares`).
+`tokens` of a share are the tokens behind its counts; a window's tokens come from the share with layer 0.
 """
 
 from __future__ import annotations
@@ -23,12 +30,26 @@ import numpy as np
 
 from expertmesh.placement.stats import RoutingStats
 
-__all__ = ["WindowCounts", "pair_count", "triu_pairs"]
+__all__ = ["WindowCounts", "pair_count", "triu_pairs", "layer_shares", "transition_rows"]
 
 
 def pair_count(num_experts: int) -> int:
     """P: unordered pairs of distinct experts of one layer."""
     return num_experts * (num_experts - 1) // 2
+
+
+def layer_shares(num_layers: int, parts: int) -> list[tuple[int, int]]:
+    """[first, stop) of each of `parts` contiguous shares of the layers, sizes differing by at most one
+    (a share is empty where there are more parts than layers)."""
+    if parts < 1:
+        raise ValueError(f"parts: expected >= 1, got {parts}")
+    bounds = [num_layers * p // parts for p in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def transition_rows(first_layer: int, share_layers: int, model_layers: int) -> int:
+    """Transitions leaving layers [first, first + n): n, or n - 1 where the share holds the last layer."""
+    return max(min(first_layer + share_layers, model_layers - 1) - first_layer, 0)
 
 
 @lru_cache(maxsize=8)
@@ -50,13 +71,19 @@ class WindowCounts:
     deltas: int = 1
     meta: dict = field(default_factory=dict, compare=False)
     trans_top1: np.ndarray | None = None  # int64 [L-1, E*E], only with pairs
+    first_layer: int = 0  # a layer share: its first layer of the model's
+    model_layers: int | None = None  # a layer share: the model's layers (None: this window's, a whole one)
 
     def __post_init__(self) -> None:
         counts = np.asarray(self.counts)
         if counts.ndim != 2:
             raise ValueError(f"counts: expected shape [L, E], got {list(counts.shape)}")
         L, E = counts.shape
-        expect = {"coact": (L, pair_count(E)), "trans": (max(L - 1, 0), E * E)}
+        if self.first_layer < 0 or self.first_layer + L > self.total_layers:
+            raise ValueError(f"first_layer: expected a share inside the model's {self.total_layers} layers, "
+                             f"got layers [{self.first_layer}, {self.first_layer + L})")
+        rows = transition_rows(self.first_layer, L, self.total_layers)
+        expect = {"coact": (L, pair_count(E)), "trans": (rows, E * E)}
         if (self.coact is None) != (self.trans is None):
             raise ValueError("coact/trans: expected both or neither")
         if self.trans_top1 is not None and self.coact is None:
@@ -72,6 +99,15 @@ class WindowCounts:
         return self.counts.shape[0]
 
     @property
+    def total_layers(self) -> int:
+        """The model's layers: this window's own unless it is a layer share."""
+        return self.counts.shape[0] if self.model_layers is None else self.model_layers
+
+    @property
+    def is_share(self) -> bool:
+        return self.num_layers != self.total_layers
+
+    @property
     def num_experts(self) -> int:
         return self.counts.shape[1]
 
@@ -84,7 +120,8 @@ class WindowCounts:
         return self.trans_top1 is not None
 
     def __add__(self, other: WindowCounts) -> WindowCounts:
-        if self.counts.shape != other.counts.shape or self.top_k != other.top_k:
+        share, other_share = (self.first_layer, self.total_layers), (other.first_layer, other.total_layers)
+        if self.counts.shape != other.counts.shape or self.top_k != other.top_k or share != other_share:
             raise ValueError(
                 f"windows do not match: [L, E]={list(self.counts.shape)}, k={self.top_k} "
                 f"vs [L, E]={list(other.counts.shape)}, k={other.top_k}"
@@ -103,19 +140,41 @@ class WindowCounts:
             plus(self.trans, other.trans) if both else None,
             self.deltas + other.deltas,
             trans_top1=plus(self.trans_top1, other.trans_top1) if self.has_top1 and other.has_top1 else None,
+            first_layer=self.first_layer,
+            model_layers=self.model_layers,
+        )
+
+    def share(self, first: int, stop: int) -> WindowCounts:
+        """Layers [first, stop) of this whole window as a layer share (views, no copy); tokens stay."""
+        if self.is_share or not 0 <= first < stop <= self.num_layers:
+            raise ValueError(f"share: expected 0 <= first < stop <= {self.num_layers} of a whole window, "
+                             f"got [{first}, {stop})")
+        moves = slice(first, first + transition_rows(first, stop - first, self.num_layers))
+        return WindowCounts(
+            self.counts[first:stop], self.top_k, self.tokens,
+            None if not self.has_pairs else self.coact[first:stop],
+            None if not self.has_pairs else self.trans[moves],
+            self.deltas, trans_top1=None if not self.has_top1 else self.trans_top1[moves],
+            first_layer=first, model_layers=self.num_layers,
         )
 
     @classmethod
-    def zeros(cls, num_layers: int, num_experts: int, top_k: int, pairs: bool = True, dtype=np.int64) -> WindowCounts:
+    def zeros(cls, num_layers: int, num_experts: int, top_k: int, pairs: bool = True, dtype=np.int64,
+              first_layer: int = 0, model_layers: int | None = None) -> WindowCounts:
+        """Zeros of a whole window of `num_layers`, or of the share of that many layers from `first_layer`
+        of a `model_layers` model."""
         L, E = num_layers, num_experts
+        rows = transition_rows(first_layer, L, L if model_layers is None else model_layers)
         return cls(
             np.zeros((L, E), dtype),
             top_k,
             0,
             np.zeros((L, pair_count(E)), dtype) if pairs else None,
-            np.zeros((max(L - 1, 0), E * E), dtype) if pairs else None,
+            np.zeros((rows, E * E), dtype) if pairs else None,
             deltas=0,
-            trans_top1=np.zeros((max(L - 1, 0), E * E), dtype) if pairs else None,
+            trans_top1=np.zeros((rows, E * E), dtype) if pairs else None,
+            first_layer=first_layer,
+            model_layers=model_layers,
         )
 
     @classmethod
@@ -148,6 +207,9 @@ class WindowCounts:
     def to_stats(self, meta: dict | None = None) -> RoutingStats:
         """The `RoutingStats` of this window: same integers as `stats_from_trace` on the same tokens
         (float arrays stay float: the decayed aggregate)."""
+        if self.is_share:
+            raise ValueError(f"a layer share (layers [{self.first_layer}, {self.first_layer + self.num_layers}) "
+                             f"of {self.total_layers}) is not a whole window: sum the group's shares first")
         L, E = self.counts.shape
         # Integers come out as int64 whatever the accumulator used; floats (decayed) stay float.
         wide = np.float64 if np.issubdtype(self.counts.dtype, np.floating) else np.int64

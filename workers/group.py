@@ -92,6 +92,7 @@ class EPGroup:
         dtype: str | None = None,
         sink: StatsSink | None = None,
         flush_every: int = 1,
+        stats_shares: bool = True,
         run_id: str = "run",
         cpus_per_worker: float = 1.0,
         strategy: str = "PACK",
@@ -108,7 +109,9 @@ class EPGroup:
 
         plan: a `Placement`, a plan file, or None for the contiguous placement. device: "cpu" (gloo) or
         "cuda" (NCCL, one GPU per worker). dtype: "float32", "bfloat16" or "float16" (default: the
-        checkpoint's, float32 on CPU). sink: where routing statistics go (see `recording.StatsSink`).
+        checkpoint's, float32 on CPU). sink: where routing statistics go (see `recording.StatsSink`);
+        stats_shares: the workers sum their counts at each flush and each writes one share of the layers
+        (where the sink supports it), instead of every worker writing a whole window of its own tokens.
         weights: "checkpoint", or "random" (seeded random tensors; model_dir needs only config.json).
         exchange: "auto"/"all_to_all" (NCCL or gloo all_to_all_single) or "symm_mem" (NVLink writes into
         peers' buffers; needs `max_tokens`, the most new tokens one worker brings to a step).
@@ -172,9 +175,9 @@ class EPGroup:
         addr, port = group._call([actors[0].rendezvous_address.remote()], setup_timeout_s, "rendezvous")[0]
         spec = WorkerSpec(
             model_dir=model_dir, plan=plan, dtype=dtype, device=device, master_addr=addr, master_port=port,
-            collective_timeout_s=collective_timeout_s, sink=sink, flush_every=flush_every, run_id=run_id,
-            seed=seed, weights=weights, exchange=exchange, max_tokens=max_tokens,
-            cpu_threads=max(1, int(cpus_per_worker)),
+            collective_timeout_s=collective_timeout_s, sink=sink, flush_every=flush_every,
+            stats_shares=stats_shares, run_id=run_id, seed=seed, weights=weights, exchange=exchange,
+            max_tokens=max_tokens, cpu_threads=max(1, int(cpus_per_worker)),
         )
         group.infos = group._call([a.setup.remote(spec) for a in actors], setup_timeout_s, "setup")
         return group

@@ -48,6 +48,7 @@ class WorkerSpec:
     collective_timeout_s: float = 60.0
     sink: StatsSink | None = None
     flush_every: int = 1
+    stats_shares: bool = True  # sum the group's counts at flush, each worker writing a share of the layers
     run_id: str = "run"
     seed: int = 0
     weights: str = "checkpoint"  # or "random": seeded random tensors, no checkpoint read (benchmarks)
@@ -149,7 +150,9 @@ class ExpertWorker:
         self.model = MoEModel(self.cfg, weights, self.executor, self.dtype, self.device,
                               decode_graphs=spec.cuda_graphs and self.device.type == "cuda")
         self.recorder = StepRecorder(spec.sink, f"{spec.run_id}/worker-{self.rank}", spec.flush_every,
-                                     (self.cfg.num_moe_layers, self.cfg.num_experts, self.cfg.top_k), self.device)
+                                     (self.cfg.num_moe_layers, self.cfg.num_experts, self.cfg.top_k), self.device,
+                                     group=(self.rank, self.world_size) if spec.stats_shares else None,
+                                     reduce=dist.all_reduce)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(spec.seed * 1009 + self.rank)
         return {**self.info(), "load_s": time.perf_counter() - start}

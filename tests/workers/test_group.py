@@ -118,17 +118,22 @@ def test_group_matches_reference_under_contiguous_and_ilp_plans(ray_cluster, tin
             assert experts_read == mine
 
 
-def test_routing_counts_reach_redis_exactly(ray_cluster, tiny_models, reference, redis_url):
+@pytest.mark.parametrize("shares", [True, False], ids=["layer-shares", "per-worker"])
+def test_routing_counts_reach_redis_exactly(ray_cluster, tiny_models, reference, redis_url, shares):
+    """Per worker (each writes its own tokens' window) or in layer shares (the group sums its counts and
+    each worker writes a share of the layers): the store holds exactly the reference router's counts."""
     import redis
 
+    from expertmesh.cluster.codec import encoded_header
     from expertmesh.cluster.recorder import RedisStatsSink
     from expertmesh.cluster.store import StatsStore
 
     path = tiny_models["qwen3_moe"].path
     cfg = read_model_config(path)
-    sink = RedisStatsSink(redis_url, "tiny-qwen3", cfg.num_moe_layers, cfg.num_experts, cfg.top_k, run="t1")
+    run = f"t{int(shares)}"
+    sink = RedisStatsSink(redis_url, "tiny-qwen3", cfg.num_moe_layers, cfg.num_experts, cfg.top_k, run=run)
     with EPGroup.create(path, ilp_plan(cfg.num_moe_layers, 2), cpus_per_worker=CPUS, sink=sink,
-                        flush_every=3) as group:
+                        flush_every=3, stats_shares=shares) as group:
         generated = group.generate(PROMPTS, 6)
     # Every token fed to the model: the prompts and all generated tokens but the last.
     ref = reference("qwen3_moe")
@@ -139,7 +144,12 @@ def test_routing_counts_reach_redis_exactly(ray_cluster, tiny_models, reference,
                for toks in fed]
     seq_ids = np.repeat(np.arange(len(fed)), [len(f) for f in fed])
     want = stats_from_trace(Trace(np.concatenate(ids), seq_ids, 8))
-    got = StatsStore(redis.Redis.from_url(redis_url), "tiny-qwen3", "t1").snapshot()
+    client = redis.Redis.from_url(redis_url)
+    store = StatsStore(client, "tiny-qwen3", run)
+    blobs = [client.get(key) for key in client.scan_iter(match=store.keys.blob_prefix + "*")]
+    first_layers = sorted({encoded_header(b)["first_layer"] for b in blobs})
+    assert first_layers == ([0, cfg.num_moe_layers // 2] if shares else [0])
+    got = store.snapshot()
     assert got.tokens == want.tokens == sum(len(f) for f in fed)
     assert np.array_equal(got.counts, want.counts)
     assert np.array_equal(got.coact, want.coact) and np.array_equal(got.trans, want.trans)
