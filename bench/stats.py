@@ -100,31 +100,78 @@ def raw_blob(window) -> bytes:
     return b"".join(np.ascontiguousarray(a, dtype=np.int64).tobytes() for a in (stats.counts, stats.coact, stats.trans))
 
 
-def writer_main(url, model, writer, windows, warmup, barrier, queue, shape, baseline_windows) -> None:
+def group_windows(n: int, shape) -> list:
+    """The summed window of n writers' steps, per variant: what a group holds after its flush's all-reduce."""
+    from expertmesh.cluster.counting import WindowAccumulator
+
+    tokens, layers, experts, top_k = shape
+    out = []
+    for v in range(2):
+        acc = WindowAccumulator(layers, experts, top_k, top1=False)
+        for writer in range(n):
+            acc.add(synth_ids(1000 * writer + v, tokens, layers, experts, top_k))
+        out.append(acc.take())
+    return out
+
+
+def dense_share(window, first: int, stop: int) -> dict:
+    """`add_counts` keywords of layers [first, stop) of a whole window, as a GPU worker's DeviceCounts.take
+    hands them over after the group's sum (int32; pairs in the upper triangle)."""
+    from expertmesh.cluster.window import triu_pairs
+
+    share = window.share(first, stop)
+    E = window.num_experts
+    pairs = np.zeros((stop - first, E, E), np.int32)
+    a, b = triu_pairs(E)
+    pairs[:, a, b] = share.coact
+    return {"counts": share.counts.astype(np.int32), "pairs": pairs,
+            "trans": share.trans.reshape(-1, E, E).astype(np.int32), "tokens": int(share.tokens)}
+
+
+def writer_main(url, model, writer, windows, warmup, barrier, queue, shape, baseline_windows, group=None) -> None:
+    """One writer process. group: (path of the group's summed windows, writers): this writer flushes its
+    layer share of them (the group-shares mode), handed over as a GPU worker's dense counts."""
     import redis
 
     from expertmesh.cluster.counting import WindowAccumulator
     from expertmesh.cluster.recorder import RedisStatsSink
+    from expertmesh.cluster.window import layer_shares
 
     tokens, layers, experts, top_k = shape
-    variants = [synth_ids(1000 * writer + v, tokens, layers, experts, top_k) for v in range(2)]
     sink = RedisStatsSink(url, model, layers, experts, top_k, keep=64, max_buffer_bytes=2**31, op_timeout_s=120)
-    rec = sink.open(f"w{writer}")
+    if group is None:
+        variants = [synth_ids(1000 * writer + v, tokens, layers, experts, top_k) for v in range(2)]
+        rec = sink.open(f"w{writer}")
+    else:
+        import pickle
+
+        first, stop = layer_shares(layers, group[1])[writer]
+        with open(group[0], "rb") as f:
+            variants = [dense_share(w, first, stop) for w in pickle.load(f)]
+        rec = sink.open(f"w{writer}", layers=(first, stop))
     rows = []
     for w in range(warmup + windows):
-        ids = variants[w % 2]
-        t0 = time.perf_counter()
-        rec.record(ids)
-        t_record = time.perf_counter() - t0
+        t_record = t_add = 0.0
+        if group is None:
+            t0 = time.perf_counter()
+            rec.record(variants[w % 2])
+            t_record = time.perf_counter() - t0
         barrier.wait()
         t0 = time.perf_counter()
+        if group is not None:  # closing a group window starts with handing over its share's counts
+            rec.add_counts(**variants[w % 2])
+            t_add = time.perf_counter() - t0
         rec.flush(window=w)
         t_call = time.perf_counter() - t0
         rec.wait_idle()
         t_ack = time.perf_counter() - t0
         if w >= warmup:
-            rows.append({"record": t_record, "call": t_call, "ack": t_ack, "rtt": rec.status().last_round_trip_s})
+            rows.append({"record": t_record, "add": t_add, "call": t_call, "ack": t_ack,
+                         "rtt": rec.status().last_round_trip_s})
     status = rec.close()
+    if group is not None:
+        queue.put({"writer": writer, "rows": rows, "baseline": [], "sent": status.sent, "dropped": status.dropped})
+        return
     # Baseline: the same windows as raw int64 arrays, one HSET per delta (one round trip), same barrier.
     client = redis.Redis.from_url(url, socket_timeout=600)
     acc = WindowAccumulator(layers, experts, top_k, top1=False)
@@ -143,11 +190,12 @@ def pct(values, q):
     return float(np.percentile(np.asarray(values) * 1e3, q))
 
 
-def run_writers(url, model, n, windows, warmup, shape, baseline_windows):
+def run_writers(url, model, n, windows, warmup, shape, baseline_windows, group=None):
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(n), ctx.Queue()
     procs = [
-        ctx.Process(target=writer_main, args=(url, model, i, windows, warmup, barrier, queue, shape, baseline_windows))
+        ctx.Process(target=writer_main,
+                    args=(url, model, i, windows, warmup, barrier, queue, shape, baseline_windows, group))
         for i in range(n)
     ]
     for p in procs:
@@ -186,6 +234,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16, help="measured windows per writer")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--writers", default="1,8")
+    ap.add_argument("--shares", default="8", help="group sizes whose writers flush layer shares ('' for none)")
     ap.add_argument("--repeat", type=int, default=9, help="snapshot reads per case (the median is reported)")
     ap.add_argument("--quick", action="store_true", help="small model, results not written")
     ap.add_argument("--results", default=str(RESULTS), help="folder for the tables")
@@ -235,14 +284,28 @@ def main() -> None:
             "repeats": {"record": len(record_t), "encode": len(encode_t)},
         }
         print(json.dumps(report["alone"]), file=sys.stderr)
-        for n in [int(x) for x in args.writers.split(",")]:
-            model = f"bench-{n}"
-            print(f"{n} writer(s): recording and flushing {args.warmup}+{args.windows} windows", file=sys.stderr)
+        modes = [(int(x), False) for x in args.writers.split(",")]
+        modes += [(int(x), True) for x in args.shares.split(",") if x]
+        for n, shares in modes:
+            model = f"bench-{n}" + ("-shares" if shares else "")
+            print(f"{n} writer(s){' in layer shares' if shares else ''}: recording and flushing "
+                  f"{args.warmup}+{args.windows} windows", file=sys.stderr)
             # Baseline windows: 4 at one writer; 1 at 8 writers (already 8 x 64 MiB raw deltas to read back).
-            bw = min(args.windows, 4 if n == 1 else 1)
+            # The shares mode's baseline is the per-writer case of the same size, in this run.
+            bw = 0 if shares else min(args.windows, 4 if n == 1 else 1)
+            group = group_path = None
+            if shares:
+                import pickle
+
+                from expertmesh.cluster.window import layer_shares
+
+                group = group_windows(n, shape)
+                group_path = tmp / f"group-{n}.pkl"
+                group_path.write_bytes(pickle.dumps(group))
             load_before = os.getloadavg()[0]
             client.config_resetstat()
-            results = run_writers(url, model, n, args.windows, args.warmup, shape, bw)
+            results = run_writers(url, model, n, args.windows, args.warmup, shape, bw,
+                                  None if group is None else (str(group_path), n))
             # A flush is a SET (the staged delta) and the FLUSH script: Redis's time for both, per flush.
             cmd = client.info("commandstats")
             evals = cmd.get("cmdstat_eval", {})
@@ -257,8 +320,10 @@ def main() -> None:
             assert snap.tokens == n * tokens * min(16, len(ids)), "snapshot lost or duplicated tokens"
             case = {
                 "writers": n,
+                "layer_shares": shares,
                 "windows": len(ids),
                 "record_ms_p50": pct([r["record"] for r in rows], 50),
+                "add_counts_ms_p50": pct([r["add"] for r in rows], 50),
                 "flush_call_ms_p50": pct([r["call"] for r in rows], 50),
                 "flush_call_ms_p95": pct([r["call"] for r in rows], 95),
                 "flush_ack_ms_p50": pct([r["ack"] for r in rows], 50),
@@ -266,8 +331,8 @@ def main() -> None:
                 "flush_ack_ms_max": pct([r["ack"] for r in rows], 100),
                 "send_round_trip_ms_p50": pct([r["rtt"] for r in rows], 50),
                 "redis_ms_per_flush": flush_usec / evals["calls"] / 1e3 if evals.get("calls") else float("nan"),
-                "baseline_flush_ms_p50": pct([b for res in results for b in res["baseline"]], 50),
-                "baseline_flush_ms_p95": pct([b for res in results for b in res["baseline"]], 95),
+                "baseline_flush_ms_p50": pct([b for res in results for b in res["baseline"]], 50) if bw else None,
+                "baseline_flush_ms_p95": pct([b for res in results for b in res["baseline"]], 95) if bw else None,
                 "snapshot16_ms_median": statistics.median(snap_t) * 1e3,
                 "memory_per_window_bytes": float(np.mean([mem[w] for w in last16])),
                 "dropped": sum(res["dropped"] for res in results),
@@ -293,21 +358,23 @@ def main() -> None:
             for i in range(args.repeat):
                 wid = header.head + 1 + i
                 for w in range(n):
-                    store.write(wid, new_window, header=header, writer=f"extra-{w}", seq=i + 1)
+                    delta = new_window if group is None else group[0].share(*layer_shares(L, n)[w])
+                    store.write(wid, delta, header=header, writer=f"extra-{w}", seq=i + 1)
                 t0 = time.perf_counter()
                 got = reader.snapshot(16)
                 warm.append(time.perf_counter() - t0)
             assert got.meta["windows"][-1] == wid and got.meta["deltas"][str(wid)] == n
             case["snapshot16_warm_ms_median"] = statistics.median(warm) * 1e3
-            _, bt = timed(lambda m=model, b=bw: baseline_snapshot(client, m, b, shape), args.repeat)
-            case["baseline_snapshot_windows"] = bw
-            case["baseline_snapshot_ms_median"] = statistics.median(bt) * 1e3
-            _, ot = timed(lambda s=store, m=bw: s.snapshot(m), args.repeat)
-            case["snapshot_same_windows_ms_median"] = statistics.median(ot) * 1e3
-            case["baseline_memory_per_window_bytes"] = float(
-                np.mean([client.memory_usage(f"baseline:{{{model}}}:w:{w}", samples=0) for w in range(bw)])
-            )
-            report["cases"][str(n)] = case
+            if bw:
+                _, bt = timed(lambda m=model, b=bw: baseline_snapshot(client, m, b, shape), args.repeat)
+                case["baseline_snapshot_windows"] = bw
+                case["baseline_snapshot_ms_median"] = statistics.median(bt) * 1e3
+                _, ot = timed(lambda s=store, m=bw: s.snapshot(m), args.repeat)
+                case["snapshot_same_windows_ms_median"] = statistics.median(ot) * 1e3
+                case["baseline_memory_per_window_bytes"] = float(
+                    np.mean([client.memory_usage(f"baseline:{{{model}}}:w:{w}", samples=0) for w in range(bw)])
+                )
+            report["cases"][f"{n}-shares" if shares else str(n)] = case
             client.flushall()
             print(json.dumps(case, indent=1), file=sys.stderr)
     finally:
@@ -415,36 +482,36 @@ def render(r: dict) -> str:
         ok = ("yes" if ours < target else "**no**") if target else "-"
         lines.append(f"| {n} | {what} | {ours:.1f} {unit} | {b} | {ratio} | {t} | {ok} |")
 
-    for n, c in r["cases"].items():
-        row(n, f"record() one 4096-token step (local counting), p50 over {n} writer(s) at once", c["record_ms_p50"])
+    for key, c in r["cases"].items():
+        shares = c.get("layer_shares", False)
+        n = f"{c['writers']}, layer shares" if shares else key
+        per_writer = r["cases"].get(str(c["writers"]), {}) if shares else {}
+        if shares:  # the baseline of this mode: the per-writer case of the same size, same run
+            c = {**c, **{f"baseline_{name.replace('_ack', '')}": per_writer.get(name) for name in (
+                "flush_ack_ms_p50", "flush_ack_ms_p95", "snapshot16_ms_median", "snapshot16_warm_ms_median",
+                "memory_per_window_bytes")}}
+            row(n, "add_counts() of the share's summed counts (starts closing the window), p50",
+                c["add_counts_ms_p50"])
+        else:
+            row(n, f"record() one 4096-token step (local counting), p50 over {n} writer(s) at once",
+                c["record_ms_p50"])
         row(n, "flush() caller blocked (swap arrays + enqueue), p50", c["flush_call_ms_p50"])
-        row(
-            n,
-            "flush() until acknowledged by Redis, p50",
-            c["flush_ack_ms_p50"],
-            c["baseline_flush_ms_p50"],
-            FLUSH_TARGET_MS,
-        )
-        row(
-            n,
-            "flush() until acknowledged by Redis, p95",
-            c["flush_ack_ms_p95"],
-            c["baseline_flush_ms_p95"],
-            FLUSH_TARGET_MS,
-        )
+        ack = "add_counts() + flush() until acknowledged by Redis" if shares else "flush() until acknowledged by Redis"
+        row(n, f"{ack}, p50", c["flush_ack_ms_p50"], c["baseline_flush_ms_p50"], FLUSH_TARGET_MS)
+        row(n, f"{ack}, p95", c["flush_ack_ms_p95"], c["baseline_flush_ms_p95"], FLUSH_TARGET_MS)
         row(n, "Redis server time per flush: staging SET + script (serial across writers)", c["redis_ms_per_flush"])
         row(
             n,
             "snapshot of the last 16 windows, warm: re-read after 1 new window (controller loop)",
             c["snapshot16_warm_ms_median"],
-            None,
+            c.get("baseline_snapshot16_warm_ms_median"),
             SNAPSHOT_TARGET_MS,
         )
         row(
             n,
             "snapshot of the last 16 windows, cold (nothing cached)",
             c["snapshot16_ms_median"],
-            None,
+            c.get("baseline_snapshot16_ms_median"),
             SNAPSHOT_TARGET_MS,
         )
         if "snapshot16_compacted_ms_median" in c:
@@ -455,23 +522,25 @@ def render(r: dict) -> str:
                 None,
                 SNAPSHOT_TARGET_MS,
             )
-            row(n, f"compact() {c['compact']['merged']} windows of {n} deltas", c["compact_s"] * 1e3)
-        bw = c["baseline_snapshot_windows"]
-        row(
-            n,
-            f"snapshot of {bw} windows (vs baseline on the same windows)",
-            c["snapshot_same_windows_ms_median"],
-            c["baseline_snapshot_ms_median"],
-        )
+            row(n, f"compact() {c['compact']['merged']} windows of {c['writers']} deltas", c["compact_s"] * 1e3)
         mib = 2**20
+        if "baseline_snapshot_windows" in c:
+            bw = c["baseline_snapshot_windows"]
+            row(
+                n,
+                f"snapshot of {bw} windows (vs baseline on the same windows)",
+                c["snapshot_same_windows_ms_median"],
+                c["baseline_snapshot_ms_median"],
+            )
+        base_mem = c.get("baseline_memory_per_window_bytes")
         row(
             n,
             "Redis memory per window (MEMORY USAGE)",
             c["memory_per_window_bytes"] / mib,
-            c["baseline_memory_per_window_bytes"] / mib,
+            None if base_mem is None else base_mem / mib,
             unit="MiB",
         )
-        if "memory_per_window_compacted_bytes" in c:
+        if "memory_per_window_compacted_bytes" in c and not shares:
             row(
                 n,
                 "Redis memory per window after compact()",
@@ -480,8 +549,18 @@ def render(r: dict) -> str:
                 unit="MiB",
             )
     loads = ", ".join(
-        f"{n} writer(s): {c['load_average_1min_before_after'][0]:.1f} -> {c['load_average_1min_before_after'][1]:.1f}"
+        f"{n.replace('-shares', ' in layer shares')} writer(s): {c['load_average_1min_before_after'][0]:.1f} -> "
+        f"{c['load_average_1min_before_after'][1]:.1f}"
         for n, c in r["cases"].items()
+    )
+    shares_note = (
+        "- Layer shares (`N, layer shares` rows; `EPGroup.create(stats_shares=True)`, the default): the N workers "
+        "of a group sum their window's counts with one all-reduce at the step that closes it (on the GPU, "
+        "arrays the workers already hold: not run here) and each writes the rows of its share of the layers "
+        "for the whole group's N x 4096 tokens. Each flush then sends ~1/N of a group window, and a window "
+        "holds one group window's worth instead of N writer windows. Their baseline column is the per-writer "
+        "case of the same N in this run. The writers here get their share's summed counts ready-made (as "
+        "DeviceCounts.take hands them over) and are timed from add_counts() to Redis's reply."
     )
     lines += [
         "",
@@ -501,6 +580,7 @@ def render(r: dict) -> str:
         "per window, after it one merged field. A warm reader keeps the encoded fields and the exact running "
         "sum, so it fetches and adds the new window and subtracts the one that left. Decoding (most of a cold "
         "read) runs on up to 4 threads, each summing a share of the windows; replies are parsed by hiredis.",
+        shares_note,
         "",
     ]
     return "\n".join(lines)
