@@ -11,6 +11,10 @@ the same window ids in lockstep (a barrier before each flush), as EP workers do.
     compact     merging 8 writers' deltas of 16 windows into one field each
     memory      Redis MEMORY USAGE per window key
 
+Layer shares (`--shares 8`): 8 writers of one EP group, each flushing its share of the layers of the
+group's summed window (8 x 4096 tokens), as `EPGroup` workers do after their flush's all-reduce; timed from
+add_counts() of the share to Redis's reply, against the per-writer case of the same size in the same run.
+
 Baseline (same run, same data, same server): each window stored as the raw int64 arrays of RoutingStats
 (counts [L,E] + coact [L,E,E] + trans [L-1,E,E], one HSET per writer delta, read back with one pipeline and
 summed); every row gives ours / baseline. Targets from the issue: flush < 20 ms, snapshot of 16 windows
@@ -495,7 +499,8 @@ def render(r: dict) -> str:
         else:
             row(n, f"record() one 4096-token step (local counting), p50 over {n} writer(s) at once",
                 c["record_ms_p50"])
-        row(n, "flush() caller blocked (swap arrays + enqueue), p50", c["flush_call_ms_p50"])
+        blocked = "add_counts() + flush() caller blocked" if shares else "flush() caller blocked"
+        row(n, f"{blocked} (swap arrays + enqueue), p50", c["flush_call_ms_p50"])
         ack = "add_counts() + flush() until acknowledged by Redis" if shares else "flush() until acknowledged by Redis"
         row(n, f"{ack}, p50", c["flush_ack_ms_p50"], c["baseline_flush_ms_p50"], FLUSH_TARGET_MS)
         row(n, f"{ack}, p95", c["flush_ack_ms_p95"], c["baseline_flush_ms_p95"], FLUSH_TARGET_MS)

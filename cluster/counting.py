@@ -175,7 +175,9 @@ class WindowAccumulator:
                                  f"got {a.dtype} {list(a.shape)}")
             if a.size and a.min() < 0:
                 raise ValueError(f"{name}: expected counts >= 0, found {a.min()}")
-            arrays[name] = a.astype(np.int64, copy=False)
+            # 32 bits or more as given (a GPU's int32 counts: no int64 copy): a folded pair cell, the widest
+            # sum here, stays below the window's tokens (< 2^31).
+            arrays[name] = a if a.dtype.itemsize >= 4 else a.astype(np.int64)
         if not isinstance(tokens, (int, np.integer)) or tokens < 0:
             raise ValueError(f"tokens: expected an integer >= 0, got {tokens!r}")
         upper, lower, diagonal = _fold_indices(E)
