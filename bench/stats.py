@@ -152,7 +152,8 @@ def writer_main(url, model, writer, windows, warmup, barrier, queue, shape, base
         first, stop = layer_shares(layers, group[1])[writer]
         with open(group[0], "rb") as f:
             variants = [dense_share(w, first, stop) for w in pickle.load(f)]
-        rec = sink.open(f"w{writer}", layers=(first, stop))
+        rec = sink.open(f"w{writer}", group=(writer, group[1]))
+        assert rec.layers == (first, stop)
     rows = []
     for w in range(warmup + windows):
         t_record = t_add = 0.0

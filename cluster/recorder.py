@@ -53,7 +53,7 @@ from .codec import encode_window
 from .connect import ENV_URL, StatsSchemaError, StatsUnavailableError, check_name, parse_target
 from .counting import WindowAccumulator
 from .store import DEFAULT_DECAY, DEFAULT_KEEP, DEFAULT_TTL_S, StatsStore, check_window_id, flush_reply, make_header
-from .window import WindowCounts
+from .window import WindowCounts, layer_shares
 
 __all__ = ["RedisStatsSink", "StatsRecorder", "RecorderStatus"]
 
@@ -100,12 +100,22 @@ class RedisStatsSink:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
 
-    def open(self, writer_id: str | int, layers: tuple[int, int] | None = None) -> StatsRecorder:
+    def open(self, writer_id: str | int, group: tuple[int, int] | None = None) -> StatsRecorder:
         """A recorder for this process. Raises StatsSchemaError if Redis answers with another shape.
 
-        layers: record only the share [first, stop) of the layers (`window.layer_shares`), for a writer
-        whose group sums its counts before flushing, each member flushing one share of the group's window.
+        group: (rank, size) of a group of writers that sum their counts before each flush. Where every
+        member gets layers (size <= the model's layers), the recorder keeps only this rank's share of them
+        (`window.layer_shares`; its `layers` says which), and each member flushes one share of the group's
+        window; elsewhere it records whole windows of its own tokens (`layers` is all of them), and the
+        group must not sum.
         """
+        layers = None
+        if group is not None:
+            rank, size = group
+            if not 0 <= rank < size:
+                raise ValueError(f"group: expected (rank, size) with 0 <= rank < size, got {group}")
+            if 1 < size <= self.num_layers:
+                layers = layer_shares(self.num_layers, size)[rank]
         return StatsRecorder(self, str(writer_id), layers)
 
 
@@ -151,7 +161,7 @@ class StatsRecorder:
         # A new incarnation per open(): a restarted writer's seq numbers never collide with its predecessor's.
         self.writer_key = f"{writer_id}/{secrets.token_hex(6)}"
         self._acc = WindowAccumulator(sink.num_layers, sink.num_experts, sink.top_k, top1=sink.top1, layers=layers)
-        self.layers = (self._acc.first, self._acc.stop)
+        self.layers = (self._acc.first, self._acc.stop)  # all of them unless this writer records a share
         self._header = make_header(sink.num_layers, sink.num_experts, sink.top_k, sink.keep, sink.decay)
         self._target = parse_target(sink.url or os.environ.get(ENV_URL, "")).with_overrides(sink.model, sink.run)
         self._store: StatsStore | None = None

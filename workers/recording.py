@@ -10,7 +10,7 @@ worker counts each step where its ids already are (a few scatter-adds) and hands
 at flush. Counting a 4096-token step of a 58-layer, 256-expert, top-8 model on the CPU costs ~60 ms (numpy
 bincount over ~21 M cells), more than the step itself.
 
-In a group of W workers whose sink opens recorders for a layer share (`open(writer_id, layers=...)`), the
+In a group of W workers whose sink opens recorders for a layer share (`open(writer_id, group=...)`), the
 workers sum their window's counts at flush (one all-reduce of the arrays they hold, in the lockstep step
 that closes the window) and each flushes the rows of its share of the layers: every worker encodes and
 sends 1/W of the group's window instead of a whole window of its own tokens, and a reader fetches one
@@ -143,27 +143,22 @@ class StepRecorder:
                  device_counting: bool | None = None, group: tuple[int, int] | None = None,
                  reduce: Callable[[torch.Tensor], None] | None = None) -> None:
         """group: (rank, size) of a group whose workers sum their counts with `reduce` (an in-place sum over
-        the group, e.g. `torch.distributed.all_reduce`) and each flush one share of the layers; used where
-        the sink's `open` takes `layers`, the recorder takes counts (`shape` given) and the group has no more
-        workers than the model has layers (every worker then writes a share), else ignored."""
+        the group, e.g. `torch.distributed.all_reduce`) and each flush one share of the layers: where the
+        sink's `open` takes `group` and hands back a recorder of a share (its `layers`), which takes counts
+        (`shape` given); else every worker writes its own tokens' windows."""
         if sink is not None and not isinstance(sink, StatsSink):
             raise TypeError(
                 f"sink: expected an object with open(writer_id) -> recorder, got {type(sink).__name__}"
             )
         if flush_every < 1:
             raise ValueError(f"flush_every: expected >= 1 steps, got {flush_every}")
-        self.share = None
-        if group is not None and sink is not None and shape and 1 < group[1] <= shape[0] and reduce is not None \
-                and "layers" in inspect.signature(sink.open).parameters:
-            from expertmesh.cluster.window import layer_shares  # numpy only: no Redis, no control plane
-
-            rank, size = group
-            self.share = layer_shares(shape[0], size)[rank]
-            self.reduce = reduce
+        self.share, self.reduce = None, reduce
         if sink is None:
             self.recorder = None
-        elif self.share is not None:
-            self.recorder = sink.open(writer_id, layers=self.share)
+        elif group is not None and shape and reduce is not None and "group" in inspect.signature(sink.open).parameters:
+            self.recorder = sink.open(writer_id, group=group)
+            layers = tuple(getattr(self.recorder, "layers", (0, shape[0])))
+            self.share = None if layers == (0, shape[0]) else layers  # whole windows: the group must not sum
         else:
             self.recorder = sink.open(writer_id)
         self.flush_every = flush_every

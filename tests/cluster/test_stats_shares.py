@@ -90,7 +90,8 @@ def test_group_shares_in_redis_equal_the_group_tokens_before_and_after_compactio
     """Three writers: each step's ids are the group's (as after the group's sum), each writer flushes its
     share of layers; one writer's window without shares rides along (a group and a lone writer mix)."""
     sink = RedisStatsSink(redis_url, "share-model", L, E, K, top1=True, min_backoff_s=0.01, max_backoff_s=0.05)
-    recs = [sink.open(f"rank-{r}", layers=share) for r, share in enumerate(layer_shares(L, 3))]
+    recs = [sink.open(f"rank-{r}", group=(r, 3)) for r in range(3)]
+    assert [rec.layers for rec in recs] == layer_shares(L, 3)
     lone = sink.open("lone")
     parts = []
     for window in range(4):
@@ -131,8 +132,8 @@ def test_share_of_a_whole_window_is_its_rows():
 
 
 def test_a_step_recorder_writes_shares_only_where_every_worker_gets_one(redis_url):
-    """Layer shares need a sink whose open() takes them, counts as tensors and no more workers than layers;
-    otherwise each worker writes its own window (no collective at flush)."""
+    """Layer shares need a sink whose open() takes a group, counts as tensors and no more workers than
+    layers; otherwise each worker writes its own window (no collective at flush)."""
     import torch
 
     from expertmesh.workers.recording import StepRecorder
@@ -146,8 +147,10 @@ def test_a_step_recorder_writes_shares_only_where_every_worker_gets_one(redis_ur
         def open(self, writer_id):
             return sink.open(writer_id)
 
-    for kind, size, share in ((sink, 2, (2, 5)), (sink, L + 1, None), (PlainSink(), 2, None)):
-        other = StepRecorder(kind, "w", shape=(L, E, K), group=(1, size), reduce=reduce)
+    with pytest.raises(ValueError, match=r"group: expected \(rank, size\)"):
+        sink.open("w", group=(2, 2))
+    for kind, size, share in ((sink, 2, (2, 5)), (sink, L + 1, None), (sink, 1, None), (PlainSink(), 2, None)):
+        other = StepRecorder(kind, "w", shape=(L, E, K), group=(size - 1, size), reduce=reduce)
         assert other.share == share
         other.close()  # nothing recorded: writes nothing
     rec = StepRecorder(sink, "w", shape=(L, E, K), group=(0, 2), reduce=reduce)
