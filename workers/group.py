@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -55,6 +56,34 @@ class WorkerFailure(GroupError):
 
 class StepTimeout(GroupError):
     """A call did not finish within its timeout; the group has been torn down."""
+
+
+class _TracebackAsText(logging.Filter):
+    """Turns a record's traceback into its text. Tearing down a graph whose actors died, Ray logs each failed
+    cancel with its traceback; a handler that keeps records (pytest's log capture) then kept the frames, and
+    through them the graph, alive until interpreter exit, where destroying it after Ray's shutdown crashed
+    the process (a segfault after the test run). The text prints the same."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is not None:
+            record.exc_text = record.exc_text or logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        return True
+
+
+def _keep_graph_tracebacks_as_text() -> None:
+    dag_log = logging.getLogger("ray.dag.compiled_dag_node")
+    if not any(isinstance(f, _TracebackAsText) for f in dag_log.filters):
+        dag_log.addFilter(_TracebackAsText())
+
+
+def _drop_tracebacks(err: BaseException) -> None:
+    """Detach the frames from an exception and those chained to it (their messages stay)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        err.__traceback__ = None
+        err = err.__cause__ or err.__context__
 
 
 def _cause(err: Exception) -> BaseException:
@@ -261,6 +290,7 @@ class EPGroup:
         if self._graph is None:
             from ray.dag import InputNode, MultiOutputNode
 
+            _keep_graph_tracebacks_as_text()
             with InputNode() as args:
                 outputs = MultiOutputNode([a.step_packed.bind(args[r]) for r, a in enumerate(self._actors)])
             self._graph = outputs.experimental_compile()
@@ -273,9 +303,17 @@ class EPGroup:
             # others still wait for it inside a collective.
             return ray.get(refs, timeout=timeout_s)
         except TimeoutError:  # RayChannelTimeoutError
-            self._timed_out(what, list(range(len(refs))), timeout_s)
+            error = None
         except (RayActorError, RayTaskError) as err:
-            self._failed(what, self._rank_of(err), err)
+            error = err
+        # Raised out here, without the frames of Ray's get: they (and this frame's refs) hold the graph, and a
+        # caller that keeps our exception (pytest.raises does) kept a torn-down graph alive until interpreter
+        # exit, where destroying it after Ray's shutdown crashed the process (a segfault after the test run).
+        del refs
+        if error is None:
+            self._timed_out(what, list(range(len(args))), timeout_s)
+        _drop_tracebacks(error)
+        self._failed(what, self._rank_of(error), error)
 
     def _rank_of(self, err: Exception) -> int:
         """The rank of the worker an error came from, by actor id or process id (-1 when Ray says neither)."""
