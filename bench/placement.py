@@ -23,15 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from report import write_report  # bench/report.py: this folder is on sys.path when run as a script
+from report import placement_environment, write_report  # bench/report.py: this folder is on sys.path
 
 from expertmesh.placement.cost import CostParams, evaluate
 from expertmesh.placement.ilp import IlpOptions
@@ -165,22 +162,6 @@ def run(quick: bool) -> dict:
     return {"groups": groups, "decomposition": decomposition}
 
 
-def _environment() -> dict:
-    import ortools
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"machine": f"{cpu}, {os.cpu_count()} cores", "python": platform.python_version(),
-            "numpy": np.__version__, "ortools": ortools.__version__,
-            "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M")}
-
-
 def _fmt(value, digits=3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -234,7 +215,7 @@ def main() -> None:
     result = run(args.quick)
     if args.quick:
         return
-    env = _environment()
+    env = placement_environment()
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     def clean(value):

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import sys
+import time
 from pathlib import Path
+
+import numpy as np
 
 
 def write_report(results: str | Path, name: str, lines: list[str], payload: dict | None = None) -> Path:
@@ -19,3 +25,20 @@ def write_report(results: str | Path, name: str, lines: list[str], payload: dict
     if payload is not None:
         (results / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     return md
+
+
+def placement_environment() -> dict:
+    """Machine, versions (OR-Tools: the placement benchmarks' solver), command and date of a run."""
+    import ortools
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"machine": f"{cpu}, {os.cpu_count()} cores", "python": platform.python_version(),
+            "numpy": np.__version__, "ortools": ortools.__version__,
+            "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M")}

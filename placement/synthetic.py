@@ -20,7 +20,7 @@ import numpy as np
 
 from .trace import Trace, TraceError
 
-__all__ = ["SyntheticSpec", "synthetic_trace"]
+__all__ = ["SyntheticSpec", "synthetic_trace", "planted_clusters"]
 
 
 @dataclass(frozen=True)
@@ -59,14 +59,26 @@ def _zipf(n: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(w / w.sum())
 
 
-def synthetic_trace(spec: SyntheticSpec) -> Trace:
+def _model(spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The "router" a spec draws: cluster [L, E] and popularity [L, E] of every expert, domain weights [D]."""
     model = np.random.default_rng(spec.seed if spec.model_seed is None else spec.model_seed)
+    E, L, D = spec.num_experts, spec.num_layers, spec.num_domains
+    # Cluster of every expert in every layer: a fresh random partition per layer.
+    cluster = np.stack([model.permutation(E) % D for _ in range(L)])
+    popularity = np.stack([_zipf(E, spec.skew, model) for _ in range(L)])
+    return cluster, popularity, _zipf(D, spec.domain_skew, model)
+
+
+def planted_clusters(spec: SyntheticSpec) -> np.ndarray:
+    """int [L, E]: the domain whose cluster each expert belongs to in each layer (the planted co-activation
+    structure; benchmarks compare placers with a placement that knows it)."""
+    return _model(spec)[0]
+
+
+def synthetic_trace(spec: SyntheticSpec) -> Trace:
     rng = np.random.default_rng([spec.seed, 1])
     E, L, k, T, D = spec.num_experts, spec.num_layers, spec.top_k, spec.num_tokens, spec.num_domains
-    # Cluster of every expert in every layer: a fresh random partition per layer.
-    cluster = np.stack([model.permutation(E) % D for _ in range(L)])  # [L, E]
-    popularity = np.stack([_zipf(E, spec.skew, model) for _ in range(L)])  # [L, E]
-    domain_p = _zipf(D, spec.domain_skew, model)
+    cluster, popularity, domain_p = _model(spec)
 
     seq_ids = np.arange(T) // spec.tokens_per_sequence
     seq_domain = rng.choice(D, size=seq_ids[-1] + 1, p=domain_p)

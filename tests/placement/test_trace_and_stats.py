@@ -13,7 +13,7 @@ import pytest
 
 from expertmesh.placement.sources import load_count_matrix, load_deepspeed_counts, load_routing
 from expertmesh.placement.stats import RoutingStats, load_stats, save_stats, stats_from_trace
-from expertmesh.placement.synthetic import SyntheticSpec, synthetic_trace
+from expertmesh.placement.synthetic import SyntheticSpec, planted_clusters, synthetic_trace
 from expertmesh.placement.trace import Trace, TraceError, load_trace, save_trace
 
 
@@ -125,6 +125,12 @@ def test_synthetic_trace_is_seeded_and_structured():
     coact = stats_from_trace(a).coact[0].astype(float)
     top3 = np.sort(coact, axis=1)[:, -3:].sum(1) / coact.sum(1)
     assert top3.mean() > 0.5  # uniform routing would give 3/15 = 0.2
+    # The planted clusters are those partners: most of a token's pairs of experts share a cluster.
+    cluster = planted_clusters(spec)
+    assert cluster.shape == (3, 16) and (np.bincount(cluster[0]) == 4).all()
+    same = cluster[np.arange(3)[None, :, None], a.topk_ids]  # [T, L, k] clusters of the chosen experts
+    shared = (same[..., :, None] == same[..., None, :]).sum(axis=(-1, -2)) - spec.top_k
+    assert shared.mean() / (spec.top_k * (spec.top_k - 1)) > 0.5  # uniform: 3/15 = 0.2 of the pairs
     with pytest.raises(TraceError, match="num_domains"):
         SyntheticSpec(num_experts=10, num_domains=4)
 
