@@ -297,7 +297,7 @@ def test_ilp_follow_reports_the_priced_assignments_bound(small_trace):
 
 
 def _follow_instance():
-    """16 experts top-4, 6 layers, 4 domains on 4 GPUs: a first stage-3 start that a kicked second one beats."""
+    """16 experts top-4, 6 layers, 4 domains on 4 GPUs: a first stage-3 start that the second one beats."""
     from expertmesh.placement.synthetic import SyntheticSpec, synthetic_trace
 
     return synthetic_trace(SyntheticSpec(num_experts=16, top_k=4, num_layers=6, num_tokens=512, num_domains=4,
@@ -311,7 +311,8 @@ def test_ilp_follow_second_start_finds_a_strictly_better_plan_than_the_first():
     one = ilp(stats, topo, 16, replace(options, follow_starts=1))
     two = ilp(stats, topo, 16, replace(options, follow_starts=2))
     first, second = two.solver["follow_starts"]["values"]
-    # The first start is today's single-start plan; the second, kicked from it, stays more on its GPUs.
+    # The first start is the single-start plan; the second (the forward chain: each layer in turn assigned to
+    # the tokens arriving from its predecessor, then swept) keeps more tokens on their GPUs.
     assert first == one.solver["follow_starts"]["values"][0]
     assert second > first and two.solver["follow_starts"]["best"] == 1
     cross_one = evaluate(trace, one, topo, dataflow="follow").follow_cross.mean()
