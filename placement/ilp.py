@@ -27,10 +27,11 @@ its GPU first (routing.py, rule 1), so its load depends on where layer l-1 leave
 copy a GPU-dependent load (`_follow_copy_load`), and a last pass in layer order repairs (or re-solves) any
 layer whose copies break the cap behind its final predecessor.
 Sweeps settle in one of many local optima, so stage 3 restarts (`follow_starts`, by default by size and time
-limit, at least 2): the first start is stage 2's plan; the second is a forward chain, every layer in turn
-re-assigned under the cap to the tokens arriving from its (already re-assigned) predecessor, then swept. It
-lands in a far better basin than stage 2's MoETuner mapping: 1.8% more tokens staying at 64x16 on 8 GPUs,
-11% at 16 GPUs, 18% at 256x58 on 32 GPUs (in-sample, seed 0). Every further start kicks the best plan so far
+limit): the first start is stage 2's plan; the second is a forward chain, every layer in turn re-assigned
+under the cap to the tokens arriving from its (already re-assigned) predecessor, then swept. It lands in a
+far better basin than stage 2's MoETuner mapping: 1.8% more tokens staying at 64x16 on 8 GPUs, 11% at 16
+GPUs, 18% at 256x58 on 32 GPUs (in-sample, seed 0), so where one start fits it is the forward chain alone
+(from stage 2's plan). Every further start kicks the best plan so far
 (random swaps of half of each layer's single-copy experts under the cap, seeded by (seed, start)) and sweeps
 again; the plan keeping the most tokens on their GPU between layers (`_follow_value`) wins, a later start only
 if strictly better and within the cap on every layer. The solver report covers the winner.
@@ -96,9 +97,9 @@ _LINEAR_CPSAT_CELLS = 2048
 # (under the cap), then runs stage 3's sweeps again (CP-SAT included, as the first start: kicked starts swept
 # without it rarely beat a first start swept with it). `_auto_follow_starts` picks the number of starts from
 # the instance's size and the time limit, not from the clock, so plans stay deterministic under the seed:
-# experts x GPUs x layers x starts at most `_FOLLOW_START_CELLS` per 10 s of time limit, and never fewer than
-# the 2 that include the forward chain (3 for 64x16 on 8 GPUs at 10 s, ~2 s each on 2 cores; 2 at 16 GPUs,
-# ~7 s, and on the 256-expert shapes, ~31-37 s at 45 s).
+# experts x GPUs x layers x starts at most `_FOLLOW_START_CELLS` per 10 s of time limit (3 for 64x16 on 8
+# GPUs at 10 s, ~2 s each on 2 cores; one, the forward chain, at 16 GPUs, ~4.5 s, and on the 256-expert
+# shapes, ~24-34 s at 45 s).
 _KICK_SHARE = 0.5
 _FOLLOW_START_CELLS = 64 * 8 * 16 * 3
 _MAX_FOLLOW_STARTS = 4
@@ -502,9 +503,8 @@ def _follow_value(xs: list[np.ndarray], trans: np.ndarray) -> float:
 
 
 def _auto_follow_starts(E: int, G: int, L: int, time_limit: float) -> int:
-    """Token-follow stage 3 starts by size and time limit (see `_FOLLOW_START_CELLS`), at least stage 2's
-    plan and the forward chain."""
-    return int(min(_MAX_FOLLOW_STARTS, max(2, _FOLLOW_START_CELLS * time_limit / 10 // (E * G * L))))
+    """Token-follow stage 3 starts by size and time limit (see `_FOLLOW_START_CELLS`)."""
+    return int(min(_MAX_FOLLOW_STARTS, max(1, _FOLLOW_START_CELLS * time_limit / 10 // (E * G * L))))
 
 
 def _kick(x: np.ndarray, pb: PartitionProblem, rng: np.random.Generator) -> np.ndarray:
@@ -659,15 +659,7 @@ def ilp(
         # tokens arriving from its predecessor (a forward chain) and sweeps again; every further start kicks
         # the best plan so far (random swaps in every layer, seeded by (seed, start)) and sweeps again. The
         # plan with the most tokens staying on their GPU between layers wins; a later start must beat it
-        # strictly and keep the cap on every layer.
-        xs, stage3, fix_repaired, fix_resolved = refine(xs)
-        best_value = _follow_value(xs, trans)
-        start_values, best_start = [best_value], 0
-        starts = options.follow_starts
-        if starts is None:
-            starts = _auto_follow_starts(E, G, L, options.time_limit)
-        if previous is not None:  # other starts would move experts the migration term pins: one start
-            starts = 1
+        # strictly and keep the cap on every layer. A single start is the forward chain alone.
         def forward(xs: list[np.ndarray]) -> list[np.ndarray]:
             """Each layer in turn (from layer 1) re-assigned to the tokens arriving from its predecessor only,
             under the cap: a chain that follows the tokens forward, far from the sweeps' basin."""
@@ -681,6 +673,17 @@ def ilp(
                 xs[layer] = _solve_layer(replace(job, reward=reward)).x
             return xs
 
+        starts = options.follow_starts
+        if starts is None:
+            starts = _auto_follow_starts(E, G, L, options.time_limit)
+        if previous is not None:  # other starts would move experts the migration term pins: one start
+            starts = 1
+        # A single start is the forward chain (it beat stage 2's plan on every shape measured); with more,
+        # stage 2's plan comes first and the chain second.
+        chain_first = starts == 1 and previous is None
+        xs, stage3, fix_repaired, fix_resolved = refine(forward(xs) if chain_first else xs)
+        best_value = _follow_value(xs, trans)
+        start_values, best_start = [best_value], 0
         for index in range(1, starts):
             if index == 1:
                 kicked = forward(xs)

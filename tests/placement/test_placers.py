@@ -304,23 +304,22 @@ def _follow_instance():
                                          tokens_per_sequence=16, seed=0))
 
 
-def test_ilp_follow_second_start_finds_a_strictly_better_plan_than_the_first():
+def test_ilp_follow_forward_chain_beats_stage_2s_plan():
     trace = _follow_instance()
     stats, topo = stats_from_trace(trace), Topology(4)
     options = IlpOptions(dataflow="follow", time_limit=1.0, workers=1)
     one = ilp(stats, topo, 16, replace(options, follow_starts=1))
     two = ilp(stats, topo, 16, replace(options, follow_starts=2))
+    # Two starts: stage 2's plan, then the forward chain (each layer in turn assigned to the tokens arriving
+    # from its predecessor, then swept), which keeps more tokens on their GPUs and wins.
     first, second = two.solver["follow_starts"]["values"]
-    # The first start is the single-start plan; the second (the forward chain: each layer in turn assigned to
-    # the tokens arriving from its predecessor, then swept) keeps more tokens on their GPUs.
-    assert first == one.solver["follow_starts"]["values"][0]
     assert second > first and two.solver["follow_starts"]["best"] == 1
-    cross_one = evaluate(trace, one, topo, dataflow="follow").follow_cross.mean()
-    cross_two = evaluate(trace, two, topo, dataflow="follow").follow_cross.mean()
-    assert cross_two < cross_one
+    # One start is the forward chain alone: also better than stage 2's plan.
+    assert one.solver["follow_starts"]["values"][0] > first
     # ...and keeps every layer within the balance allowance of EPLB's.
     eplb_bal = evaluate(trace, place("eplb", stats, topo), topo, dataflow="follow").balancedness
-    assert (evaluate(trace, two, topo, dataflow="follow").balancedness >= eplb_bal - 0.01 - 1e-9).all()
+    for plan in (one, two):
+        assert (evaluate(trace, plan, topo, dataflow="follow").balancedness >= eplb_bal - 0.01 - 1e-9).all()
 
 
 @pytest.mark.parametrize("redundant", [0, 4])
@@ -332,6 +331,4 @@ def test_ilp_follow_starts_never_lose_to_the_first_and_repeat_under_the_seed(red
     assert np.array_equal(a.phy2log, b.phy2log)
     assert a.solver["follow_starts"] == b.solver["follow_starts"]
     values = a.solver["follow_starts"]["values"]
-    assert len(values) == 3 and values[a.solver["follow_starts"]["best"]] == max(values[0], *values[1:])
-    single = ilp(stats, topo, 16 + redundant, replace(options, follow_starts=1))
-    assert values[0] == single.solver["follow_starts"]["values"][0]
+    assert len(values) == 3 and values[a.solver["follow_starts"]["best"]] == max(values)
