@@ -28,13 +28,13 @@ copy a GPU-dependent load (`_follow_copy_load`), and a last pass in layer order 
 layer whose copies break the cap behind its final predecessor.
 Sweeps settle in one of many local optima, so stage 3 restarts (`follow_starts`, by default by size and time
 limit): the first start is stage 2's plan; the second is a forward chain, every layer in turn re-assigned
-under the cap to the tokens arriving from its (already re-assigned) predecessor, then swept. It lands in a
-far better basin than stage 2's MoETuner mapping: 1.8% more tokens staying at 64x16 on 8 GPUs, 11% at 16
-GPUs, 18% at 256x58 on 32 GPUs (in-sample, seed 0), so where one start fits it is the forward chain alone
-(from stage 2's plan). Every further start kicks the best plan so far
-(random swaps of half of each layer's single-copy experts under the cap, seeded by (seed, start)) and sweeps
-again; the plan keeping the most tokens on their GPU between layers (`_follow_value`) wins, a later start only
-if strictly better and within the cap on every layer. The solver report covers the winner.
+under the cap to the tokens arriving from its (already re-assigned) predecessor, then swept. The chain lands
+in a far better basin than stage 2's MoETuner mapping (1.8% more tokens staying at 64x16 on 8 GPUs, 10% at
+16 GPUs, 18% at 256x58 on 32 GPUs; in-sample, seed 0), so where only one start fits, it is the chain alone,
+from stage 2's plan (without a migration term, which pins experts). Every further start kicks the best plan
+so far (random swaps of half of each layer's single-copy experts under the cap, seeded by (seed, start)) and
+sweeps again; the plan keeping the most tokens on their GPU between layers (`_follow_value`) wins, a later
+start only if strictly better and within the cap on every layer. The solver report covers the winner.
 
 Replicas and balance: where tokens start from their home GPU (every layer in the home dataflow, layer 0 in
 token-follow), rule 1 also makes a replica's load depend on where tokens are homed, which statistics do not
@@ -126,7 +126,7 @@ class IlpOptions:
     # None decides: decompose above 16 GPUs on several nodes. Forcing False measures the decomposition's loss.
     decompose: bool | None = None
     # Token-follow stage 3 starts (None: by size, `_auto_follow_starts`); the first is stage 2's plan, the
-    # second the forward chain, later ones kicks of the best so far.
+    # second the forward chain, later ones kicks of the best so far; a single start is the chain alone.
     follow_starts: int | None = None
 
     def __post_init__(self) -> None:
