@@ -77,15 +77,6 @@ def _keep_graph_tracebacks_as_text() -> None:
         dag_log.addFilter(_TracebackAsText())
 
 
-def _drop_tracebacks(err: BaseException) -> None:
-    """Detach the frames from an exception and those chained to it (their messages stay)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        err.__traceback__ = None
-        err = err.__cause__ or err.__context__
-
-
 def _cause(err: Exception) -> BaseException:
     """The worker-side exception inside a RayTaskError (so callers see ValueError, not a wrapper)."""
     if isinstance(err, RayTaskError):
@@ -303,17 +294,9 @@ class EPGroup:
             # others still wait for it inside a collective.
             return ray.get(refs, timeout=timeout_s)
         except TimeoutError:  # RayChannelTimeoutError
-            error = None
+            self._timed_out(what, list(range(len(refs))), timeout_s)
         except (RayActorError, RayTaskError) as err:
-            error = err
-        # Raised out here, without the frames of Ray's get: they (and this frame's refs) hold the graph, and a
-        # caller that keeps our exception (pytest.raises does) kept a torn-down graph alive until interpreter
-        # exit, where destroying it after Ray's shutdown crashed the process (a segfault after the test run).
-        del refs
-        if error is None:
-            self._timed_out(what, list(range(len(args))), timeout_s)
-        _drop_tracebacks(error)
-        self._failed(what, self._rank_of(error), error)
+            self._failed(what, self._rank_of(err), err)
 
     def _rank_of(self, err: Exception) -> int:
         """The rank of the worker an error came from, by actor id or process id (-1 when Ray says neither)."""
