@@ -62,10 +62,10 @@ def _lpt(items: np.ndarray, weights: np.ndarray, bins: int, size: int) -> list[l
     """Items (heaviest first) onto the lightest bin with room for them; weights per item, `size` slots."""
     out: list[list[int]] = [[] for _ in range(bins)]
     load = np.zeros(bins)
-    for i in items[np.argsort(-weights, kind="stable")]:
+    for j in np.argsort(-weights, kind="stable"):
         b = min((b for b in range(bins) if len(out[b]) < size), key=lambda b: load[b])
-        out[b].append(int(i))
-        load[b] += weights[np.flatnonzero(items == i)[0]]
+        out[b].append(int(items[j]))
+        load[b] += weights[j]
     return out
 
 
@@ -120,7 +120,8 @@ def main() -> None:
         stats = stats_from_trace(trace)
         topo = Topology(shape.gpus, shape.nodes)
         clusters = planted_clusters(spec)
-        where = f"synthetic-{shape.experts}x{shape.layers}-top8, {shape.gpus} GPUs / {shape.nodes} node"
+        where = (f"synthetic-{shape.experts}x{shape.layers}-top8, {shape.gpus} GPUs / {shape.nodes} "
+                 f"node{'s' if shape.nodes > 1 else ''}")
         for dataflow in ("home", "follow") if shape.nodes > 1 else ("follow",):
             if dataflow == "home":
                 base_name = "eplb"
