@@ -175,12 +175,38 @@ def _grouped_gemm_shape(label: str, S: int, M: int, K: int, N: int) -> None:
     wb = quantize_weights_fp8_blockwise(w)
     t_b = do_bench(lambda: scaled_grouped_mm_blockwise(xq_t, xs_t, wb, offs))
     row("gemm", f"grouped FP8 1x128/128x128 Triton {label}", flops / t_b / 1e12, "TFLOP/s", "grouped bf16",
-        bf16, ">= 1.4x bf16 at (b)" if label.startswith("(b)") else "")
+        bf16, ">= 1.4x bf16 at (b)" if label.startswith("(b)") else "", "dispatch point's default launch")
+    swept = sorted((_time_blockwise(xq_t, xs_t, wb, offs, c), c) for c in BLOCKWISE_CONFIGS)
+    for i, (t_c, cfg) in enumerate(swept):
+        row("tuning", f"grouped FP8 1x128 Triton {label}: " + _cfg_name(cfg), flops / t_c / 1e12, "TFLOP/s",
+            "grouped bf16", bf16, note="fastest" if i == 0 else "")
     ones, wq0 = torch.ones(1, N, device="cuda"), wq.q[0]
     t_d8 = do_bench(lambda: torch._scaled_mm(xq, wq0.T, xs1[:, None], ones, out_dtype=torch.bfloat16,
                                              use_fast_accum=True))
     row("gemm", f"dense FP8 rowwise _scaled_mm, same FLOPs ({M}x{K}x{N})", flops / t_d8 / 1e12, "TFLOP/s",
         "dense bf16", dense)
+
+
+# Launches of the blockwise Triton kernel swept at every GEMM shape: (block_m, block_n, warps, stages, group_m).
+BLOCKWISE_CONFIGS = [(64, 128, 4, 3, 1), (64, 128, 4, 3, 8), (64, 128, 4, 4, 8), (128, 128, 8, 3, 8),
+                     (128, 128, 8, 4, 8), (128, 128, 4, 3, 8), (128, 64, 4, 4, 8), (64, 64, 4, 4, 8),
+                     (128, 128, 8, 3, 16)]
+
+
+def _cfg_name(cfg: tuple[int, ...]) -> str:
+    return "block {}x{}, {} warps, {} stages, group_m {}".format(*cfg)
+
+
+def _time_blockwise(xq, xs, wb, offs, cfg) -> float:
+    from expertmesh.kernels._triton_grouped_fp8 import grouped_fp8_blockwise_triton
+
+    bm, bn, warps, stages, gm = cfg
+    try:
+        return do_bench(lambda: grouped_fp8_blockwise_triton(xq, xs, wb.q, wb.scale, offs, torch.bfloat16, bm, bn,
+                                                             warps, stages, gm))
+    except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: that launch is simply not a candidate
+        print(f"blockwise {_cfg_name(cfg)} failed: {exc}", flush=True)
+        return float("inf")
 
 
 # ---- two GPUs -----------------------------------------------------------------------------------------

@@ -9,6 +9,12 @@ as DeepSeek-V3 promotes partial sums: a block's scales never multiply another bl
 Scheduling reads no group size on the host (a CUDA graph can record the call): the launch covers an upper
 bound of M-tiles, cdiv(M, BLOCK_M) + S (each group adds at most one partial tile), and every program finds
 its group among the cumulative tile counts; programs past the last tile return at once.
+
+Tile order: the grid is one-dimensional and walks GROUP_M M-tiles down each N-tile before moving right
+(the grouped order of Triton's matmul tutorial). Programs that run together then share a few experts'
+activation rows and the same weight columns in L2. In plain M-fastest order each activation tile is read
+again for every N-tile, a full wave apart: at shape (b) that is 32 reads of 235 MB from HBM, more time than
+the FLOPs take.
 """
 
 from __future__ import annotations
@@ -27,10 +33,16 @@ def _grouped_fp8_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, ends_ptr, tile_ends_ptr,
     N, K, S,
     stride_xm, stride_xsm, stride_wg, stride_wn, stride_wsg, stride_wsn, stride_om,
+    M_TILES, N_TILES,
     S_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid = tl.program_id(0)
+    per_group = GROUP_M * N_TILES
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(M_TILES - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
     groups = tl.arange(0, S_POW2)
     tile_ends = tl.load(tile_ends_ptr + groups, mask=groups < S, other=2147483647)
     if pid_m >= tl.max(tl.where(groups < S, tile_ends, 0), axis=0):
@@ -65,7 +77,8 @@ def _grouped_fp8_kernel(
 
 def grouped_fp8_blockwise_triton(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                                  offsets: torch.Tensor, out_dtype: torch.dtype, block_m: int = 64,
-                                 block_n: int = 128, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                                 block_n: int = 128, num_warps: int = 4, num_stages: int = 3,
+                                 group_m: int = 8) -> torch.Tensor:
     """[M, N] out_dtype; arguments checked by the caller (`experts.scaled_grouped_mm_blockwise`)."""
     M, K = xq.shape
     S, N, _ = wq.shape
@@ -73,13 +86,13 @@ def grouped_fp8_blockwise_triton(xq: torch.Tensor, x_scale: torch.Tensor, wq: to
     ends = offsets.to(torch.int32)
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
     tile_ends = torch.cumsum((ends - starts + block_m - 1) // block_m, 0).to(torch.int32)
-    grid = (triton.cdiv(M, block_m) + S, triton.cdiv(N, block_n))
-    _grouped_fp8_kernel[grid](
+    m_tiles, n_tiles = triton.cdiv(M, block_m) + S, triton.cdiv(N, block_n)
+    _grouped_fp8_kernel[(m_tiles * n_tiles,)](
         xq, x_scale, wq, w_scale, out, ends, tile_ends,
         N, K, S,
         xq.stride(0), x_scale.stride(0), wq.stride(0), wq.stride(1), w_scale.stride(0), w_scale.stride(1),
-        out.stride(0),
+        out.stride(0), m_tiles, n_tiles,
         S_POW2=triton.next_power_of_2(S), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=SCALE_BLOCK,
-        num_warps=num_warps, num_stages=num_stages,
+        GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
     )
     return out

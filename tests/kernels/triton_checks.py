@@ -99,6 +99,12 @@ def check_grouped_fp8_blockwise(device: str, counts: list[int], N: int, K: int, 
         want = scaled_grouped_mm_blockwise(xq, xs, wb, offsets, out_dtype, impl="torch")[:rows].float()
         assert got.shape == (rows, N)
         torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
+    # Small tiles and groups of 3 M-tiles: the grouped tile order's edges (a last group of fewer tiles).
+    from expertmesh.kernels._triton_grouped_fp8 import grouped_fp8_blockwise_triton
+
+    got = grouped_fp8_blockwise_triton(xq, xs, wb.q, wb.scale, offsets, torch.float32, block_m=16, group_m=3)
+    want = scaled_grouped_mm_blockwise(xq, xs, wb, offsets, torch.float32, impl="torch")
+    torch.testing.assert_close(got[:rows], want[:rows], rtol=1e-4, atol=1e-4 * want.abs().max().item())
     # The block format itself: dequantised weights within one E4M3 step of the originals.
     step = wb.scale.repeat_interleave(128, 1).repeat_interleave(128, 2) * 2.0 ** -9  # smallest E4M3 step
     assert torch.all((wb.dequantize() - w).abs() <= w.abs() * 2.0 ** -4 * 1.001 + step)
