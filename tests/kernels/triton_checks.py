@@ -94,7 +94,10 @@ def check_grouped_fp8_blockwise(device: str, counts: list[int], N: int, K: int, 
     xq, xs = quantize_fp8(x, 128, impl="torch")
     wb = quantize_weights_fp8_blockwise(w)
     rows = sum(counts)
-    for out_dtype, rtol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
+    # Hopper's FP8 tensor cores add inside a 128-wide k block with fewer bits than float32 (the reason
+    # DeepSeek-V3 promotes once per block, as the kernel does): ~3e-4 of the largest output on the device.
+    fp32_tol = 2e-3 if device == "cuda" else 1e-4
+    for out_dtype, rtol in ((torch.float32, fp32_tol), (torch.bfloat16, 1e-2)):
         got = scaled_grouped_mm_blockwise(xq, xs, wb, offsets, out_dtype, impl="triton")[:rows].float()
         want = scaled_grouped_mm_blockwise(xq, xs, wb, offsets, out_dtype, impl="torch")[:rows].float()
         assert got.shape == (rows, N)
@@ -102,9 +105,15 @@ def check_grouped_fp8_blockwise(device: str, counts: list[int], N: int, K: int, 
     # Small tiles and groups of 3 M-tiles: the grouped tile order's edges (a last group of fewer tiles).
     from expertmesh.kernels._triton_grouped_fp8 import grouped_fp8_blockwise_triton
 
-    got = grouped_fp8_blockwise_triton(xq, xs, wb.q, wb.scale, offsets, torch.float32, block_m=16, group_m=3)
+    # Tiles wider than a weight scale block (256 columns: one scale per column) where N allows.
     want = scaled_grouped_mm_blockwise(xq, xs, wb, offsets, torch.float32, impl="torch")
-    torch.testing.assert_close(got[:rows], want[:rows], rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    for block_m, block_n, group_m in ((16, 128, 3), (16, 256, 2)):
+        if block_n > N:
+            continue
+        got = grouped_fp8_blockwise_triton(xq, xs, wb.q, wb.scale, offsets, torch.float32, block_m, block_n,
+                                           group_m=group_m)
+        torch.testing.assert_close(got[:rows], want[:rows], rtol=fp32_tol,
+                                   atol=fp32_tol * want.abs().max().item())
     # The block format itself: dequantised weights within one E4M3 step of the originals.
     step = wb.scale.repeat_interleave(128, 1).repeat_interleave(128, 2) * 2.0 ** -9  # smallest E4M3 step
     assert torch.all((wb.dequantize() - w).abs() <= w.abs() * 2.0 ** -4 * 1.001 + step)
