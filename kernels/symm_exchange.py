@@ -123,6 +123,8 @@ def symmetric_buffer(nbytes: int, group: dist.ProcessGroup | None = None):
 class SymmMemExchange(Exchange):
     """Dispatch/combine over NVLink through torch symmetric memory (one node, CUDA)."""
 
+    capturable = True  # fixed buffers, device-side counts and barriers: nothing is read back
+
     def __init__(self, group: dist.ProcessGroup | None, max_tokens: int, hidden: int, top_k: int,
                  dtype: torch.dtype = torch.bfloat16, fp8: bool = False):
         group = group if group is not None else dist.group.WORLD

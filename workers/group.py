@@ -34,6 +34,7 @@ from expertmesh.placement.plan import Placement, load_plan
 
 from .checkpoint import WEIGHTS
 from .config import ModelConfig, read_model_config
+from .decode_graph import DecodeGraphs
 from .model import PackedTokens
 from .moe import EXCHANGES
 from .plans import PlanMismatchError, check_plan, contiguous_plan
@@ -124,6 +125,7 @@ class EPGroup:
         exchange: str = "auto",
         max_tokens: int = 0,
         compiled_steps: bool = False,
+        decode_graphs: bool | None = None,
     ) -> EPGroup:
         """Start `num_workers` workers (default: the plan's GPU count) serving `model_dir` under `plan`.
 
@@ -140,6 +142,8 @@ class EPGroup:
         first). Off by default: its workers poll their input channel while the group lives (a busy core
         each), and on the GPU host the 2-GPU test (steps, then a routing replay) stopped answering once;
         the cause is not found yet (see bench/results/runtime.notes.md).
+        decode_graphs: decode-only steps at fixed shapes, replayed as CUDA graphs on one GPU or across
+        GPUs with the symm_mem exchange (None: on for CUDA; True on CPU runs them eagerly, for tests).
         """
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
@@ -197,7 +201,7 @@ class EPGroup:
             model_dir=model_dir, plan=plan, dtype=dtype, device=device, master_addr=addr, master_port=port,
             collective_timeout_s=collective_timeout_s, sink=sink, flush_every=flush_every,
             stats_shares=stats_shares, run_id=run_id, seed=seed, weights=weights, exchange=exchange,
-            max_tokens=max_tokens, cpu_threads=max(1, int(cpus_per_worker)),
+            max_tokens=max_tokens, cpu_threads=max(1, int(cpus_per_worker)), decode_graphs=decode_graphs,
         )
         group.infos = group._call([a.setup.remote(spec) for a in actors], setup_timeout_s, "setup")
         return group
@@ -443,7 +447,8 @@ class EPGroup:
         else:
             sampling = [sampling] * self.num_workers
         pause = list(pause_s) if pause_s is not None else [0.0] * self.num_workers
-        args = [(batch, sampling[rank], return_logits, measure, pause[rank]) for rank, batch in enumerate(checked)]
+        batch = self._group_batch(checked, measure)
+        args = [(b, sampling[rank], return_logits, measure, pause[rank], batch) for rank, b in enumerate(checked)]
         what = f"step {self.steps}"
         if self.compiled_steps:
             outputs = self._graph_call(args, self.step_timeout_s, what)
@@ -455,6 +460,16 @@ class EPGroup:
                 self.home[int(seq)] = rank
         self.steps += 1
         return outputs
+
+    def _group_batch(self, checked: list[PackedTokens], measure: bool) -> int:
+        """The largest worker batch when every worker's step is decode-only (else 0): the workers then run
+        fixed-shape decode steps padded to it (CUDA graphs across the ranks where the exchange allows). The
+        decision is the driver's because every worker must take the same path: each MoE layer is a
+        collective, and the fixed-shape steps exchange through buffers of their own."""
+        if self.num_workers == 1 or measure or not all(bool(np.all(p.lengths == 1)) for p in checked):
+            return 0
+        most = max(len(p.seq_ids) for p in checked)
+        return most if most <= DecodeGraphs.max_batch else 0
 
     def replay(
         self,

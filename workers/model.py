@@ -32,9 +32,11 @@ __all__ = ["MoEModel", "StepBatch", "StepResult", "ExpertExecutor", "route", "rm
 class ExpertExecutor(Protocol):
     """Routed-expert output of one MoE layer for this worker's tokens (collective: every worker calls it).
 
-    An executor may carry `world_size` and `measuring` (fixed-shape decode steps run only on one rank, not
-    measured), `capturable = True` when its calls read nothing back to the host (a CUDA graph may record
-    them) and `version`, changed whenever its weights or exchange are replaced.
+    An executor may carry `world_size` and `measuring` (measured steps never run at fixed shapes),
+    `decode_exchange` (several ranks: fixed-shape decode steps need one), `fixed_batch` (set while a call
+    is a fixed-shape decode step of that many rows per rank), `capturable = True` when its fixed-shape
+    calls read nothing back to the host (a CUDA graph may record them) and `version`, changed whenever its
+    weights or exchanges are replaced.
     """
 
     def __call__(self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
@@ -360,6 +362,22 @@ class MoEModel:
         self.arena.commit(batch.seq_ids, batch.new_tokens)
         return self.logits(x.index_select(0, batch.last_index)), routed
 
+    def _fixed_decode(self, packed: PackedTokens, override_ids: torch.Tensor | None, group_batch: int) -> bool:
+        """Whether this step runs through the decoder (fixed shapes, CUDA graphs where capturable)."""
+        ex = self.executor
+        if self.decoder is None or override_ids is not None or getattr(ex, "measuring", False):
+            return False  # a measured step must count only real tokens, not padding
+        decode = bool(np.all(packed.lengths == 1))
+        if getattr(ex, "world_size", 1) == 1:
+            return decode and 0 < len(packed.seq_ids) <= self.decoder.max_batch
+        if not group_batch or getattr(ex, "decode_exchange", None) is None:
+            return False
+        if not decode or not 0 <= len(packed.seq_ids) <= group_batch <= self.decoder.max_batch:
+            raise ValueError(f"group_batch: a fixed-shape decode step of {group_batch} rows per rank needs "
+                             f"<= {group_batch} one-token rows on every rank, this one got "
+                             f"{len(packed.seq_ids)} rows of {packed.lengths.tolist()[:8]} tokens")
+        return True
+
     @torch.inference_mode()
     def decode_forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
                        slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,18 +400,19 @@ class MoEModel:
         return x, routed
 
     def step(self, inputs: Sequence[tuple[int, Sequence[int]]] | PackedTokens,
-             override_ids: torch.Tensor | None = None) -> StepResult:
-        """Prefill or decode one step of (sequence id, new token ids); decode-only steps take the decoder."""
+             override_ids: torch.Tensor | None = None, group_batch: int = 0) -> StepResult:
+        """Prefill or decode one step of (sequence id, new token ids); decode-only steps take the decoder.
+
+        group_batch: on several ranks, > 0 when the driver found every rank's step decode-only: the
+        group's largest batch, to which every rank pads (the ranks must take the same path, since each MoE
+        layer is a collective). One rank decides alone.
+        """
         packed = _as_packed(inputs)
         n = len(packed.seq_ids)
-        # Padding rows cost nothing on one rank; with several they would travel through the exchange (and
-        # could overflow a fixed-capacity one), and a measured step must count only real tokens.
-        single = getattr(self.executor, "world_size", 1) == 1 and not getattr(self.executor, "measuring", False)
-        if (override_ids is None and self.decoder is not None and single and 0 < n <= self.decoder.max_batch
-                and bool(np.all(packed.lengths == 1))):
+        if self._fixed_decode(packed, override_ids, group_batch):
             seq_ids, new = _check_step(packed)
             slots, pasts = self.arena.admit(seq_ids, new)
-            logits, routed = self.decoder.run(packed.tokens, pasts, slots)
+            logits, routed = self.decoder.run(packed.tokens, pasts, slots, group_batch)
             self.arena.commit(seq_ids, new)
             return StepResult(seq_ids, n, logits, routed)
         batch = build_batch(self.arena, packed, self.device)

@@ -87,11 +87,15 @@ class EPExecutor:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device, self.dtype = device, dtype
         self._exchange = make_exchange(world_size, dtype=dtype) if exchange is None else exchange
-        self.version = 0  # changes with the shard or the exchange: CUDA graphs recorded before are stale
+        self._decode_exchange: Exchange | None = None
+        self.version = 0  # changes with the shard or the exchanges: CUDA graphs recorded before are stale
         self.shard: ExpertShard | None = None
         self.maps: list[ExpertMap] = []
         self.measuring = False
         self.measures: list[LayerMeasure] = []
+        # Set (by `DecodeGraphs`) while a call is the group's fixed-shape decode step: every rank brings
+        # this many rows. Several ranks then use `decode_exchange`.
+        self.fixed_batch = 0
 
     @property
     def exchange(self) -> Exchange:
@@ -103,12 +107,25 @@ class EPExecutor:
         self.version += 1
 
     @property
+    def decode_exchange(self) -> Exchange | None:
+        """The exchange of fixed-shape decode steps on several ranks (None: those steps run the variable-
+        shape path). A symm_mem exchange sized for the largest decode batch, not for a prefill's tokens:
+        its receive side is scanned whole every layer, and the decode batch bounds the expert rows."""
+        return self._decode_exchange
+
+    @decode_exchange.setter
+    def decode_exchange(self, exchange: Exchange | None) -> None:
+        self._decode_exchange = exchange
+        self.version += 1
+
+    @property
     def capturable(self) -> bool:
-        """A call can be recorded in a CUDA graph: no measuring (it synchronises), an exchange that reads
-        nothing back, a single rank (the expert layout skips host reads only there), and bf16 on a GPU
-        (other dtypes take the per-group GEMM loop, which reads the group sizes back)."""
-        return (not self.measuring and self.world_size == 1 and self._exchange.capturable
-                and self.dtype == torch.bfloat16)
+        """A fixed-shape decode call can be recorded in a CUDA graph: no measuring (it synchronises), an
+        exchange that reads nothing back (on several ranks the decode exchange, whose expert rows are
+        bounded by the group's batch), and bf16 on a GPU (other dtypes take the per-group GEMM loop,
+        which reads the group sizes back)."""
+        ex = self._exchange if self.world_size == 1 else self._decode_exchange
+        return (not self.measuring and ex is not None and ex.capturable and self.dtype == torch.bfloat16)
 
     def load(self, plan: Placement, shard: ExpertShard) -> None:
         self.maps = [ExpertMap.from_placement(plan, layer, self.device) for layer in range(plan.num_layers)]
@@ -130,17 +147,23 @@ class EPExecutor:
     def __call__(self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
         emap, shard, ex = self.maps[moe_layer], self.shard, self.exchange
+        fixed = self.fixed_batch and self.world_size > 1 and self._decode_exchange is not None
+        if fixed:
+            ex = self._decode_exchange
         t0 = self._sync() if self.measuring else 0.0
         layout = build_layout(topk_ids, topk_weights, emap, self.rank)
         t1 = self._sync() if self.measuring else 0.0
         t1_start = self._aligned() if self.measuring else 0.0
         received = ex.dispatch(hidden, layout)
         t2 = self._sync() if self.measuring else 0.0
-        # One rank serves every pair it has: the expert rows are exactly T * k, known without reading the
-        # layout back from the device (a sync per layer that kept the host from queueing ahead).
+        # Expert rows known without reading the layout back from the device (a sync per layer that kept the
+        # host from queueing ahead, and that a CUDA graph cannot hold): one rank serves all of its T * k
+        # pairs; in a fixed-shape step each of G ranks sends at most fixed_batch tokens of k pairs.
         local = isinstance(ex, LocalExchange)
-        experts = build_expert_layout(received.slots, emap.slots_per_gpu, received.valid,
-                                      max_rows=received.slots.numel() if local else None, all_valid=local)
+        bound = (received.slots.numel() if local
+                 else self.world_size * self.fixed_batch * self.cfg.top_k if fixed else None)
+        experts = build_expert_layout(received.slots, emap.slots_per_gpu, received.valid, max_rows=bound,
+                                      all_valid=local)
         rows = permute(received.x, experts.row_index)
         y = swiglu_experts(rows, shard.w_gate_up[moe_layer], shard.w_down[moe_layer], experts.offsets)
         t3 = self._sync() if self.measuring else 0.0

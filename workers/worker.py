@@ -20,10 +20,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from expertmesh.kernels.exchange import Exchange
 from expertmesh.placement.plan import Placement
 
 from .checkpoint import CheckpointReader, RandomReader, open_weights
 from .config import read_model_config
+from .decode_graph import DecodeGraphs
 from .model import MoEModel, PackedTokens
 from .moe import EPExecutor, LayerMeasure, make_exchange
 from .recording import StatsSink, StepRecorder
@@ -55,7 +57,9 @@ class WorkerSpec:
     exchange: str = "auto"  # see moe.EXCHANGES
     max_tokens: int = 0  # most tokens one worker brings to a step (sizes the symm_mem exchange's buffers)
     cpu_threads: int = 1  # torch intra-op threads (the worker's CPU share; see setup)
-    cuda_graphs: bool = True  # decode steps as CUDA graphs where the exchange allows (one GPU)
+    # Decode steps at fixed shapes, captured as CUDA graphs where the exchange allows (one GPU, or several
+    # through symm_mem). None: on for CUDA. True on CPU runs the same fixed-shape steps eagerly (tests).
+    decode_graphs: bool | None = None
 
 
 @dataclass
@@ -145,10 +149,11 @@ class ExpertWorker:
         self.reader = open_weights(spec.weights, spec.model_dir, self.cfg, self.device, spec.seed)
         weights = load_model_weights(self.reader, self.cfg, self.dtype, self.device)
         self.executor = EPExecutor(self.cfg, self.rank, self.world_size, self.device, self.dtype)
+        self.fixed_decode = spec.decode_graphs if spec.decode_graphs is not None else self.device.type == "cuda"
         self.set_exchange(spec.exchange, spec.max_tokens)
         self._load_experts(spec.plan)
         self.model = MoEModel(self.cfg, weights, self.executor, self.dtype, self.device,
-                              decode_graphs=spec.cuda_graphs and self.device.type == "cuda")
+                              decode_graphs=self.fixed_decode)
         self.recorder = StepRecorder(spec.sink, f"{spec.run_id}/worker-{self.rank}", spec.flush_every,
                                      (self.cfg.num_moe_layers, self.cfg.num_experts, self.cfg.top_k), self.device,
                                      group=(self.rank, self.world_size) if spec.stats_shares else None,
@@ -180,10 +185,24 @@ class ExpertWorker:
         """Switch the dispatch/combine implementation (collective: every worker calls it together)."""
         self.executor.exchange = make_exchange(self.world_size, kind, max_tokens=max_tokens, cfg=self.cfg,
                                                dtype=self.dtype)
+        self.executor.decode_exchange = self._decode_exchange(kind)
         return type(self.executor.exchange).__name__
+
+    def _decode_exchange(self, kind: str) -> Exchange | None:
+        """The exchange of the group's fixed-shape decode steps (None: decode runs the variable path)."""
+        if self.world_size == 1 or not self.fixed_decode:
+            return None
+        if kind == "symm_mem":  # capturable: decode steps become CUDA graphs across the ranks
+            return make_exchange(self.world_size, kind, max_tokens=DecodeGraphs.max_batch, cfg=self.cfg,
+                                 dtype=self.dtype)
+        if self.device.type == "cpu":  # the same fixed-shape steps, eagerly (how CPU tests reach them)
+            return self.executor.exchange
+        # NCCL's all_to_all reads split sizes back, so no graph; padded fixed shapes would only cost.
+        return None
 
     def info(self) -> dict:
         shard = self.executor.shard
+        decoder = None if self.model is None else self.model.decoder
         return {
             "rank": self.rank,
             "pid": os.getpid(),
@@ -194,6 +213,9 @@ class ExpertWorker:
             "expert_bytes": shard.nbytes(),
             "tensors_read": sorted(self.reader.names_read),
             "live_sequences": 0 if self.model is None else self.model.arena.live,
+            # decode steps run at fixed shapes, and the CUDA graphs captured for them
+            "decode_steps": 0 if decoder is None else decoder.steps,
+            "decode_graphs": 0 if decoder is None else decoder.captures,
         }
 
     def shutdown(self) -> None:
@@ -209,14 +231,17 @@ class ExpertWorker:
         return_logits: bool = True,
         measure: bool = False,
         pause_s: float = 0.0,
+        group_batch: int = 0,
     ) -> StepOutput:
         """Prefill or decode `inputs` (sequence id, new token ids) in lockstep with the group.
 
         `sampling` (one for all inputs, or one per input) asks for next tokens; `measure` times each MoE
         layer's phases (it synchronises the device, so it slows the step); `pause_s` sleeps before the first
-        layer (failure tests use it to hold a step open).
+        layer (failure tests use it to hold a step open); `group_batch` > 0: the driver found the whole
+        group's step decode-only, with at most that many sequences per worker (see `MoEModel.step`).
         """
-        return self._run(inputs, None, sampling, return_logits, measure, pause_s, record=True)
+        return self._run(inputs, None, sampling, return_logits, measure, pause_s, record=True,
+                         group_batch=group_batch)
 
     def step_packed(self, args: tuple) -> StepOutput:
         """`step(*args)`: the entry point of the group's compiled graph (one argument per worker)."""
@@ -244,7 +269,8 @@ class ExpertWorker:
         finally:
             self.model.arena.free(packed.seq_ids.tolist())
 
-    def _run(self, inputs, override, sampling, return_logits, measure, pause_s, record) -> StepOutput:
+    def _run(self, inputs, override, sampling, return_logits, measure, pause_s, record,
+             group_batch: int = 0) -> StepOutput:
         entered = time.perf_counter()
         model = self.model
         if pause_s:
@@ -252,7 +278,7 @@ class ExpertWorker:
         self.executor.measuring = measure
         self.executor.measures = []
         start = time.perf_counter()
-        result = model.step(inputs, override)
+        result = model.step(inputs, override, group_batch)
         tokens = None
         if sampling is not None:
             positions = [model.arena.length[s] for s in result.seq_ids]

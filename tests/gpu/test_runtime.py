@@ -153,6 +153,39 @@ def test_decode_cuda_graphs_replay_the_eager_fixed_shape_step_bf16(checkpoint):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.skipif(NUM_GPUS < 2, reason="needs 2 GPUs")
+def test_two_gpu_decode_cuda_graphs_through_symm_mem_match_one_gpu_bf16(cluster, checkpoint):
+    """bf16 decode steps replayed as CUDA graphs on both GPUs, the symm_mem exchange inside the graphs, give
+    the logits of the same steps run eagerly on one GPU: through re-captures when an arena grows, and a
+    step where worker 1 has no sequence (it replays padding rows through the exchange)."""
+    local = load_local_model(checkpoint, torch.bfloat16, "cuda")
+    local.decoder.capture = False
+    tokens, want = _greedy_decode(local, PROMPTS, 14)  # the 7-token prompt passes position 16: arenas grow
+
+    def close(got, ref):
+        torch.testing.assert_close(torch.tensor(got), ref.float().cpu(), atol=0.03 * float(ref.abs().max()),
+                                   rtol=0.02)
+
+    homes = [[i for i in range(len(PROMPTS)) if i % 2 == r] for r in range(2)]
+    with EPGroup.create(checkpoint, None, 2, device="cuda", dtype="bfloat16", exchange="symm_mem",
+                        max_tokens=64) as group:
+        group.step([[(i, PROMPTS[i]) for i in mine] for mine in homes])
+        for step in range(14):
+            outs = group.step([[(i, [tokens[i][step]]) for i in mine] for mine in homes])
+            got = {s: row for o in outs for s, row in zip(o.seq_ids, o.logits, strict=True)}
+            for i in range(len(PROMPTS)):
+                close(got[i], want[step][i])
+        infos = group.worker_info()
+        assert [i["decode_steps"] for i in infos] == [14, 14]
+        assert all(i["decode_graphs"] >= 2 for i in infos), infos  # captured, and again after growth
+        last = {i: int(want[-1][i].argmax()) for i in homes[0]}
+        outs = group.step([[(i, [t]) for i, t in last.items()], []])
+        ref, _ = run_step(local, [(i, [t]) for i, t in last.items()])
+        for row, r in zip(outs[0].logits, ref, strict=True):
+            close(row, r)
+        assert outs[1].seq_ids == []
+
+
 @pytest.mark.parametrize("num_workers", [1, pytest.param(2, marks=pytest.mark.skipif(NUM_GPUS < 2,
                                                                                    reason="needs 2 GPUs"))])
 def test_compiled_steps_match_reference_then_replay_runs(cluster, checkpoint, ref, num_workers):

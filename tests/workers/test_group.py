@@ -224,6 +224,37 @@ def test_compiled_steps_give_the_results_of_actor_calls(ray_cluster, tiny_models
         np.testing.assert_array_equal(a, b)
 
 
+def test_fixed_shape_decode_steps_across_workers_match_the_reference(ray_cluster, tiny_models, reference,
+                                                                     greedy_reference):
+    """Decode steps at fixed shapes on 2 workers (on a GPU: CUDA graphs through symm_mem; here the same
+    padded steps run eagerly over gloo) under an ilp plan with replicas: uneven batches pad to the group's
+    largest, a worker without sequences still joins every exchange, and logits and 32 greedy tokens equal
+    `transformers`'."""
+    family = "qwen3_moe"
+    path = tiny_models[family].path
+    ref = reference(family)
+    plan = ilp_plan(read_model_config(path).num_moe_layers, 2)
+    with EPGroup.create(path, plan, 2, cpus_per_worker=CPUS, decode_graphs=True) as group:
+        assert_logits_match(group, ref, first_id=0)  # 3 + 2 sequences: worker 1 pads 2 rows to 4
+        assert [i["decode_steps"] for i in group.worker_info()] == [2, 2]
+        # Worker 1 brings nothing: it runs 4 padding rows through the exchange with worker 0's 3 sequences.
+        history = {s: list(p) for s, p in zip((10, 12, 14), PROMPTS[:3], strict=True)}
+        outs = group.step([[(s, p) for s, p in history.items()], []])
+        for _ in range(2):
+            nxt = {s: int(np.argmax(row)) for s, row in zip(outs[0].seq_ids, outs[0].logits, strict=True)}
+            for s, t in nxt.items():
+                history[s].append(t)
+            outs = group.step([[(s, [t]) for s, t in nxt.items()], []])
+            assert outs[1].seq_ids == []
+            for s, row in zip(outs[0].seq_ids, outs[0].logits, strict=True):
+                with torch.no_grad():
+                    want = ref(torch.tensor([history[s]])).logits[0, -1]
+                torch.testing.assert_close(torch.tensor(row), want, atol=ATOL, rtol=RTOL)
+        assert [i["decode_steps"] for i in group.worker_info()] == [4, 4]
+        group.free(list(history))
+        assert group.generate(PROMPTS, 32) == greedy_reference(family)
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["actor-calls", "compiled-graph"])
 def test_killed_worker_fails_the_step_then_the_group_can_be_recreated(ray_cluster, tiny_models, compiled):
     path = tiny_models["olmoe"].path
