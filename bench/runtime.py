@@ -155,10 +155,15 @@ def ours_decode(group, batch: int, vocab: int, rng) -> tuple[float, dict]:
     ids = list(range(50_000, 50_000 + batch))
     prompts = [_rng_tokens(rng, PROMPT_LEN, vocab) for _ in range(batch)]
     inputs = [[(ids[i], prompts[i]) for i in range(batch) if i % G == r] for r in range(G)]
-    outs = group.step(inputs, sampling=GREEDY, return_logits=False)
+    # Prompts are prefilled in steps of at most max_tokens new tokens per worker (a symm_mem group's buffers
+    # are sized for the benchmark's largest step, not for 512 prompts at once).
+    per_step = max(1, group.max_tokens // PROMPT_LEN) if group.max_tokens else batch
+    nxt: dict[int, int] = {}
+    for first in range(0, max(map(len, inputs)), per_step):
+        outs = group.step([b[first:first + per_step] for b in inputs], sampling=GREEDY, return_logits=False)
+        nxt.update((s, t) for o in outs for s, t in zip(o.seq_ids, o.tokens, strict=True))
     times, forward, call = [], [], []
     for step in range(DECODE_STEPS + 2):
-        nxt = {s: t for o in outs for s, t in zip(o.seq_ids, o.tokens, strict=True)}
         inputs = [[(s, [nxt[s]]) for s, _ in b] for b in inputs]
         t0 = time.perf_counter()
         outs = group.step(inputs, sampling=GREEDY, return_logits=False)
@@ -166,6 +171,7 @@ def ours_decode(group, batch: int, vocab: int, rng) -> tuple[float, dict]:
             times.append(time.perf_counter() - t0)
             forward.append(max(o.seconds for o in outs))
             call.append(max(o.call_s for o in outs))
+        nxt = {s: t for o in outs for s, t in zip(o.seq_ids, o.tokens, strict=True)}
     group.free(ids)
     return batch * len(times) / float(np.sum(times)), {"step_ms": float(np.median(times)) * 1e3,
                                                        "worker_ms": float(np.median(forward)) * 1e3,
@@ -305,7 +311,7 @@ def measure_variant(name: str, variant: str, args, rows: list, notes: list) -> N
         t0 = time.perf_counter()
         # `-symm`: our NVLink exchange (kernels/symm_exchange.py), buffers sized for the largest step.
         exchange = "symm_mem" if variant.endswith("-symm") else "auto"
-        max_tokens = max([*prefill, *args.decode]) if exchange == "symm_mem" else 0
+        max_tokens = max([*prefill, *args.decode, PROMPT_LEN]) if exchange == "symm_mem" else 0
         group = EPGroup.create(ckpt, None, G, device=device, dtype="bfloat16" if device == "cuda" else "float32",
                                cpus_per_worker=1.0, step_timeout_s=600, collective_timeout_s=600,
                                exchange=exchange, max_tokens=max_tokens, compiled_steps=True)
@@ -399,7 +405,13 @@ def cmd_measure(args) -> None:
 
 # ---------------------------------------------------------------------------------------------- report
 def cmd_report(args) -> None:
-    measured = json.loads(Path(args.measured).read_text())
+    measured = json.loads(Path(args.measured[0]).read_text())
+    # Further measurements of the same GPU session (e.g. larger decode batches for a few variants) join the
+    # tables; their commands are listed with the first.
+    extra = [json.loads(Path(p).read_text()) for p in args.measured[1:]]
+    for more in extra:
+        measured["rows"] += more["rows"]
+        measured["notes"] += more["notes"]
     rows = measured["rows"]
     env = measured["environment"]
     lines = [
@@ -408,8 +420,9 @@ def cmd_report(args) -> None:
         f"Machine: {', '.join(env.get('gpus', ['cpu']))}; CPU {env.get('cpu')}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("gpus", "cpu")) + ".",
         "",
-        f"Command (GPU machine): `{measured['command']}`; report: `python bench/runtime.py report --measured "
-        "<that json> --replay <ep8 json> --results bench/results`.",
+        "Commands (GPU machine): " + ", then ".join(f"`{m['command']}`" for m in [measured, *extra])
+        + "; report: `python bench/runtime.py report --measured <those jsons> --replay <ep8 json> "
+        "--results bench/results`.",
         "",
         "bf16, random weights in a sharded Hugging Face checkpoint (same files for every variant), 2 decoder "
         f"layers of real dimensions. Prefill: sequences of {measured['settings']['seq_len']} tokens, all in one "
@@ -442,21 +455,27 @@ def cmd_report(args) -> None:
                   f"top-{shape['top_k']}, {shape['layers']} layers", "",
                   "| mode | size | " + " | ".join(f"{v} tok/s" for v in variants)
                   + " | ours-1gpu / best hf | ours-local / best hf | ours-1gpu / hf-default "
-                  "| ours-2gpu / ours-1gpu |",
-                  "|---|---|" + "---|" * (len(variants) + 4)]
+                  "| ours-2gpu / ours-1gpu | ours-2gpu at 2x the size / ours-1gpu |",
+                  "|---|---|" + "---|" * (len(variants) + 5)]
         nan = float("nan")
+        two_gpu = _two_gpu_rates(mine)
+
         for mode in ("prefill", "decode"):
             for size in sorted({r["size"] for r in mine if r["mode"] == mode}):
                 val = {r["variant"]: r["tokens_per_s"] for r in mine if r["mode"] == mode and r["size"] == size}
                 best_hf = max((val[v] for v in hf if v in val), default=nan)
                 o1, loc = val.get("ours-1gpu", nan), val.get("ours-local", nan)
-                o2 = max((val[v] for v in ("ours-2gpu", "ours-2gpu-symm") if v in val), default=nan)
+                o2 = two_gpu.get((mode, size), nan)
                 default = val.get("hf-default", nan)
+                # Same work per GPU: 2 GPUs with twice the sequences (decode), or twice the tokens (prefill).
+                scaled = two_gpu.get((mode, 2 * size), nan) / o1
                 cells = " | ".join(f"{val[v]:,.0f}" if v in val else "-" for v in variants)
-                lines.append(f"| {mode} | {size} | {cells} | {o1 / best_hf:.2f}x | {loc / best_hf:.2f}x "
-                             f"| {o1 / default:.2f}x | {o2 / o1:.2f}x |")
+                ratios = " | ".join(f"{r:.2f}x" if np.isfinite(r) else "-"
+                                    for r in (o1 / best_hf, loc / best_hf, o1 / default, o2 / o1, scaled))
+                lines.append(f"| {mode} | {size} | {cells} | {ratios} |")
                 summary[f"{name}/{mode}/{size}"] = {"vs_best_hf": o1 / best_hf, "local_vs_best_hf": loc / best_hf,
-                                                   "vs_hf_default": o1 / default, "two_over_one": o2 / o1}
+                                                   "vs_hf_default": o1 / default, "two_over_one": o2 / o1,
+                                                   "two_at_twice_over_one": scaled}
         timed = [r for r in mine if "step_ms" in r]
         if timed:
             lines += ["", "Where a Ray step's time goes (medians): `step` = the driver's `group.step` call, "
@@ -473,6 +492,16 @@ def cmd_report(args) -> None:
     if args.replay:
         lines += replay_section(json.loads(Path(args.replay).read_text()))
     print(write_report(args.results, "runtime", lines, {"measured": measured, "summary": summary}).read_text())
+
+
+def _two_gpu_rates(rows: list[dict]) -> dict[tuple[str, int], float]:
+    """(mode, size) -> tokens/s of the faster 2-GPU variant."""
+    best: dict[tuple[str, int], float] = {}
+    for r in rows:
+        if r["variant"] in ("ours-2gpu", "ours-2gpu-symm"):
+            key = (r["mode"], r["size"])
+            best[key] = max(best.get(key, 0.0), r["tokens_per_s"])
+    return best
 
 
 def replay_section(ep8_doc: dict) -> list[str]:
@@ -515,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
     m = sub.add_parser("measure")
     m.add_argument("--out", required=True)
     m.add_argument("--shapes", nargs="+", default=list(SHAPES))
-    m.add_argument("--prefill", type=int, nargs="+", default=PREFILL_TOKENS)
+    m.add_argument("--prefill", type=int, nargs="*", default=PREFILL_TOKENS)
     m.add_argument("--decode", type=int, nargs="+", default=DECODE_BATCH)
     m.add_argument("--workdir", default="/tmp/expertmesh-runtime")
     m.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
@@ -528,14 +557,15 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--shape", required=True)
     v.add_argument("--variant", required=True, choices=VARIANTS)
     v.add_argument("--out", required=True)
-    v.add_argument("--prefill", type=int, nargs="+", default=PREFILL_TOKENS)
+    v.add_argument("--prefill", type=int, nargs="*", default=PREFILL_TOKENS)
     v.add_argument("--decode", type=int, nargs="+", default=DECODE_BATCH)
     v.add_argument("--workdir", default="/tmp/expertmesh-runtime")
     v.add_argument("--quick", action="store_true")
     v.add_argument("--torch-threads", type=int, default=1)
     v.add_argument("--sdpa", choices=("no-cudnn", "default"), default="no-cudnn")
     r = sub.add_parser("report")
-    r.add_argument("--measured", required=True)
+    r.add_argument("--measured", required=True, nargs="+",
+                   help="measure's json; more jsons of the same GPU session join its tables")
     r.add_argument("--replay", help="bench/results/ep8.json (or the raw measurement) of the same GPU session")
     r.add_argument("--results", default=str(ROOT / "bench/results"))
     args = ap.parse_args(argv)
