@@ -188,7 +188,7 @@ def _grouped_gemm_shape(label: str, S: int, M: int, K: int, N: int) -> None:
 
 
 # Launches of the blockwise Triton kernel swept at every GEMM shape: (block_m, block_n, warps, stages, group_m).
-BLOCKWISE_CONFIGS = [(64, 128, 4, 4, 8), (64, 128, 4, 3, 1), (64, 128, 4, 4, 1), (64, 128, 4, 5, 8),
+BLOCKWISE_CONFIGS = [(64, 128, 4, 3, 1), (64, 128, 4, 4, 8), (64, 128, 4, 4, 1), (64, 128, 4, 5, 8),
                      (64, 128, 8, 4, 8), (64, 256, 8, 3, 8), (64, 256, 8, 4, 8), (128, 128, 8, 4, 8),
                      (128, 256, 8, 3, 8), (128, 256, 8, 4, 8)]
 

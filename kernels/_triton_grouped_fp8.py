@@ -11,10 +11,8 @@ bound of M-tiles, cdiv(M, BLOCK_M) + S (each group adds at most one partial tile
 its group among the cumulative tile counts; programs past the last tile return at once.
 
 Tile order: the grid is one-dimensional and walks GROUP_M M-tiles down each N-tile before moving right
-(the grouped order of Triton's matmul tutorial). Programs that run together then share a few experts'
-activation rows and the same weight columns in L2. In plain M-fastest order each activation tile is read
-again for every N-tile, a full wave apart: at shape (b) that is 32 reads of 235 MB from HBM, more time than
-the FLOPs take.
+(the grouped order of Triton's matmul tutorial); GROUP_M = 1 runs the N-tiles of one M-tile back to back.
+At shape (b) on an H200 the two measured within 1% of each other (`bench/results/kernels.md`, "tuning").
 """
 
 from __future__ import annotations
@@ -82,12 +80,13 @@ def _grouped_fp8_kernel(
 
 def grouped_fp8_blockwise_triton(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                                  offsets: torch.Tensor, out_dtype: torch.dtype, block_m: int = 64,
-                                 block_n: int = 128, num_warps: int = 4, num_stages: int = 4,
-                                 group_m: int = 8) -> torch.Tensor:
+                                 block_n: int = 128, num_warps: int = 4, num_stages: int = 3,
+                                 group_m: int = 1) -> torch.Tensor:
     """[M, N] out_dtype; arguments checked by the caller (`experts.scaled_grouped_mm_blockwise`).
 
-    The default launch is the fastest of `bench/kernels.py`'s sweep at shape (b) on an H200 (64 rows per
-    tile fit the ~256-row expert groups with less padding than 128)."""
+    The default launch is the best of `bench/kernels.py`'s sweep over both GEMMs of shape (b) in two runs
+    on an H200 (1.37-1.41x bf16's grouped GEMM); 64 rows per tile pad the ~256-row expert groups less
+    than 128."""
     M, K = xq.shape
     S, N, _ = wq.shape
     out = torch.empty((M, N), dtype=out_dtype, device=xq.device)
