@@ -140,8 +140,8 @@ class EPGroup:
         compiled_steps: drive `step` through a Ray compiled graph (one ~0.1 ms round trip through shared
         memory instead of a ~1 ms actor call; other calls stay plain actor calls, and release the graph
         first). Off by default: its workers poll their input channel while the group lives (a busy core
-        each), and on the GPU host the 2-GPU test (steps, then a routing replay) stopped answering once;
-        the cause is not found yet (see bench/results/runtime.notes.md).
+        each). Before other calls released the graph, a 2-GPU test (steps, then a routing replay) stopped
+        answering on the GPU host; since then its GPU tests pass.
         decode_graphs: decode-only steps at fixed shapes, replayed as CUDA graphs on one GPU or across
         GPUs with the symm_mem exchange (None: on for CUDA; True on CPU runs them eagerly, for tests).
         """
