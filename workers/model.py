@@ -372,7 +372,7 @@ class MoEModel:
             return decode and 0 < len(packed.seq_ids) <= self.decoder.max_batch
         if not group_batch or getattr(ex, "decode_exchange", None) is None:
             return False
-        if not decode or not 0 <= len(packed.seq_ids) <= group_batch <= self.decoder.max_batch:
+        if not decode or not len(packed.seq_ids) <= group_batch <= self.decoder.max_batch:
             raise ValueError(f"group_batch: a fixed-shape decode step of {group_batch} rows per rank needs "
                              f"<= {group_batch} one-token rows on every rank, this one got "
                              f"{len(packed.seq_ids)} rows of {packed.lengths.tolist()[:8]} tokens")
