@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._scan import cumsum_first
 from .expert_map import ExpertMap
 from .replicas import choose_replicas
 
@@ -164,7 +165,7 @@ def build_layout(
     dests = torch.sort(keyed, dim=1).values[:, :D]
     dests = torch.where(dests < G, dests, -1)
     taken = mask.to(torch.int64)
-    before = torch.cumsum(taken, 0) - taken  # [T, G]: copies to each rank from earlier tokens
+    before = cumsum_first(taken) - taken  # [T, G]: copies to each rank from earlier tokens
     dest_rows = torch.where(dests >= 0, before.gather(1, dests.clamp(min=0)), -1)
     return DispatchLayout(rank, G, gpus, slots, topk_weights.to(torch.float32), dests, dest_rows,
                           taken.sum(0))

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ._scan import cumsum_first, cumsum_last
+
 __all__ = ["choose_replicas", "local_token_index"]
 
 
@@ -26,7 +28,7 @@ def local_token_index(source: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """
     source = source.to(torch.int64)
     onehot = torch.nn.functional.one_hot(source, num_gpus)  # [T, G]
-    before = torch.cumsum(onehot, 0) - onehot
+    before = cumsum_first(onehot) - onehot
     return before.gather(1, source[:, None]).squeeze(1)
 
 
@@ -64,6 +66,6 @@ def choose_replicas(
     pool = torch.where(near.any(-1, keepdim=True), near, cand)
     n = pool.sum(-1)
     pick = (token_index.to(device=ids.device, dtype=torch.int64)[:, None] + ids) % n.clamp(min=1)  # rule 3
-    rank = torch.cumsum(pool.to(torch.int64), dim=-1) - 1
+    rank = cumsum_last(pool.to(torch.int64)) - 1
     spread = _first_true(pool & (rank == pick[..., None]))
     return torch.where(need, spread, source[:, None])

@@ -29,6 +29,7 @@ from expertmesh.kernels import (
     swiglu_experts_fp8,
     unpermute_combine,
 )
+from expertmesh.kernels._scan import cumsum_first, cumsum_last
 from expertmesh.kernels.experts import grouped_mm_reference
 from expertmesh.kernels.fp8 import dequantize_fp8_reference, quantize_fp8_reference
 from expertmesh.kernels.permute import permute_reference, unpermute_combine_reference
@@ -216,3 +217,13 @@ def test_op_inputs_are_checked():
         grouped_mm(torch.zeros(2, 4), torch.zeros(3, 4, 4), torch.zeros(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="impl"):
         permute(torch.zeros(2, 2), torch.zeros(2, dtype=torch.int64), impl="cuda")
+
+
+@pytest.mark.parametrize("shape", [(0, 2), (1, 1), (33, 2), (5, 0), (4096, 3), (7, 8, 2), (1, 5, 64)])
+def test_flat_scans_equal_torch_cumsum(shape):
+    """The layout's prefix sums (one flat scan, then the rows' offsets taken out) equal torch.cumsum exactly."""
+    x = torch.randint(0, 5, shape, generator=torch.Generator().manual_seed(sum(shape)))
+    assert torch.equal(cumsum_last(x), torch.cumsum(x, dim=-1))
+    if x.dim() == 2:
+        assert torch.equal(cumsum_first(x), torch.cumsum(x, dim=0))
+
