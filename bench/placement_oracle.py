@@ -9,6 +9,15 @@ Its internode copies are what "every planted cluster in one node" buys; the rest
 clusters sit. Rows: eplb (the baseline of the issue's -30% internode target), the oracle, and ilp (home
 dataflow, the time limit of bench/placement.py), each as a ratio to eplb in the same run.
 
+The 8x32 top-2 follow rows get *exact optima* (no replicas):
+- On 8 GPUs (one expert per GPU) a layer pair's crossings depend only on the relative permutation of the
+  two layers' GPUs, and those permutations are independent, so the optimum is every pair's best
+  assignment (all 8! permutations tried). Each GPU holds one expert, so balance is fixed.
+- On 4 GPUs (two experts per GPU) the optimum under the balance rule the placer keeps (every layer's
+  balancedness at least eplb's - 0.01) is a shortest path over the 2520 labelled pair partitions of each
+  layer, the partitions outside the rule removed.
+Rows: contiguous, the optimum and ilp.
+
 The *domain oracle* does the same for the token-follow dataflow: a domain keeps its sequences across
 layers, so it places domain d's cluster of every layer on the same GPUs (a domain of E / D experts on
 E / (D x slots) GPUs, or slots x D / E domains per GPU), experts by LPT inside them. Tokens of a domain
@@ -110,6 +119,92 @@ def domain_oracle(cluster: np.ndarray, counts: np.ndarray, gpus: int, nodes: int
     return Placement(np.array(rows), num_gpus=gpus, num_experts=E, num_nodes=nodes)
 
 
+def exact_follow_plan(trace, gpus: int) -> Placement:
+    """The follow_cross optimum of one expert per GPU (E == gpus, no replicas): layer l's expert b goes where
+    layer l-1's expert sigma_l^-1(b) sits, sigma_l the assignment keeping most (top-1 at l-1, pair at l) on a GPU."""
+    import itertools
+
+    ids = trace.topk_ids
+    T, L, k = ids.shape
+    if trace.num_experts != gpus:
+        raise ValueError(f"gpus: the exact optimum needs one expert per GPU ({trace.num_experts}), got {gpus}")
+    perms = np.array(list(itertools.permutations(range(gpus))))  # sigma: expert a at l-1 -> perms[a] at l
+    rows = [np.arange(gpus)]
+    for layer in range(1, L):
+        stay = np.zeros((gpus, gpus))
+        np.add.at(stay, (np.repeat(ids[:, layer - 1, 0], k), ids[:, layer].reshape(-1)), 1)
+        sigma = perms[int(np.argmax(stay[np.arange(gpus)[None, :], perms].sum(1)))]
+        rows.append(sigma[rows[-1]])
+    return Placement(np.array(rows), num_gpus=gpus, num_experts=gpus)
+
+
+def exact_balanced_follow_plan(trace, gpus: int, min_balance: np.ndarray) -> Placement:
+    """The follow_cross optimum of E / gpus experts per GPU (no replicas) with every layer's balancedness >=
+    min_balance[layer]: a shortest path (Viterbi) over each layer's labelled partitions of the experts."""
+    import itertools
+
+    ids = trace.topk_ids
+    T, L, k = ids.shape
+    E = trace.num_experts
+    per = E // gpus
+    states = sorted({tuple(p[i] // per for i in range(E)) for p in itertools.permutations(range(E))})
+    onehot = np.zeros((len(states), E, gpus))  # state -> expert -> its GPU
+    for s_, gpu_of in enumerate(states):
+        onehot[s_, np.arange(E), gpu_of] = 1
+    counts = np.stack([np.bincount(ids[:, layer].ravel(), minlength=E) for layer in range(L)])
+    loads = np.einsum("le,peg->lpg", counts, onehot)
+    allowed = loads.mean(-1) / loads.max(-1) >= min_balance[:, None] - 1e-12
+    value, back = np.where(allowed[0], 0.0, -np.inf), []
+    right = onehot.transpose(0, 2, 1).reshape(len(states), -1)  # [Q, G*E]
+    for layer in range(1, L):
+        stay = np.zeros((E, E))  # (top-1 expert at layer-1, pair's expert at layer)
+        np.add.at(stay, (np.repeat(ids[:, layer - 1, 0], k), ids[:, layer].reshape(-1)), 1)
+        total = value[:, None] + np.einsum("pag,ab->pgb", onehot, stay).reshape(len(states), -1) @ right.T
+        back.append(total.argmax(0))
+        value = np.where(allowed[layer], total.max(0), -np.inf)
+    path = [int(value.argmax())]
+    for prev in reversed(back):
+        path.append(int(prev[path[-1]]))
+    rows = [np.argsort(np.array(states[s_]), kind="stable") for s_ in reversed(path)]  # GPU-major experts
+    return Placement(np.array(rows), num_gpus=gpus, num_experts=E)
+
+
+def _exact_rows() -> list[dict]:
+    """bench/placement.py's 8x32 top-2 follow rows on 8 and 4 GPUs: contiguous, the exact optimum, ilp."""
+    trace = synthetic_trace(SyntheticSpec(num_experts=8, top_k=2, num_layers=32, num_tokens=4096, num_domains=4,
+                                          seed=0))
+    stats, params, rows = stats_from_trace(trace), CostParams(4096, 14336), []
+    for gpus in (8, 4):
+        topo = Topology(gpus)
+        plans = {"contiguous": place("contiguous", stats, topo, 0, IlpOptions(params=params))}
+        if gpus == 8:
+            plans["exact optimum"] = exact_follow_plan(trace, gpus)
+        else:
+            eplb_balance = evaluate(trace, place("eplb", stats, topo), topo, params, "follow").balancedness
+            plans["exact optimum, balance rule"] = exact_balanced_follow_plan(trace, gpus, eplb_balance - 0.01)
+        start = time.perf_counter()
+        plans["ilp"] = place("ilp", stats, topo, 0, IlpOptions(dataflow="follow", time_limit=10, params=params))
+        rows += _metric_rows(f"synthetic-8x32-top2, {gpus} GPUs / 1 node, follow", trace, topo, params, "follow",
+                             plans, "contiguous", time.perf_counter() - start)
+    return rows
+
+
+def _metric_rows(case: str, trace, topo: Topology, params: CostParams, dataflow: str, plans: dict,
+                 base_name: str, solve_s: float) -> list[dict]:
+    metrics = {name: evaluate(trace, plan, topo, params, dataflow).summary() for name, plan in plans.items()}
+    base = metrics[base_name]
+    rows = []
+    for name, m in metrics.items():
+        rows.append({"case": case, "dataflow": dataflow, "plan": name, "baseline": base_name,
+                     "balancedness": m["balancedness"], "solve_s": solve_s if name == "ilp" else None,
+                     **{key: m[key] for key in ("internode_copies", "copies", "follow_cross")},
+                     **{f"{key}_vs_base": m[key] / base[key] if base[key] else float("nan")
+                        for key in ("internode_copies", "copies", "follow_cross")}})
+        key = "internode_copies" if dataflow == "home" else "follow_cross"
+        print(f"{case}: {name} {key} x{rows[-1][key + '_vs_base']:.3f}", file=sys.stderr)
+    return rows
+
+
 def main() -> None:
     env = placement_environment()
     rows = []
@@ -134,19 +229,9 @@ def main() -> None:
             start = time.perf_counter()
             plans["ilp"] = place("ilp", stats, topo, 0,
                                  IlpOptions(dataflow=dataflow, time_limit=shape.time_limit, params=shape.params))
-            solve_s = time.perf_counter() - start
-            metrics = {name: evaluate(trace, plan, topo, shape.params, dataflow).summary()
-                       for name, plan in plans.items()}
-            base = metrics[base_name]
-            for name, m in metrics.items():
-                rows.append({"case": f"{where}, {dataflow}", "dataflow": dataflow, "plan": name,
-                             "baseline": base_name, "balancedness": m["balancedness"],
-                             "solve_s": solve_s if name == "ilp" else None,
-                             **{key: m[key] for key in ("internode_copies", "copies", "follow_cross")},
-                             **{f"{key}_vs_base": m[key] / base[key] if base[key] else float("nan")
-                                for key in ("internode_copies", "copies", "follow_cross")}})
-                key = "internode_copies" if dataflow == "home" else "follow_cross"
-                print(f"{where}, {dataflow}: {name} {key} x{rows[-1][key + '_vs_base']:.3f}", file=sys.stderr)
+            rows += _metric_rows(f"{where}, {dataflow}", trace, topo, shape.params, dataflow, plans, base_name,
+                                 time.perf_counter() - start)
+    rows += _exact_rows()
     lines = [
         "# How much of the planted structure `ilp` finds",
         "",
@@ -157,7 +242,7 @@ def main() -> None:
         "the cluster oracle keeps every planted cluster whole inside one node; ratios against eplb, the "
         "issue's target is internode copies x0.70. Follow rows: the domain oracle places a domain's cluster "
         "of every layer on the same GPUs, ignoring balance; ratios against contiguous, the target is "
-        "follow_cross x0.70.",
+        "follow_cross x0.70. The last rows: exact follow_cross optima of the 8x32 top-2 rows.",
         "",
         "| case | plan | internode copies | x base | copies | x base | follow_cross | x base | balancedness "
         "| solve s |",

@@ -322,6 +322,32 @@ def test_ilp_follow_forward_chain_beats_stage_2s_plan():
         assert (evaluate(trace, plan, topo, dataflow="follow").balancedness >= eplb_bal - 0.01 - 1e-9).all()
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ilp_follow_reaches_the_exact_optimum_with_one_expert_per_gpu(seed):
+    """One expert per GPU and no replicas: follow_cross depends on each layer pair only through the
+    relative permutation of their GPUs, so the optimum is every pair's best assignment, found here by
+    trying all 720 permutations of 6 experts. (The same argument bounds the benchmark's 8x32 row on 8 GPUs.)"""
+    import itertools
+
+    from expertmesh.placement.synthetic import SyntheticSpec, synthetic_trace
+
+    E = 6
+    trace = synthetic_trace(SyntheticSpec(num_experts=E, top_k=2, num_layers=5, num_tokens=512, num_domains=3,
+                                          seed=seed))
+    ids = trace.topk_ids
+    T, L, k = ids.shape
+    perms = np.array(list(itertools.permutations(range(E))))
+    best = []
+    for layer in range(1, L):  # tokens (top-1 expert a at layer-1, pair b at layer) that can stay on a GPU
+        stay = np.zeros((E, E))
+        np.add.at(stay, (np.repeat(ids[:, layer - 1, 0], k), ids[:, layer].reshape(-1)), 1)
+        best.append(1 - stay[np.arange(E)[None, :], perms].sum(1).max() / (T * k))
+    topo = Topology(E)
+    plan = ilp(stats_from_trace(trace), topo, E, IlpOptions(dataflow="follow", time_limit=5.0, workers=1))
+    got = evaluate(trace, plan, topo, dataflow="follow").follow_cross
+    np.testing.assert_allclose(got, best, atol=1e-12)
+
+
 @pytest.mark.parametrize("redundant", [0, 4])
 def test_ilp_follow_starts_never_lose_to_the_first_and_repeat_under_the_seed(redundant):
     trace = _follow_instance()
