@@ -255,3 +255,9 @@ def test_layout_on_gpu_matches_cpu():
     ea = build_expert_layout(a.slots, 40)
     eb = build_expert_layout(b.slots, 40)
     assert torch.equal(ea.pair_pos, eb.pair_pos.cpu()) and torch.equal(ea.row_index, eb.row_index.cpu())
+    # The layout's flat scans on the device, at the shapes the profile found slow in torch's cumsum.
+    from expertmesh.kernels._scan import cumsum_first, cumsum_last
+
+    x = torch.randint(0, 2, (16384 * 8, 2), device=DEV)
+    assert torch.equal(cumsum_last(x), torch.cumsum(x, -1))
+    assert torch.equal(cumsum_first(x[:16384]), torch.cumsum(x[:16384], 0))
