@@ -41,16 +41,14 @@ def _worker(rank: int, args: argparse.Namespace, G: int, port: int, model_dir: s
     from expertmesh.workers.config import read_model_config
     from expertmesh.workers.plans import contiguous_plan
 
-    if args.device == "cuda":
-        # The actor picks its GPU through Ray; here each process is told which one is its own.
-        worker_mod._local_gpu_index = lambda: rank
     cfg = read_model_config(model_dir)
     plan = contiguous_plan(cfg.num_moe_layers, cfg.num_experts, G)
     exchange = args.exchange if G > 1 else "auto"
     spec = worker_mod.WorkerSpec(model_dir=model_dir, plan=plan, dtype="bfloat16" if args.device == "cuda"
                                  else "float32", device=args.device, master_addr="127.0.0.1", master_port=port,
                                  weights="random", exchange=exchange,
-                                 max_tokens=args.tokens if exchange == "symm_mem" else 0)
+                                 max_tokens=args.tokens if exchange == "symm_mem" else 0,
+                                 gpu=rank if args.device == "cuda" else None)  # no Ray to assign one
     w = worker_mod.ExpertWorker(rank, G)
     w.setup(spec)
     rng = np.random.default_rng(rank)

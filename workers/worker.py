@@ -60,6 +60,7 @@ class WorkerSpec:
     # Decode steps at fixed shapes, captured as CUDA graphs where the exchange allows (one GPU, or several
     # through symm_mem). None: on for CUDA. True on CPU runs the same fixed-shape steps eagerly (tests).
     decode_graphs: bool | None = None
+    gpu: int | None = None  # CUDA device index of this worker; None: the GPU Ray assigned (see _local_gpu_index)
 
 
 @dataclass
@@ -133,7 +134,7 @@ class ExpertWorker:
                 # Ray's compiled graphs map this actor's GPU id through the variable and refuse an empty
                 # one; naming every GPU in order changes nothing for a process that sees them all.
                 os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(torch.cuda.device_count())))
-            self.device = torch.device("cuda", _local_gpu_index())
+            self.device = torch.device("cuda", _local_gpu_index() if spec.gpu is None else spec.gpu)
             torch.cuda.set_device(self.device)
             backend = "nccl"
         else:
