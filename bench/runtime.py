@@ -412,6 +412,7 @@ def cmd_report(args) -> None:
     for more in extra:
         measured["rows"] += more["rows"]
         measured["notes"] += more["notes"]
+    measured["commands"] = [m["command"] for m in [measured, *extra]]
     rows = measured["rows"]
     env = measured["environment"]
     lines = [
@@ -420,7 +421,7 @@ def cmd_report(args) -> None:
         f"Machine: {', '.join(env.get('gpus', ['cpu']))}; CPU {env.get('cpu')}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("gpus", "cpu")) + ".",
         "",
-        "Commands (GPU machine): " + ", then ".join(f"`{m['command']}`" for m in [measured, *extra])
+        "Commands (GPU machine): " + ", then ".join(f"`{c}`" for c in measured["commands"])
         + "; report: `python bench/runtime.py report --measured <those jsons> --replay <ep8 json> "
         "--results bench/results`.",
         "",
