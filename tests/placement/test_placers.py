@@ -325,8 +325,9 @@ def test_ilp_follow_forward_chain_beats_stage_2s_plan():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_ilp_follow_reaches_the_exact_optimum_with_one_expert_per_gpu(seed):
     """One expert per GPU and no replicas: follow_cross depends on each layer pair only through the
-    relative permutation of their GPUs, so the optimum is every pair's best assignment, found here by
-    trying all 720 permutations of 6 experts. (The same argument bounds the benchmark's 8x32 row on 8 GPUs.)"""
+    relative permutation of their GPUs, so the optimum is every pair's best assignment. ilp solves exactly
+    that and says OPTIMAL; here the optimum is found independently by trying all 720 permutations of 6
+    experts. (The same argument bounds the benchmark's 8x32 row on 8 GPUs.)"""
     import itertools
 
     from expertmesh.placement.synthetic import SyntheticSpec, synthetic_trace
@@ -346,6 +347,8 @@ def test_ilp_follow_reaches_the_exact_optimum_with_one_expert_per_gpu(seed):
     plan = ilp(stats_from_trace(trace), topo, E, IlpOptions(dataflow="follow", time_limit=5.0, workers=1))
     got = evaluate(trace, plan, topo, dataflow="follow").follow_cross
     np.testing.assert_allclose(got, best, atol=1e-12)
+    assert plan.solver["status"] == "OPTIMAL" and plan.solver["gap"] == 0.0
+    assert plan.solver["objective"] == pytest.approx(float(np.sum(best)) * T * k)  # crossing (token, pair)s
 
 
 @pytest.mark.parametrize("redundant", [0, 4])
