@@ -349,6 +349,16 @@ def test_ilp_follow_reaches_the_exact_optimum_with_one_expert_per_gpu(seed):
     np.testing.assert_allclose(got, best, atol=1e-12)
     assert plan.solver["status"] == "OPTIMAL" and plan.solver["gap"] == 0.0
     assert plan.solver["objective"] == pytest.approx(float(np.sum(best)) * T * k)  # crossing (token, pair)s
+    # Statistics without top-1 transitions (e.g. from Redis without top1): the same exact solve on their
+    # expectation trans / k, optimal for that objective.
+    stats = replace(stats_from_trace(trace), trans_top1=None)
+    expected = ilp(stats, topo, E, IlpOptions(dataflow="follow", time_limit=5.0, workers=1))
+    stay = sum(stats.trans[layer][np.arange(E)[None, :], perms].sum(1).max() for layer in range(L - 1)) / k
+    assert expected.solver["status"] == "OPTIMAL"
+    assert expected.solver["staying_tokens"] == pytest.approx(stay)
+    rows = expected.phy2log  # GPU g holds rows[l][g]: the staying tokens of the plan itself
+    assert sum(stats.trans[layer][rows[layer], rows[layer + 1]].sum() for layer in range(L - 1)) / k == \
+        pytest.approx(stay)
 
 
 @pytest.mark.parametrize("redundant", [0, 4])
