@@ -130,6 +130,9 @@ class ExpertWorker:
         # workers per node would oversubscribe it (vLLM's workers run with one thread too).
         torch.set_num_threads(max(1, spec.cpu_threads))
         if spec.device == "cuda":
+            if spec.gpu is not None and not 0 <= spec.gpu < torch.cuda.device_count():
+                raise ValueError(f"gpu: expected a CUDA device index in [0, {torch.cuda.device_count()}), "
+                                 f"got {spec.gpu}")
             if os.environ.get(NOSET_CVD) == "1" and not os.environ.get("CUDA_VISIBLE_DEVICES"):
                 # Ray's compiled graphs map this actor's GPU id through the variable and refuse an empty
                 # one; naming every GPU in order changes nothing for a process that sees them all.
