@@ -14,10 +14,17 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+
+# `python -m pytest` puts the repository root on sys.path, where our source folders would shadow installed
+# packages of the same name (transformers imports Hugging Face's `kernels` package, and found ours). The
+# code under test is imported as `expertmesh.*` through the install, never from the root.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if p not in ("", ".") and Path(p or ".").resolve() != _ROOT]
 
 
 def _free_port() -> int:
