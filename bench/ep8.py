@@ -25,17 +25,15 @@ reports per MoE layer the dispatch/combine bytes and times, the slowest rank's e
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from report import write_report  # bench/report.py: this folder is on sys.path when run as a script
+from report import describe, environment, write_report  # bench/report.py: this folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 MIXTRAL_TRACE = Path(os.environ.get("EXPERTMESH_TRACES", ROOT.parent / "shared/data/traces")) / "mixtral-8x7b-decode"
@@ -195,29 +193,6 @@ def _predict(trace, plan, shape: dict, num_gpus: int, elem: int) -> dict:
     }
 
 
-def environment() -> dict:
-    import torch
-
-    env = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()}
-    for mod in ("triton", "ray", "transformers", "numpy"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing package is reported as such
-            env[mod] = "missing"
-    if torch.cuda.is_available():
-        env["cuda"] = torch.version.cuda
-        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        with contextlib.suppress(Exception):  # older builds have no NCCL version query
-            env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        env["cpu"] = f"{cpu[0]} x{len(cpu)}" if cpu else platform.processor()
-    except OSError:
-        env["cpu"] = platform.processor()
-    return env
-
-
 def cmd_measure(args) -> None:
     import ray
     import torch
@@ -237,7 +212,8 @@ def cmd_measure(args) -> None:
                  log_to_driver=True)
     dtype = "bfloat16" if device == "cuda" else "float32"
     elem = 2 if dtype == "bfloat16" else 4
-    result = {"gpus": G, "device": device, "dtype": dtype, "quick": quick, "environment": environment(),
+    result = {"gpus": G, "device": device, "dtype": dtype, "quick": quick,
+              "environment": environment("torch", "triton", "ray", "transformers"),
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "traces": {}}
     out_path = Path(args.out)
     for name in args.traces:
@@ -375,7 +351,7 @@ def cmd_report(args) -> None:
         "Command (GPU machine): `" + measured["command"] + "`; report: `python bench/ep8.py report "
         f"--data {args.data} --measured <that json> --results bench/results`.",
         "",
-        "Environment: " + ", ".join(f"{k} {v}" for k, v in measured["environment"].items()),
+        describe(measured["environment"]),
         "",
         "Per MoE layer, means over layers: bytes crossing GPU links (all ranks), times of the slowest rank. "
         "`pred` = the cost model (`placement/cost.py`, topology defaults: NVLink 370 GB/s per port, "

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +29,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from report import describe, environment  # noqa: E402  (bench/report.py: this folder is on sys.path)
 
 from expertmesh.kernels import (  # noqa: E402
     AllToAllExchange,
@@ -389,33 +389,6 @@ def _exchange_rows(label: str, res: dict, copy_same: float) -> None:
 
 
 # ---- report -------------------------------------------------------------------------------------------
-def environment() -> dict:
-    import triton
-
-    def sh(cmd):
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    cpu = platform.processor()
-    with open("/proc/cpuinfo") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    cpu = names[0] if names else cpu
-    return {
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-        "gpus": torch.cuda.device_count(),
-        "driver": sh(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).split("\n")[0],
-        "topology": sh(["nvidia-smi", "topo", "-m"]).split("\n")[:3],
-        "cpu": cpu, "cpus": os.cpu_count(),
-        "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "",
-        "env": {v: os.environ.get(v) for v in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
-                                                "NVSHMEM_DISABLE_NVLS")},
-    }
-
-
 HEADER = (
     "Bandwidths count bytes read + written (GB/s = 1e9 B/s). Exchange rates count the bytes leaving each GPU "
     "(payload + FP8 scales + routing metadata; the local copy excluded) over the slowest rank's time. "
@@ -432,10 +405,7 @@ def write(out_dir: Path, env: dict, command: str, wall: float) -> None:
     (out_dir / "kernels.json").write_text(json.dumps(doc, indent=1) + "\n")
     lines = [
         "# Kernel benchmarks (issue 4)", "",
-        f"Machine: {env['gpus']} x {env['gpu']} (driver {env['driver']}), "
-        f"CPU {env['cpu']} ({env['cpus']} cores).",
-        f"Versions: python {env['python']}, torch {env['torch']}, triton {env['triton']}, "
-        f"CUDA {env['cuda']}, NCCL {env['nccl']}. Multicast off: {env['env']}.", "",
+        describe(env), "",
         f"Command: `{command}` ({wall:.0f} s).", "", HEADER, "",
         "| section | measurement | value | unit | baseline (same run) | baseline value | ratio | target "
         "| note |",
@@ -459,7 +429,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs CUDA")
     t0 = time.time()
-    env = environment()
+    env = environment("torch", "triton")
     command = "python " + " ".join(sys.argv)
     # Each part runs on even if an earlier one fails, so one device call always yields a table.
     parts = [] if args.skip_single else [single_gpu, grouped_gemm]

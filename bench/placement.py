@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from report import placement_environment, write_report  # bench/report.py: this folder is on sys.path
+from report import environment, write_report  # bench/report.py: this folder is on sys.path
 
 from expertmesh.placement.cost import CostParams, evaluate
 from expertmesh.placement.ilp import IlpOptions
@@ -215,7 +215,7 @@ def main() -> None:
     result = run(args.quick)
     if args.quick:
         return
-    env = placement_environment()
+    env = environment("ortools")
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     def clean(value):

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from report import placement_environment, write_report  # bench/report.py: this folder is on sys.path
+from report import environment, write_report  # bench/report.py: this folder is on sys.path
 
 from expertmesh.placement.cost import CostParams, evaluate
 from expertmesh.placement.ilp import IlpOptions
@@ -206,7 +206,7 @@ def _metric_rows(case: str, trace, topo: Topology, params: CostParams, dataflow:
 
 
 def main() -> None:
-    env = placement_environment()
+    env = environment("ortools")
     rows = []
     for shape in SHAPES:
         spec = SyntheticSpec(num_experts=shape.experts, top_k=8, num_layers=shape.layers, num_tokens=4096,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,18 +29,59 @@ def write_report(results: str | Path, name: str, lines: list[str], payload: dict
     return md
 
 
-def placement_environment() -> dict:
-    """Machine, versions (OR-Tools: the placement benchmarks' solver), command and date of a run."""
-    import ortools
-
-    cpu = platform.processor() or platform.machine()
+def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"machine": f"{cpu}, {os.cpu_count()} cores", "python": platform.python_version(),
-            "numpy": np.__version__, "ortools": ortools.__version__,
-            "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M")}
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> str:
+    try:
+        return str(__import__(module).__version__)
+    except Exception:  # noqa: BLE001 - a missing or broken package is reported as such
+        return "absent"
+
+
+def _sh(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+# The NVLink multicast switches the device must keep off (KINDS.md); recorded so a run says how it ran.
+_GPU_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
+
+
+def environment(*packages: str) -> dict:
+    """Machine, versions of `packages` (plus python and numpy), command and date of a run; with torch among
+    the packages and a GPU present, the GPUs, driver, CUDA, NCCL and the multicast settings too."""
+    env = {"machine": f"{_cpu_name()}, {os.cpu_count()} cores", "platform": platform.platform(),
+           "python": platform.python_version(), "numpy": np.__version__}
+    env.update({name: _version(name) for name in packages})
+    if "torch" in packages:
+        import torch
+
+        if torch.cuda.is_available():
+            env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            env["driver"] = _sh(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).split("\n")[0]
+            env["cuda"] = torch.version.cuda
+            with contextlib.suppress(Exception):  # builds without NCCL
+                env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+            env["gpu_env"] = {v: os.environ.get(v) for v in _GPU_ENV}
+    env["command"] = "python " + " ".join(sys.argv)
+    env["date"] = time.strftime("%Y-%m-%d %H:%M")
+    return env
+
+
+def describe(env: dict) -> str:
+    """One markdown line naming the machine and every version an `environment()` recorded."""
+    skip = ("machine", "command", "date", "gpus")
+    gpus = env.get("gpus")
+    where = f"{len(gpus)} x {gpus[0]}, " if gpus else ""
+    return (f"Machine: {where}{env.get('machine')}. Versions: "
+            + ", ".join(f"{k} {v}" for k, v in env.items() if k not in skip) + ".")

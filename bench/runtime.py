@@ -32,8 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ep8  # noqa: E402  (environment(), the replay tables)
-from report import write_report  # noqa: E402
+from report import describe, environment, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -361,7 +360,8 @@ def cmd_measure(args) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     num_gpus = torch.cuda.device_count() if device == "cuda" else 2
     shapes = QUICK if args.quick else SHAPES
-    result = {"environment": ep8.environment(), "device": device, "quick": args.quick,
+    env = environment("torch", "triton", "ray", "transformers")
+    result = {"environment": env, "device": device, "quick": args.quick,
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "shapes": shapes, "rows": [],
               "notes": [], "settings": {"seq_len": SEQ_LEN, "prompt_len": PROMPT_LEN, "decode_steps": DECODE_STEPS,
                                         "reps": REPS, "process_per_variant": True,
@@ -418,8 +418,7 @@ def cmd_report(args) -> None:
     lines = [
         "# EP runtime throughput vs transformers (bench/runtime.py)",
         "",
-        f"Machine: {', '.join(env.get('gpus', ['cpu']))}; CPU {env.get('cpu')}. Versions: "
-        + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("gpus", "cpu")) + ".",
+        describe(env),
         "",
         "Commands (GPU machine): " + ", then ".join(f"`{c}`" for c in measured["commands"])
         + "; report: `python bench/runtime.py report --measured <those jsons> --replay <ep8 json> "

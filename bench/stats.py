@@ -30,7 +30,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -41,7 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from report import write_report  # bench/report.py: this folder is on sys.path when run as a script
+from report import environment, write_report  # bench/report.py: this folder is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -387,17 +386,8 @@ def main() -> None:
         proc.wait(30)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    report["machine"] = {
-        "cpu": _cpu(),
-        "cores": mp.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "redis_py": redis.__version__,
-        "hiredis": _version("hiredis"),
-        "redis_server": server_version,
-        "redis_io_threads": args.redis_io_threads,
-        "platform": platform.platform(),
-    }
+    report["machine"] = {**environment("redis", "hiredis"), "redis_server": server_version,
+                         "redis_io_threads": args.redis_io_threads}
     report["command"] = "python bench/stats.py " + " ".join(sys.argv[1:])
     if args.quick:
         print(json.dumps(report, indent=1))
@@ -426,21 +416,6 @@ def array_layouts(blob: bytes) -> list[str]:
     return out
 
 
-def _version(module: str) -> str:
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return "absent"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def render(r: dict) -> str:
@@ -455,10 +430,9 @@ def render(r: dict) -> str:
         "flushing the same window ids in lockstep (a barrier before each flush); one private redis-server "
         "(`--save '' --appendonly no`) on the same machine.",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores (writers, Redis and the reader share them; the load averages "
-        f"below say how busy the machine was). Python {m['python']}, numpy {m['numpy']}, redis-py "
-        f"{m['redis_py']} (hiredis {m.get('hiredis', 'absent')}), redis-server {m['redis_server']} "
-        f"(io-threads {m.get('redis_io_threads', 1)}). No GPU involved.",
+        f"Machine: {m['machine']} (writers, Redis and the reader share them; the load averages below say how "
+        f"busy the machine was). Python {m['python']}, numpy {m['numpy']}, redis-py {m['redis']} (hiredis "
+        f"{m['hiredis']}), redis-server {m['redis_server']} (io-threads {m['redis_io_threads']}). No GPU involved.",
         "",
         f"Command: `{r['command']}`",
         "",
@@ -570,7 +544,7 @@ def render(r: dict) -> str:
     )
     lines += [
         "",
-        f"1-minute load average before -> after each case ({m['cores']} cores): {loads}.",
+        f"1-minute load average before -> after each case ({mp.cpu_count()} cores): {loads}.",
         "",
         "Notes:",
         "- flush() hands the closed window to the recorder's sender thread, which encodes and sends it; the "
