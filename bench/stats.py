@@ -105,7 +105,7 @@ def raw_blob(window) -> bytes:
 
 def group_windows(n: int, shape) -> list:
     """The summed window of n writers' steps, per variant: what a group holds after its flush's all-reduce."""
-    from expertmesh.cluster.counting import WindowAccumulator
+    from expertmesh.cluster.stats.counting import WindowAccumulator
 
     tokens, layers, experts, top_k = shape
     out = []
@@ -120,7 +120,7 @@ def group_windows(n: int, shape) -> list:
 def dense_share(window, first: int, stop: int) -> dict:
     """`add_counts` keywords of layers [first, stop) of a whole window, as a GPU worker's DeviceCounts.take
     hands them over after the group's sum (int32; pairs in the upper triangle)."""
-    from expertmesh.cluster.window import triu_pairs
+    from expertmesh.cluster.stats.window import triu_pairs
 
     share = window.share(first, stop)
     E = window.num_experts
@@ -136,9 +136,9 @@ def writer_main(url, model, writer, windows, warmup, barrier, queue, shape, base
     layer share of them (the group-shares mode), handed over as a GPU worker's dense counts."""
     import redis
 
-    from expertmesh.cluster.counting import WindowAccumulator
-    from expertmesh.cluster.recorder import RedisStatsSink
-    from expertmesh.cluster.window import layer_shares
+    from expertmesh.cluster.stats.counting import WindowAccumulator
+    from expertmesh.cluster.stats.recorder import RedisStatsSink
+    from expertmesh.cluster.stats.window import layer_shares
 
     tokens, layers, experts, top_k = shape
     sink = RedisStatsSink(url, model, layers, experts, top_k, keep=64, max_buffer_bytes=2**31, op_timeout_s=120)
@@ -252,9 +252,9 @@ def main() -> None:
 
     import redis
 
-    from expertmesh.cluster.codec import encode_window
-    from expertmesh.cluster.counting import WindowAccumulator
-    from expertmesh.cluster.store import StatsStore
+    from expertmesh.cluster.stats.codec import encode_window
+    from expertmesh.cluster.stats.counting import WindowAccumulator
+    from expertmesh.cluster.stats.store import StatsStore
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-stats-"))
     proc, port = start_redis(tmp, args.redis_io_threads)
@@ -301,7 +301,7 @@ def main() -> None:
             if shares:
                 import pickle
 
-                from expertmesh.cluster.window import layer_shares
+                from expertmesh.cluster.stats.window import layer_shares
 
                 group = group_windows(n, shape)
                 group_path = tmp / f"group-{n}.pkl"
@@ -398,7 +398,7 @@ def main() -> None:
 
 def array_layouts(blob: bytes) -> list[str]:
     """'LAYOUT/bits' of each array of an encoded window (counts, coact, trans), from its array headers."""
-    from expertmesh.cluster import codec
+    from expertmesh.cluster.stats import codec
 
     names = {codec.DENSE: "DENSE", codec.BITMAP: "BITMAP", codec.COO: "COO", codec.GROUPS: "GROUPS"}
     out, offset = [], codec._HEADER.size

@@ -6,27 +6,17 @@ Redis; without the `stats` extra installed, `expertmesh stats` says how to get i
 
 from __future__ import annotations
 
-import typer
-
-from expertmesh.placement.cli import EXIT_USAGE, app, register_stats_loader
+from expertmesh.placement.cli import app, register_stats_loader
 
 __all__ = ["app", "main"]
 
 
 def _mount_stats() -> None:
-    try:
-        from expertmesh.cluster.cli import load_stats_url, stats_app
-    except ModuleNotFoundError as exc:
-        if exc.name != "redis":
-            raise
-        missing = exc.name
+    # Importing the statistics CLI needs no redis: without the `stats` extra, a command that talks to
+    # Redis fails with one line naming the package to install.
+    from expertmesh.cluster.stats.cli import stats_app
+    from expertmesh.cluster.stats.store import load_stats_url
 
-        @app.command("stats", help="Routing statistics in Redis (needs: pip install 'expertmesh[stats]').")
-        def stats_unavailable() -> None:
-            typer.echo(f"expertmesh stats needs the '{missing}' package: pip install 'expertmesh[stats]'", err=True)
-            raise typer.Exit(EXIT_USAGE)
-
-        return
     register_stats_loader(("redis", "rediss"), load_stats_url)
     app.add_typer(stats_app, name="stats")
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from expertmesh.cluster.cli import load_stats_url, stats_app
-from expertmesh.cluster.connect import StatsUnavailableError
+from expertmesh.cluster.stats.cli import stats_app
+from expertmesh.cluster.stats.connect import StatsUnavailableError
+from expertmesh.cluster.stats.store import load_stats_url
 from expertmesh.placement.stats import load_stats, save_stats, stats_from_trace
 from expertmesh.placement.trace import Trace, save_trace
 

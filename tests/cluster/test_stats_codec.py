@@ -7,8 +7,8 @@ import struct
 import numpy as np
 import pytest
 
-from expertmesh.cluster.codec import BITMAP, COO, DENSE, GROUPS, CodecError, decode_window, encode_window
-from expertmesh.cluster.window import WindowCounts, pair_count
+from expertmesh.cluster.stats.codec import BITMAP, COO, DENSE, GROUPS, CodecError, decode_window, encode_window
+from expertmesh.cluster.stats.window import WindowCounts, pair_count
 
 HEADER = 4 + 1 + 1 + 2 + 4 * 3 + 8 + 4
 ARRAY = struct.Struct("<BBBBBQQQ")
@@ -103,7 +103,7 @@ def test_refuses_foreign_truncated_and_mismatched_bytes():
     with pytest.raises(CodecError, match="version 9"):
         decode_window(blob[:4] + b"\x09" + blob[5:], 3, 8, 2)
     float_blob = encode_window(WindowCounts(np.ones((3, 8)), 2, 0))
-    from expertmesh.cluster.codec import add_window_into
+    from expertmesh.cluster.stats.codec import add_window_into
 
     with pytest.raises(CodecError, match="float values where integer counts"):
         add_window_into(WindowCounts.zeros(3, 8, 2), float_blob)
@@ -111,7 +111,7 @@ def test_refuses_foreign_truncated_and_mismatched_bytes():
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_sum_windows_is_the_exact_sum_on_any_number_of_threads(threads):
-    from expertmesh.cluster.codec import sum_windows
+    from expertmesh.cluster.stats.codec import sum_windows
 
     L, E, k = 3, 8, 2
     windows = [window_with(L, E, k, 0.7, 9 + 5 * i, seed=i, hot=i % 2) for i in range(5)]
@@ -134,7 +134,7 @@ def test_sum_windows_is_the_exact_sum_on_any_number_of_threads(threads):
 
 
 def test_sum_windows_names_the_blob_it_could_not_read():
-    from expertmesh.cluster.codec import sum_windows
+    from expertmesh.cluster.stats.codec import sum_windows
 
     good = encode_window(window_with(3, 8, 2, 0.5, 9))
     with pytest.raises(CodecError) as err:
@@ -159,7 +159,7 @@ def dense_window(L, E, k, seed=0, hot=0.03, wide=0):
 @pytest.mark.parametrize("E,wide", [(16, 0), (16, 3), (7, 0), (7, 2)])  # cells a multiple of 4 or not
 def test_dense_windows_with_hot_groups_round_trip_exactly(E, wide):
     """Version 2's GROUPS layout (a writer window): nibbles, plus whole 4-cell groups where a cell > 15."""
-    from expertmesh.cluster.codec import sum_windows
+    from expertmesh.cluster.stats.codec import sum_windows
 
     w = dense_window(4, E, 2, seed=E + wide, wide=wide)
     blob = encode_window(w)
@@ -179,7 +179,7 @@ def test_dense_windows_with_hot_groups_round_trip_exactly(E, wide):
 
 def test_sum_windows_sizes_each_array_from_its_own_bound():
     """Large counts do not widen the pair arrays' accumulators (their traffic is most of a snapshot)."""
-    from expertmesh.cluster.codec import sum_windows, value_bounds
+    from expertmesh.cluster.stats.codec import sum_windows, value_bounds
 
     w = dense_window(3, 16, 2, seed=9)
     counts = w.counts.copy()
@@ -198,7 +198,7 @@ def test_sum_windows_sizes_each_array_from_its_own_bound():
 def test_arrays_in_shares_encode_to_the_same_bytes(monkeypatch, share):
     """A large array is encoded in shares on threads: the bytes equal the one-piece encoding, for GROUPS
     and for DENSE with an overflow list (values beyond 16 bits rule GROUPS out)."""
-    import expertmesh.cluster.codec as codec
+    import expertmesh.cluster.stats.codec as codec
 
     grouped = dense_window(5, 16, 2, seed=4, wide=2)
     patched = window_with(5, 16, 2, 0.97, 14, seed=4, hot=7)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from expertmesh.cluster.connect import ENV_URL, StatsUnavailableError, masked, parse_target
-from expertmesh.cluster.store import StatsKeys, StatsStore
+from expertmesh.cluster.stats.connect import ENV_URL, StatsUnavailableError, masked, parse_target
+from expertmesh.cluster.stats.store import StatsKeys, StatsStore
 
 
 def test_parse_redis_url_with_our_options():

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from expertmesh.cluster.codec import CodecError, decode_window, encode_window, encoded_header
-from expertmesh.cluster.counting import WindowAccumulator
-from expertmesh.cluster.recorder import RedisStatsSink
-from expertmesh.cluster.store import StatsStore
-from expertmesh.cluster.window import WindowCounts, layer_shares, transition_rows
+from expertmesh.cluster.stats.codec import CodecError, decode_window, encode_window, encoded_header
+from expertmesh.cluster.stats.counting import WindowAccumulator
+from expertmesh.cluster.stats.recorder import RedisStatsSink
+from expertmesh.cluster.stats.store import StatsStore
+from expertmesh.cluster.stats.window import WindowCounts, layer_shares, transition_rows
 from expertmesh.placement.stats import stats_from_trace
 from expertmesh.placement.trace import Trace
 
@@ -43,7 +43,7 @@ def test_shares_counted_from_ids_sum_to_the_whole_window(parts):
     whole.add(ids)
     total = WindowCounts.zeros(L, E, K)
     tokens = 0.0
-    from expertmesh.cluster.codec import add_window_into
+    from expertmesh.cluster.stats.codec import add_window_into
 
     for first, stop in layer_shares(L, parts):
         acc = WindowAccumulator(L, E, K, layers=(first, stop))

@@ -64,6 +64,7 @@ __all__ = [
     "DEFAULT_KEEP",
     "DEFAULT_DECAY",
     "DEFAULT_TTL_S",
+    "load_stats_url",
 ]
 
 SCHEMA = "expertmesh.routing-stats/1"
@@ -625,6 +626,21 @@ class StatsStore:
                 windows[wid] = usage(self.keys.window(wid)) + sum(usage(self.keys.blob(wid, n)) for n in names)
             other = sum(usage(k) for k in (self.keys.meta, self.keys.writers, self.keys.index, self.keys.agg))
         return {"windows": windows, "other": other}
+
+
+def load_stats_url(url: str) -> RoutingStats:
+    """The exact `RoutingStats` behind `redis[s]://host:port/db?model=M[&run=R][&windows=N]`.
+
+    Raises ValueError for a malformed URL, StatsUnavailableError when Redis cannot be reached,
+    StatsSchemaError for data that is not ours or malformed, StatsStoreError when nothing is stored.
+    """
+    target = parse_target(url)
+    target.require_model()
+    store = StatsStore.open(target)
+    try:
+        return store.snapshot(target.windows)
+    finally:
+        store.client.close()
 
 
 def flush_reply(replies: list) -> str | Exception:

@@ -57,7 +57,7 @@ from .window import WindowCounts, layer_shares
 
 __all__ = ["RedisStatsSink", "StatsRecorder", "RecorderStatus"]
 
-log = logging.getLogger("expertmesh.cluster.recorder")
+log = logging.getLogger(__name__)
 # Replies that mean "this store will never take this delta" (another shape, not ours): never retried.
 _REFUSALS = ("EMSHAPE", "EMFOREIGN", "WRONGTYPE")
 _WRITER = re.compile(r"^[A-Za-z0-9._\-/]{1,100}$")

@@ -36,7 +36,7 @@ from .show import heatmap, layer_summary, load_table
 from .store import DEFAULT_DECAY, DEFAULT_KEEP, StatsStore
 from .window import WindowCounts
 
-__all__ = ["stats_app", "load_stats_url", "push_routing"]
+__all__ = ["stats_app", "push_routing"]
 
 stats_app = typer.Typer(
     name="stats",
@@ -54,21 +54,6 @@ RedisOpt = Annotated[
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model name (the key prefix).")]
 RunOpt = Annotated[str | None, typer.Option("--run", help="Run name under the model [default: default].")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")]
-
-
-def load_stats_url(url: str) -> RoutingStats:
-    """The exact `RoutingStats` behind `redis[s]://host:port/db?model=M[&run=R][&windows=N]`.
-
-    Raises ValueError for a malformed URL, StatsUnavailableError when Redis cannot be reached,
-    StatsSchemaError for data that is not ours or malformed, StatsStoreError when nothing is stored.
-    """
-    target = parse_target(url)
-    target.require_model()
-    store = StatsStore.open(target)
-    try:
-        return store.snapshot(target.windows)
-    finally:
-        store.client.close()
 
 
 def _load_routing(path: Path) -> Trace | RoutingStats:
