@@ -443,7 +443,7 @@ def render(r: dict) -> str:
         f"(ratio {wb['ours'] / wb['baseline']:.3f}); cells non-zero: coact {100 * wb['coact_density']:.1f}%, "
         f"trans {100 * wb['trans_density']:.1f}%. Layouts written (counts, coact, trans): "
         f"{', '.join(wb.get('layouts', []))}: at this density no index pays for itself, so every cell "
-        "keeps 4 bits, and groups of 4 cells with one above 15 are stored whole (format version 2).",
+        "keeps 4 bits, and groups of 4 cells with one above 15 are stored whole (the GROUPS layout).",
         "",
         f"Alone in one process (median of {r['alone']['repeats']['record']} / {r['alone']['repeats']['encode']}"
         f"): record() of one step {r['alone']['record_ms_median']:.1f} ms (min {r['alone']['record_ms_min']:.1f}), "

@@ -2,8 +2,8 @@
 
 Layout (little endian):
 
-    header  "EMW1" | u8 version | u8 flags | u16 0 | u32 L | u32 E | u32 k | f64 tokens | u32 deltas
-            [ | u32 first layer | u32 share layers ]   (version 4, when flags has SHARE: a layer share)
+    header  "EMW1" | u8 version (4) | u8 flags | u16 0 | u32 L | u32 E | u32 k | f64 tokens | u32 deltas
+            [ | u32 first layer | u32 share layers ]   (when flags has SHARE: a layer share)
     array   u8 layout | u8 value bits | u8 index bytes | u8 value kind | u8 excess bytes | u64 cells | u64 nnz
             | u64 overflow | layout part | packed values | overflow cell indices | overflow excess
             (counts, then coact and trans when flags has PAIRS, then trans_top1 when it also has TOP1)
@@ -13,7 +13,7 @@ Layouts of an array of `n` non-negative cells with `nnz` non-zeros:
     DENSE   every cell's value                                                 n values
     BITMAP  one bit per cell (is it non-zero), then the non-zero values        n / 8 bytes + nnz values
     COO     the flat index of each non-zero cell (u16/u32/u64), then values    nnz * index + nnz values
-    GROUPS  (version 2) cells in groups of 4, G = ceil(n / 4), the last one padded with zeros: every
+    GROUPS  cells in groups of 4, G = ceil(n / 4), the last one padded with zeros: every
             cell's 4-bit value (0 in hot groups), then for the `overflow` hot groups (a cell above 15)
             the gap from the previous hot group (the first from group 0) in `index bytes` (1/2/4/8),
             then their 4 cells each in `value bits` (8 or 16)        2G + hot x (index + 4 values)
@@ -28,15 +28,15 @@ Why this form: co-activation and transition matrices are sparse for short window
 the E^2 cells are zero: COO or BITMAP win), but a DeepSeek-V3 writer window (4096 tokens x 28 pairs into
 32,640 cells per layer) fills 85-97% of them, where any index costs more than the value it locates: there,
 4-bit values (a writer's counts per cell are mostly below 15) take half a byte per cell, 1/128 of the int64
-arrays. About 3% of a writer window's cells exceed 4 bits. Version 1 patched each of them from a list of
-cell indices, and finding those cells (np.nonzero over every cell) was the largest part of a flush's
-encoding; GROUPS finds hot groups with one 64-bit test per four uint16 cells and searches only the groups,
-and its gap-coded group list is smaller than version 1's cell list (3.46 vs 3.62 MB a writer window).
+arrays. About 3% of a writer window's cells exceed 4 bits. Patching each from a list of cell indices needs
+a search over every cell (np.nonzero, the largest part of a flush's encoding); GROUPS finds hot groups with
+one 64-bit test per four uint16 cells and searches only the groups, and its gap-coded group list is smaller
+than a cell list (3.46 vs 3.62 MB a writer window).
 Float arrays (the decayed aggregate) use DENSE, BITMAP or COO with f8 values. The header names the shape and
-the version, so a window of another model, of a format this reader does not know, or bytes that are not
-ours, are refused before any arithmetic; this reader reads versions 1 to 4.
+the version, so a window of another model, of another format version, or bytes that are not ours, are
+refused before any arithmetic. One version is written and read: 4 (earlier ones were never released).
 
-A layer share (version 4, `window.WindowCounts`) names the model's L in the header, then its own first layer
+A layer share (`window.WindowCounts`) names the model's L in the header, then its own first layer
 and layer count; its arrays have the share's rows and add into those rows of a whole window's accumulator.
 """
 
@@ -67,11 +67,7 @@ __all__ = [
 ]
 
 MAGIC = b"EMW1"
-# 2 added the GROUPS layout, 3 the TOP1 flag (a fourth array, trans_top1), 4 the SHARE flag (a layer share).
-# A writer writes the lowest version that holds its window; a reader decodes every version in READS and
-# refuses any other by number.
 VERSION = 4
-READS = (1, 2, 3, 4)
 FLAG_PAIRS = 1
 FLAG_FLOAT = 2
 FLAG_TOP1 = 4
@@ -80,10 +76,10 @@ _HEADER = struct.Struct("<4sBBHIIIdI")
 _SHARE = struct.Struct("<II")
 _ARRAY = struct.Struct("<BBBBBQQQ")
 DENSE, BITMAP, COO, GROUPS = 0, 1, 2, 3
+_LAYOUTS = (DENSE, BITMAP, COO, GROUPS)
 # GROUPS: cells in groups of 4 (one uint64 of four uint16 cells); a group is hot when a cell exceeds 15.
 _GROUP = 4
 _HOT_BITS = 0xFFF0_FFF0_FFF0_FFF0  # the bits above 15 of each of a group's four uint16 cells
-_LAYOUTS = {1: (DENSE, BITMAP, COO), **dict.fromkeys((2, 3, 4), (DENSE, BITMAP, COO, GROUPS))}  # by version
 KIND_UINT, KIND_FLOAT = 0, 1
 _WIDTHS = (4, 8, 16, 32, 64)
 # Container of each width. 64-bit values are int64: they come from int64 arrays, and adding uint64 to int64
@@ -326,10 +322,7 @@ def encode_window(window: WindowCounts, tokens: float | None = None) -> bytes:
     flags |= FLAG_TOP1 if window.has_top1 else 0
     flags |= FLAG_SHARE if window.is_share else 0
     tok = float(window.tokens if tokens is None else tokens)
-    # The lowest version that holds the window: a whole window without trans_top1 stays readable by
-    # version-2 readers.
-    version = 4 if window.is_share else 3 if window.has_top1 else 2
-    parts = [_HEADER.pack(MAGIC, version, flags, 0, window.total_layers, E, window.top_k, tok, window.deltas)]
+    parts = [_HEADER.pack(MAGIC, VERSION, flags, 0, window.total_layers, E, window.top_k, tok, window.deltas)]
     if window.is_share:
         parts.append(_SHARE.pack(window.first_layer, n))
     _encode_array(window.counts, parts)
@@ -348,14 +341,12 @@ def encoded_header(blob: bytes) -> dict:
     magic, version, flags, _, L, E, k, tokens, deltas = _HEADER.unpack_from(blob, 0)
     if magic != MAGIC:
         raise CodecError(f"not an expertmesh window: starts with {bytes(magic)!r}, expected {MAGIC!r}")
-    if version not in READS:
-        raise CodecError(
-            f"window format version {version}, this expertmesh reads versions {', '.join(map(str, READS))}"
-        )
+    if version != VERSION:
+        raise CodecError(f"window format version {version}: this expertmesh reads version {VERSION} only")
     first, n, size = 0, L, _HEADER.size
     if flags & FLAG_SHARE:
-        if version < 4 or len(blob) < size + _SHARE.size:
-            raise CodecError(f"layer share flag in a version {version} window of {len(blob)} bytes")
+        if len(blob) < size + _SHARE.size:
+            raise CodecError(f"layer share header truncated: a window of {len(blob)} bytes")
         first, n = _SHARE.unpack_from(blob, size)
         size += _SHARE.size
         if first + n > L:
@@ -396,7 +387,7 @@ def value_bounds(blob: bytes) -> list[int]:
         if offset + _ARRAY.size > len(blob):
             raise CodecError(f"window truncated at byte {offset}")
         layout, bits, ibytes, _, xbytes, n, nnz, n_over = _ARRAY.unpack_from(blob, offset)
-        if layout not in _LAYOUTS[h["version"]] or bits not in _CONTAINER:
+        if layout not in _LAYOUTS or bits not in _CONTAINER:
             raise CodecError(f"unknown layout {layout} or width {bits}")
         offset += _ARRAY.size
         top = (1 << min(bits, 63)) - 1
@@ -450,14 +441,14 @@ def _unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
     return v[:count]
 
 
-def _decode_array_into(blob, offset: int, out: np.ndarray, name: str, version: int = VERSION) -> int:
+def _decode_array_into(blob, offset: int, out: np.ndarray, name: str) -> int:
     """Add one encoded array into `out` (flat view of the right size); returns the next offset."""
     if offset + _ARRAY.size > len(blob):
         raise CodecError(f"{name}: window truncated at byte {offset}")
     layout, bits, ibytes, kind, xbytes, n, nnz, n_over = _ARRAY.unpack_from(blob, offset)
     offset += _ARRAY.size
-    if layout not in _LAYOUTS[version]:
-        raise CodecError(f"{name}: unknown layout {layout} in a version {version} window")
+    if layout not in _LAYOUTS:
+        raise CodecError(f"{name}: unknown layout {layout}")
     if n != out.size:
         raise CodecError(f"{name}: {n} cells stored, expected {out.size}")
     if kind == KIND_FLOAT and bits == 64:
@@ -576,22 +567,22 @@ def add_window_into(acc: WindowCounts, blob: bytes) -> tuple[float, int, bool, b
             f"window shape layers={h['layers']} experts={h['experts']} top_k={h['top_k']}, "
             f"expected layers={L} experts={E} top_k={acc.top_k}"
         )
-    version, first, n = h["version"], h["first_layer"], h["share_layers"]
+    first, n = h["first_layer"], h["share_layers"]
     rows = slice(first, first + n)
     moves = slice(first, first + transition_rows(first, n, L))
     # Rows of a C-contiguous [L, X] array are contiguous: each share adds into a flat view.
-    offset = _decode_array_into(blob, h["size"], acc.counts[rows].reshape(-1), "counts", version)
+    offset = _decode_array_into(blob, h["size"], acc.counts[rows].reshape(-1), "counts")
     pairs = bool(h["flags"] & FLAG_PAIRS)
     top1 = pairs and bool(h["flags"] & FLAG_TOP1)
     tokens = h["tokens"] if first == 0 else 0.0
     if not pairs or not acc.has_pairs:
         # Without pairs on both sides only counts merge (as RoutingStats.merge); the caller drops pairs.
         return tokens, h["deltas"], pairs, top1
-    offset = _decode_array_into(blob, offset, acc.coact[rows].reshape(-1), "coact", version)
-    offset = _decode_array_into(blob, offset, acc.trans[moves].reshape(-1), "trans", version)
+    offset = _decode_array_into(blob, offset, acc.coact[rows].reshape(-1), "coact")
+    offset = _decode_array_into(blob, offset, acc.trans[moves].reshape(-1), "trans")
     if top1:
         into = acc.trans_top1[moves] if acc.has_top1 else np.zeros_like(acc.trans[moves])
-        offset = _decode_array_into(blob, offset, into.reshape(-1), "trans_top1", version)
+        offset = _decode_array_into(blob, offset, into.reshape(-1), "trans_top1")
     if offset != len(blob):
         raise CodecError(f"window has {len(blob) - offset} trailing bytes")
     return tokens, h["deltas"], pairs, top1

@@ -100,8 +100,6 @@ def test_refuses_foreign_truncated_and_mismatched_bytes():
         decode_window(blob + b"\0", 3, 8, 2)
     with pytest.raises(CodecError, match="window shape layers=3 experts=8 top_k=2, expected layers=3 experts=16"):
         decode_window(blob, 3, 16, 2)
-    with pytest.raises(CodecError, match="version 9"):
-        decode_window(blob[:4] + b"\x09" + blob[5:], 3, 8, 2)
     float_blob = encode_window(WindowCounts(np.ones((3, 8)), 2, 0))
     from expertmesh.cluster.stats.codec import add_window_into
 
@@ -116,7 +114,7 @@ def test_sum_windows_is_the_exact_sum_on_any_number_of_threads(threads):
     L, E, k = 3, 8, 2
     windows = [window_with(L, E, k, 0.7, 9 + 5 * i, seed=i, hot=i % 2) for i in range(5)]
     windows[2] = WindowCounts(windows[2].counts, k, 7)  # a window without pair statistics
-    for i in (0, 1, 4):  # with trans_top1 (format 3); window 3 without (as a version-2 writer wrote)
+    for i in (0, 1, 4):  # with trans_top1; window 3 without (as a writer that does not record it)
         w = windows[i]
         windows[i] = WindowCounts(w.counts, k, w.tokens, w.coact, w.trans, w.deltas, trans_top1=w.trans // 2)
     total, info = sum_windows([encode_window(w) for w in windows], L, E, k, threads=threads)
@@ -129,8 +127,7 @@ def test_sum_windows_is_the_exact_sum_on_any_number_of_threads(threads):
                                                          (True, False), (True, True)]
     assert [int(tok) for tok, _, _, _ in info] == [123, 123, 7, 123, 123]
     assert np.array_equal(decode_window(encode_window(windows[0]), L, E, k).trans_top1, windows[0].trans_top1)
-    # Format 3 only with trans_top1: the others stay readable by version-2 readers.
-    assert [encode_window(w)[4] for w in windows] == [3, 3, 2, 2, 3]
+    assert {encode_window(w)[4] for w in windows} == {4}  # one format version, whatever the window holds
 
 
 def test_sum_windows_names_the_blob_it_could_not_read():
@@ -210,24 +207,13 @@ def test_arrays_in_shares_encode_to_the_same_bytes(monkeypatch, share):
     assert [encode_window(grouped), encode_window(patched)] == blobs
 
 
-# A version 1 window (as the previous encoder wrote it): 4-bit cells with an overflow list.
-V1_BLOB = bytes.fromhex(
-    "454d57310101000002000000030000000200000000000000000022400200000000040200010600000000000000050000000000"
-    "000001000000000000000317f2050019000402000206000000000000000400000000000000010000000000000001021f04001d"
-    "010004020000090000000000000008000000000000000000000000000000103254760e"
-)
-
-
-def test_reads_version_1_windows_and_refuses_groups_in_them():
-    back = decode_window(V1_BLOB, 2, 3, 2)
-    np.testing.assert_array_equal(back.counts, [[3, 0, 7], [1, 2, 40]])
-    np.testing.assert_array_equal(back.coact, [[1, 0, 2], [0, 300, 1]])
-    np.testing.assert_array_equal(back.trans, [[0, 1, 2, 3, 4, 5, 6, 7, 14]])
-    assert back.tokens == 9 and back.deltas == 2
-    # A GROUPS array in a version 1 window: not something version 1 had.
-    v2 = encode_window(dense_window(3, 16, 2))
-    with pytest.raises(CodecError, match="counts: unknown layout 3 in a version 1 window"):
-        decode_window(v2[:4] + b"\x01" + v2[5:], 3, 16, 2)
+@pytest.mark.parametrize("version", [1, 2, 3, 5])
+def test_other_format_versions_are_refused_by_number(version):
+    """Only version 4 is read: windows of versions 1-3 (never released) get an error naming their version."""
+    blob = encode_window(window_with(3, 8, 2, 0.5, 9))
+    assert blob[4] == 4
+    with pytest.raises(CodecError, match=f"window format version {version}: this expertmesh reads version 4 only"):
+        decode_window(blob[:4] + bytes([version]) + blob[5:], 3, 8, 2)
 
 
 def array_offsets(blob):

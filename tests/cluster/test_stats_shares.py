@@ -52,7 +52,7 @@ def test_shares_counted_from_ids_sum_to_the_whole_window(parts):
         assert (share.first_layer, share.num_layers, share.total_layers) == (first, stop - first, L)
         assert share.is_share == (parts > 1)
         blob = encode_window(share)
-        assert encoded_header(blob)["version"] == (4 if parts > 1 else 3)
+        assert encoded_header(blob)["version"] == 4
         tok, _, _, _ = add_window_into(total, blob)
         tokens += tok
     ref = whole.take()
