@@ -398,14 +398,14 @@ def main() -> None:
 
 def array_layouts(blob: bytes) -> list[str]:
     """'LAYOUT/bits' of each array of an encoded window (counts, coact, trans), from its array headers."""
-    from expertmesh.cluster.stats import codec
+    from expertmesh.cluster.stats.codec import format as codec
 
     names = {codec.DENSE: "DENSE", codec.BITMAP: "BITMAP", codec.COO: "COO", codec.GROUPS: "GROUPS"}
-    out, offset = [], codec._HEADER.size
+    out, offset = [], codec.HEADER.size
     for _ in range(3):
-        layout, bits, ibytes, _, xbytes, n, nnz, n_over = codec._ARRAY.unpack_from(blob, offset)
+        layout, bits, ibytes, _, xbytes, n, nnz, n_over = codec.ARRAY.unpack_from(blob, offset)
         out.append(f"{names[layout]}/{bits}")
-        offset += codec._ARRAY.size
+        offset += codec.ARRAY.size
         if layout == codec.GROUPS:
             offset += 2 * (-(-n // 4)) + n_over * ibytes + n_over * 4 * bits // 8
         else:

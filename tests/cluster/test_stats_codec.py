@@ -195,7 +195,7 @@ def test_sum_windows_sizes_each_array_from_its_own_bound():
 def test_arrays_in_shares_encode_to_the_same_bytes(monkeypatch, share):
     """A large array is encoded in shares on threads: the bytes equal the one-piece encoding, for GROUPS
     and for DENSE with an overflow list (values beyond 16 bits rule GROUPS out)."""
-    import expertmesh.cluster.stats.codec as codec
+    import expertmesh.cluster.stats.codec.encode as codec
 
     grouped = dense_window(5, 16, 2, seed=4, wide=2)
     patched = window_with(5, 16, 2, 0.97, 14, seed=4, hot=7)
