@@ -2,6 +2,8 @@
 
     recorder   RedisStatsSink / StatsRecorder: what workers use to record routing (injected, picklable sink)
     store      StatsStore: windows under one key prefix per model/run, exact snapshots; load_stats_url()
+    keys       the key names and header of a model/run;  retention: decayed aggregate, compaction
+    cache      what a reader keeps between snapshots
     cli        `expertmesh stats ...`
     codec      the compact binary form of a window;  window: WindowCounts, the layout the store keeps
     counting   WindowAccumulator: counts exactly as placement.stats.stats_from_trace does

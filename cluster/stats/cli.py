@@ -32,8 +32,9 @@ from expertmesh.placement.trace import Trace, TraceError
 
 from .connect import ENV_URL, StatsSchemaError, StatsStoreError, StatsTarget, parse_target
 from .counting import WindowAccumulator
+from .keys import DEFAULT_DECAY, DEFAULT_KEEP
 from .show import heatmap, layer_summary, load_table
-from .store import DEFAULT_DECAY, DEFAULT_KEEP, StatsStore
+from .store import StatsStore
 from .window import WindowCounts
 
 __all__ = ["stats_app", "push_routing"]

@@ -52,7 +52,8 @@ import numpy as np
 from .codec import encode_window
 from .connect import ENV_URL, StatsSchemaError, StatsUnavailableError, check_name, parse_target
 from .counting import WindowAccumulator
-from .store import DEFAULT_DECAY, DEFAULT_KEEP, DEFAULT_TTL_S, StatsStore, check_window_id, flush_reply, make_header
+from .keys import DEFAULT_DECAY, DEFAULT_KEEP, DEFAULT_TTL_S, check_window_id, make_header
+from .store import StatsStore, flush_reply
 from .window import WindowCounts, layer_shares
 
 __all__ = ["RedisStatsSink", "StatsRecorder", "RecorderStatus"]

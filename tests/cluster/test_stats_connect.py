@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from expertmesh.cluster.stats.connect import ENV_URL, StatsUnavailableError, masked, parse_target
-from expertmesh.cluster.stats.store import StatsKeys, StatsStore
+from expertmesh.cluster.stats.keys import StatsKeys
+from expertmesh.cluster.stats.store import StatsStore
 
 
 def test_parse_redis_url_with_our_options():

@@ -11,7 +11,8 @@ import redis
 from expertmesh.cluster.stats.codec import encode_window
 from expertmesh.cluster.stats.connect import StatsSchemaError, StatsStoreError
 from expertmesh.cluster.stats.counting import WindowAccumulator
-from expertmesh.cluster.stats.store import StatsStore, make_header
+from expertmesh.cluster.stats.keys import make_header
+from expertmesh.cluster.stats.store import StatsStore
 from expertmesh.placement.stats import stats_from_trace
 from expertmesh.placement.trace import Trace
 
