@@ -4,6 +4,7 @@
     store      StatsStore: windows under one key prefix per model/run, exact snapshots; load_stats_url()
     keys       the key names and header of a model/run;  retention: decayed aggregate, compaction
     cache      what a reader keeps between snapshots
+    push       push_routing(): a routing file as windows, once per source (resumable); `stats push`
     cli        `expertmesh stats ...`
     codec      the compact binary form of a window;  window: WindowCounts, the layout the store keeps
     counting   WindowAccumulator: counts exactly as placement.stats.stats_from_trace does
@@ -25,13 +26,14 @@ _HOMES = {
     "RecorderStatus": "recorder",
     "StatsStore": "store",
     "load_stats_url": "store",
-    "push_routing": "cli",
+    "push_routing": "push",
     "StatsTarget": "connect",
     "parse_target": "connect",
     "ENV_URL": "connect",
     "StatsStoreError": "connect",
     "StatsUnavailableError": "connect",
     "StatsSchemaError": "connect",
+    "StatsEndpointError": "connect",
 }
 
 __all__ = list(_HOMES)

@@ -25,11 +25,13 @@ from . import retention, scripts
 from .cache import SnapshotCache, naming
 from .codec import CodecError, encode_window, sum_windows
 from .connect import (
+    StatsEndpointError,
     StatsSchemaError,
     StatsStoreError,
     StatsTarget,
     StatsUnavailableError,
     parse_target,
+    tls_refusal,
 )
 from .keys import (
     DEFAULT_DECAY,
@@ -95,6 +97,9 @@ class StatsStore:
         except redis.exceptions.AuthenticationError as exc:
             raise StatsUnavailableError(f"{action}: Redis at {self.display} refused the credentials ({exc})") from exc
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            tls = tls_refusal()
+            if tls is not None and isinstance(exc, tls[1]):
+                raise StatsEndpointError(f"{action}: Redis at {self.display}: {exc}") from None
             raise StatsUnavailableError(
                 f"{action}: cannot reach Redis at {self.display} ({exc}); is it running, is the URL right "
                 f"(--redis or EXPERTMESH_REDIS_URL)?"
@@ -102,8 +107,13 @@ class StatsStore:
         except redis.exceptions.ResponseError as exc:
             text = str(exc)
             if text.startswith(("EMFOREIGN", "EMSHAPE", "WRONGTYPE")):
-                raise StatsSchemaError(f"{action}: {self.where}: {text}") from None
+                detail = text.split(" ", 1)[1] if text.startswith("EM") else text  # our codes are for machines
+                raise StatsSchemaError(f"{action}: {self.where}: {detail}") from None
             raise StatsStoreError(f"{action}: Redis at {self.display} answered: {text}") from exc
+        except redis.exceptions.InvalidResponse as exc:  # a server that answers, but not in Redis's protocol
+            raise StatsEndpointError(
+                f"{action}: {self.display} does not answer as Redis ({exc}); is the host and port right?"
+            ) from None
         except CodecError as exc:
             raise StatsSchemaError(f"{action}: {self.where}: malformed window data ({exc})") from None
 
@@ -351,7 +361,7 @@ class StatsStore:
     def reset(self) -> int:
         """Delete everything under the prefix; returns the number of keys removed."""
         with self._errors("reset"):
-            names = {self.keys.meta, self.keys.writers, self.keys.index, self.keys.agg}
+            names = {self.keys.meta, self.keys.writers, self.keys.index, self.keys.agg, self.keys.sources}
             names.update(self.keys.window(int(text(m))) for m in self.client.zrange(self.keys.index, 0, -1))
             # Windows missing from the index (it is trimmed by compaction) and writers' sets are found by name.
             keys = self.keys
