@@ -1,6 +1,6 @@
-"""`expertmesh stats ...`: routing statistics in Redis from the command line; `--stats redis://` for planning.
+"""`expertmesh stats ...`: routing statistics in Redis from the command line.
 
-    expertmesh stats push TRACE --model M      replay a routing file into Redis as windows, as a writer would
+    expertmesh stats push TRACE --model M      replay a routing file into Redis as windows, once per file
     expertmesh stats show --model M            per-layer load table and heatmap of the last windows
     expertmesh stats export --model M --out stats.npz
     expertmesh stats compact --model M         merge window deltas, fold old windows into the decayed sum
@@ -8,39 +8,69 @@
 
 The Redis URL comes from --redis or EXPERTMESH_REDIS_URL; --model/--run may also ride in the URL's query
 (`redis://host:6379/0?model=M&run=R`). Results go to stdout (`--json` for machines), progress and tables to
-stderr. Exit codes: 0 ok, 1 failure (unreachable, not our data, another shape), 2 usage.
-
-`load_stats_url("redis://host:port/db?model=M[&run=R][&windows=N]")` is what `expertmesh plan/evaluate/
-compare --stats` call: the exact `RoutingStats` of the last N windows (all kept ones by default).
+stderr. Errors are one line, `error: <message>`, on stderr. Exit codes: 0 ok, 1 failure (Redis unreachable,
+not our data, nothing stored), 2 usage or invalid input (a bad URL, file or option; the message names it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
-import secrets
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 
-from expertmesh.placement.stats import RoutingStats, save_stats
-from expertmesh.placement.trace import Trace, TraceError
+from expertmesh.placement.sources import load_routing
+from expertmesh.placement.stats import save_stats
+from expertmesh.placement.trace import TraceError
 
-from .connect import ENV_URL, StatsSchemaError, StatsStoreError, StatsTarget, parse_target
-from .counting import WindowAccumulator
-from .keys import DEFAULT_DECAY, DEFAULT_KEEP
+from .connect import ENV_URL, StatsEndpointError, StatsStoreError, StatsTarget, parse_target
+from .keys import DEFAULT_DECAY
+from .push import DEFAULT_WINDOW_TOKENS, push_routing
 from .show import heatmap, layer_summary, load_table
 from .store import StatsStore
-from .window import WindowCounts
 
-__all__ = ["stats_app", "push_routing"]
+__all__ = ["stats_app"]
+
+EXIT_FAILURE, EXIT_USAGE = 1, 2
+# click's exception base (typer vendors click from 0.22 on, under another module path).
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _error(message: object, code: int) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+class _Group(TyperGroup):
+    """Usage errors of the stats commands (a missing option, a value out of range) in the one error format."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _ClickException as exc:
+            where = f"{ctx.command_path} {ctx.invoked_subcommand or ''}".strip()
+            raise _error(f"{exc.format_message()} (see `{where} --help`)", exc.exit_code) from None
+
+
+class _Command(TyperCommand):
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""  # a flag takes no value: no `<bool>` beside it
+        return option
+
 
 stats_app = typer.Typer(
     name="stats",
+    cls=_Group,
     no_args_is_help=True,
     add_completion=False,
     help="Routing statistics in Redis: push, show, export, compact, reset.",
@@ -50,160 +80,137 @@ err = Console(stderr=True, soft_wrap=True)
 
 RedisOpt = Annotated[
     str | None,
-    typer.Option("--redis", envvar=ENV_URL, help=f"Redis URL (redis:// or rediss://); default ${ENV_URL}."),
+    typer.Option("--redis", envvar=ENV_URL, metavar="URL", show_default=False,
+                 help="Redis URL, e.g. redis://host:6379/0 (rediss:// for TLS)."),
 ]
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model name (the key prefix).")]
-RunOpt = Annotated[str | None, typer.Option("--run", help="Run name under the model [default: default].")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", metavar="NAME", help="Model name (the key prefix).")]
+RunOpt = Annotated[str | None, typer.Option("--run", metavar="NAME", help="Run under the model (default: default).")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Machine-readable result on stdout.")]
+WindowsOpt = Annotated[int | None, typer.Option(min=1, metavar="N", help="Last N windows (default: all kept).")]
 
 
-def _load_routing(path: Path) -> Trace | RoutingStats:
-    """Any routing file the planner reads (placement.sources when present, else the canonical trace)."""
+@contextlib.contextmanager
+def _exit_codes() -> Iterator[None]:
+    """Our exceptions as one `error:` line and the exit code the module docstring states."""
     try:
-        from expertmesh.placement.sources import load_routing
-    except ImportError:  # the importers are optional for this command: canonical traces always work
-        from expertmesh.placement.trace import load_trace as load_routing
-    return load_routing(path)
+        yield
+    except StatsEndpointError as exc:  # the URL reaches something else than it says: invalid input
+        raise _error(exc, EXIT_USAGE) from None
+    except StatsStoreError as exc:
+        raise _error(exc, EXIT_FAILURE) from None
+    except (ValueError, TraceError) as exc:
+        raise _error(exc, EXIT_USAGE) from None
+    except OSError as exc:  # a file that cannot be read or written (Redis's socket errors arrive as ours)
+        raise _error(f"{exc.filename or ''}: {exc.strerror or exc}", EXIT_USAGE) from None
 
 
-def push_routing(
-    store: StatsStore,
-    routing: Trace | RoutingStats,
-    window_tokens: int = 4096,
-    first_window: int | None = None,
-    keep: int | None = None,
-    decay: float = DEFAULT_DECAY,
-    writer: str | None = None,
-    progress=None,
-) -> dict:
-    """Write a trace as consecutive windows of `window_tokens` tokens (or statistics as one window).
-
-    Each window goes through the same path as a live writer's flush (one atomic script, idempotent by
-    writer and seq), so a snapshot of all pushed windows equals `stats_from_trace(trace)` exactly.
-    """
-    if window_tokens < 1:
-        raise ValueError(f"window_tokens: expected a positive integer, got {window_tokens}")
-    if isinstance(routing, Trace):
-        L, E, k = routing.num_layers, routing.num_experts, routing.top_k
-        n = max(1, math.ceil(routing.num_tokens / window_tokens))
-    else:
-        L, E = routing.counts.shape
-        k, n = routing.top_k, 1
-    existing = store.header()
-    header = store.ensure(L, E, k, keep or max(DEFAULT_KEEP, n), decay)
-    first = header.head + 1 if first_window is None else int(first_window)
-    writer = writer or f"push/{secrets.token_hex(4)}"
-    for i in range(n):
-        if isinstance(routing, Trace):
-            acc = WindowAccumulator(L, E, k)
-            acc.add(routing.topk_ids[i * window_tokens : (i + 1) * window_tokens])
-            window = acc.take()
-        else:
-            window = WindowCounts.from_stats(routing)
-        store.write(first + i, window, header=header, writer=writer, seq=i + 1)
-        if progress is not None:
-            progress(i + 1, n)
-    return {
-        "model": store.keys.model,
-        "run": store.keys.run,
-        "windows": list(range(first, first + n)),
-        "tokens": int(routing.num_tokens if isinstance(routing, Trace) else routing.tokens),
-        "layers": L,
-        "experts": E,
-        "top_k": k,
-        "keep": header.keep,
-        "created": existing is None,
-    }
+def _store(redis: str | None, model: str | None, run: str | None) -> tuple[StatsStore, StatsTarget]:
+    target = parse_target(redis).with_overrides(model, run)
+    target.require_model()
+    return StatsStore.open(target), target
 
 
-def _store(redis_url: str | None, model: str | None, run: str | None) -> tuple[StatsStore, StatsTarget]:
-    try:
-        target = parse_target(redis_url).with_overrides(model, run)
-        target.require_model()
-        return StatsStore.open(target), target
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    kind = "not our data" if isinstance(exc, StatsSchemaError) else "error"
-    err.print(f"[red]{kind}:[/red] {exc}", highlight=False)
-    return typer.Exit(1)
+def _require(store: StatsStore) -> None:
+    """Commands on existing statistics: a model or run that holds nothing is an error, not an empty success."""
+    if store.header() is None:
+        raise StatsStoreError(f"no statistics under {store.where}")
 
 
 def _emit(obj: dict) -> None:
     sys.stdout.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
-@stats_app.command("push")
+def _span(ids: list[int]) -> str:
+    return f"{ids[0]}..{ids[-1]}" if ids else "none"
+
+
+@stats_app.command("push", cls=_Command)
 def push(
-    trace: Annotated[Path, typer.Argument(help="Trace .npz, stats .npz, router JSONL, counts.")],
+    trace: Annotated[Path, typer.Argument(metavar="TRACE", show_default=False,
+                                          help="Trace .npz, statistics .npz, router JSONL or folder, counts.")],
     redis: RedisOpt = None,
     model: ModelOpt = None,
     run: RunOpt = None,
-    window_tokens: Annotated[int, typer.Option(min=1, help="Tokens per window.")] = 4096,
-    first_window: Annotated[int | None, typer.Option(min=0, help="First window id [newest + 1].")] = None,
-    keep: Annotated[
-        int | None, typer.Option(min=1, help="Windows kept, when this creates the store [max(64, windows)].")
-    ] = None,
-    decay: Annotated[float, typer.Option(min=0.0, max=1.0, help="Per-window decay of the aggregate.")] = (
-        DEFAULT_DECAY
-    ),
+    window_tokens: Annotated[int | None, typer.Option(
+        min=1, metavar="N", help=f"Tokens per window (default: {DEFAULT_WINDOW_TOKENS}).")] = None,
+    first_window: Annotated[int | None, typer.Option(
+        min=0, metavar="ID", help="First window id (default: the newest + 1).")] = None,
+    keep: Annotated[int | None, typer.Option(
+        min=1, metavar="N", help="Windows kept, when this creates the store (default: 64, or all pushed).")] = None,
+    decay: Annotated[float, typer.Option(
+        min=0.0, max=1.0, metavar="FACTOR", help="Per-window decay of the aggregate.")] = DEFAULT_DECAY,
+    top_k: Annotated[int | None, typer.Option(
+        "--top-k", min=1, metavar="K", help="k, for count matrices that do not record it.")] = None,
+    replace: Annotated[bool, typer.Option(
+        "--replace", metavar="", help="Take this file's earlier push out, then push it again.")] = False,
+    append: Annotated[bool, typer.Option(
+        "--append", metavar="", help="Push this file once more: its tokens count twice.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Replay a routing file into Redis as windows, exactly as recorded by a writer."""
-    store, target = _store(redis, model, run)
-    try:
-        routing = _load_routing(trace)
-    except (TraceError, OSError) as exc:
-        raise _fail(exc) from None
-    try:
-        with err.status(f"pushing {trace} to {target.display}") as status:
-            report = push_routing(
-                store,
-                routing,
-                window_tokens,
-                first_window,
-                keep,
-                decay,
-                progress=lambda i, n: status.update(f"pushing {trace}: window {i}/{n}"),
-            )
-    except (StatsStoreError, ValueError) as exc:
-        raise _fail(exc) from None
-    n = len(report["windows"])
-    if n > report["keep"]:
-        err.print(
-            f"[yellow]warning:[/yellow] pushed {n} windows but the store keeps {report['keep']}: a "
-            f"snapshot holds the last {report['keep']}, older ones go to the decayed aggregate"
-        )
+    """Replay a routing file into Redis as windows, as a writer records them; a file already pushed is not
+    counted twice, and a push that stopped resumes."""
+    with _exit_codes():
+        if replace and append:
+            raise ValueError("--replace and --append: give at most one")
+        store, target = _store(redis, model, run)
+        routing = load_routing(trace, top_k)
+        mode = "replace" if replace else "append" if append else "once"
+        done = [0, 0]
+
+        def progress(i: int, n: int) -> None:
+            done[:] = [i, n]
+            status.update(f"pushing {trace}: window {i}/{n}")
+
+        try:
+            with err.status(f"pushing {trace} to {target.display}") as status:
+                report = push_routing(store, routing, window_tokens, first_window, keep, decay, mode=mode,
+                                      name=str(trace), progress=progress)
+        except (StatsStoreError, KeyboardInterrupt) as exc:
+            if isinstance(exc, StatsStoreError) and not done[0]:
+                raise
+            kind = StatsStoreError if isinstance(exc, KeyboardInterrupt) else type(exc)
+            why = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            raise kind(f"{why}; {done[0]} of {done[1] or '?'} windows written: run the same command again to "
+                       f"push the rest (nothing is counted twice)") from None
+    n, keep_n = len(report["windows"]), report["keep"]
+    if report["written"] and n > keep_n:
+        err.print(f"[yellow]warning:[/yellow] pushed {n} windows but the store keeps {keep_n}: a snapshot "
+                  f"holds the last {keep_n}, older ones go to the decayed aggregate")
     if as_json:
         _emit(report)
-    else:
-        err.print(
-            f"pushed {report['tokens']} tokens as {n} window(s) "
-            f"{report['windows'][0]}..{report['windows'][-1]} "
-            f"to model={report['model']} run={report['run']} at {target.display}",
-            highlight=False,
-        )
-        print(f"{report['model']} {report['run']} windows {report['windows'][0]}..{report['windows'][-1]}")
+        return
+    where = f"model={report['model']} run={report['run']} at {target.display}"
+    windows, written = _span(report["windows"]), _span(report["written"])
+    latest = f" (the latest of {report['pushes']} pushes)" if report["pushes"] > 1 else ""
+    message = {
+        "pushed": f"pushed {report['tokens']} tokens as {n} window(s) {windows} to {where}",
+        "resumed": f"resumed {trace}: windows {windows} were started before; wrote {written} to {where}",
+        "replaced": f"replaced the earlier push of {trace}: its tokens are now in windows {windows} of {where}",
+        "appended": f"appended {trace} once more as windows {windows}: its tokens count {report['pushes']} "
+                    f"times in {where}",
+        "already pushed": f"already pushed: {trace} ({report['tokens']} tokens) is in windows {windows}"
+                          f"{latest} of {where}; nothing written (--append to count it again, --replace to "
+                          f"push it anew)",
+    }[report["action"]]
+    err.print(message, highlight=False, markup=False)
+    print(f"{report['model']} {report['run']} windows {windows}")
 
 
-@stats_app.command("show")
+@stats_app.command("show", cls=_Command)
 def show(
     redis: RedisOpt = None,
     model: ModelOpt = None,
     run: RunOpt = None,
-    windows: Annotated[int | None, typer.Option(min=1, help="Last N windows [all kept].")] = None,
-    decayed: Annotated[bool, typer.Option(help="Show the exponentially decayed aggregate instead.")] = False,
-    width: Annotated[int, typer.Option(min=8, help="Heatmap columns.")] = 64,
+    windows: WindowsOpt = None,
+    decayed: Annotated[bool, typer.Option(
+        "--decayed", metavar="", help="Show the exponentially decayed aggregate instead.")] = False,
+    width: Annotated[int, typer.Option(min=8, metavar="COLUMNS", help="Heatmap columns.")] = 64,
     as_json: JsonOpt = False,
 ) -> None:
     """Per-layer load table and heatmap of the statistics in Redis."""
-    store, target = _store(redis, model, run)
-    try:
+    with _exit_codes():
+        store, target = _store(redis, model, run)
         stats = store.decayed() if decayed else store.snapshot(windows or target.windows)
-    except StatsStoreError as exc:
-        raise _fail(exc) from None
     rows = layer_summary(stats)
     if as_json:
         _emit(
@@ -222,7 +229,7 @@ def show(
         )
         return
     ids = stats.meta.get("windows") or []
-    what = "decayed aggregate" if decayed else f"windows {ids[0]}..{ids[-1]} ({len(ids)} present)"
+    what = "decayed aggregate" if decayed else f"windows {_span(ids)} ({len(ids)} present)"
     title = f"{store.keys.model} / {store.keys.run}: {what}, {stats.tokens} tokens, top-{stats.top_k}"
     err.print(load_table(stats, title))
     err.print(heatmap(stats, width))
@@ -233,23 +240,35 @@ def show(
     )
 
 
-@stats_app.command("export")
+def _writable_npz(out: Path) -> None:
+    """--out is checked before anything is read: a .npz path in a folder that exists and can be written."""
+    if out.suffix != ".npz":
+        raise ValueError(f"--out: expected a path ending in .npz (numpy would add it), got {str(out)!r}")
+    folder = out.parent
+    if not folder.is_dir():
+        raise ValueError(f"--out: folder {str(folder)!r} does not exist")
+    if out.is_dir() or not os.access(folder, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ValueError(f"--out: cannot write {str(out)!r}")
+
+
+@stats_app.command("export", cls=_Command)
 def export(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Statistics .npz to write (load_stats reads it).")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", show_default=False,
+                                      help="Statistics .npz to write (plan, evaluate and load_stats read it).")],
     redis: RedisOpt = None,
     model: ModelOpt = None,
     run: RunOpt = None,
-    windows: Annotated[int | None, typer.Option(min=1, help="Last N windows [all kept].")] = None,
-    decayed: Annotated[bool, typer.Option(help="Export the decayed aggregate (float) instead.")] = False,
+    windows: WindowsOpt = None,
+    decayed: Annotated[bool, typer.Option(
+        "--decayed", metavar="", help="Export the decayed aggregate (float) instead.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write the statistics in Redis to a .npz that `expertmesh plan` reads like a trace."""
-    store, target = _store(redis, model, run)
-    try:
+    with _exit_codes():
+        _writable_npz(out)
+        store, target = _store(redis, model, run)
         stats = store.decayed() if decayed else store.snapshot(windows or target.windows)
         save_stats(stats, out)
-    except (StatsStoreError, OSError) as exc:
-        raise _fail(exc) from None
     report = {
         "out": str(out),
         "tokens": stats.tokens,
@@ -262,46 +281,43 @@ def export(
     if as_json:
         _emit(report)
     else:
-        err.print(f"wrote {stats.tokens} tokens of {store.keys.model}/{store.keys.run} to {out}")
+        err.print(f"wrote {stats.tokens} tokens of {store.keys.model}/{store.keys.run} to {out}", highlight=False)
         print(out)
 
 
-@stats_app.command("compact")
+@stats_app.command("compact", cls=_Command)
 def compact(redis: RedisOpt = None, model: ModelOpt = None, run: RunOpt = None, as_json: JsonOpt = False) -> None:
     """Merge each window's writer deltas; fold windows older than the kept ones into the decayed aggregate."""
-    store, _ = _store(redis, model, run)
-    try:
+    with _exit_codes():
+        store, _ = _store(redis, model, run)
+        _require(store)
         report = store.compact()
-    except StatsStoreError as exc:
-        raise _fail(exc) from None
     if as_json:
         _emit(report)
     else:
         print(f"merged={report['merged']} folded={report['folded']} conflicts={report['conflicts']}")
 
 
-@stats_app.command("reset")
+@stats_app.command("reset", cls=_Command)
 def reset(
     redis: RedisOpt = None,
     model: ModelOpt = None,
     run: RunOpt = None,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", metavar="", help="Do not ask for confirmation.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Delete every key of the model/run (statistics, aggregate, writer marks)."""
-    store, target = _store(redis, model, run)
-    if not yes:
-        if not sys.stdin.isatty():
-            raise typer.BadParameter("refusing to delete without --yes when not interactive", param_hint="'--yes'")
-        typer.confirm(
-            f"delete all statistics of model={store.keys.model} run={store.keys.run} at {target.display}?",
-            abort=True,
-            err=True,
-        )
-    try:
+    """Delete every key of the model/run (statistics, aggregate, writer marks, push records)."""
+    with _exit_codes():
+        store, target = _store(redis, model, run)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise ValueError("--yes: refusing to delete without it when not interactive")
+            if not typer.confirm(f"delete all statistics of model={store.keys.model} run={store.keys.run} at "
+                                 f"{target.display}?", err=True):
+                raise _error("nothing deleted", EXIT_FAILURE)
         removed = store.reset()
-    except StatsStoreError as exc:
-        raise _fail(exc) from None
+        if removed == 0:
+            raise StatsStoreError(f"no statistics under {store.where}; nothing removed")
     if as_json:
         _emit({"model": store.keys.model, "run": store.keys.run, "keys_removed": removed})
     else:

@@ -13,6 +13,7 @@ every multi-key script is atomic on a single server and on a cluster alike):
     :writers     hash    writer -> floor: its oldest unsettled seq (every lower seq was applied or given up)
     :applied:<writer> zset  seqs >= floor that were applied: with the floor, a retried flush counts once
     :agg         hash    blob (float window), ref (window id its weights refer to), ver, folded
+    :sources     hash    source id -> JSON: what `stats push` wrote of one routing file (`push`)
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ class StatsKeys:
     @property
     def agg(self) -> str:
         return self.prefix + ":agg"
+
+    @property
+    def sources(self) -> str:
+        return self.prefix + ":sources"
 
     @property
     def window_prefix(self) -> str:
