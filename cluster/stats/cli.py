@@ -35,7 +35,7 @@ from .connect import ENV_URL, StatsEndpointError, StatsStoreError, StatsTarget, 
 from .keys import DEFAULT_DECAY
 from .push import DEFAULT_WINDOW_TOKENS, push_routing
 from .show import heatmap, layer_summary, load_table
-from .store import StatsStore
+from .store import FIRST_CONTACT_S, StatsStore
 
 __all__ = ["stats_app"]
 
@@ -107,7 +107,9 @@ def _exit_codes() -> Iterator[None]:
 def _store(redis: str | None, model: str | None, run: str | None) -> tuple[StatsStore, StatsTarget]:
     target = parse_target(redis).with_overrides(model, run)
     target.require_model()
-    return StatsStore.open(target), target
+    store = StatsStore.open(target)
+    store.ping(FIRST_CONTACT_S)
+    return store, target
 
 
 def _require(store: StatsStore) -> None:
@@ -153,7 +155,10 @@ def push(
         if replace and append:
             raise ValueError("--replace and --append: give at most one")
         store, target = _store(redis, model, run)
-        routing = load_routing(trace, top_k)
+        try:
+            routing = load_routing(trace, top_k)
+        except EOFError:  # numpy on an empty .npz/.npy (typer would print a bare "Aborted.")
+            raise ValueError(f"{trace}: empty file, not a routing trace or statistics") from None
         mode = "replace" if replace else "append" if append else "once"
         done = [0, 0]
 
@@ -209,6 +214,7 @@ def show(
 ) -> None:
     """Per-layer load table and heatmap of the statistics in Redis."""
     with _exit_codes():
+        _window_choice(windows, decayed)
         store, target = _store(redis, model, run)
         stats = store.decayed() if decayed else store.snapshot(windows or target.windows)
     rows = layer_summary(stats)
@@ -240,6 +246,11 @@ def show(
     )
 
 
+def _window_choice(windows: int | None, decayed: bool) -> None:
+    if windows is not None and decayed:
+        raise ValueError("--windows and --decayed: the decayed aggregate covers every window; give one of them")
+
+
 def _writable_npz(out: Path) -> None:
     """--out is checked before anything is read: a .npz path in a folder that exists and can be written."""
     if out.suffix != ".npz":
@@ -265,6 +276,7 @@ def export(
 ) -> None:
     """Write the statistics in Redis to a .npz that `expertmesh plan` reads like a trace."""
     with _exit_codes():
+        _window_choice(windows, decayed)
         _writable_npz(out)
         store, target = _store(redis, model, run)
         stats = store.decayed() if decayed else store.snapshot(windows or target.windows)

@@ -49,6 +49,7 @@ from .window import WindowCounts
 __all__ = ["StatsStore", "flush_reply", "load_stats_url"]
 
 _READ_ATTEMPTS = 5
+FIRST_CONTACT_S = 2.0  # a command's first PING: a Redis answers in milliseconds
 
 
 def _pairs(flat: list) -> dict:
@@ -94,18 +95,22 @@ class StatsStore:
 
         try:
             yield
-        except redis.exceptions.AuthenticationError as exc:
-            raise StatsUnavailableError(f"{action}: Redis at {self.display} refused the credentials ({exc})") from exc
+        except redis.exceptions.AuthenticationError as exc:  # the URL's credentials: invalid input
+            given = "no password was given (redis://:PASSWORD@host...)" if "@" not in self.display else f"{exc}"
+            raise StatsEndpointError(f"{action}: Redis at {self.display} refused the credentials: {given}") from None
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             tls = tls_refusal()
             if tls is not None and isinstance(exc, tls[1]):
                 raise StatsEndpointError(f"{action}: Redis at {self.display}: {exc}") from None
-            raise StatsUnavailableError(
-                f"{action}: cannot reach Redis at {self.display} ({exc}); is it running, is the URL right "
-                f"(--redis or EXPERTMESH_REDIS_URL)?"
-            ) from exc
+            hint = "is it running, is the URL right (--redis or EXPERTMESH_REDIS_URL)?"
+            if isinstance(exc.__context__, ConnectionResetError) and self.display.startswith("redis:"):
+                hint = "it closed the connection: if it expects TLS, use rediss://"
+            raise StatsUnavailableError(f"{action}: cannot reach Redis at {self.display} ({exc}); {hint}") from exc
         except redis.exceptions.ResponseError as exc:
             text = str(exc)
+            if "DB index is out of range" in text:
+                raise StatsEndpointError(f"{action}: {self.display}: no such database on this server ({text})") \
+                    from None
             if text.startswith(("EMFOREIGN", "EMSHAPE", "WRONGTYPE")):
                 detail = text.split(" ", 1)[1] if text.startswith("EM") else text  # our codes are for machines
                 raise StatsSchemaError(f"{action}: {self.where}: {detail}") from None
@@ -117,9 +122,28 @@ class StatsStore:
         except CodecError as exc:
             raise StatsSchemaError(f"{action}: {self.where}: malformed window data ({exc})") from None
 
-    def ping(self) -> None:
-        with self._errors("ping"):
-            self.client.ping()
+    def ping(self, timeout_s: float | None = None) -> None:
+        """Check that Redis answers; within `timeout_s` when given (not on Redis Cluster): a port that accepts
+        connections but never answers fails then, not after the read timeout that large replies need."""
+        import redis
+
+        client = self.client
+        if timeout_s is not None and hasattr(client, "connection_pool"):
+            pool = client.connection_pool
+            kwargs = {**pool.connection_kwargs, "socket_timeout": timeout_s}
+            client = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
+        try:
+            with self._errors("connect"):
+                try:
+                    client.ping()
+                except redis.exceptions.TimeoutError:
+                    raise StatsUnavailableError(
+                        f"connect: Redis at {self.display} did not answer within {timeout_s:g} s; is the host and "
+                        f"port right?"
+                    ) from None
+        finally:
+            if client is not self.client:
+                client.close()
 
     # -- header ------------------------------------------------------------------------------------------
 
@@ -387,16 +411,21 @@ class StatsStore:
 def load_stats_url(url: str) -> RoutingStats:
     """The exact `RoutingStats` behind `redis[s]://host:port/db?model=M[&run=R][&windows=N]`.
 
-    Raises ValueError for a malformed URL, StatsUnavailableError when Redis cannot be reached,
-    StatsSchemaError for data that is not ours or malformed, StatsStoreError when nothing is stored.
+    Raises ValueError for a malformed URL (StatsEndpointError, also a ValueError, for a URL that reaches
+    something else than Redis, or refused credentials or TLS), StatsUnavailableError when Redis cannot be
+    reached, StatsSchemaError for data that is not ours or malformed, StatsStoreError when nothing is stored.
     """
     target = parse_target(url)
     target.require_model()
     store = StatsStore.open(target)
     try:
-        return store.snapshot(target.windows)
+        store.ping(FIRST_CONTACT_S)
+        stats = store.snapshot(target.windows)
     finally:
         store.client.close()
+    if stats.tokens == 0:
+        raise StatsStoreError(f"no tokens under {store.where}: nothing to plan from")
+    return stats
 
 
 def flush_reply(replies: list) -> str | Exception:

@@ -131,7 +131,7 @@ def test_bad_url_query_is_one_line_naming_the_parameter_and_exit_2(redis_url, qu
 
 
 def test_bad_urls_through_the_installed_command_exit_2_in_one_line(redis_url):
-    for url in (f"{redis_url}?model=m&bogus=1", "http://localhost:6379/0?model=m", "redis://h:port/0?model=m"):
+    for url in (f"{redis_url}?model=m&bogus=1", "redis://h:port/0?model=m"):
         result = expertmesh("stats", "show", "--redis", url)
         assert result.returncode == 2, result.stderr
         one_error_line(result.stderr)
@@ -175,13 +175,13 @@ def test_compact_of_an_unknown_model_is_not_a_success(redis_url):
 
 def test_help_of_the_stats_commands_reads_cleanly_at_80_columns():
     for command in ("push", "show", "export", "compact", "reset"):
-        text = expertmesh("stats", command, "--help").stdout
+        text = run(command, "--help", env={"COLUMNS": "80"}).stdout
         text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())  # the words, as wrapped into rich's panels
         assert not re.search(r"\w \.( |$)", text), (command, text)  # "[default: x]" in help text, eaten as markup
         assert "<bool>" not in text and "<str>" not in text, (command, text)
         assert "…" not in text, (command, text)  # nothing truncated
         assert "redis://host:6379/0" in text and "(default: default)" in text
-    push = expertmesh("stats", "push", "--help").stdout
+    push = run("push", "--help", env={"COLUMNS": "80"}).stdout
     assert "TRACE" in push and "{trace}" not in push and "--top-k" in push and "--replace" in push
 
 
@@ -191,3 +191,53 @@ def test_a_redis_url_needs_no_server_to_be_checked():
     assert target.redis_url == "redis://127.0.0.1:1/0?socket_timeout=5&health_check_interval=10"
     with pytest.raises(ValueError, match="unknown query parameter 'sockettimeout'"):
         parse_target("redis://127.0.0.1:1/0?model=m&sockettimeout=5")
+
+
+@pytest.fixture
+def silent_port():
+    """A port that accepts connections and never says anything."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    yield f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+    server.close()
+
+
+def test_a_port_that_never_answers_fails_in_seconds(silent_port):
+    started = time.monotonic()
+    result = run("show", "--redis", silent_port, "--model", "m")
+    elapsed = time.monotonic() - started
+    assert result.exit_code == 1 and "did not answer within 2 s" in one_error_line(result.stderr)
+    assert elapsed < 10, f"took {elapsed:.1f} s: the first contact should give up after 2 s, not the 30 s read timeout"
+
+
+def test_credentials_and_database_in_the_url_are_named(redis_server_factory, redis_url):
+    server = redis_server_factory(extra_args=("--requirepass", "s3cret"))
+    bare = run("show", "--redis", server.url, "--model", "m")
+    assert bare.exit_code == 2 and "no password was given" in one_error_line(bare.stderr)
+    wrong = run("show", "--redis", server.url.replace("redis://", "redis://:nope@"), "--model", "m")
+    assert wrong.exit_code == 2 and "refused the credentials" in one_error_line(wrong.stderr)
+    assert "nope" not in wrong.stderr
+    right = run("show", "--redis", server.url.replace("redis://", "redis://:s3cret@"), "--model", "m")
+    assert right.exit_code == 1 and "no statistics under" in right.stderr
+    db = run("show", "--redis", redis_url.replace("/0", "/99"), "--model", "m")
+    assert db.exit_code == 2 and "no such database on this server" in one_error_line(db.stderr)
+
+
+def test_contradicting_or_empty_input_is_refused_before_anything_is_read(redis_url, tmp_path):
+    env = {"EXPERTMESH_REDIS_URL": redis_url}
+    both = run("show", "--model", "m", "--windows", 3, "--decayed", env=env)
+    assert both.exit_code == 2 and "--windows and --decayed" in one_error_line(both.stderr)
+    (tmp_path / "empty.npz").write_bytes(b"")
+    empty = run("push", tmp_path / "empty.npz", "--model", "m", env=env)
+    assert empty.exit_code == 2 and "empty file" in one_error_line(empty.stderr)
+
+
+def test_statistics_with_no_tokens_are_not_planned_from(redis_url):
+    from expertmesh.cluster.stats.store import StatsStore
+    from expertmesh.cluster.stats.window import WindowCounts
+
+    store = StatsStore.open(f"{redis_url}?model=idle")
+    store.write(0, WindowCounts.zeros(2, 4, 2), header=store.ensure(2, 4, 2), writer="w", seq=1)
+    with pytest.raises(Exception, match="no tokens under .* nothing to plan from"):
+        load_stats_url(f"{redis_url}?model=idle")
