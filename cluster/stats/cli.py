@@ -139,8 +139,9 @@ def push(
         min=0, metavar="ID", help="First window id (default: the newest + 1).")] = None,
     keep: Annotated[int | None, typer.Option(
         min=1, metavar="N", help="Windows kept, when this creates the store (default: 64, or all pushed).")] = None,
-    decay: Annotated[float, typer.Option(
-        min=0.0, max=1.0, metavar="FACTOR", help="Per-window decay of the aggregate.")] = DEFAULT_DECAY,
+    decay: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, metavar="FACTOR",
+        help=f"Per-window decay of the aggregate, when this creates the store (default: {DEFAULT_DECAY}).")] = None,
     top_k: Annotated[int | None, typer.Option(
         "--top-k", min=1, metavar="K", help="k, for count matrices that do not record it.")] = None,
     replace: Annotated[bool, typer.Option(
@@ -159,6 +160,8 @@ def push(
             routing = load_routing(trace, top_k)
         except EOFError:  # numpy on an empty .npz/.npy (typer would print a bare "Aborted.")
             raise ValueError(f"{trace}: empty file, not a routing trace or statistics") from None
+        if top_k is not None and routing.top_k != top_k:
+            raise ValueError(f"--top-k: {trace} records k={routing.top_k}; --top-k {top_k} contradicts it")
         mode = "replace" if replace else "append" if append else "once"
         done = [0, 0]
 
@@ -168,7 +171,8 @@ def push(
 
         try:
             with err.status(f"pushing {trace} to {target.display}") as status:
-                report = push_routing(store, routing, window_tokens, first_window, keep, decay, mode=mode,
+                report = push_routing(store, routing, window_tokens, first_window, keep,
+                                      DEFAULT_DECAY if decay is None else decay, mode=mode,
                                       name=str(trace), progress=progress)
         except (StatsStoreError, KeyboardInterrupt) as exc:
             if isinstance(exc, StatsStoreError) and not done[0]:
@@ -178,6 +182,10 @@ def push(
             raise kind(f"{why}; {done[0]} of {done[1] or '?'} windows written: run the same command again to "
                        f"push the rest (nothing is counted twice)") from None
     n, keep_n = len(report["windows"]), report["keep"]
+    for flag, given, kept in (("--keep", keep, keep_n), ("--decay", decay, report["decay"])):
+        if not report["created"] and given is not None and given != kept:
+            err.print(f"[yellow]warning:[/yellow] {flag} {given} applies when a push creates the store; this one "
+                      f"was created before with {flag} {kept}", highlight=False)
     if report["written"] and n > keep_n:
         err.print(f"[yellow]warning:[/yellow] pushed {n} windows but the store keeps {keep_n}: a snapshot "
                   f"holds the last {keep_n}, older ones go to the decayed aggregate")

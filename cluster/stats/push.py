@@ -80,7 +80,7 @@ def push_routing(
 
     Returns a report: model, run, action (pushed, already pushed, resumed, replaced, appended), source,
     windows (ids holding this push), written (ids written by this call), tokens, layers, experts, top_k,
-    keep, created. Raises ValueError for empty input or arguments an interrupted push cannot resume with,
+    keep, decay, created. Raises ValueError for empty input or arguments an interrupted push cannot resume with,
     StatsStoreError (and subclasses) for what Redis refuses. `progress(i, n)` after each window.
     """
     if mode not in MODES:
@@ -150,6 +150,7 @@ def push_routing(
         "experts": E,
         "top_k": routing.top_k,
         "keep": header.keep,
+        "decay": header.decay,
         "created": existing is None,
     }
 

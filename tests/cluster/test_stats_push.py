@@ -171,3 +171,16 @@ def test_empty_input_is_refused(redis_url, tmp_path):
     result = run("push", tmp_path / "empty.npz", "--redis", redis_url, "--model", "m")
     assert result.exit_code == 2 and "holds no tokens" in result.stderr
     assert StatsStore.open(f"{redis_url}?model=m").header() is None  # nothing created
+
+
+def test_options_that_cannot_apply_are_named(redis_url, trace_file, tmp_path):
+    _, path = trace_file
+    push(path, redis_url, "--keep", 5)
+    other = tmp_path / "other.npz"
+    save_trace(make_trace(seed=9), other)
+    later = run("push", other, "--redis", redis_url, "--model", "m", "--keep", 9, "--decay", 0.5)
+    assert later.exit_code == 0
+    assert "warning: --keep 9 applies when a push creates the store; this one was created before with --keep 5" \
+        in later.stderr and "--decay 0.5" in later.stderr
+    k = run("push", path, "--redis", redis_url, "--model", "m", "--top-k", 3)
+    assert k.exit_code == 2 and "records k=2; --top-k 3 contradicts it" in k.stderr
