@@ -195,9 +195,10 @@ def push(
     where = f"model={report['model']} run={report['run']} at {target.display}"
     windows, written = _span(report["windows"]), _span(report["written"])
     latest = f" (the latest of {report['pushes']} pushes)" if report["pushes"] > 1 else ""
+    before = _span(report["windows"][: n - len(report["written"])])
     message = {
         "pushed": f"pushed {report['tokens']} tokens as {n} window(s) {windows} to {where}",
-        "resumed": f"resumed {trace}: windows {windows} were started before; wrote {written} to {where}",
+        "resumed": f"resumed {trace}: windows {before} were written before; wrote {written} to {where}",
         "replaced": f"replaced the earlier push of {trace}: its tokens are now in windows {windows} of {where}",
         "appended": f"appended {trace} once more as windows {windows}: its tokens count {report['pushes']} "
                     f"times in {where}",

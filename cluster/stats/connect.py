@@ -126,8 +126,13 @@ class StatsTarget:
             return redis.Redis.from_url(self.redis_url, **options)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"url: {self.display} is not a usable Redis URL ({exc})") from exc
-        except redis.exceptions.RedisError as exc:  # RedisCluster contacts the cluster at construction
-            raise StatsUnavailableError(f"cannot reach Redis Cluster at {self.display}: {exc}") from exc
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
+            # RedisCluster contacts the cluster at construction (its exception is not a RedisError).
+            if "cluster mode is not enabled" in str(exc).lower() or "cluster support disabled" in str(exc):
+                raise StatsEndpointError(
+                    f"url: {self.display} is a single Redis, not a Redis Cluster: remove ?cluster=1"
+                ) from None
+            raise StatsUnavailableError(f"cannot reach Redis Cluster at {self.display}: {exc}") from None
 
 
 def parse_target(url: str | None = None) -> StatsTarget:

@@ -118,7 +118,7 @@ def test_a_push_that_stopped_half_way_resumes_from_the_last_whole_window(redis_s
 
 
 def test_the_cli_says_how_to_resume_when_redis_goes_away(redis_server_factory, trace_file, monkeypatch):
-    _, path = trace_file
+    trace, path = trace_file
     server = redis_server_factory(durable=True)
     import expertmesh.cluster.stats.push as push_module
 
@@ -133,6 +133,11 @@ def test_the_cli_says_how_to_resume_when_redis_goes_away(redis_server_factory, t
     result = run("push", path, "--redis", server.url, "--model", "m", "--window-tokens", 10)
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert "3 of 10 windows written: run the same command again" in result.stderr
+    monkeypatch.setattr(push_module, "_window", real)
+    server.restart()
+    again = run("push", path, "--redis", server.url, "--model", "m", "--window-tokens", 10)
+    assert again.exit_code == 0 and "windows 0..2 were written before; wrote 3..9" in again.stderr
+    assert same(load_stats_url(f"{server.url}?model=m"), trace)
 
 
 def test_replace_refuses_when_compaction_folded_the_old_push(redis_url, trace_file, tmp_path):
