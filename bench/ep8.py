@@ -116,7 +116,7 @@ def cmd_plan(args) -> None:
 
 # ---------------------------------------------------------------------------------------------- measure
 def write_model_dir(path: Path, shape: dict, num_experts: int, top_k: int, num_layers: int) -> None:
-    """config.json of the replayed stack (weights are random: `EPGroup.create(weights="random")`)."""
+    """config.json of the replayed stack (weights are random: `GroupConfig(weights="random")`)."""
     path.mkdir(parents=True, exist_ok=True)
     doc = {
         "model_type": shape["family"], "hidden_size": shape["hidden"], "num_hidden_layers": num_layers,
@@ -199,7 +199,7 @@ def cmd_measure(args) -> None:
 
     from expertmesh.placement.plan import load_plan
     from expertmesh.placement.trace import load_trace
-    from expertmesh.workers import EPGroup
+    from expertmesh.workers import EPGroup, GroupConfig
 
     data = Path(args.data)
     quick = json.loads((data / "meta.json").read_text())["quick"]
@@ -229,8 +229,9 @@ def cmd_measure(args) -> None:
                  "source": trace.meta.get("source", name), "plans": {}, "errors": []}
         result["traces"][name] = entry
         t0 = time.perf_counter()
-        group = EPGroup.create(model_dir, plans["contiguous"], G, device=device, dtype=dtype, weights="random",
-                               cpus_per_worker=1.0, step_timeout_s=600, collective_timeout_s=600)
+        config = GroupConfig(model=str(model_dir), workers=G, device=device, dtype=dtype, weights="random",
+                             timeouts={"step_s": 600, "collective_s": 600})
+        group = EPGroup.create(config, plan=plans["contiguous"])
         entry["create_s"] = time.perf_counter() - t0
         current = "contiguous"
         # One pass per exchange over every plan, so a failing exchange costs only its own rows.
@@ -255,9 +256,7 @@ def cmd_measure(args) -> None:
                 entry["errors"].append(f"{exchange}: {type(exc).__name__}: {exc}")
                 if not group.usable:
                     t0 = time.perf_counter()
-                    group = EPGroup.create(model_dir, plans["contiguous"], G, device=device, dtype=dtype,
-                                           weights="random", cpus_per_worker=1.0, step_timeout_s=600,
-                                           collective_timeout_s=600)
+                    group = EPGroup.create(config, plan=plans["contiguous"])
                     current = "contiguous"
         group.shutdown()
         out_path.write_text(json.dumps(result))

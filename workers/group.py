@@ -1,6 +1,6 @@
 """`EPGroup`: the driver's handle on one expert-parallel group of `ExpertWorker` Ray actors.
 
-    group = EPGroup.create(model_dir, plan, num_workers=2, device="cuda")
+    group = EPGroup.create(GroupConfig(model=model_dir, plan="plan.json", workers=2, device="cuda"))
     out = group.step([[(0, prompt_a)], [(1, prompt_b)]], sampling=GREEDY)   # one list per worker
     group.free([0, 1]); group.shutdown()
 
@@ -32,15 +32,15 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from expertmesh.placement.plan import Placement, load_plan
 
-from .checkpoint import WEIGHTS
+from .checkpoint import CheckpointReader
 from .config import ModelConfig, read_model_config
 from .decode_graph import DecodeGraphs
+from .group_config import GroupConfig
 from .model import PackedTokens
-from .moe import EXCHANGES
 from .plans import PlanMismatchError, check_plan, contiguous_plan
 from .recording import StatsSink
 from .sampling import GREEDY, SamplingParams
-from .worker import DTYPES, NOSET_CVD, ExpertWorker, StepOutput, WorkerSpec
+from .worker import NOSET_CVD, ExpertWorker, StepOutput, WorkerSpec
 
 __all__ = ["EPGroup", "GroupError", "WorkerFailure", "StepTimeout", "PlanMismatchError", "contiguous_plan"]
 
@@ -88,122 +88,79 @@ def _cause(err: Exception) -> BaseException:
 
 
 class EPGroup:
-    def __init__(self, actors: list, pg, cfg: ModelConfig, plan: Placement, model_dir: str, device: str,
-                 dtype: str, step_timeout_s: float, infos: list[dict]) -> None:
+    def __init__(self, actors: list, pg, config: GroupConfig, cfg: ModelConfig, plan: Placement) -> None:
         self._actors, self._pg = actors, pg
-        self.config, self.plan, self.model_dir = cfg, plan, model_dir
-        self.device, self.dtype, self.step_timeout_s = device, dtype, step_timeout_s
-        self.infos = infos
+        self.config, self.model_config, self.plan = config, cfg, plan
+        self.model_dir, self.device = config.model, config.device
+        self.step_timeout_s = config.timeouts.step_s
+        self.max_tokens = config.max_tokens if config.exchange == "symm_mem" else 0  # per worker and step
+        self.compiled_steps = config.compiled_steps  # steps through a Ray compiled graph (see _step_graph)
+        self.infos: list[dict] = []
         self.home: dict[int, int] = {}
         self.steps = 0
-        self.max_tokens = 0  # token capacity per worker and step (symm_mem exchange), 0 = unbounded
-        self.compiled_steps = False  # steps through a Ray compiled graph (see _step_graph)
         self._graph = None
         self._broken: str | None = None
 
-    # ---- creation ------------------------------------------------------------------------------
     @classmethod
-    def create(
-        cls,
-        model_dir: str | Path,
-        plan: Placement | str | Path | None = None,
-        num_workers: int | None = None,
-        device: str = "cpu",
-        *,
-        dtype: str | None = None,
-        sink: StatsSink | None = None,
-        flush_every: int = 1,
-        stats_shares: bool = True,
-        run_id: str = "run",
-        cpus_per_worker: float = 1.0,
-        strategy: str = "PACK",
-        step_timeout_s: float = 300.0,
-        setup_timeout_s: float = 600.0,
-        collective_timeout_s: float = 120.0,
-        seed: int = 0,
-        weights: str = "checkpoint",
-        exchange: str = "auto",
-        max_tokens: int = 0,
-        compiled_steps: bool = False,
-        decode_graphs: bool | None = None,
-    ) -> EPGroup:
-        """Start `num_workers` workers (default: the plan's GPU count) serving `model_dir` under `plan`.
+    def create(cls, config: GroupConfig | str | Path, *, plan: Placement | None = None,
+               sink: StatsSink | None = None) -> EPGroup:
+        """Start the group `config` describes (a `GroupConfig`, or a YAML/JSON file of one).
 
-        plan: a `Placement`, a plan file, or None for the contiguous placement. device: "cpu" (gloo) or
-        "cuda" (NCCL, one GPU per worker). dtype: "float32", "bfloat16" or "float16" (default: the
-        checkpoint's, float32 on CPU). sink: where routing statistics go (see `recording.StatsSink`);
-        stats_shares: the workers sum their counts at each flush and each writes one share of the layers
-        (where the sink supports it), instead of every worker writing a whole window of its own tokens.
-        weights: "checkpoint", or "random" (seeded random tensors; model_dir needs only config.json).
-        exchange: "auto"/"all_to_all" (NCCL or gloo all_to_all_single) or "symm_mem" (NVLink writes into
-        peers' buffers; needs `max_tokens`, the most new tokens one worker brings to a step).
-        compiled_steps: drive `step` through a Ray compiled graph (one ~0.1 ms round trip through shared
-        memory instead of a ~1 ms actor call; other calls stay plain actor calls, and release the graph
-        first). Off by default: its workers poll their input channel while the group lives (a busy core
-        each). Before other calls released the graph, a 2-GPU test (steps, then a routing replay) stopped
-        answering on the GPU host; since then its GPU tests pass.
-        decode_graphs: decode-only steps at fixed shapes, replayed as CUDA graphs on one GPU or across
-        GPUs with the symm_mem exchange (None: on for CUDA; True on CPU runs them eagerly, for tests).
+        plan: a `Placement` to serve instead of `config.plan` (e.g. one computed in this process). sink: where
+        routing statistics go (see `recording.StatsSink`; e.g. `expertmesh.cluster.RedisStatsSink`).
+        Everything is checked before Ray starts: the checkpoint, the plan against it, the config; a Ray this
+        call started is shut down again when the group cannot be created.
         """
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
-        model_dir = str(Path(model_dir).resolve())
-        cfg = read_model_config(model_dir)
-        if isinstance(plan, (str, Path)):
-            plan = load_plan(plan)
+        if not isinstance(config, GroupConfig):
+            config = GroupConfig.load(config)
+        cfg = read_model_config(config.model)
+        if config.weights == "checkpoint":
+            CheckpointReader(config.model)  # a folder without the tensors fails here, before any process starts
+        if plan is None and config.plan is not None:
+            plan = load_plan(config.plan)
         if plan is None:
-            workers = 1 if num_workers is None else num_workers
-            plan = contiguous_plan(cfg.num_moe_layers, cfg.num_experts, workers)
-        if num_workers is None:
-            num_workers = plan.num_gpus
-        if num_workers < 1:
-            raise ValueError(f"num_workers: expected >= 1, got {num_workers}")
-        check_plan(plan, cfg, num_workers, model_dir)
-        if dtype is None:
-            dtype = "float32" if device == "cpu" or cfg.dtype not in DTYPES else cfg.dtype
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-        if weights not in WEIGHTS:
-            raise ValueError(f"weights: expected one of {WEIGHTS}, got {weights!r}")
-        if exchange not in EXCHANGES:
-            raise ValueError(f"exchange: expected one of {EXCHANGES}, got {exchange!r}")
-        if exchange == "symm_mem" and (device != "cuda" or max_tokens < 1):
-            raise ValueError("exchange: 'symm_mem' needs device='cuda' and max_tokens >= 1")
-        if not ray.is_initialized():
+            plan = contiguous_plan(cfg.num_moe_layers, cfg.num_experts, config.workers or 1)
+        num_workers = config.workers or plan.num_gpus
+        check_plan(plan, cfg, num_workers, config.model)
+        started_ray = not ray.is_initialized()
+        if started_ray:
             # Workers then see every GPU of their node and pick theirs (the symm_mem exchange needs that).
             os.environ.setdefault(NOSET_CVD, "1")
             ray.init()
-
-        bundle = {"CPU": cpus_per_worker, **({"GPU": 1} if device == "cuda" else {})}
-        pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy=strategy)
         try:
-            ray.get(pg.ready(), timeout=setup_timeout_s)
+            return cls._start(config, cfg, plan, num_workers, sink)
+        except BaseException:
+            if started_ray:
+                ray.shutdown()
+            raise
+
+    @classmethod
+    def _start(cls, config: GroupConfig, cfg: ModelConfig, plan: Placement, num_workers: int,
+               sink: StatsSink | None) -> EPGroup:
+        timeouts = config.timeouts
+        bundle = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.device == "cuda" else {})}
+        pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy=config.placement_strategy)
+        try:
+            ray.get(pg.ready(), timeout=timeouts.setup_s)
         except GetTimeoutError:
             remove_placement_group(pg)
             raise GroupError(
-                f"placement group: {num_workers} bundles of {bundle} ({strategy}) could not be scheduled "
-                f"within {setup_timeout_s:.0f} s; cluster resources: {ray.cluster_resources()}"
+                f"placement group: {num_workers} bundles of {bundle} ({config.placement_strategy}) could not be "
+                f"scheduled within {timeouts.setup_s:.0f} s; cluster resources: {ray.cluster_resources()}"
             ) from None
         actors = [
             _RemoteWorker.options(
-                num_cpus=cpus_per_worker,
-                num_gpus=1 if device == "cuda" else 0,
+                num_cpus=config.cpus_per_worker,
+                num_gpus=1 if config.device == "cuda" else 0,
                 max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
             ).remote(rank, num_workers)
             for rank in range(num_workers)
         ]
-        group = cls(actors, pg, cfg, plan, model_dir, device, dtype, step_timeout_s, [])
-        group.max_tokens = max_tokens if exchange == "symm_mem" else 0
-        group.compiled_steps = compiled_steps
-        addr, port = group._call([actors[0].rendezvous_address.remote()], setup_timeout_s, "rendezvous")[0]
-        spec = WorkerSpec(
-            model_dir=model_dir, plan=plan, dtype=dtype, device=device, master_addr=addr, master_port=port,
-            collective_timeout_s=collective_timeout_s, sink=sink, flush_every=flush_every,
-            stats_shares=stats_shares, run_id=run_id, seed=seed, weights=weights, exchange=exchange,
-            max_tokens=max_tokens, cpu_threads=max(1, int(cpus_per_worker)), decode_graphs=decode_graphs,
-        )
-        group.infos = group._call([a.setup.remote(spec) for a in actors], setup_timeout_s, "setup")
+        group = cls(actors, pg, config, cfg, plan)
+        addr, port = group._call([actors[0].rendezvous_address.remote()], timeouts.setup_s, "rendezvous")[0]
+        spec = WorkerSpec(config=config, plan=plan, master_addr=addr, master_port=port, sink=sink)
+        group.infos = group._call([a.setup.remote(spec) for a in actors], timeouts.setup_s, "setup")
         return group
 
     # ---- calls with failure handling -----------------------------------------------------------
@@ -374,7 +331,7 @@ class EPGroup:
         if len(inputs) != self.num_workers:
             raise ValueError(f"inputs: expected one list per worker ({self.num_workers}), got {len(inputs)}")
         seen: set[int] = set()
-        V = self.config.vocab_size
+        V = self.model_config.vocab_size
         packed: list[PackedTokens] = []
         for rank, batch in enumerate(inputs):
             seqs = [int(seq) for seq, _ in batch]
@@ -535,7 +492,7 @@ class EPGroup:
         self._check_usable()
         if isinstance(plan, (str, Path)):
             plan = load_plan(plan)
-        check_plan(plan, self.config, self.num_workers, self.model_dir)
+        check_plan(plan, self.model_config, self.num_workers, self.model_dir)
         self._release_graph()
         self.infos = self._call([a.apply_plan.remote(plan) for a in self._actors], self.step_timeout_s,
                                 "apply_plan")
@@ -544,13 +501,11 @@ class EPGroup:
     def set_exchange(self, kind: str, max_tokens: int = 0) -> None:
         """Switch every worker's dispatch/combine implementation at a step boundary."""
         self._check_usable()
-        if kind not in EXCHANGES:
-            raise ValueError(f"exchange: expected one of {EXCHANGES}, got {kind!r}")
-        if kind == "symm_mem" and (self.device != "cuda" or max_tokens < 1):
-            raise ValueError("exchange: 'symm_mem' needs device='cuda' and max_tokens >= 1")
+        config = self.config.replace(exchange=kind, max_tokens=max_tokens)  # validates the pair
         self._release_graph()
         self._call([a.set_exchange.remote(kind, max_tokens) for a in self._actors], self.step_timeout_s,
                    "set_exchange")
+        self.config = config
         self.max_tokens = max_tokens if kind == "symm_mem" else 0
 
     def worker_info(self) -> list[dict]:
