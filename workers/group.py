@@ -15,9 +15,8 @@ cache there); the group remembers homes and refuses a step that sends a sequence
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import itertools
-import logging
 import os
 import time
 from collections.abc import Sequence
@@ -33,9 +32,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from expertmesh.placement.plan import Placement, load_plan
 
 from .checkpoint import CheckpointReader
+from .compiled_steps import CompiledSteps
 from .config import ModelConfig, read_model_config
 from .decode_graph import DecodeGraphs
 from .group_config import GroupConfig
+from .ledger import SequenceLedger, StepInputs, pack_inputs
 from .model import PackedTokens
 from .plans import PlanMismatchError, check_plan, contiguous_plan
 from .recording import StatsSink
@@ -59,25 +60,6 @@ class StepTimeout(GroupError):
     """A call did not finish within its timeout; the group has been torn down."""
 
 
-class _TracebackAsText(logging.Filter):
-    """Turns a record's traceback into its text. Tearing down a graph whose actors died, Ray logs each failed
-    cancel with its traceback; a handler that keeps records (pytest's log capture) then kept the frames, and
-    through them the graph, alive until interpreter exit, where destroying it after Ray's shutdown crashed
-    the process (a segfault after the test run). The text prints the same."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[0] is not None:
-            record.exc_text = record.exc_text or logging.Formatter().formatException(record.exc_info)
-            record.exc_info = None
-        return True
-
-
-def _keep_graph_tracebacks_as_text() -> None:
-    dag_log = logging.getLogger("ray.dag.compiled_dag_node")
-    if not any(isinstance(f, _TracebackAsText) for f in dag_log.filters):
-        dag_log.addFilter(_TracebackAsText())
-
-
 def _cause(err: Exception) -> BaseException:
     """The worker-side exception inside a RayTaskError (so callers see ValueError, not a wrapper)."""
     if isinstance(err, RayTaskError):
@@ -94,11 +76,11 @@ class EPGroup:
         self.model_dir, self.device = config.model, config.device
         self.step_timeout_s = config.timeouts.step_s
         self.max_tokens = config.max_tokens if config.exchange == "symm_mem" else 0  # per worker and step
-        self.compiled_steps = config.compiled_steps  # steps through a Ray compiled graph (see _step_graph)
+        self.compiled_steps = config.compiled_steps  # steps through a Ray compiled graph (compiled_steps.py)
         self.infos: list[dict] = []
-        self.home: dict[int, int] = {}
+        self.ledger = SequenceLedger(config.kv_block_size, [])  # budgets arrive with the workers' setup
         self.steps = 0
-        self._graph = None
+        self._compiled = CompiledSteps(actors)
         self._broken: str | None = None
 
     @classmethod
@@ -161,6 +143,7 @@ class EPGroup:
         addr, port = group._call([actors[0].rendezvous_address.remote()], timeouts.setup_s, "rendezvous")[0]
         spec = WorkerSpec(config=config, plan=plan, master_addr=addr, master_port=port, sink=sink)
         group.infos = group._call([a.setup.remote(spec) for a in actors], timeouts.setup_s, "setup")
+        group.ledger = SequenceLedger(config.kv_block_size, [info["kv_blocks"] for info in group.infos])
         return group
 
     # ---- calls with failure handling -----------------------------------------------------------
@@ -231,25 +214,8 @@ class EPGroup:
         raise WorkerFailure(f"{what}: worker {rank} raised {type(cause).__name__}: {cause}") from err
 
     # ---- steps through a compiled graph ---------------------------------------------------------
-    def _step_graph(self):
-        """A Ray compiled graph of one step on every worker, built on first use.
-
-        Arguments and results travel through shared-memory channels the workers poll, so a step costs
-        ~0.1 ms of Ray instead of an actor call's ~1 ms (measured on the GPU host), which a decode step
-        of a few milliseconds feels. Worker failures surface as on the plain path: a dead worker as
-        `RayActorError`, a worker's exception as `RayTaskError`.
-        """
-        if self._graph is None:
-            from ray.dag import InputNode, MultiOutputNode
-
-            _keep_graph_tracebacks_as_text()
-            with InputNode() as args:
-                outputs = MultiOutputNode([a.step_packed.bind(args[r]) for r, a in enumerate(self._actors)])
-            self._graph = outputs.experimental_compile()
-        return self._graph
-
     def _graph_call(self, args: list[tuple], timeout_s: float, what: str) -> list:
-        refs = self._step_graph().execute(*args)
+        refs = self._compiled.execute(args)
         try:
             # All at once: a worker that dies or raises fails the whole get at once, even while the
             # others still wait for it inside a collective.
@@ -291,10 +257,7 @@ class EPGroup:
         return dead
 
     def _release_graph(self) -> None:
-        graph, self._graph = self._graph, None
-        if graph is not None:
-            with contextlib.suppress(Exception):  # a worker already gone makes teardown raise
-                graph.teardown()
+        self._compiled.release()
 
     def _teardown(self, reason: str) -> None:
         self._broken = reason
@@ -321,79 +284,16 @@ class EPGroup:
         self.shutdown()
 
     # ---- serving -------------------------------------------------------------------------------
-    def _check_inputs(self, inputs: Sequence[Sequence[tuple[int, Sequence[int]]]]) -> list[PackedTokens]:
-        """Validate a step's inputs; returns each worker's share packed into three arrays.
+    @property
+    def home(self) -> dict[int, int]:
+        """Home worker of every live sequence."""
+        return self.ledger.home
 
-        Arrays, not lists of Python ints, travel to the workers: Ray ships them as raw buffers, where a
-        32k-token prefill as lists cost milliseconds of int conversion and pickling on both sides, and a
-        256-sequence decode step one pickled object per sequence.
-        """
-        if len(inputs) != self.num_workers:
-            raise ValueError(f"inputs: expected one list per worker ({self.num_workers}), got {len(inputs)}")
-        seen: set[int] = set()
-        V = self.model_config.vocab_size
-        packed: list[PackedTokens] = []
-        for rank, batch in enumerate(inputs):
-            seqs = [int(seq) for seq, _ in batch]
-            lengths = np.fromiter((len(tokens) for _, tokens in batch), np.int64, len(batch))
-            for seq, n in zip(seqs, lengths.tolist(), strict=True):
-                if seq in seen:
-                    raise ValueError(f"inputs: sequence {seq} appears twice in one step")
-                seen.add(seq)
-                home = self.home.get(seq, rank)
-                if home != rank:
-                    raise ValueError(
-                        f"inputs: sequence {seq} lives on worker {home}, the step gives it to {rank}"
-                    )
-                if n == 0:
-                    raise ValueError(f"inputs: sequence {seq} brings no new token")
-            # One array of every token of the worker (not one per sequence: a 256-sequence decode step
-            # spent ~0.4 ms converting them one by one); its dtype says whether they all were integers.
-            try:
-                flat = np.asarray(list(itertools.chain.from_iterable(tokens for _, tokens in batch)))
-            except (TypeError, ValueError):  # ragged nesting, tokens that are not a sequence
-                flat = np.zeros((1, 1), np.float32)
-            bad = flat.size and (flat.ndim != 1 or not np.issubdtype(flat.dtype, np.integer)
-                                 or flat.min() < 0 or flat.max() >= V)
-            if bad:
-                raise ValueError(f"inputs: token ids of sequence {self._bad_sequence(batch, V)} must be "
-                                 f"integers in [0, {V})")
-            if self.max_tokens and flat.size > self.max_tokens:
-                raise ValueError(f"inputs: worker {rank} gets more than max_tokens={self.max_tokens} new tokens")
-            packed.append(PackedTokens(np.asarray(seqs, np.int64), lengths,
-                                       flat.astype(np.int32) if flat.size else np.zeros(0, np.int32)))
-        return packed
-
-    @staticmethod
-    def _bad_sequence(batch: Sequence[tuple[int, Sequence[int]]], vocab: int) -> int:
-        """The first sequence of `batch` whose token ids are not integers in [0, vocab)."""
-        for seq, tokens in batch:
-            try:
-                arr = np.asarray(tokens)
-            except (TypeError, ValueError):
-                return int(seq)
-            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or (
-                    arr.size and (arr.min() < 0 or arr.max() >= vocab)):
-                return int(seq)
-        raise AssertionError("no bad sequence")  # only called when one exists
-
-    def step(
-        self,
-        inputs: Sequence[Sequence[tuple[int, Sequence[int]]]],
-        sampling: SamplingParams | Sequence[Sequence[SamplingParams]] | None = None,
-        return_logits: bool = True,
-        measure: bool = False,
-        pause_s: Sequence[float] | None = None,
-    ) -> list[StepOutput]:
-        """One lockstep step: `inputs[w]` is worker w's list of (sequence id, new token ids).
-
-        A new sequence is prefilled, a known one continues from its cache. Returns one `StepOutput` per
-        worker with the last position's logits (unless `return_logits=False`) and, when `sampling` is
-        given (one `SamplingParams` for all, or one per input), the next token of every sequence.
-        `pause_s[w]` holds worker w before its first layer (for failure tests).
-        """
+    def _prepare(self, inputs: StepInputs, sampling, return_logits: bool, measure: bool,
+                 pause_s: Sequence[float] | None) -> list[tuple]:
+        """Check a step and build each worker's `step` arguments (nothing is sent or recorded)."""
         self._check_usable()
-        checked = self._check_inputs(inputs)
+        checked = pack_inputs(inputs, self.ledger, self.model_config.vocab_size, self.max_tokens)
         if sampling is not None and not isinstance(sampling, SamplingParams):
             if len(sampling) != self.num_workers or any(
                     len(s) != len(b) for s, b in zip(sampling, inputs, strict=True)):
@@ -405,16 +305,59 @@ class EPGroup:
             sampling = [sampling] * self.num_workers
         pause = list(pause_s) if pause_s is not None else [0.0] * self.num_workers
         batch = self._group_batch(checked, measure)
-        args = [(b, sampling[rank], return_logits, measure, pause[rank], batch) for rank, b in enumerate(checked)]
+        return [(b, sampling[rank], return_logits, measure, pause[rank], batch) for rank, b in enumerate(checked)]
+
+    def step(
+        self,
+        inputs: StepInputs,
+        sampling: SamplingParams | Sequence[Sequence[SamplingParams]] | None = None,
+        return_logits: bool = True,
+        measure: bool = False,
+        pause_s: Sequence[float] | None = None,
+    ) -> list[StepOutput]:
+        """One lockstep step: `inputs[w]` is worker w's list of (sequence id, new token ids).
+
+        A new sequence is prefilled, a known one continues from its cache. Returns one `StepOutput` per
+        worker with the last position's logits (unless `return_logits=False`) and, when `sampling` is
+        given (one `SamplingParams` for all, or one per input), the next token of every sequence.
+        `pause_s[w]` holds worker w before its first layer (for failure tests). A step that would outgrow a
+        worker's KV blocks raises `KVBudgetError` before anything runs.
+        """
+        args = self._prepare(inputs, sampling, return_logits, measure, pause_s)
         what = f"step {self.steps}"
         if self.compiled_steps:
             outputs = self._graph_call(args, self.step_timeout_s, what)
         else:
             outputs = self._call([a.step.remote(*x) for a, x in zip(self._actors, args, strict=True)],
                                  self.step_timeout_s, what)
-        for rank, batch in enumerate(inputs):
-            for seq, _ in batch:
-                self.home[int(seq)] = rank
+        self.ledger.commit(inputs)
+        self.steps += 1
+        return outputs
+
+    async def step_async(
+        self,
+        inputs: StepInputs,
+        sampling: SamplingParams | Sequence[Sequence[SamplingParams]] | None = None,
+        return_logits: bool = True,
+    ) -> list[StepOutput]:
+        """`step` for an asyncio loop: awaits the workers' results instead of blocking the loop.
+
+        Failures are handled as in `step` (the group is torn down, `WorkerFailure` / `StepTimeout` raised).
+        With compiled steps the graph's call runs in a thread (it blocks on shared-memory channels).
+        """
+        args = self._prepare(inputs, sampling, return_logits, False, None)
+        what = f"step {self.steps}"
+        if self.compiled_steps:
+            outputs = await asyncio.to_thread(self._graph_call, args, self.step_timeout_s, what)
+        else:
+            refs = [a.step.remote(*x) for a, x in zip(self._actors, args, strict=True)]
+            try:
+                outputs = await asyncio.wait_for(asyncio.gather(*refs), self.step_timeout_s)
+            except TimeoutError:
+                self._timed_out(what, list(range(len(refs))), self.step_timeout_s)
+            except (RayActorError, RayTaskError) as err:
+                self._failed(what, self._rank_of(err), err)
+        self.ledger.commit(inputs)
         self.steps += 1
         return outputs
 
@@ -439,11 +382,11 @@ class EPGroup:
         The sequences must be new; they are freed afterwards, and nothing is recorded as statistics.
         """
         self._check_usable()
-        checked = self._check_inputs(inputs)
         for batch in inputs:
             for seq, _ in batch:
                 if int(seq) in self.home:
                     raise ValueError(f"inputs: replay needs new sequences, {seq} is live")
+        checked = pack_inputs(inputs, self.ledger, self.model_config.vocab_size, self.max_tokens)
         self._release_graph()  # model work and collectives on the actors' own thread: not beside the graph's
         refs = [
             actor.replay.remote(batch, np.asarray(ids, dtype=np.int32), measure)
@@ -454,11 +397,7 @@ class EPGroup:
     def free(self, seq_ids: Sequence[int]) -> None:
         """Drop finished sequences from their home workers (unknown ids are ignored)."""
         self._check_usable()
-        by_rank: dict[int, list[int]] = {}
-        for seq in seq_ids:
-            rank = self.home.pop(int(seq), None)
-            if rank is not None:
-                by_rank.setdefault(rank, []).append(int(seq))
+        by_rank = self.ledger.drop(seq_ids)
         refs = [self._actors[r].free.remote(ids) for r, ids in by_rank.items()]
         if refs:
             self._call(refs, self.step_timeout_s, "free")

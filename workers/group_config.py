@@ -69,6 +69,12 @@ class GroupConfig(Config):
     """random: seeded random tensors of the checkpoint's shapes (benchmarks; only config.json is read)."""
     seed: int = 0
     """Random weights and unseeded sampling."""
+    kv_block_size: int = Field(16, ge=1)
+    """Tokens per KV-cache block (the unit of admission and preemption)."""
+    kv_blocks: int | None = Field(None, ge=1)
+    """KV-cache blocks per worker; default: what `kv_memory_fraction` leaves on a GPU, 4096 on CPU."""
+    kv_memory_fraction: float = Field(0.9, gt=0, le=1)
+    """Share of a GPU's memory a worker may fill, weights and cache together (vLLM's gpu_memory_utilization)."""
     decode_graphs: bool | None = None
     """Decode steps at fixed shapes, replayed as CUDA graphs (default: on for CUDA; on CPU they run eagerly)."""
     compiled_steps: bool = False

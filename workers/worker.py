@@ -66,6 +66,7 @@ class StepOutput:
 
 
 NOSET_CVD = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+CPU_KV_BLOCKS = 4096  # a CPU worker's default budget (GroupConfig.kv_blocks): 64k tokens at 16 per block
 
 
 def _local_gpu_index() -> int:
@@ -100,6 +101,7 @@ class ExpertWorker:
         self.model: MoEModel | None = None
         self.executor: EPExecutor | None = None
         self.shard: ExpertShard | None = None
+        self.kv_blocks = 0
         self.reader: CheckpointReader | RandomReader | None = None
 
     # ---- life cycle ----------------------------------------------------------------------------
@@ -149,6 +151,7 @@ class ExpertWorker:
         self._load_experts(spec.plan)
         self.model = MoEModel(self.cfg, weights, self.executor, self.dtype, self.device,
                               decode_graphs=self.fixed_decode)
+        self.kv_blocks = self._kv_budget(config)
         stats = config.stats
         self.recorder = StepRecorder(spec.sink, f"{stats.run}/worker-{self.rank}", stats.flush_every,
                                      (self.cfg.num_moe_layers, self.cfg.num_experts, self.cfg.top_k), self.device,
@@ -157,6 +160,21 @@ class ExpertWorker:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed * 1009 + self.rank)
         return {**self.info(), "load_s": time.perf_counter() - start}
+
+    def _kv_budget(self, config: GroupConfig) -> int:
+        """KV-cache blocks this worker may hold: the config's number, else what the memory share leaves."""
+        if config.kv_blocks is not None:
+            return config.kv_blocks
+        if self.device.type != "cuda":
+            return CPU_KV_BLOCKS
+        free, total = torch.cuda.mem_get_info(self.device)
+        cfg = self.cfg
+        per_block = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * config.kv_block_size * self.dtype.itemsize
+        room = free - (1 - config.kv_memory_fraction) * total
+        if room < per_block:
+            raise RuntimeError(f"kv_memory_fraction: {config.kv_memory_fraction} of the GPU leaves no room for one "
+                               f"KV block after the weights ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free)")
+        return int(room // per_block)
 
     def _load_experts(self, plan: Placement) -> None:
         # The experts this rank holds already are copied on the device instead of read; FP8 experts keep no
@@ -212,6 +230,7 @@ class ExpertWorker:
             "expert_bytes": self.executor.expert_bytes(),
             "tensors_read": sorted(self.reader.names_read),
             "live_sequences": 0 if self.model is None else self.model.arena.live,
+            "kv_blocks": self.kv_blocks,
             # decode steps run at fixed shapes, and the CUDA graphs captured for them
             "decode_steps": 0 if decoder is None else decoder.steps,
             "decode_graphs": 0 if decoder is None else decoder.captures,

@@ -265,7 +265,7 @@ def test_compiled_steps_give_the_results_of_actor_calls(ray_cluster, tiny_models
             results.append(([o.logits for o in outs], group.generate(prompts, 6)))
             if compiled:  # calls that run the model outside `step` release the graph; the next step rebuilds it
                 group.apply_plan(group.plan)
-                assert group._graph is None
+                assert not group._compiled.built
                 assert group.generate(prompts, 6, first_seq_id=20) == results[-1][1]
     (plain_logits, plain_tokens), (graph_logits, graph_tokens) = results
     assert graph_tokens == plain_tokens
@@ -336,6 +336,31 @@ def test_killed_worker_fails_the_step_then_the_group_can_be_recreated(ray_cluste
 
         gc.collect()
         assert len(compiled_dag_node._compiled_dags) == 0
+
+
+def test_kv_budget_refuses_a_step_before_it_runs_and_async_steps_match(ray_cluster, tiny_models):
+    """Each worker holds 3 blocks of 4 tokens: a step that would need a fourth is refused before any worker
+    runs it, the group keeps serving, and freeing gives the blocks back. `step_async` answers as `step`."""
+    import asyncio
+
+    from expertmesh.workers.ledger import KVBudgetError
+
+    with EPGroup.create(config(tiny_models["mixtral"].path, 2, kv_block_size=4, kv_blocks=3)) as group:
+        assert group.ledger.blocks == [3, 3]
+        group.step([[(0, list(range(9)))], [(1, [1, 2])]])  # 3 blocks on worker 0, 1 on worker 1
+        assert (group.ledger.used(0), group.ledger.used(1)) == (3, 1)
+        with pytest.raises(KVBudgetError, match="worker 0 would need 1 more KV blocks of 4 tokens, 0 of its 3"):
+            group.step([[(0, [5, 5, 5, 5])], []])  # 9 + 4 = 13 tokens: a 4th block
+        with pytest.raises(KVBudgetError, match="worker 1 would need 3 more"):
+            group.step([[], [(2, list(range(10)))]])
+        assert group.ledger.length == {0: 9, 1: 2}  # nothing recorded for the refused steps
+        sync = group.step([[(0, [5, 6, 7])], [(1, [3])]])  # 12 tokens fit 3 blocks exactly
+        group.free([0])
+        assert group.ledger.used(0) == 0
+        group.step([[(3, list(range(9)))], [(4, [1, 2])]])
+        async_out = asyncio.run(group.step_async([[(3, [5, 6, 7])], [(4, [3])]]))
+        for a, b in zip(sync, async_out, strict=True):
+            np.testing.assert_array_equal(a.logits, b.logits)  # the same histories, the same logits
 
 
 def test_bad_plans_and_inputs_are_refused_with_the_field_named(ray_cluster, tiny_models):

@@ -19,6 +19,7 @@ from expertmesh.workers import GroupConfig
 FULL = {
     "model": "/models/mixtral", "plan": "plan.json", "workers": 4, "device": "cuda", "dtype": "bfloat16",
     "precision": "fp8", "exchange": "symm_mem", "max_tokens": 8192, "weights": "random", "seed": 3,
+    "kv_block_size": 32, "kv_blocks": 1000, "kv_memory_fraction": 0.8,
     "decode_graphs": False, "compiled_steps": True, "cpus_per_worker": 2.0, "placement_strategy": "STRICT_PACK",
     "timeouts": {"step_s": 30.0, "setup_s": 90.0, "collective_s": 20.0},
     "stats": {"flush_every": 8, "shares": False, "run": "r1"},
