@@ -116,7 +116,7 @@ def cmd_plan(args) -> None:
 
 # ---------------------------------------------------------------------------------------------- measure
 def write_model_dir(path: Path, shape: dict, num_experts: int, top_k: int, num_layers: int) -> None:
-    """config.json of the replayed stack (weights are random: `EPGroup.create(weights="random")`)."""
+    """config.json of the replayed stack (weights are random: `GroupConfig(weights="random")`)."""
     path.mkdir(parents=True, exist_ok=True)
     doc = {
         "model_type": shape["family"], "hidden_size": shape["hidden"], "num_hidden_layers": num_layers,
@@ -199,7 +199,7 @@ def cmd_measure(args) -> None:
 
     from expertmesh.placement.plan import load_plan
     from expertmesh.placement.trace import load_trace
-    from expertmesh.workers import EPGroup
+    from expertmesh.workers import EPGroup, GroupConfig
 
     data = Path(args.data)
     quick = json.loads((data / "meta.json").read_text())["quick"]
@@ -229,8 +229,9 @@ def cmd_measure(args) -> None:
                  "source": trace.meta.get("source", name), "plans": {}, "errors": []}
         result["traces"][name] = entry
         t0 = time.perf_counter()
-        group = EPGroup.create(model_dir, plans["contiguous"], G, device=device, dtype=dtype, weights="random",
-                               cpus_per_worker=1.0, step_timeout_s=600, collective_timeout_s=600)
+        config = GroupConfig(model=str(model_dir), workers=G, device=device, dtype=dtype, weights="random",
+                             timeouts={"step_s": 600, "collective_s": 600})
+        group = EPGroup.create(config, plan=plans["contiguous"])
         entry["create_s"] = time.perf_counter() - t0
         current = "contiguous"
         # One pass per exchange over every plan, so a failing exchange costs only its own rows.
@@ -255,9 +256,7 @@ def cmd_measure(args) -> None:
                 entry["errors"].append(f"{exchange}: {type(exc).__name__}: {exc}")
                 if not group.usable:
                     t0 = time.perf_counter()
-                    group = EPGroup.create(model_dir, plans["contiguous"], G, device=device, dtype=dtype,
-                                           weights="random", cpus_per_worker=1.0, step_timeout_s=600,
-                                           collective_timeout_s=600)
+                    group = EPGroup.create(config, plan=plans["contiguous"])
                     current = "contiguous"
         group.shutdown()
         out_path.write_text(json.dumps(result))
@@ -265,6 +264,28 @@ def cmd_measure(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- report
+def summarise(measured: dict) -> dict:
+    """What the results json keeps of a measurement: per (trace, plan, exchange) the step time and, per MoE
+    layer, the slowest rank's phase times and the bytes that crossed links (the raw per-rank and per-replay
+    samples stay in the measurement file on the GPU machine)."""
+    G = measured["gpus"]
+    out = {k: v for k, v in measured.items() if k != "traces"}
+    out["traces"] = {}
+    for name, entry in measured["traces"].items():
+        plans = {}
+        for plan_name, rec in entry["plans"].items():
+            plans[plan_name] = {"predicted_step_s": rec["predicted"]["step_s"], "measured": {}}
+            for exchange in rec["measured"]:
+                p = _per_layer(rec, exchange, G)
+                plans[plan_name]["measured"][exchange] = {
+                    "step_s": p["step_s"],
+                    **{k: np.asarray(p[k]).tolist() for k in ("dispatch_bytes", "combine_bytes", "port_bytes",
+                                                              "dispatch_s", "combine_s", "expert_s", "load_max")},
+                }
+        out["traces"][name] = {**{k: v for k, v in entry.items() if k != "plans"}, "plans": plans}
+    return out
+
+
 def _per_layer(rec: dict, exchange: str, G: int) -> dict:
     """Per-layer figures of one measured (trace, plan, exchange): slowest rank for times."""
     m = rec["measured"][exchange]
@@ -452,7 +473,7 @@ def cmd_report(args) -> None:
                     lines.append(f"| {ex} | {name} | {G2} | {plan_name} | {r['a2a_ms']:.2f} | {r['expert_ms']:.2f} "
                                  f"| {r['moe_ms']:.2f} | {r['gain'] * 100:+.1f}% |")
         out["projection"] = {ex: {f"{n}.g{g}": v for (n, g), v in p_ex.items()} for ex, p_ex in proj.items()}
-    print(write_report(args.results, "ep8", lines, {"measured": measured, "report": out}).read_text())
+    print(write_report(args.results, "ep8", lines, {"measured": summarise(measured), "report": out}).read_text())
 
 
 def project(data: Path, fit: dict, measured: dict) -> dict:

@@ -39,15 +39,16 @@ def _worker(rank: int, args: argparse.Namespace, G: int, port: int, model_dir: s
 
     import expertmesh.workers.worker as worker_mod
     from expertmesh.workers.config import read_model_config
+    from expertmesh.workers.group_config import GroupConfig
     from expertmesh.workers.plans import contiguous_plan
 
     cfg = read_model_config(model_dir)
     plan = contiguous_plan(cfg.num_moe_layers, cfg.num_experts, G)
     exchange = args.exchange if G > 1 else "auto"
-    spec = worker_mod.WorkerSpec(model_dir=model_dir, plan=plan, dtype="bfloat16" if args.device == "cuda"
-                                 else "float32", device=args.device, master_addr="127.0.0.1", master_port=port,
-                                 weights="random", exchange=exchange,
-                                 max_tokens=args.tokens if exchange == "symm_mem" else 0,
+    config = GroupConfig(model=model_dir, workers=G, device=args.device,
+                         dtype="bfloat16" if args.device == "cuda" else "float32", weights="random",
+                         exchange=exchange, max_tokens=args.tokens if exchange == "symm_mem" else 0)
+    spec = worker_mod.WorkerSpec(config=config, plan=plan, master_addr="127.0.0.1", master_port=port,
                                  gpu=rank if args.device == "cuda" else None)  # no Ray to assign one
     w = worker_mod.ExpertWorker(rank, G)
     w.setup(spec)

@@ -302,7 +302,7 @@ def measure_variant(name: str, variant: str, args, rows: list, notes: list) -> N
     elif variant.startswith("ours-"):
         import ray
 
-        from expertmesh.workers import EPGroup
+        from expertmesh.workers import EPGroup, GroupConfig
 
         G = int(variant[len("ours-")])
         os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
@@ -311,9 +311,11 @@ def measure_variant(name: str, variant: str, args, rows: list, notes: list) -> N
         # `-symm`: our NVLink exchange (kernels/symm_exchange.py), buffers sized for the largest step.
         exchange = "symm_mem" if variant.endswith("-symm") else "auto"
         max_tokens = max([*prefill, *args.decode, PROMPT_LEN]) if exchange == "symm_mem" else 0
-        group = EPGroup.create(ckpt, None, G, device=device, dtype="bfloat16" if device == "cuda" else "float32",
-                               cpus_per_worker=1.0, step_timeout_s=600, collective_timeout_s=600,
-                               exchange=exchange, max_tokens=max_tokens, compiled_steps=True)
+        config = GroupConfig(model=str(ckpt), workers=G, device=device,
+                             dtype="bfloat16" if device == "cuda" else "float32", exchange=exchange,
+                             max_tokens=max_tokens, compiled_steps=True,
+                             timeouts={"step_s": 600, "collective_s": 600})
+        group = EPGroup.create(config)
         notes.append(f"{name}: ours on {G} GPU(s) created in {time.perf_counter() - t0:.0f} s")
         try:
             for total in prefill:

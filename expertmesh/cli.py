@@ -6,7 +6,12 @@ Redis; without the `stats` extra installed, `expertmesh stats` says how to get i
 
 from __future__ import annotations
 
-from expertmesh.placement.cli import app, register_stats_loader
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from expertmesh.placement.cli import EXIT_USAGE, app, register_stats_loader
 
 __all__ = ["app", "main"]
 
@@ -22,6 +27,29 @@ def _mount_stats() -> None:
 
 
 _mount_stats()
+
+
+@app.command("quantize")
+def quantize(
+    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="Hugging Face checkpoint folder (safetensors).")],
+    dest: Annotated[Path, typer.Argument(metavar="DEST", help="Folder to write the FP8 checkpoint to.")],
+) -> None:
+    """Write the block-scaled FP8 form of a checkpoint (E4M3 weights with one factor per 128 x 128 block, the
+    format DeepSeek-V3 and Qwen3-FP8 ship); it serves at precision fp8 by default."""
+    if dest.exists() and any(dest.iterdir()):
+        typer.echo(f"error: {dest}: exists and is not empty", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    if not (source / "config.json").is_file():
+        typer.echo(f"error: {source}: no config.json (expected a Hugging Face checkpoint folder)", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    from expertmesh.workers.fp8_checkpoint import write_fp8_checkpoint  # torch: only when converting
+
+    try:
+        write_fp8_checkpoint(source, dest, lambda done, total: typer.echo(f"{done}/{total} files", err=True))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    typer.echo(f"fp8 checkpoint\t{dest}")
 
 
 def main() -> None:

@@ -9,16 +9,16 @@ Notation: T tokens on this rank, k experts per token (top-k), H hidden size, E l
 (GPUs) of the EP group (`rank` = this GPU's index), S expert slots per GPU (R = G * S slots per layer),
 D = min(k, G), N rows received by this rank, M expert-input rows, F expert FFN width.
 
-Per MoE layer, inside a worker (see `moe.moe_forward`, which is exactly this):
+Per MoE layer, inside a worker (`moe.moe_forward` is this pipeline; the runtime, benchmarks and training
+call it):
 
     emap     = ExpertMap.from_placement(placement, layer, device)     # once per placement version
     exchange = AllToAllExchange(group, fp8=False)                      # or SymmMemExchange / LocalExchange
+    experts  = make_experts(w13 [S, 2F, H], w2 [S, H, F], precision)   # DenseExperts or FP8Experts
     layout   = build_layout(topk_ids [T, k], topk_weights [T, k], emap, rank)        # DispatchLayout
     recv     = exchange.dispatch(x [T, H], layout)                                   # Received, N rows
     el       = build_expert_layout(recv.slots [N, k], S, recv.valid, align=1)        # ExpertLayout, M rows
-    xe       = permute(recv.x, el.row_index)                       # BF16 dispatch, or with FP8 dispatch:
-               permute_dequant(recv.x, recv.scales, el.row_index)  # recv.x is float8_e4m3fn + 1x128 scales
-    y        = swiglu_experts(xe [M, H], w13 [S, 2F, H], w2 [S, H, F], el.offsets)  # [M, H]
+    y        = experts(recv, el, x.dtype)   # permute (+ dequant of FP8 dispatch) and SwiGLU grouped GEMMs
     out      = exchange.combine(y, el, recv, layout)                                 # [T, H]
 
     out[t] == sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])
@@ -49,7 +49,9 @@ FP8: `quantize_fp8(x, tile=128)` -> (float8_e4m3fn [N, H], float32 scales [N, H/
 `swiglu_experts_fp8` runs `torch._scaled_grouped_mm` (rowwise) with `quantize_weights_fp8` weights; feed
 it groups padded to 16 rows (`build_expert_layout(..., align=16)`). `scaled_grouped_mm_blockwise` takes the
 1x128 activations as dispatched and `quantize_weights_fp8_blockwise` weights (one scale per 128x128 block,
-DeepSeek-V3's training format) through our Triton kernel.
+DeepSeek-V3's training format) through our Triton kernel. A layer's `Precision` picks the combination:
+"bf16" (no FP8), "fp8-dispatch" (FP8 exchange, experts in the activations' dtype), "fp8" (FP8 exchange and
+`FP8Experts`, whose GEMMs are `scaled_grouped_mm_blockwise`).
 
 Exchanges (one interface, `Exchange`):
 - `LocalExchange()`: one rank, no communication.
@@ -79,7 +81,7 @@ from .experts import (
 )
 from .fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8, quantize_fp8
 from .layout import DispatchLayout, ExpertLayout, build_expert_layout, build_layout
-from .moe import ExpertsFn, moe_forward
+from .moe import DenseExperts, Experts, FP8Experts, PhaseProbe, Precision, make_experts, moe_forward
 from .permute import permute, permute_dequant, unpermute_combine
 from .replicas import choose_replicas, local_token_index
 from .symm_exchange import SymmMemExchange
@@ -90,12 +92,16 @@ __all__ = [
     "Exchange",
     "ExpertLayout",
     "ExpertMap",
-    "ExpertsFn",
+    "DenseExperts",
+    "Experts",
+    "FP8Experts",
     "FP8BlockWeights",
     "FP8Weights",
     "FP8_DTYPE",
     "FP8_MAX",
     "LocalExchange",
+    "PhaseProbe",
+    "Precision",
     "Received",
     "SymmMemExchange",
     "Traffic",
@@ -105,6 +111,7 @@ __all__ = [
     "dequantize_fp8",
     "grouped_mm",
     "local_token_index",
+    "make_experts",
     "moe_forward",
     "permute",
     "permute_dequant",

@@ -1,24 +1,146 @@
-"""One MoE layer's data path on one rank: layout -> dispatch -> expert permute -> experts -> combine.
+"""The one MoE layer pipeline on one rank: route -> dispatch -> expert compute -> combine.
 
-This composes the public pieces in the order the runtime runs them; callers that overlap communication
-with compute call the pieces themselves.
+    layout   = build_layout(topk_ids, topk_weights, emap, rank)        which rank serves each pair
+    received = exchange.dispatch(x, layout)                             one copy per destination rank
+    el       = build_expert_layout(received.slots, S, received.valid)   rows grouped by local slot
+    y        = experts(received, el)                                    grouped-GEMM SwiGLU over the slots
+    out      = exchange.combine(y, el, received, layout)                weighted sum back at home
+
+The runtime (`expertmesh.workers.moe.EPExecutor`), the kernel benchmarks and training call `moe_forward`;
+nothing else strings these steps together. Only `dispatch` and `combine` communicate.
+
+Precision is data, not a code path of its own: the exchange carries FP8 or not (`Exchange.fp8`), and the
+experts are `DenseExperts` (the activations' dtype) or `FP8Experts` (FP8 E4M3 GEMMs over DeepSeek-V3's
+block format: 1 x 128 activation tiles, 128 x 128 weight blocks). `Precision` names the three combinations
+a user picks; `make_experts` builds the experts of one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import abc
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
-from .exchange import FP8_TILE, Exchange
+from .exchange import FP8_TILE, Exchange, Received
 from .expert_map import ExpertMap
-from .layout import build_expert_layout, build_layout
+from .experts import FP8BlockWeights, quantize_weights_fp8_blockwise, scaled_grouped_mm_blockwise, swiglu_experts
+from .fp8 import quantize_fp8
+from .layout import DispatchLayout, ExpertLayout, build_expert_layout, build_layout
 from .permute import permute, permute_dequant
 
-__all__ = ["ExpertsFn", "moe_forward"]
+__all__ = ["Precision", "Experts", "DenseExperts", "FP8Experts", "make_experts", "PhaseProbe", "moe_forward"]
 
-# (x [M, H] expert-ordered rows, offsets int32 [S] group ends) -> [M, H] expert outputs in the same order
-ExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+class Precision(StrEnum):
+    """How a layer's routed experts run (attention and the dense parts keep the model's dtype)."""
+
+    BF16 = "bf16"  # no FP8: dispatch, experts and combine in the activations' dtype
+    FP8_DISPATCH = "fp8-dispatch"  # tokens travel as FP8 E4M3 with 1 x 128 scales; experts in the activations' dtype
+    FP8 = "fp8"  # FP8 dispatch and FP8 expert GEMMs (128 x 128 block-scaled weights); combine in bf16
+
+    @property
+    def fp8_dispatch(self) -> bool:
+        return self is not Precision.BF16
+
+
+class Experts(abc.ABC):
+    """This rank's S expert slots of one layer: SwiGLU over expert-ordered rows."""
+
+    align = 1  # each slot's group of rows is padded to a multiple of this
+
+    @property
+    @abc.abstractmethod
+    def num_slots(self) -> int: ...
+
+    @abc.abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of the weights (and their scales)."""
+
+    @abc.abstractmethod
+    def __call__(self, received: Received, el: ExpertLayout, out_dtype: torch.dtype) -> torch.Tensor:
+        """[M, H] expert outputs of the rows `el` picks from `received` (FP8 rows carry their scales)."""
+
+
+@dataclass(frozen=True)
+class DenseExperts(Experts):
+    """Weights in the activations' dtype, stored like nn.Linear: w13 [S, 2F, H] (gate rows, then up), w2 [S, H, F]."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+
+    @property
+    def num_slots(self) -> int:
+        return self.w13.shape[0]
+
+    def nbytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w in (self.w13, self.w2))
+
+    def __call__(self, received: Received, el: ExpertLayout, out_dtype: torch.dtype) -> torch.Tensor:
+        if received.scales is not None:  # FP8 dispatch: dequantise while gathering
+            rows = permute_dequant(received.x, received.scales, el.row_index, FP8_TILE, out_dtype)
+        else:
+            rows = permute(received.x, el.row_index)
+        return swiglu_experts(rows, self.w13, self.w2, el.offsets)
+
+
+@dataclass(frozen=True)
+class FP8Experts(Experts):
+    """Block-scaled FP8 weights (`quantize_weights_fp8_blockwise`); rows arrive as 1 x 128-tile FP8, the
+    SwiGLU activation is quantised the same way before the down projection."""
+
+    w13: FP8BlockWeights
+    w2: FP8BlockWeights
+
+    @property
+    def num_slots(self) -> int:
+        return self.w13.q.shape[0]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for w in (self.w13, self.w2) for t in (w.q, w.scale))
+
+    def __call__(self, received: Received, el: ExpertLayout, out_dtype: torch.dtype) -> torch.Tensor:
+        if received.scales is None:
+            raise ValueError("received: FP8 experts need FP8 dispatch (an exchange built with fp8=True)")
+        xq = permute(received.x, el.row_index)
+        xs = permute(received.scales, el.row_index)
+        h = scaled_grouped_mm_blockwise(xq, xs, self.w13, el.offsets, torch.bfloat16)
+        gate, up = h.float().chunk(2, dim=-1)
+        aq, as_ = quantize_fp8(F.silu(gate) * up, FP8_TILE)
+        return scaled_grouped_mm_blockwise(aq, as_, self.w2, el.offsets, out_dtype)
+
+
+def make_experts(w13: torch.Tensor, w2: torch.Tensor, precision: Precision) -> Experts:
+    """The experts of one layer in `precision` from weights in the model's dtype (FP8: quantised here)."""
+    if Precision(precision) is Precision.FP8:
+        return FP8Experts(quantize_weights_fp8_blockwise(w13), quantize_weights_fp8_blockwise(w2))
+    return DenseExperts(w13, w2)
+
+
+class PhaseProbe(Protocol):
+    """Watches one layer's call (measurement): called as each phase starts, and once at the end."""
+
+    def start(self, phase: str) -> None:
+        """phase: "route", "dispatch", "experts" or "combine"."""
+        ...
+
+    def finish(self, layout: DispatchLayout, received: Received, el: ExpertLayout) -> None: ...
+
+
+def _row_bound(exchange: Exchange, received: Received, experts: Experts, top_k: int, fixed_batch: int) -> int | None:
+    """Expert-input rows known without reading the layout back from the device (a sync per layer that keeps
+    the host from queueing ahead, and that a CUDA graph cannot hold): one rank serves all of its pairs; in a
+    fixed-shape step each of G ranks sends at most `fixed_batch` tokens of k pairs. None: read it back."""
+    if exchange.world_size == 1:
+        pairs = received.slots.numel()
+    elif fixed_batch:
+        pairs = exchange.world_size * fixed_batch * top_k
+    else:
+        return None
+    return pairs + experts.num_slots * (experts.align - 1)
 
 
 def moe_forward(
@@ -27,22 +149,32 @@ def moe_forward(
     topk_weights: torch.Tensor,
     emap: ExpertMap,
     exchange: Exchange,
-    experts: ExpertsFn,
-    align: int = 1,
-    max_rows: int | None = None,
+    experts: Experts,
+    *,
+    fixed_batch: int = 0,
+    probe: PhaseProbe | None = None,
 ) -> torch.Tensor:
-    """[T, H]: sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for this rank's tokens.
+    """[T, H]: sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for this rank's tokens (collective).
 
-    x [T, H]; topk_ids, topk_weights [T, k]; emap: the layer's `ExpertMap` on x's device; `experts` runs
-    this rank's S local slots over expert-ordered rows (FP8 dispatch is dequantised to BF16 first);
-    `align` pads each slot's group (e.g. 16 for FP8 grouped GEMMs); `max_rows` avoids a host sync.
+    x [T, H]; topk_ids, topk_weights [T, k]; emap: the layer's `ExpertMap` on x's device; experts: this
+    rank's slots of the layer. fixed_batch > 0: this call is part of a fixed-shape step in which every rank
+    brings at most that many tokens (it bounds the expert rows, so nothing is read back). probe: measurement.
     """
+    if probe is not None:
+        probe.start("route")
     layout = build_layout(topk_ids, topk_weights, emap, exchange.rank)
+    if probe is not None:
+        probe.start("dispatch")
     received = exchange.dispatch(x, layout)
-    el = build_expert_layout(received.slots, emap.slots_per_gpu, received.valid, align, max_rows)
-    if received.scales is not None:
-        xe = permute_dequant(received.x, received.scales, el.row_index, FP8_TILE, x.dtype)
-    else:
-        xe = permute(received.x, el.row_index)
-    y = experts(xe, el.offsets)
-    return exchange.combine(y.to(x.dtype), el, received, layout)
+    if probe is not None:
+        probe.start("experts")
+    bound = _row_bound(exchange, received, experts, topk_ids.shape[1], fixed_batch)
+    el = build_expert_layout(received.slots, emap.slots_per_gpu, received.valid, experts.align, bound,
+                             all_valid=exchange.world_size == 1)
+    y = experts(received, el, x.dtype)
+    if probe is not None:
+        probe.start("combine")
+    out = exchange.combine(y.to(x.dtype), el, received, layout)
+    if probe is not None:
+        probe.finish(layout, received, el)
+    return out.to(x.dtype)

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .moe import StepContext
+
 if TYPE_CHECKING:
     from .model import MoEModel
 
@@ -74,7 +76,7 @@ class DecodeGraphs:
 
     def _current_key(self) -> tuple:
         arena = self.model.arena
-        return (arena.k[0].data_ptr(), arena.slots, arena.capacity, getattr(self.model.executor, "version", 0))
+        return (arena.k[0].data_ptr(), arena.slots, arena.capacity, self.model.executor.version)
 
     def invalidate(self) -> None:
         self.entries.clear()
@@ -107,7 +109,7 @@ class DecodeGraphs:
         host[:2, n:] = 0
         host[2, n:] = self.model.arena.scratch_slot
         entry.inputs.copy_(entry.host, non_blocking=True)
-        if not (self.capture and getattr(self.model.executor, "capturable", False)):
+        if not (self.capture and self.model.executor.capturable):
             hidden, routed = self._forward(entry.inputs)
             return self.model.logits(hidden[:n]), routed[:n]
         if entry.graph is None:
@@ -118,16 +120,8 @@ class DecodeGraphs:
         return self.model.logits(entry.hidden[:n]), entry.routed[:n].clone()
 
     def _forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`decode_forward` with the executor told the step's fixed row count (it bounds expert rows)."""
-        executor = self.model.executor
-        fixed = hasattr(executor, "fixed_batch")
-        if fixed:
-            executor.fixed_batch = inputs.shape[1]
-        try:
-            return self.model.decode_forward(*inputs)
-        finally:
-            if fixed:
-                executor.fixed_batch = 0
+        """`decode_forward` of a step of B = inputs.shape[1] rows on every rank (B bounds the expert rows)."""
+        return self.model.decode_forward(*inputs, StepContext(fixed_batch=inputs.shape[1]))
 
     def _record(self, entry: _Entry) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the step eagerly, then capture it; returns the eager run's outputs."""

@@ -1,6 +1,6 @@
 """`EPGroup`: the driver's handle on one expert-parallel group of `ExpertWorker` Ray actors.
 
-    group = EPGroup.create(model_dir, plan, num_workers=2, device="cuda")
+    group = EPGroup.create(GroupConfig(model=model_dir, plan="plan.json", workers=2, device="cuda"))
     out = group.step([[(0, prompt_a)], [(1, prompt_b)]], sampling=GREEDY)   # one list per worker
     group.free([0, 1]); group.shutdown()
 
@@ -15,9 +15,8 @@ cache there); the group remembers homes and refuses a step that sends a sequence
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import itertools
-import logging
 import os
 import time
 from collections.abc import Sequence
@@ -32,15 +31,17 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from expertmesh.placement.plan import Placement, load_plan
 
-from .checkpoint import WEIGHTS
+from .checkpoint import CheckpointReader
+from .compiled_steps import CompiledSteps
 from .config import ModelConfig, read_model_config
 from .decode_graph import DecodeGraphs
+from .group_config import GroupConfig
+from .ledger import SequenceLedger, StepInputs, pack_inputs
 from .model import PackedTokens
-from .moe import EXCHANGES
 from .plans import PlanMismatchError, check_plan, contiguous_plan
 from .recording import StatsSink
 from .sampling import GREEDY, SamplingParams
-from .worker import DTYPES, NOSET_CVD, ExpertWorker, StepOutput, WorkerSpec
+from .worker import NOSET_CVD, ExpertWorker, StepOutput, WorkerSpec
 
 __all__ = ["EPGroup", "GroupError", "WorkerFailure", "StepTimeout", "PlanMismatchError", "contiguous_plan"]
 
@@ -59,25 +60,6 @@ class StepTimeout(GroupError):
     """A call did not finish within its timeout; the group has been torn down."""
 
 
-class _TracebackAsText(logging.Filter):
-    """Turns a record's traceback into its text. Tearing down a graph whose actors died, Ray logs each failed
-    cancel with its traceback; a handler that keeps records (pytest's log capture) then kept the frames, and
-    through them the graph, alive until interpreter exit, where destroying it after Ray's shutdown crashed
-    the process (a segfault after the test run). The text prints the same."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[0] is not None:
-            record.exc_text = record.exc_text or logging.Formatter().formatException(record.exc_info)
-            record.exc_info = None
-        return True
-
-
-def _keep_graph_tracebacks_as_text() -> None:
-    dag_log = logging.getLogger("ray.dag.compiled_dag_node")
-    if not any(isinstance(f, _TracebackAsText) for f in dag_log.filters):
-        dag_log.addFilter(_TracebackAsText())
-
-
 def _cause(err: Exception) -> BaseException:
     """The worker-side exception inside a RayTaskError (so callers see ValueError, not a wrapper)."""
     if isinstance(err, RayTaskError):
@@ -88,122 +70,80 @@ def _cause(err: Exception) -> BaseException:
 
 
 class EPGroup:
-    def __init__(self, actors: list, pg, cfg: ModelConfig, plan: Placement, model_dir: str, device: str,
-                 dtype: str, step_timeout_s: float, infos: list[dict]) -> None:
+    def __init__(self, actors: list, pg, config: GroupConfig, cfg: ModelConfig, plan: Placement) -> None:
         self._actors, self._pg = actors, pg
-        self.config, self.plan, self.model_dir = cfg, plan, model_dir
-        self.device, self.dtype, self.step_timeout_s = device, dtype, step_timeout_s
-        self.infos = infos
-        self.home: dict[int, int] = {}
+        self.config, self.model_config, self.plan = config, cfg, plan
+        self.model_dir, self.device = config.model, config.device
+        self.step_timeout_s = config.timeouts.step_s
+        self.max_tokens = config.max_tokens if config.exchange == "symm_mem" else 0  # per worker and step
+        self.compiled_steps = config.compiled_steps  # steps through a Ray compiled graph (compiled_steps.py)
+        self.infos: list[dict] = []
+        self.ledger = SequenceLedger(config.kv_block_size, [])  # budgets arrive with the workers' setup
         self.steps = 0
-        self.max_tokens = 0  # token capacity per worker and step (symm_mem exchange), 0 = unbounded
-        self.compiled_steps = False  # steps through a Ray compiled graph (see _step_graph)
-        self._graph = None
+        self._compiled = CompiledSteps(actors)
         self._broken: str | None = None
 
-    # ---- creation ------------------------------------------------------------------------------
     @classmethod
-    def create(
-        cls,
-        model_dir: str | Path,
-        plan: Placement | str | Path | None = None,
-        num_workers: int | None = None,
-        device: str = "cpu",
-        *,
-        dtype: str | None = None,
-        sink: StatsSink | None = None,
-        flush_every: int = 1,
-        stats_shares: bool = True,
-        run_id: str = "run",
-        cpus_per_worker: float = 1.0,
-        strategy: str = "PACK",
-        step_timeout_s: float = 300.0,
-        setup_timeout_s: float = 600.0,
-        collective_timeout_s: float = 120.0,
-        seed: int = 0,
-        weights: str = "checkpoint",
-        exchange: str = "auto",
-        max_tokens: int = 0,
-        compiled_steps: bool = False,
-        decode_graphs: bool | None = None,
-    ) -> EPGroup:
-        """Start `num_workers` workers (default: the plan's GPU count) serving `model_dir` under `plan`.
+    def create(cls, config: GroupConfig | str | Path, *, plan: Placement | None = None,
+               sink: StatsSink | None = None) -> EPGroup:
+        """Start the group `config` describes (a `GroupConfig`, or a YAML/JSON file of one).
 
-        plan: a `Placement`, a plan file, or None for the contiguous placement. device: "cpu" (gloo) or
-        "cuda" (NCCL, one GPU per worker). dtype: "float32", "bfloat16" or "float16" (default: the
-        checkpoint's, float32 on CPU). sink: where routing statistics go (see `recording.StatsSink`);
-        stats_shares: the workers sum their counts at each flush and each writes one share of the layers
-        (where the sink supports it), instead of every worker writing a whole window of its own tokens.
-        weights: "checkpoint", or "random" (seeded random tensors; model_dir needs only config.json).
-        exchange: "auto"/"all_to_all" (NCCL or gloo all_to_all_single) or "symm_mem" (NVLink writes into
-        peers' buffers; needs `max_tokens`, the most new tokens one worker brings to a step).
-        compiled_steps: drive `step` through a Ray compiled graph (one ~0.1 ms round trip through shared
-        memory instead of a ~1 ms actor call; other calls stay plain actor calls, and release the graph
-        first). Off by default: its workers poll their input channel while the group lives (a busy core
-        each). Before other calls released the graph, a 2-GPU test (steps, then a routing replay) stopped
-        answering on the GPU host; since then its GPU tests pass.
-        decode_graphs: decode-only steps at fixed shapes, replayed as CUDA graphs on one GPU or across
-        GPUs with the symm_mem exchange (None: on for CUDA; True on CPU runs them eagerly, for tests).
+        plan: a `Placement` to serve instead of `config.plan` (e.g. one computed in this process). sink: where
+        routing statistics go (see `recording.StatsSink`; e.g. `expertmesh.cluster.RedisStatsSink`).
+        Everything is checked before Ray starts: the checkpoint, the plan against it, the config; a Ray this
+        call started is shut down again when the group cannot be created.
         """
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
-        model_dir = str(Path(model_dir).resolve())
-        cfg = read_model_config(model_dir)
-        if isinstance(plan, (str, Path)):
-            plan = load_plan(plan)
+        if not isinstance(config, GroupConfig):
+            config = GroupConfig.load(config)
+        cfg = read_model_config(config.model)
+        if config.weights == "checkpoint":
+            CheckpointReader(config.model)  # a folder without the tensors fails here, before any process starts
+        if plan is None and config.plan is not None:
+            plan = load_plan(config.plan)
         if plan is None:
-            workers = 1 if num_workers is None else num_workers
-            plan = contiguous_plan(cfg.num_moe_layers, cfg.num_experts, workers)
-        if num_workers is None:
-            num_workers = plan.num_gpus
-        if num_workers < 1:
-            raise ValueError(f"num_workers: expected >= 1, got {num_workers}")
-        check_plan(plan, cfg, num_workers, model_dir)
-        if dtype is None:
-            dtype = "float32" if device == "cpu" or cfg.dtype not in DTYPES else cfg.dtype
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-        if weights not in WEIGHTS:
-            raise ValueError(f"weights: expected one of {WEIGHTS}, got {weights!r}")
-        if exchange not in EXCHANGES:
-            raise ValueError(f"exchange: expected one of {EXCHANGES}, got {exchange!r}")
-        if exchange == "symm_mem" and (device != "cuda" or max_tokens < 1):
-            raise ValueError("exchange: 'symm_mem' needs device='cuda' and max_tokens >= 1")
-        if not ray.is_initialized():
+            plan = contiguous_plan(cfg.num_moe_layers, cfg.num_experts, config.workers or 1)
+        num_workers = config.workers or plan.num_gpus
+        check_plan(plan, cfg, num_workers, config.model)
+        started_ray = not ray.is_initialized()
+        if started_ray:
             # Workers then see every GPU of their node and pick theirs (the symm_mem exchange needs that).
             os.environ.setdefault(NOSET_CVD, "1")
             ray.init()
-
-        bundle = {"CPU": cpus_per_worker, **({"GPU": 1} if device == "cuda" else {})}
-        pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy=strategy)
         try:
-            ray.get(pg.ready(), timeout=setup_timeout_s)
+            return cls._start(config, cfg, plan, num_workers, sink)
+        except BaseException:
+            if started_ray:
+                ray.shutdown()
+            raise
+
+    @classmethod
+    def _start(cls, config: GroupConfig, cfg: ModelConfig, plan: Placement, num_workers: int,
+               sink: StatsSink | None) -> EPGroup:
+        timeouts = config.timeouts
+        bundle = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.device == "cuda" else {})}
+        pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy=config.placement_strategy)
+        try:
+            ray.get(pg.ready(), timeout=timeouts.setup_s)
         except GetTimeoutError:
             remove_placement_group(pg)
             raise GroupError(
-                f"placement group: {num_workers} bundles of {bundle} ({strategy}) could not be scheduled "
-                f"within {setup_timeout_s:.0f} s; cluster resources: {ray.cluster_resources()}"
+                f"placement group: {num_workers} bundles of {bundle} ({config.placement_strategy}) could not be "
+                f"scheduled within {timeouts.setup_s:.0f} s; cluster resources: {ray.cluster_resources()}"
             ) from None
         actors = [
             _RemoteWorker.options(
-                num_cpus=cpus_per_worker,
-                num_gpus=1 if device == "cuda" else 0,
+                num_cpus=config.cpus_per_worker,
+                num_gpus=1 if config.device == "cuda" else 0,
                 max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
             ).remote(rank, num_workers)
             for rank in range(num_workers)
         ]
-        group = cls(actors, pg, cfg, plan, model_dir, device, dtype, step_timeout_s, [])
-        group.max_tokens = max_tokens if exchange == "symm_mem" else 0
-        group.compiled_steps = compiled_steps
-        addr, port = group._call([actors[0].rendezvous_address.remote()], setup_timeout_s, "rendezvous")[0]
-        spec = WorkerSpec(
-            model_dir=model_dir, plan=plan, dtype=dtype, device=device, master_addr=addr, master_port=port,
-            collective_timeout_s=collective_timeout_s, sink=sink, flush_every=flush_every,
-            stats_shares=stats_shares, run_id=run_id, seed=seed, weights=weights, exchange=exchange,
-            max_tokens=max_tokens, cpu_threads=max(1, int(cpus_per_worker)), decode_graphs=decode_graphs,
-        )
-        group.infos = group._call([a.setup.remote(spec) for a in actors], setup_timeout_s, "setup")
+        group = cls(actors, pg, config, cfg, plan)
+        addr, port = group._call([actors[0].rendezvous_address.remote()], timeouts.setup_s, "rendezvous")[0]
+        spec = WorkerSpec(config=config, plan=plan, master_addr=addr, master_port=port, sink=sink)
+        group.infos = group._call([a.setup.remote(spec) for a in actors], timeouts.setup_s, "setup")
+        group.ledger = SequenceLedger(config.kv_block_size, [info["kv_blocks"] for info in group.infos])
         return group
 
     # ---- calls with failure handling -----------------------------------------------------------
@@ -274,25 +214,8 @@ class EPGroup:
         raise WorkerFailure(f"{what}: worker {rank} raised {type(cause).__name__}: {cause}") from err
 
     # ---- steps through a compiled graph ---------------------------------------------------------
-    def _step_graph(self):
-        """A Ray compiled graph of one step on every worker, built on first use.
-
-        Arguments and results travel through shared-memory channels the workers poll, so a step costs
-        ~0.1 ms of Ray instead of an actor call's ~1 ms (measured on the GPU host), which a decode step
-        of a few milliseconds feels. Worker failures surface as on the plain path: a dead worker as
-        `RayActorError`, a worker's exception as `RayTaskError`.
-        """
-        if self._graph is None:
-            from ray.dag import InputNode, MultiOutputNode
-
-            _keep_graph_tracebacks_as_text()
-            with InputNode() as args:
-                outputs = MultiOutputNode([a.step_packed.bind(args[r]) for r, a in enumerate(self._actors)])
-            self._graph = outputs.experimental_compile()
-        return self._graph
-
     def _graph_call(self, args: list[tuple], timeout_s: float, what: str) -> list:
-        refs = self._step_graph().execute(*args)
+        refs = self._compiled.execute(args)
         try:
             # All at once: a worker that dies or raises fails the whole get at once, even while the
             # others still wait for it inside a collective.
@@ -334,10 +257,7 @@ class EPGroup:
         return dead
 
     def _release_graph(self) -> None:
-        graph, self._graph = self._graph, None
-        if graph is not None:
-            with contextlib.suppress(Exception):  # a worker already gone makes teardown raise
-                graph.teardown()
+        self._compiled.release()
 
     def _teardown(self, reason: str) -> None:
         self._broken = reason
@@ -364,79 +284,16 @@ class EPGroup:
         self.shutdown()
 
     # ---- serving -------------------------------------------------------------------------------
-    def _check_inputs(self, inputs: Sequence[Sequence[tuple[int, Sequence[int]]]]) -> list[PackedTokens]:
-        """Validate a step's inputs; returns each worker's share packed into three arrays.
+    @property
+    def home(self) -> dict[int, int]:
+        """Home worker of every live sequence."""
+        return self.ledger.home
 
-        Arrays, not lists of Python ints, travel to the workers: Ray ships them as raw buffers, where a
-        32k-token prefill as lists cost milliseconds of int conversion and pickling on both sides, and a
-        256-sequence decode step one pickled object per sequence.
-        """
-        if len(inputs) != self.num_workers:
-            raise ValueError(f"inputs: expected one list per worker ({self.num_workers}), got {len(inputs)}")
-        seen: set[int] = set()
-        V = self.config.vocab_size
-        packed: list[PackedTokens] = []
-        for rank, batch in enumerate(inputs):
-            seqs = [int(seq) for seq, _ in batch]
-            lengths = np.fromiter((len(tokens) for _, tokens in batch), np.int64, len(batch))
-            for seq, n in zip(seqs, lengths.tolist(), strict=True):
-                if seq in seen:
-                    raise ValueError(f"inputs: sequence {seq} appears twice in one step")
-                seen.add(seq)
-                home = self.home.get(seq, rank)
-                if home != rank:
-                    raise ValueError(
-                        f"inputs: sequence {seq} lives on worker {home}, the step gives it to {rank}"
-                    )
-                if n == 0:
-                    raise ValueError(f"inputs: sequence {seq} brings no new token")
-            # One array of every token of the worker (not one per sequence: a 256-sequence decode step
-            # spent ~0.4 ms converting them one by one); its dtype says whether they all were integers.
-            try:
-                flat = np.asarray(list(itertools.chain.from_iterable(tokens for _, tokens in batch)))
-            except (TypeError, ValueError):  # ragged nesting, tokens that are not a sequence
-                flat = np.zeros((1, 1), np.float32)
-            bad = flat.size and (flat.ndim != 1 or not np.issubdtype(flat.dtype, np.integer)
-                                 or flat.min() < 0 or flat.max() >= V)
-            if bad:
-                raise ValueError(f"inputs: token ids of sequence {self._bad_sequence(batch, V)} must be "
-                                 f"integers in [0, {V})")
-            if self.max_tokens and flat.size > self.max_tokens:
-                raise ValueError(f"inputs: worker {rank} gets more than max_tokens={self.max_tokens} new tokens")
-            packed.append(PackedTokens(np.asarray(seqs, np.int64), lengths,
-                                       flat.astype(np.int32) if flat.size else np.zeros(0, np.int32)))
-        return packed
-
-    @staticmethod
-    def _bad_sequence(batch: Sequence[tuple[int, Sequence[int]]], vocab: int) -> int:
-        """The first sequence of `batch` whose token ids are not integers in [0, vocab)."""
-        for seq, tokens in batch:
-            try:
-                arr = np.asarray(tokens)
-            except (TypeError, ValueError):
-                return int(seq)
-            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or (
-                    arr.size and (arr.min() < 0 or arr.max() >= vocab)):
-                return int(seq)
-        raise AssertionError("no bad sequence")  # only called when one exists
-
-    def step(
-        self,
-        inputs: Sequence[Sequence[tuple[int, Sequence[int]]]],
-        sampling: SamplingParams | Sequence[Sequence[SamplingParams]] | None = None,
-        return_logits: bool = True,
-        measure: bool = False,
-        pause_s: Sequence[float] | None = None,
-    ) -> list[StepOutput]:
-        """One lockstep step: `inputs[w]` is worker w's list of (sequence id, new token ids).
-
-        A new sequence is prefilled, a known one continues from its cache. Returns one `StepOutput` per
-        worker with the last position's logits (unless `return_logits=False`) and, when `sampling` is
-        given (one `SamplingParams` for all, or one per input), the next token of every sequence.
-        `pause_s[w]` holds worker w before its first layer (for failure tests).
-        """
+    def _prepare(self, inputs: StepInputs, sampling, return_logits: bool, measure: bool,
+                 pause_s: Sequence[float] | None) -> list[tuple]:
+        """Check a step and build each worker's `step` arguments (nothing is sent or recorded)."""
         self._check_usable()
-        checked = self._check_inputs(inputs)
+        checked = pack_inputs(inputs, self.ledger, self.model_config.vocab_size, self.max_tokens)
         if sampling is not None and not isinstance(sampling, SamplingParams):
             if len(sampling) != self.num_workers or any(
                     len(s) != len(b) for s, b in zip(sampling, inputs, strict=True)):
@@ -448,16 +305,59 @@ class EPGroup:
             sampling = [sampling] * self.num_workers
         pause = list(pause_s) if pause_s is not None else [0.0] * self.num_workers
         batch = self._group_batch(checked, measure)
-        args = [(b, sampling[rank], return_logits, measure, pause[rank], batch) for rank, b in enumerate(checked)]
+        return [(b, sampling[rank], return_logits, measure, pause[rank], batch) for rank, b in enumerate(checked)]
+
+    def step(
+        self,
+        inputs: StepInputs,
+        sampling: SamplingParams | Sequence[Sequence[SamplingParams]] | None = None,
+        return_logits: bool = True,
+        measure: bool = False,
+        pause_s: Sequence[float] | None = None,
+    ) -> list[StepOutput]:
+        """One lockstep step: `inputs[w]` is worker w's list of (sequence id, new token ids).
+
+        A new sequence is prefilled, a known one continues from its cache. Returns one `StepOutput` per
+        worker with the last position's logits (unless `return_logits=False`) and, when `sampling` is
+        given (one `SamplingParams` for all, or one per input), the next token of every sequence.
+        `pause_s[w]` holds worker w before its first layer (for failure tests). A step that would outgrow a
+        worker's KV blocks raises `KVBudgetError` before anything runs.
+        """
+        args = self._prepare(inputs, sampling, return_logits, measure, pause_s)
         what = f"step {self.steps}"
         if self.compiled_steps:
             outputs = self._graph_call(args, self.step_timeout_s, what)
         else:
             outputs = self._call([a.step.remote(*x) for a, x in zip(self._actors, args, strict=True)],
                                  self.step_timeout_s, what)
-        for rank, batch in enumerate(inputs):
-            for seq, _ in batch:
-                self.home[int(seq)] = rank
+        self.ledger.commit(inputs)
+        self.steps += 1
+        return outputs
+
+    async def step_async(
+        self,
+        inputs: StepInputs,
+        sampling: SamplingParams | Sequence[Sequence[SamplingParams]] | None = None,
+        return_logits: bool = True,
+    ) -> list[StepOutput]:
+        """`step` for an asyncio loop: awaits the workers' results instead of blocking the loop.
+
+        Failures are handled as in `step` (the group is torn down, `WorkerFailure` / `StepTimeout` raised).
+        With compiled steps the graph's call runs in a thread (it blocks on shared-memory channels).
+        """
+        args = self._prepare(inputs, sampling, return_logits, False, None)
+        what = f"step {self.steps}"
+        if self.compiled_steps:
+            outputs = await asyncio.to_thread(self._graph_call, args, self.step_timeout_s, what)
+        else:
+            refs = [a.step.remote(*x) for a, x in zip(self._actors, args, strict=True)]
+            try:
+                outputs = await asyncio.wait_for(asyncio.gather(*refs), self.step_timeout_s)
+            except TimeoutError:
+                self._timed_out(what, list(range(len(refs))), self.step_timeout_s)
+            except (RayActorError, RayTaskError) as err:
+                self._failed(what, self._rank_of(err), err)
+        self.ledger.commit(inputs)
         self.steps += 1
         return outputs
 
@@ -482,11 +382,11 @@ class EPGroup:
         The sequences must be new; they are freed afterwards, and nothing is recorded as statistics.
         """
         self._check_usable()
-        checked = self._check_inputs(inputs)
         for batch in inputs:
             for seq, _ in batch:
                 if int(seq) in self.home:
                     raise ValueError(f"inputs: replay needs new sequences, {seq} is live")
+        checked = pack_inputs(inputs, self.ledger, self.model_config.vocab_size, self.max_tokens)
         self._release_graph()  # model work and collectives on the actors' own thread: not beside the graph's
         refs = [
             actor.replay.remote(batch, np.asarray(ids, dtype=np.int32), measure)
@@ -497,11 +397,7 @@ class EPGroup:
     def free(self, seq_ids: Sequence[int]) -> None:
         """Drop finished sequences from their home workers (unknown ids are ignored)."""
         self._check_usable()
-        by_rank: dict[int, list[int]] = {}
-        for seq in seq_ids:
-            rank = self.home.pop(int(seq), None)
-            if rank is not None:
-                by_rank.setdefault(rank, []).append(int(seq))
+        by_rank = self.ledger.drop(seq_ids)
         refs = [self._actors[r].free.remote(ids) for r, ids in by_rank.items()]
         if refs:
             self._call(refs, self.step_timeout_s, "free")
@@ -535,7 +431,7 @@ class EPGroup:
         self._check_usable()
         if isinstance(plan, (str, Path)):
             plan = load_plan(plan)
-        check_plan(plan, self.config, self.num_workers, self.model_dir)
+        check_plan(plan, self.model_config, self.num_workers, self.model_dir)
         self._release_graph()
         self.infos = self._call([a.apply_plan.remote(plan) for a in self._actors], self.step_timeout_s,
                                 "apply_plan")
@@ -544,13 +440,11 @@ class EPGroup:
     def set_exchange(self, kind: str, max_tokens: int = 0) -> None:
         """Switch every worker's dispatch/combine implementation at a step boundary."""
         self._check_usable()
-        if kind not in EXCHANGES:
-            raise ValueError(f"exchange: expected one of {EXCHANGES}, got {kind!r}")
-        if kind == "symm_mem" and (self.device != "cuda" or max_tokens < 1):
-            raise ValueError("exchange: 'symm_mem' needs device='cuda' and max_tokens >= 1")
+        config = self.config.replace(exchange=kind, max_tokens=max_tokens)  # validates the pair
         self._release_graph()
         self._call([a.set_exchange.remote(kind, max_tokens) for a in self._actors], self.step_timeout_s,
                    "set_exchange")
+        self.config = config
         self.max_tokens = max_tokens if kind == "symm_mem" else 0
 
     def worker_info(self) -> list[dict]:

@@ -14,7 +14,7 @@ same number of new tokens, padded over their cached lengths.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 from .kvcache import KVArena, SequenceError
+from .moe import PLAIN_STEP, LayerMeasure, StepContext
 from .weights import MLPWeights, ModelWeights
 
 __all__ = ["MoEModel", "StepBatch", "StepResult", "ExpertExecutor", "route", "rms_norm", "build_batch"]
@@ -32,15 +33,22 @@ __all__ = ["MoEModel", "StepBatch", "StepResult", "ExpertExecutor", "route", "rm
 class ExpertExecutor(Protocol):
     """Routed-expert output of one MoE layer for this worker's tokens (collective: every worker calls it).
 
-    An executor may carry `world_size` and `measuring` (measured steps never run at fixed shapes),
-    `decode_exchange` (several ranks: fixed-shape decode steps need one), `fixed_batch` (set while a call
-    is a fixed-shape decode step of that many rows per rank), `capturable = True` when its fixed-shape
-    calls read nothing back to the host (a CUDA graph may record them) and `version`, changed whenever its
-    weights or exchanges are replaced.
+    world_size: ranks of the EP group. fixed_decode: fixed-shape decode steps can run (always on one rank;
+    several ranks need an exchange for them). capturable: such steps read nothing back to the host, so a
+    CUDA graph may record them. version: changes whenever the weights or exchanges are replaced.
     """
 
+    world_size: int
+    version: int
+
+    @property
+    def fixed_decode(self) -> bool: ...
+
+    @property
+    def capturable(self) -> bool: ...
+
     def __call__(self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor) -> torch.Tensor:
+                 topk_weights: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """hidden [T, H], topk_ids int64 [T, k], topk_weights float32 [T, k] -> [T, H]."""
         ...
 
@@ -204,6 +212,7 @@ class StepResult:
     num_tokens: int
     logits: torch.Tensor  # float32 [N, V] of each sequence's last new token
     routed: torch.Tensor  # int64 [T, L_moe, k] expert ids of every new token
+    measures: list[LayerMeasure] = field(default_factory=list)  # per MoE layer, when the step was measured
 
 
 class MoEModel:
@@ -305,8 +314,8 @@ class MoEModel:
         o = F.scaled_dot_product_attention(qs.view(S, KV, Q // KV, D), k_cache, v_cache, attn_mask=mask)
         return F.linear(o.reshape(S, Q * D).index_select(0, slots), w.o, w.o_bias)
 
-    def _moe(self, layer: int, x: torch.Tensor,
-             override: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _moe(self, layer: int, x: torch.Tensor, override: torch.Tensor | None,
+             ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, w = self.cfg, self.w.layers[layer]
         logits = F.linear(x, w.router)  # [T, E]
         if override is None:
@@ -314,14 +323,14 @@ class MoEModel:
         else:
             ids = override
             weights = gate_weights(logits, ids, cfg.norm_topk_prob)
-        out = self.executor(self.moe_index[layer], x, ids, weights)
+        out = self.executor(self.moe_index[layer], x, ids, weights, ctx)
         if w.shared is not None:
             out = out + torch.sigmoid(F.linear(x, w.shared_gate)) * _swiglu(x, w.shared)
         return out, ids
 
     # ---- the stack -----------------------------------------------------------------------------
-    def _layers(self, x: torch.Tensor, attend, override_ids: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _layers(self, x: torch.Tensor, attend, override_ids: torch.Tensor | None,
+                ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Every decoder layer over x [T, H]; attend(layer, normed x) is the attention of the step's shape.
         Returns (x after the last layer, routed ids int64 [T, L_moe, k])."""
         cfg = self.cfg
@@ -335,7 +344,7 @@ class MoEModel:
                 x = x + _swiglu(h, lw.dense)
                 continue
             moe_layer = self.moe_index[layer]
-            out, ids = self._moe(layer, h, None if override_ids is None else override_ids[:, moe_layer])
+            out, ids = self._moe(layer, h, None if override_ids is None else override_ids[:, moe_layer], ctx)
             x = x + out
             routed.append(ids)
         return x, torch.stack(routed, dim=1)  # every model has at least one MoE layer (ModelConfig checks)
@@ -346,11 +355,12 @@ class MoEModel:
         return F.linear(rms_norm(last, self.w.final_norm, self.cfg.rms_norm_eps), self.w.lm_head).float()
 
     @torch.inference_mode()
-    def forward(self, batch: StepBatch,
-                override_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: StepBatch, override_ids: torch.Tensor | None = None,
+                ctx: StepContext = PLAIN_STEP) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the stack for one step.
 
         override_ids: int64 [T, L_moe, k] expert ids that replace the gate's choice (routing replay).
+        ctx: what the MoE layers need to know about the step (measurement).
         Returns (logits float32 [N, V] of each sequence's last new token, routed ids int64 [T, L_moe, k]).
         """
         want = (batch.num_tokens, self.cfg.num_moe_layers, self.cfg.top_k)
@@ -358,19 +368,21 @@ class MoEModel:
             raise ValueError(f"topk_ids: expected shape {list(want)}, got {list(override_ids.shape)}")
         x = self.w.embed.index_select(0, batch.token_ids)
         cos, sin = self._rope(batch.positions)
-        x, routed = self._layers(x, lambda layer, h: self._attention(layer, h, batch, cos, sin), override_ids)
+        x, routed = self._layers(x, lambda layer, h: self._attention(layer, h, batch, cos, sin), override_ids,
+                                 ctx)
         self.arena.commit(batch.seq_ids, batch.new_tokens)
         return self.logits(x.index_select(0, batch.last_index)), routed
 
-    def _fixed_decode(self, packed: PackedTokens, override_ids: torch.Tensor | None, group_batch: int) -> bool:
+    def _fixed_decode(self, packed: PackedTokens, override_ids: torch.Tensor | None, group_batch: int,
+                      measure: bool) -> bool:
         """Whether this step runs through the decoder (fixed shapes, CUDA graphs where capturable)."""
         ex = self.executor
-        if self.decoder is None or override_ids is not None or getattr(ex, "measuring", False):
+        if self.decoder is None or override_ids is not None or measure:
             return False  # a measured step must count only real tokens, not padding
         decode = bool(np.all(packed.lengths == 1))
-        if getattr(ex, "world_size", 1) == 1:
+        if ex.world_size == 1:
             return decode and 0 < len(packed.seq_ids) <= self.decoder.max_batch
-        if not group_batch or getattr(ex, "decode_exchange", None) is None:
+        if not group_batch or not ex.fixed_decode:
             return False
         if not decode or not len(packed.seq_ids) <= group_batch <= self.decoder.max_batch:
             raise ValueError(f"group_batch: a fixed-shape decode step of {group_batch} rows per rank needs "
@@ -379,12 +391,13 @@ class MoEModel:
         return True
 
     @torch.inference_mode()
-    def decode_forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
-                       slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_forward(self, token_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                       ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """One new token for each of B rows (token id, cache position, arena slot; int64 [B] each), every
         shape fixed by B and the arena's size, nothing read back to the host: what a CUDA graph captures.
 
-        Padding rows point at the arena's scratch slot. Does not commit: the caller advances the lengths.
+        Padding rows point at the arena's scratch slot; `ctx.fixed_batch` is B (every rank of the group pads
+        to it). Does not commit: the caller advances the lengths.
         Returns (final hidden states [B, H], routed ids int64 [B, L_moe, k]); `logits` maps the real rows'
         states to logits outside the graph, whose outputs stay allocated per batch size ([B, V] float32
         logits at every size up to 512 would hold ~10 GB for a 152k vocabulary).
@@ -396,25 +409,26 @@ class MoEModel:
         slot_pos = torch.zeros(S, dtype=torch.int64, device=self.device).index_put_((slots,), positions)
         mask = (torch.arange(C, device=self.device)[None, :] <= slot_pos[:, None])[:, None, None, :]
         x, routed = self._layers(
-            x, lambda layer, h: self._decode_attention(layer, h, slots, positions, mask, cos, sin), None)
+            x, lambda layer, h: self._decode_attention(layer, h, slots, positions, mask, cos, sin), None, ctx)
         return x, routed
 
     def step(self, inputs: Sequence[tuple[int, Sequence[int]]] | PackedTokens,
-             override_ids: torch.Tensor | None = None, group_batch: int = 0) -> StepResult:
+             override_ids: torch.Tensor | None = None, group_batch: int = 0, measure: bool = False) -> StepResult:
         """Prefill or decode one step of (sequence id, new token ids); decode-only steps take the decoder.
 
         group_batch: on several ranks, > 0 when the driver found every rank's step decode-only: the
         group's largest batch, to which every rank pads (the ranks must take the same path, since each MoE
-        layer is a collective). One rank decides alone.
+        layer is a collective). One rank decides alone. measure: time every MoE layer (`StepResult.measures`).
         """
         packed = _as_packed(inputs)
         n = len(packed.seq_ids)
-        if self._fixed_decode(packed, override_ids, group_batch):
+        if self._fixed_decode(packed, override_ids, group_batch, measure):
             seq_ids, new = _check_step(packed)
             slots, pasts = self.arena.admit(seq_ids, new)
             logits, routed = self.decoder.run(packed.tokens, pasts, slots, group_batch)
             self.arena.commit(seq_ids, new)
             return StepResult(seq_ids, n, logits, routed)
         batch = build_batch(self.arena, packed, self.device)
-        logits, routed = self.forward(batch, override_ids)
-        return StepResult(batch.seq_ids, batch.num_tokens, logits, routed)
+        ctx = StepContext(measures=[] if measure else None)
+        logits, routed = self.forward(batch, override_ids, ctx)
+        return StepResult(batch.seq_ids, batch.num_tokens, logits, routed, ctx.measures or [])

@@ -1,14 +1,11 @@
-"""The routed-expert step of a MoE layer on one worker, through the kernels' public pipeline:
+"""The routed experts of every MoE layer on one worker: `EPExecutor` runs the kernels' one pipeline
+(`expertmesh.kernels.moe.moe_forward`: route -> dispatch -> experts -> combine) with this rank's shard.
 
-    layout   = build_layout(topk_ids, topk_weights, expert_map, rank)   which rank serves each pair
-    received = exchange.dispatch(hidden, layout)                          one copy per destination rank
-    experts  = build_expert_layout(received.slots, S, received.valid)     rows grouped by local slot
-    y        = swiglu_experts(permute(received.x, experts.row_index), w13, w2, experts.offsets)
-    out      = exchange.combine(y, experts, received, layout)             weighted sum back at home
-
-Only `dispatch` and `combine` communicate. With `measuring` on, each layer's phases are timed (the device
-is synchronised between phases, and the ranks meet at a barrier before each exchange, so dispatch and
-combine times exclude waiting for a slower rank) and the exchange's traffic is kept as a `LayerMeasure`.
+What a call needs to know about its step travels in a `StepContext`: the fixed row count of a fixed-shape
+decode step (it bounds expert rows, so nothing is read back and a CUDA graph can hold the step), and, when
+the step is measured, the list its `LayerMeasure`s go to. Measuring times each layer's phases (the device is
+synchronised between phases, and the ranks meet at a barrier before each exchange, so dispatch and combine
+times exclude waiting for a slower rank) and keeps the exchange's traffic.
 """
 
 from __future__ import annotations
@@ -19,20 +16,18 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from expertmesh.kernels.exchange import AllToAllExchange, Exchange, LocalExchange
+from expertmesh.kernels.exchange import AllToAllExchange, Exchange, LocalExchange, Received
 from expertmesh.kernels.expert_map import ExpertMap
-from expertmesh.kernels.experts import swiglu_experts
-from expertmesh.kernels.layout import build_expert_layout, build_layout
-from expertmesh.kernels.permute import permute
+from expertmesh.kernels.layout import DispatchLayout, ExpertLayout
+from expertmesh.kernels.moe import Experts, Precision, make_experts, moe_forward
 from expertmesh.kernels.symm_exchange import SymmMemExchange
 from expertmesh.placement.plan import Placement
 
 from .config import ModelConfig
+from .group_config import EXCHANGES
 from .weights import ExpertShard
 
-__all__ = ["EPExecutor", "LayerMeasure", "make_exchange", "EXCHANGES"]
-
-EXCHANGES = ("auto", "all_to_all", "symm_mem")
+__all__ = ["EPExecutor", "LayerMeasure", "StepContext", "make_exchange"]
 
 
 @dataclass(frozen=True)
@@ -51,25 +46,75 @@ class LayerMeasure:
     expert_s: float  # expert layout, permute and grouped GEMMs
     combine_s: float
 
-    def remote_dispatch_bytes(self, rank: int) -> int:
-        return sum(b for g, b in enumerate(self.dispatch_payload) if g != rank)
+
+@dataclass(frozen=True)
+class StepContext:
+    """Facts about the step a layer call belongs to (the same for every layer of the step).
+
+    fixed_batch > 0: a fixed-shape decode step in which every rank brings exactly that many rows (padding
+    included); measures: when not None, the step is measured and each layer appends its `LayerMeasure`.
+    """
+
+    fixed_batch: int = 0
+    measures: list[LayerMeasure] | None = None
+
+    @property
+    def measuring(self) -> bool:
+        return self.measures is not None
+
+
+PLAIN_STEP = StepContext()
+
+
+class _LayerTimer:
+    """The `PhaseProbe` of a measured layer: phase boundaries synchronise the device, exchanges start at a
+    barrier, and the end appends the layer's `LayerMeasure`."""
+
+    def __init__(self, layer: int, exchange: Exchange, device: torch.device, into: list[LayerMeasure]) -> None:
+        self.layer, self.exchange, self.device, self.into = layer, exchange, device, into
+        self.starts: dict[str, float] = {}
+
+    def _now(self, aligned: bool) -> float:
+        if aligned and self.exchange.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start(self, phase: str) -> None:
+        if phase in ("dispatch", "combine"):  # the end of the phase before, then the wait for the slowest rank
+            self.starts[f"{phase}_ready"] = self._now(False)
+        self.starts[phase] = self._now(phase in ("dispatch", "combine"))
+
+    def finish(self, layout: DispatchLayout, received: Received, el: ExpertLayout) -> None:
+        end = self._now(False)
+        s = self.starts
+        d, c = self.exchange.last_dispatch, self.exchange.last_combine
+        self.into.append(LayerMeasure(
+            layer=self.layer,
+            sent_rows=d.rows.tolist(),
+            dispatch_payload=d.payload.tolist(),
+            dispatch_extra=d.extra.tolist(),
+            combine_payload=c.payload.tolist(),
+            received_rows=int(received.counts.sum()),
+            expert_pairs=int(el.counts.sum()),
+            route_s=s["dispatch_ready"] - s["route"], dispatch_s=s["experts"] - s["dispatch"],
+            expert_s=s["combine_ready"] - s["experts"], combine_s=end - s["combine"],
+        ))
 
 
 def make_exchange(world_size: int, kind: str = "auto", fp8: bool = False, max_tokens: int = 0,
                   cfg: ModelConfig | None = None, dtype: torch.dtype = torch.bfloat16) -> Exchange:
     """The exchange for this process's group: local for one rank, else `kind` (auto = all_to_all).
 
-    `symm_mem` (one node, CUDA) writes into peers' buffers sized for `max_tokens` tokens per rank and step.
+    `kind` was validated with the group's config (`GroupConfig.exchange`). `symm_mem` (one node, CUDA)
+    writes into peers' buffers sized for `max_tokens` tokens per rank and step.
     """
-    if kind not in EXCHANGES:
-        raise ValueError(f"exchange: expected one of {EXCHANGES}, got {kind!r}")
+    assert kind in EXCHANGES, kind
     if world_size == 1:
         return LocalExchange(fp8=fp8)
     if kind == "symm_mem":
-        if max_tokens < 1 or cfg is None:
-            raise ValueError(
-                f"max_tokens: the symm_mem exchange needs a token capacity >= 1, got {max_tokens}"
-            )
+        assert max_tokens >= 1 and cfg is not None, "symm_mem needs a token capacity and the model's shape"
         if torch.cuda.device_count() < world_size:
             raise RuntimeError(
                 "exchange: 'symm_mem' needs every worker to see all GPUs of the node; start Ray with "
@@ -80,22 +125,21 @@ def make_exchange(world_size: int, kind: str = "auto", fp8: bool = False, max_to
 
 
 class EPExecutor:
-    """Routed experts of every MoE layer for one rank: holds the shard and the per-layer expert maps."""
+    """Routed experts of every MoE layer for one rank: the expert maps, this rank's experts, the exchanges.
+
+    `version` changes whenever the experts or an exchange are replaced: CUDA graphs recorded before are stale.
+    """
 
     def __init__(self, cfg: ModelConfig, rank: int, world_size: int, device: torch.device,
-                 dtype: torch.dtype, exchange: Exchange | None = None) -> None:
+                 dtype: torch.dtype, precision: Precision = Precision.BF16) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.device, self.dtype = device, dtype
-        self._exchange = make_exchange(world_size, dtype=dtype) if exchange is None else exchange
-        self._decode_exchange: Exchange | None = None
-        self.version = 0  # changes with the shard or the exchanges: CUDA graphs recorded before are stale
-        self.shard: ExpertShard | None = None
+        self.device, self.dtype, self.precision = device, dtype, Precision(precision)
+        self.version = 0
         self.maps: list[ExpertMap] = []
-        self.measuring = False
-        self.measures: list[LayerMeasure] = []
-        # Set (by `DecodeGraphs`) while a call is the group's fixed-shape decode step: every rank brings
-        # this many rows. Several ranks then use `decode_exchange`.
-        self.fixed_batch = 0
+        self.experts: list[Experts] = []
+        self.slot_expert: list[torch.Tensor] = []  # per MoE layer, int64 [S]: the expert of each local slot
+        self._exchange: Exchange = make_exchange(world_size, fp8=self.precision.fp8_dispatch, dtype=dtype)
+        self._decode_exchange: Exchange | None = None
 
     @property
     def exchange(self) -> Exchange:
@@ -119,67 +163,38 @@ class EPExecutor:
         self.version += 1
 
     @property
+    def fixed_decode(self) -> bool:
+        """Whether fixed-shape decode steps can run (one rank always; several need a decode exchange)."""
+        return self.world_size == 1 or self._decode_exchange is not None
+
+    @property
     def capturable(self) -> bool:
-        """A fixed-shape decode call can be recorded in a CUDA graph: no measuring (it synchronises), an
-        exchange that reads nothing back (on several ranks the decode exchange, whose expert rows are
-        bounded by the group's batch), and bf16 on a GPU (other dtypes take the per-group GEMM loop,
-        which reads the group sizes back)."""
+        """A fixed-shape decode call can be recorded in a CUDA graph: an exchange that reads nothing back (on
+        several ranks the decode exchange, whose expert rows are bounded by the group's batch), and bf16 on a
+        GPU (other dtypes take the per-group GEMM loop, which reads the group sizes back)."""
         ex = self._exchange if self.world_size == 1 else self._decode_exchange
-        return (not self.measuring and ex is not None and ex.capturable and self.dtype == torch.bfloat16)
+        return ex is not None and ex.capturable and self.dtype == torch.bfloat16
 
     def load(self, plan: Placement, shard: ExpertShard) -> None:
+        """Serve `plan` with `shard` (its dense weights are released when the precision quantises them)."""
         self.maps = [ExpertMap.from_placement(plan, layer, self.device) for layer in range(plan.num_layers)]
-        self.shard = shard
+        self.slot_expert = shard.slot_expert
+        self.experts = []
+        for layer in range(plan.num_layers):
+            self.experts.append(make_experts(shard.w_gate_up[layer], shard.w_down[layer], self.precision))
+            if self.precision is Precision.FP8:
+                shard.w_gate_up[layer] = shard.w_down[layer] = None
         self.version += 1
 
-    def _sync(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def _aligned(self) -> float:
-        """Wait until every rank got here: an exchange timed from this point measures the exchange, not
-        how much later the slowest rank finished its attention or its experts."""
-        if self.world_size > 1 and dist.is_initialized():
-            dist.barrier()
-        return self._sync()
+    def expert_bytes(self) -> int:
+        return sum(e.nbytes() for e in self.experts)
 
     def __call__(self, moe_layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor) -> torch.Tensor:
-        emap, shard, ex = self.maps[moe_layer], self.shard, self.exchange
-        fixed = self.fixed_batch and self.world_size > 1 and self._decode_exchange is not None
-        if fixed:
-            ex = self._decode_exchange
-        t0 = self._sync() if self.measuring else 0.0
-        layout = build_layout(topk_ids, topk_weights, emap, self.rank)
-        t1 = self._sync() if self.measuring else 0.0
-        t1_start = self._aligned() if self.measuring else 0.0
-        received = ex.dispatch(hidden, layout)
-        t2 = self._sync() if self.measuring else 0.0
-        # Expert rows known without reading the layout back from the device (a sync per layer that kept the
-        # host from queueing ahead, and that a CUDA graph cannot hold): one rank serves all of its T * k
-        # pairs; in a fixed-shape step each of G ranks sends at most fixed_batch tokens of k pairs.
-        local = isinstance(ex, LocalExchange)
-        bound = (received.slots.numel() if local
-                 else self.world_size * self.fixed_batch * self.cfg.top_k if fixed else None)
-        experts = build_expert_layout(received.slots, emap.slots_per_gpu, received.valid, max_rows=bound,
-                                      all_valid=local)
-        rows = permute(received.x, experts.row_index)
-        y = swiglu_experts(rows, shard.w_gate_up[moe_layer], shard.w_down[moe_layer], experts.offsets)
-        t3 = self._sync() if self.measuring else 0.0
-        t3_start = self._aligned() if self.measuring else 0.0
-        out = ex.combine(y, experts, received, layout)
-        if self.measuring:
-            t4 = self._sync()
-            d, c = ex.last_dispatch, ex.last_combine
-            self.measures.append(LayerMeasure(
-                layer=moe_layer,
-                sent_rows=d.rows.tolist(),
-                dispatch_payload=d.payload.tolist(),
-                dispatch_extra=d.extra.tolist(),
-                combine_payload=c.payload.tolist(),
-                received_rows=int(received.counts.sum()),
-                expert_pairs=int(experts.counts.sum()),
-                route_s=t1 - t0, dispatch_s=t2 - t1_start, expert_s=t3 - t2, combine_s=t4 - t3_start,
-            ))
-        return out.to(hidden.dtype)
+                 topk_weights: torch.Tensor, ctx: StepContext = PLAIN_STEP) -> torch.Tensor:
+        """[T, H] routed-expert output of this rank's tokens (collective: every rank calls it per layer)."""
+        fixed = ctx.fixed_batch if self.world_size > 1 and self._decode_exchange is not None else 0
+        exchange = self._decode_exchange if fixed else self._exchange
+        probe = (None if ctx.measures is None
+                 else _LayerTimer(moe_layer, exchange, self.device, ctx.measures))
+        return moe_forward(hidden, topk_ids, topk_weights, self.maps[moe_layer], exchange, self.experts[moe_layer],
+                           fixed_batch=fixed, probe=probe)

@@ -21,16 +21,18 @@ import torch
 import torch.distributed as dist
 
 from expertmesh.kernels.exchange import Exchange
+from expertmesh.kernels.moe import Precision
 from expertmesh.placement.plan import Placement
 
 from .checkpoint import CheckpointReader, RandomReader, open_weights
 from .config import read_model_config
 from .decode_graph import DecodeGraphs
+from .group_config import GroupConfig
 from .model import MoEModel, PackedTokens
 from .moe import EPExecutor, LayerMeasure, make_exchange
 from .recording import StatsSink, StepRecorder
 from .sampling import SamplingParams, sample
-from .weights import load_expert_shard, load_model_weights
+from .weights import ExpertShard, load_expert_shard, load_model_weights
 
 __all__ = ["ExpertWorker", "WorkerSpec", "StepOutput", "DTYPES"]
 
@@ -39,27 +41,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker needs to join its group and load its share (picklable)."""
+    """Everything a worker needs to join its group and load its share (picklable): the group's config, the
+    plan it serves, where the process group meets, and the statistics sink."""
 
-    model_dir: str
+    config: GroupConfig
     plan: Placement
-    dtype: str  # a key of DTYPES
-    device: str  # "cpu" or "cuda"
     master_addr: str
     master_port: int
-    collective_timeout_s: float = 60.0
     sink: StatsSink | None = None
-    flush_every: int = 1
-    stats_shares: bool = True  # sum the group's counts at flush, each worker writing a share of the layers
-    run_id: str = "run"
-    seed: int = 0
-    weights: str = "checkpoint"  # or "random": seeded random tensors, no checkpoint read (benchmarks)
-    exchange: str = "auto"  # see moe.EXCHANGES
-    max_tokens: int = 0  # most tokens one worker brings to a step (sizes the symm_mem exchange's buffers)
-    cpu_threads: int = 1  # torch intra-op threads (the worker's CPU share; see setup)
-    # Decode steps at fixed shapes, captured as CUDA graphs where the exchange allows (one GPU, or several
-    # through symm_mem). None: on for CUDA. True on CPU runs the same fixed-shape steps eagerly (tests).
-    decode_graphs: bool | None = None
     gpu: int | None = None  # CUDA device index of this worker; None: the GPU Ray assigned (see _local_gpu_index)
 
 
@@ -77,6 +66,7 @@ class StepOutput:
 
 
 NOSET_CVD = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+CPU_KV_BLOCKS = 4096  # a CPU worker's default budget (GroupConfig.kv_blocks): 64k tokens at 16 per block
 
 
 def _local_gpu_index() -> int:
@@ -110,6 +100,8 @@ class ExpertWorker:
         self.rank, self.world_size = rank, world_size
         self.model: MoEModel | None = None
         self.executor: EPExecutor | None = None
+        self.shard: ExpertShard | None = None
+        self.kv_blocks = 0
         self.reader: CheckpointReader | RandomReader | None = None
 
     # ---- life cycle ----------------------------------------------------------------------------
@@ -125,11 +117,11 @@ class ExpertWorker:
     def setup(self, spec: WorkerSpec) -> dict:
         """Join the process group and load this rank's weights; returns what was loaded."""
         start = time.perf_counter()
-        self.spec = spec
+        self.spec, config = spec, spec.config
         # torch defaults to one intra-op thread per core of the host, not of this worker's share: several
         # workers per node would oversubscribe it (vLLM's workers run with one thread too).
-        torch.set_num_threads(max(1, spec.cpu_threads))
-        if spec.device == "cuda":
+        torch.set_num_threads(max(1, int(config.cpus_per_worker)))
+        if config.device == "cuda":
             if spec.gpu is not None and not 0 <= spec.gpu < torch.cuda.device_count():
                 raise ValueError(f"gpu: expected a CUDA device index in [0, {torch.cuda.device_count()}), "
                                  f"got {spec.gpu}")
@@ -145,34 +137,55 @@ class ExpertWorker:
             backend = "gloo"
         dist.init_process_group(
             backend, init_method=f"tcp://{spec.master_addr}:{spec.master_port}", rank=self.rank,
-            world_size=self.world_size, timeout=timedelta(seconds=spec.collective_timeout_s),
+            world_size=self.world_size, timeout=timedelta(seconds=config.timeouts.collective_s),
             device_id=self.device if backend == "nccl" else None,
         )
-        self.dtype = DTYPES[spec.dtype]
-        self.cfg = read_model_config(spec.model_dir)
-        self.reader = open_weights(spec.weights, spec.model_dir, self.cfg, self.device, spec.seed)
+        self.cfg = read_model_config(config.model)
+        self.dtype = DTYPES[config.resolved_dtype(self.cfg.dtype)]
+        self.reader = open_weights(config.weights, config.model, self.cfg, self.device, config.seed)
         weights = load_model_weights(self.reader, self.cfg, self.dtype, self.device)
-        self.executor = EPExecutor(self.cfg, self.rank, self.world_size, self.device, self.dtype)
-        self.fixed_decode = spec.decode_graphs if spec.decode_graphs is not None else self.device.type == "cuda"
-        self.set_exchange(spec.exchange, spec.max_tokens)
+        self.executor = EPExecutor(self.cfg, self.rank, self.world_size, self.device, self.dtype,
+                                   config.resolved_precision(self.cfg.quantization))
+        self.fixed_decode = config.decode_graphs if config.decode_graphs is not None else self.device.type == "cuda"
+        self.set_exchange(config.exchange, config.max_tokens)
         self._load_experts(spec.plan)
         self.model = MoEModel(self.cfg, weights, self.executor, self.dtype, self.device,
                               decode_graphs=self.fixed_decode)
-        self.recorder = StepRecorder(spec.sink, f"{spec.run_id}/worker-{self.rank}", spec.flush_every,
+        self.kv_blocks = self._kv_budget(config)
+        stats = config.stats
+        self.recorder = StepRecorder(spec.sink, f"{stats.run}/worker-{self.rank}", stats.flush_every,
                                      (self.cfg.num_moe_layers, self.cfg.num_experts, self.cfg.top_k), self.device,
-                                     group=(self.rank, self.world_size) if spec.stats_shares else None,
+                                     group=(self.rank, self.world_size) if stats.shares else None,
                                      reduce=dist.all_reduce)
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(spec.seed * 1009 + self.rank)
+        self.generator.manual_seed(config.seed * 1009 + self.rank)
         return {**self.info(), "load_s": time.perf_counter() - start}
 
+    def _kv_budget(self, config: GroupConfig) -> int:
+        """KV-cache blocks this worker may hold: the config's number, else what the memory share leaves."""
+        if config.kv_blocks is not None:
+            return config.kv_blocks
+        if self.device.type != "cuda":
+            return CPU_KV_BLOCKS
+        free, total = torch.cuda.mem_get_info(self.device)
+        cfg = self.cfg
+        per_block = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * config.kv_block_size * self.dtype.itemsize
+        room = free - (1 - config.kv_memory_fraction) * total
+        if room < per_block:
+            raise RuntimeError(f"kv_memory_fraction: {config.kv_memory_fraction} of the GPU leaves no room for one "
+                               f"KV block after the weights ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free)")
+        return int(room // per_block)
+
     def _load_experts(self, plan: Placement) -> None:
-        previous, self.executor.shard = self.executor.shard, None
+        # The experts this rank holds already are copied on the device instead of read; FP8 experts keep no
+        # dense copy to take them from, so a re-placement reads them all.
+        previous = self.shard if self.executor.precision is not Precision.FP8 else None
+        self.shard = None
         shard = load_expert_shard(self.reader, self.cfg, plan.phy2log, plan.num_gpus, self.rank, self.dtype,
                                   self.device, previous)
         del previous
         self.executor.load(plan, shard)
-        self.plan = plan
+        self.shard, self.plan = shard, plan
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -187,8 +200,8 @@ class ExpertWorker:
 
     def set_exchange(self, kind: str, max_tokens: int = 0) -> str:
         """Switch the dispatch/combine implementation (collective: every worker calls it together)."""
-        self.executor.exchange = make_exchange(self.world_size, kind, max_tokens=max_tokens, cfg=self.cfg,
-                                               dtype=self.dtype)
+        fp8 = self.executor.precision.fp8_dispatch
+        self.executor.exchange = make_exchange(self.world_size, kind, fp8, max_tokens, self.cfg, self.dtype)
         self.executor.decode_exchange = self._decode_exchange(kind)
         return type(self.executor.exchange).__name__
 
@@ -197,15 +210,14 @@ class ExpertWorker:
         if self.world_size == 1 or not self.fixed_decode:
             return None
         if kind == "symm_mem":  # capturable: decode steps become CUDA graphs across the ranks
-            return make_exchange(self.world_size, kind, max_tokens=DecodeGraphs.max_batch, cfg=self.cfg,
-                                 dtype=self.dtype)
+            return make_exchange(self.world_size, kind, self.executor.precision.fp8_dispatch,
+                                 DecodeGraphs.max_batch, self.cfg, self.dtype)
         if self.device.type == "cpu":  # the same fixed-shape steps, eagerly (how CPU tests reach them)
             return self.executor.exchange
         # NCCL's all_to_all reads split sizes back, so no graph; padded fixed shapes would only cost.
         return None
 
     def info(self) -> dict:
-        shard = self.executor.shard
         decoder = None if self.model is None else self.model.decoder
         return {
             "rank": self.rank,
@@ -213,10 +225,12 @@ class ExpertWorker:
             "device": str(self.device),
             "exchange": type(self.executor.exchange).__name__,
             "plan_version": self.plan.version,
-            "slot_expert": [e.tolist() for e in shard.slot_expert],
-            "expert_bytes": shard.nbytes(),
+            "precision": self.executor.precision.value,
+            "slot_expert": [e.tolist() for e in self.executor.slot_expert],
+            "expert_bytes": self.executor.expert_bytes(),
             "tensors_read": sorted(self.reader.names_read),
             "live_sequences": 0 if self.model is None else self.model.arena.live,
+            "kv_blocks": self.kv_blocks,
             # decode steps run at fixed shapes, and the CUDA graphs captured for them
             "decode_steps": 0 if decoder is None else decoder.steps,
             "decode_graphs": 0 if decoder is None else decoder.captures,
@@ -279,10 +293,8 @@ class ExpertWorker:
         model = self.model
         if pause_s:
             time.sleep(pause_s)
-        self.executor.measuring = measure
-        self.executor.measures = []
         start = time.perf_counter()
-        result = model.step(inputs, override, group_batch)
+        result = model.step(inputs, override, group_batch, measure)
         tokens = None
         if sampling is not None:
             positions = [model.arena.length[s] for s in result.seq_ids]
@@ -301,7 +313,7 @@ class ExpertWorker:
             num_tokens=result.num_tokens,
             seconds=seconds,
             call_s=time.perf_counter() - entered,
-            layers=list(self.executor.measures),
+            layers=result.measures,
         )
 
     def free(self, seq_ids: Sequence[int]) -> list[int]:

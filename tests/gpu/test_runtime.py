@@ -27,7 +27,7 @@ from expertmesh.placement.eplb import eplb  # noqa: E402
 from expertmesh.placement.stats import stats_from_trace  # noqa: E402
 from expertmesh.placement.synthetic import SyntheticSpec, synthetic_trace  # noqa: E402
 from expertmesh.placement.topology import Topology  # noqa: E402
-from expertmesh.workers import EPGroup, load_local_model, run_step  # noqa: E402
+from expertmesh.workers import EPGroup, GroupConfig, load_local_model, run_step  # noqa: E402
 
 NUM_GPUS = torch.cuda.device_count()
 PROMPTS = [[5, 17, 3, 44, 9], [2, 8], [61, 7, 7, 30, 12, 90, 1], [33, 4, 4]]
@@ -89,8 +89,9 @@ def test_two_gpu_group_matches_reference_and_replay_bytes_match_cost_model(clust
                                           tokens_per_sequence=32, seed=3))
     topo = Topology(2)
     plan = eplb(stats_from_trace(trace), topo, 10)
-    with EPGroup.create(checkpoint, plan, 2, device="cuda", dtype="float32", exchange=exchange,
-                        max_tokens=1024) as group:
+    config = GroupConfig(model=str(checkpoint), workers=2, device="cuda", dtype="float32", exchange=exchange,
+                         max_tokens=1024)
+    with EPGroup.create(config, plan=plan) as group:
         outs = group.step([[(i, p) for i, p in enumerate(PROMPTS) if i % 2 == r] for r in range(2)])
         with torch.no_grad():
             for out in outs:
@@ -167,8 +168,9 @@ def test_two_gpu_decode_cuda_graphs_through_symm_mem_match_one_gpu_bf16(cluster,
                                    rtol=0.02)
 
     homes = [[i for i in range(len(PROMPTS)) if i % 2 == r] for r in range(2)]
-    with EPGroup.create(checkpoint, None, 2, device="cuda", dtype="bfloat16", exchange="symm_mem",
-                        max_tokens=64) as group:
+    config = GroupConfig(model=str(checkpoint), workers=2, device="cuda", dtype="bfloat16", exchange="symm_mem",
+                         max_tokens=64)
+    with EPGroup.create(config) as group:
         group.step([[(i, PROMPTS[i]) for i in mine] for mine in homes])
         for step in range(14):
             outs = group.step([[(i, [tokens[i][step]]) for i in mine] for mine in homes])
@@ -193,8 +195,9 @@ def test_compiled_steps_match_reference_then_replay_runs(cluster, checkpoint, re
     a routing replay afterwards (a plain actor call; the group releases the graph first) still answers.
     A previous version stopped answering on the device somewhere in this sequence (runtime.notes.md); the
     60 s step timeout turns a repeat into a StepTimeout naming the workers instead of a hang."""
-    with EPGroup.create(checkpoint, None, num_workers, device="cuda", dtype="float32", compiled_steps=True,
-                        step_timeout_s=60) as group:
+    config = GroupConfig(model=str(checkpoint), workers=num_workers, device="cuda", dtype="float32",
+                         compiled_steps=True, timeouts={"step_s": 60})
+    with EPGroup.create(config) as group:
         assert group.generate(PROMPTS, 8) == [greedy(ref, p, 8) for p in PROMPTS]
         ids = np.zeros((5, 3, 2), dtype=np.int32)
         ids[:, :, 1] = 1

@@ -27,7 +27,15 @@ from kernel_cases import (
     random_routing,
 )
 
-from expertmesh.kernels import AllToAllExchange, ExpertMap, LocalExchange, moe_forward, swiglu_experts
+from expertmesh.kernels import (
+    AllToAllExchange,
+    DenseExperts,
+    ExpertMap,
+    LocalExchange,
+    Precision,
+    make_experts,
+    moe_forward,
+)
 
 H, F = 64, 32
 TOKENS = [33, 0, 1, 70]  # tokens on rank r: TOKENS[r % 4]
@@ -112,13 +120,42 @@ def test_local_exchange_single_rank(T, k, fp8):
     ids, weights = random_routing(gen, T, E, k, skew=True)
     ex = LocalExchange(fp8=fp8)
     local = emap.slot_expert[0]
-    out = moe_forward(x, ids, weights, emap, ex,
-                      lambda xe, offs: swiglu_experts(xe, w13[local], w2[local], offs))
+    out = moe_forward(x, ids, weights, emap, ex, DenseExperts(w13[local], w2[local]))
     n = min(T, 200)  # the per-token loop is slow; the vectorised path covers all rows the same way
     want = naive_moe(x[:n], ids[:n], weights[:n], w13, w2)
     tol = fp8_moe_tolerance(want) if fp8 else 1e-4
     torch.testing.assert_close(out[:n].double(), want, rtol=0, atol=tol)
     assert ex.last_dispatch.wire_bytes() == 0 and int(ex.last_dispatch.rows.sum()) == T
+
+
+@pytest.mark.parametrize("T", [0, 1, 33, 300])
+def test_fp8_experts_through_the_pipeline(T):
+    """Precision "fp8": FP8 dispatch into block-scaled FP8 expert GEMMs (128 x 128 weight blocks, 1 x 128
+    activation tiles; the CPU runs the kernels' torch references), replicas on the one GPU."""
+    E, S, Hb, Fb, k = 8, 10, 128, 128, 2
+    rng = np.random.default_rng(T)
+    gen = torch.Generator().manual_seed(T)
+    emap = ExpertMap.from_phy2log(random_phy2log(rng, E, 1, S), 1)
+    w13, w2 = expert_weights(gen, E, Hb, Fb)
+    local = emap.slot_expert[0]
+    x = torch.randn(T, Hb, generator=gen)
+    ids, weights = random_routing(gen, T, E, k, skew=True)
+    ex = LocalExchange(fp8=Precision.FP8.fp8_dispatch)
+    out = moe_forward(x, ids, weights, emap, ex, make_experts(w13[local], w2[local], Precision.FP8))
+    want = naive_moe(x, ids, weights, w13, w2)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=fp8_moe_tolerance(want))
+    # Not the dense path by accident: FP8 weights differ from the float ones, so the outputs do too.
+    if T:
+        dense = moe_forward(x, ids, weights, emap, LocalExchange(), DenseExperts(w13[local], w2[local]))
+        assert not torch.equal(out, dense)
+
+
+def test_fp8_experts_refuse_rows_without_fp8_dispatch():
+    emap = ExpertMap.from_phy2log(np.arange(2), 1)
+    experts = make_experts(torch.randn(2, 256, 128), torch.randn(2, 128, 128), Precision.FP8)
+    with pytest.raises(ValueError, match="FP8 experts need FP8 dispatch"):
+        moe_forward(torch.randn(3, 128), torch.zeros(3, 1, dtype=torch.int64), torch.ones(3, 1), emap,
+                    LocalExchange(), experts)
 
 
 def test_exchange_rejects_a_layout_of_another_rank():

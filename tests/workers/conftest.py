@@ -2,7 +2,9 @@
 
     tiny_models     session: {family: TinyModel(dir, config)}, written by `transformers` save_pretrained
                     (fp32, 8 experts, top-2, 3 decoder layers; Mixtral sharded over several files)
-    reference       session: family -> the `transformers` model of that checkpoint (fp32, eval)
+    wide_model      session: a Qwen3-MoE checkpoint 128 wide (hidden and expert FFN), the smallest shape
+                    FP8 expert GEMMs take (128 x 128 weight blocks)
+    reference       session: family (or "wide") -> the `transformers` model of that checkpoint (fp32, eval)
     ray_cluster     session: `ray.init(num_cpus=4)` once for every test that starts workers
 
 `transformers` is a test dependency only: it is imported here, never by `expertmesh.workers`.
@@ -65,13 +67,26 @@ def tiny_models(tmp_path_factory) -> dict[str, TinyModel]:
 
 
 @pytest.fixture(scope="session")
-def reference(tiny_models):
+def wide_model(tmp_path_factory) -> TinyModel:
+    import transformers
+
+    torch.manual_seed(7)
+    config = transformers.Qwen3MoeConfig(**{**COMMON, "hidden_size": 128, "num_hidden_layers": 2}, num_experts=8,
+                                         moe_intermediate_size=128, intermediate_size=256, head_dim=32,
+                                         norm_topk_prob=True)
+    path = tmp_path_factory.mktemp("checkpoints") / "wide"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return TinyModel("qwen3_moe", path)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_models, wide_model):
     import transformers
 
     @functools.cache
     def load(family: str):
-        return transformers.AutoModelForCausalLM.from_pretrained(tiny_models[family].path,
-                                                                dtype=torch.float32).eval()
+        path = wide_model.path if family == "wide" else tiny_models[family].path
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
     return load
 

@@ -25,7 +25,15 @@ from expertmesh.placement.stats import stats_from_trace
 from expertmesh.placement.synthetic import SyntheticSpec, synthetic_trace
 from expertmesh.placement.topology import Topology
 from expertmesh.placement.trace import Trace
-from expertmesh.workers import GREEDY, EPGroup, GroupError, PlanMismatchError, StepTimeout, WorkerFailure
+from expertmesh.workers import (
+    GREEDY,
+    EPGroup,
+    GroupConfig,
+    GroupError,
+    PlanMismatchError,
+    StepTimeout,
+    WorkerFailure,
+)
 from expertmesh.workers.checkpoint import expert_keys
 from expertmesh.workers.config import read_model_config
 
@@ -33,6 +41,11 @@ FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # the checkpoints tes
 ATOL, RTOL = 1e-5, 1e-4
 PROMPTS = [[5, 17, 3, 44, 9], [2, 8], [61, 7, 7, 30, 12, 90, 1], [33, 4, 4], [70]]
 CPUS = 0.5  # per worker: four workers fit the 4 logical CPUs of the test cluster with room to spare
+
+
+def config(path, workers: int | None = None, **fields) -> GroupConfig:
+    """The group config of these tests: CPU workers of `CPUS` each, `fields` on top."""
+    return GroupConfig(model=str(path), workers=workers, cpus_per_worker=CPUS, **fields)
 
 
 def ilp_plan(num_layers: int, num_gpus: int) -> Placement:
@@ -95,7 +108,7 @@ def test_group_matches_reference_under_contiguous_and_ilp_plans(ray_cluster, tin
     path = tiny_models[family].path
     cfg = read_model_config(path)
     ref = reference(family)
-    with EPGroup.create(path, None, num_workers, cpus_per_worker=CPUS) as group:
+    with EPGroup.create(config(path, num_workers)) as group:
         assert group.plan.strategy == "contiguous"
         assert_logits_match(group, ref, first_id=0)
         assert group.generate(PROMPTS, 32) == greedy_reference(family)
@@ -131,9 +144,10 @@ def test_routing_counts_reach_redis_exactly(ray_cluster, tiny_models, reference,
     path = tiny_models["qwen3_moe"].path
     cfg = read_model_config(path)
     run = f"t{int(shares)}"
-    sink = RedisStatsSink(redis_url, "tiny-qwen3", cfg.num_moe_layers, cfg.num_experts, cfg.top_k, run=run)
-    with EPGroup.create(path, ilp_plan(cfg.num_moe_layers, 2), cpus_per_worker=CPUS, sink=sink,
-                        flush_every=3, stats_shares=shares) as group:
+    sink = RedisStatsSink(url=redis_url, model="tiny-qwen3", num_layers=cfg.num_moe_layers,
+                          num_experts=cfg.num_experts, top_k=cfg.top_k, run=run)
+    with EPGroup.create(config(path, stats={"flush_every": 3, "shares": shares}),
+                        plan=ilp_plan(cfg.num_moe_layers, 2), sink=sink) as group:
         generated = group.generate(PROMPTS, 6)
     # Every token fed to the model: the prompts and all generated tokens but the last.
     ref = reference("qwen3_moe")
@@ -167,7 +181,7 @@ def test_replay_dispatch_bytes_equal_the_cost_model(ray_cluster, tiny_models, nu
     plans = [ilp_plan(3, num_workers), eplb(stats, topo, 8 + num_workers)]
     home = trace.home_gpus(num_workers)
     params = CostParams(hidden=cfg.hidden_size, ffn=cfg.expert_ffn, dispatch_bytes=4, combine_bytes=4)
-    with EPGroup.create(path, plans[0], cpus_per_worker=CPUS) as group:
+    with EPGroup.create(config(path), plan=plans[0]) as group:
         for i, plan in enumerate(plans):
             if i:
                 group.apply_plan(plan)
@@ -192,9 +206,44 @@ def test_replay_dispatch_bytes_equal_the_cost_model(ray_cluster, tiny_models, nu
                 assert np.array_equal(pairs, predicted.load[layer])
 
 
+# FP8 tolerances, as a share of the largest reference logit: FP8 dispatch rounds each token to E4M3 with one
+# scale per 1 x 128 tile (measured on these checkpoints: up to 3.3%); FP8 experts also round the weights
+# (128 x 128 blocks) and the SwiGLU activations (up to 6.6%).
+FP8_TOLERANCE = {"fp8-dispatch": 0.05, "fp8": 0.12}
+
+
+@pytest.mark.parametrize("precision", ["fp8-dispatch", "fp8"])
+def test_fp8_group_matches_reference_within_the_fp8_tolerance(ray_cluster, tiny_models, wide_model, reference,
+                                                             precision):
+    """FP8 through the whole pipeline between 2 gloo workers under an ilp plan with replicas: dispatch as E4M3
+    (both), expert GEMMs in FP8 too ("fp8", on the 128-wide checkpoint its weight blocks need). Logits of
+    prefill and decode steps stay within the stated tolerance of `transformers`' fp32 logits, and the FP8
+    path really ran: the error is far above fp32's 1e-5."""
+    model = wide_model if precision == "fp8" else tiny_models["qwen3_moe"]
+    ref = reference("wide" if precision == "fp8" else "qwen3_moe")
+    plan = ilp_plan(read_model_config(model.path).num_moe_layers, 2)
+    worst = 0.0
+    with EPGroup.create(config(model.path, 2, precision=precision), plan=plan) as group:
+        assert {i["precision"] for i in group.worker_info()} == {precision}
+        history = {s: list(p) for s, p in enumerate(PROMPTS[:4])}
+        inputs = [[(s, history[s]) for s in (0, 2)], [(s, history[s]) for s in (1, 3)]]
+        for _ in range(3):
+            outs = group.step(inputs)
+            for out in outs:
+                for s, row in zip(out.seq_ids, out.logits, strict=True):
+                    with torch.no_grad():
+                        want = ref(torch.tensor([history[s]])).logits[0, -1]
+                    err = float((torch.tensor(row) - want).abs().max())
+                    assert err <= FP8_TOLERANCE[precision] * float(want.abs().max()), (s, err)
+                    worst = max(worst, err)
+                    history[s].append(int(want.argmax()))
+            inputs = [[(s, [history[s][-1]]) for s, _ in batch] for batch in inputs]
+    assert worst > 1e-3
+
+
 def test_measured_exchange_time_excludes_waiting_for_a_late_rank(ray_cluster, tiny_models):
     """Worker 1 starts its step 1 s late: worker 0's first dispatch must not be timed as that wait."""
-    with EPGroup.create(tiny_models["mixtral"].path, None, 2, cpus_per_worker=CPUS) as group:
+    with EPGroup.create(config(tiny_models["mixtral"].path, 2)) as group:
         outs = group.step([[(1, [5, 6, 7])], [(2, [8, 9])]], return_logits=False, measure=True,
                           pause_s=[0.0, 1.0])
     first = outs[0].layers[0]
@@ -210,13 +259,13 @@ def test_compiled_steps_give_the_results_of_actor_calls(ray_cluster, tiny_models
     prompts = [[5, 17, 3], [2, 8], [61, 7, 7, 30]]
     results = []
     for compiled in (False, True):
-        with EPGroup.create(path, None, 2, cpus_per_worker=CPUS, compiled_steps=compiled) as group:
+        with EPGroup.create(config(path, 2, compiled_steps=compiled)) as group:
             outs = group.step([[(9, [4, 4, 9])], [(8, [1])]])
             group.free([9, 8])
             results.append(([o.logits for o in outs], group.generate(prompts, 6)))
             if compiled:  # calls that run the model outside `step` release the graph; the next step rebuilds it
                 group.apply_plan(group.plan)
-                assert group._graph is None
+                assert not group._compiled.built
                 assert group.generate(prompts, 6, first_seq_id=20) == results[-1][1]
     (plain_logits, plain_tokens), (graph_logits, graph_tokens) = results
     assert graph_tokens == plain_tokens
@@ -234,7 +283,7 @@ def test_fixed_shape_decode_steps_across_workers_match_the_reference(ray_cluster
     path = tiny_models[family].path
     ref = reference(family)
     plan = ilp_plan(read_model_config(path).num_moe_layers, 2)
-    with EPGroup.create(path, plan, 2, cpus_per_worker=CPUS, decode_graphs=True) as group:
+    with EPGroup.create(config(path, 2, decode_graphs=True), plan=plan) as group:
         assert_logits_match(group, ref, first_id=0)  # 3 + 2 sequences: worker 1 pads 2 rows to 4
         assert [i["decode_steps"] for i in group.worker_info()] == [2, 2]
         # Worker 1 brings nothing: it runs 4 padding rows through the exchange with worker 0's 3 sequences.
@@ -258,7 +307,7 @@ def test_fixed_shape_decode_steps_across_workers_match_the_reference(ray_cluster
 @pytest.mark.parametrize("compiled", [False, True], ids=["actor-calls", "compiled-graph"])
 def test_killed_worker_fails_the_step_then_the_group_can_be_recreated(ray_cluster, tiny_models, compiled):
     path = tiny_models["olmoe"].path
-    group = EPGroup.create(path, None, 2, cpus_per_worker=CPUS, step_timeout_s=60, compiled_steps=compiled)
+    group = EPGroup.create(config(path, 2, timeouts={"step_s": 60}, compiled_steps=compiled))
     victim = group.pids()[1]
     threading.Timer(1.0, os.kill, (victim, signal.SIGKILL)).start()
     start = time.monotonic()
@@ -269,13 +318,13 @@ def test_killed_worker_fails_the_step_then_the_group_can_be_recreated(ray_cluste
         group.step([[(0, [1])], [(1, [2])]])
 
     # A hung worker: the step gives up at its timeout and tears the group down.
-    group = EPGroup.create(path, None, 2, cpus_per_worker=CPUS, step_timeout_s=3, compiled_steps=compiled)
+    group = EPGroup.create(config(path, 2, timeouts={"step_s": 3}, compiled_steps=compiled))
     start = time.monotonic()
     with pytest.raises(StepTimeout, match="did not answer within 3 s"):
         group.step([[(0, [1, 2, 3])], [(1, [4, 5])]], pause_s=[30.0, 0.0])
     assert time.monotonic() - start < 10
 
-    with EPGroup.create(path, None, 2, cpus_per_worker=CPUS, compiled_steps=compiled) as group:
+    with EPGroup.create(config(path, 2, compiled_steps=compiled)) as group:
         outs = group.step([[(0, [1, 2, 3])], [(1, [4, 5])]])
         assert [o.seq_ids for o in outs] == [[0], [1]]
     if compiled:
@@ -289,19 +338,44 @@ def test_killed_worker_fails_the_step_then_the_group_can_be_recreated(ray_cluste
         assert len(compiled_dag_node._compiled_dags) == 0
 
 
+def test_kv_budget_refuses_a_step_before_it_runs_and_async_steps_match(ray_cluster, tiny_models):
+    """Each worker holds 3 blocks of 4 tokens: a step that would need a fourth is refused before any worker
+    runs it, the group keeps serving, and freeing gives the blocks back. `step_async` answers as `step`."""
+    import asyncio
+
+    from expertmesh.workers.ledger import KVBudgetError
+
+    with EPGroup.create(config(tiny_models["mixtral"].path, 2, kv_block_size=4, kv_blocks=3)) as group:
+        assert group.ledger.blocks == [3, 3]
+        group.step([[(0, list(range(9)))], [(1, [1, 2])]])  # 3 blocks on worker 0, 1 on worker 1
+        assert (group.ledger.used(0), group.ledger.used(1)) == (3, 1)
+        with pytest.raises(KVBudgetError, match="worker 0 would need 1 more KV blocks of 4 tokens, 0 of its 3"):
+            group.step([[(0, [5, 5, 5, 5])], []])  # 9 + 4 = 13 tokens: a 4th block
+        with pytest.raises(KVBudgetError, match="worker 1 would need 3 more"):
+            group.step([[], [(2, list(range(10)))]])
+        assert group.ledger.length == {0: 9, 1: 2}  # nothing recorded for the refused steps
+        sync = group.step([[(0, [5, 6, 7])], [(1, [3])]])  # 12 tokens fit 3 blocks exactly
+        group.free([0])
+        assert group.ledger.used(0) == 0
+        group.step([[(3, list(range(9)))], [(4, [1, 2])]])
+        async_out = asyncio.run(group.step_async([[(3, [5, 6, 7])], [(4, [3])]]))
+        for a, b in zip(sync, async_out, strict=True):
+            np.testing.assert_array_equal(a.logits, b.logits)  # the same histories, the same logits
+
+
 def test_bad_plans_and_inputs_are_refused_with_the_field_named(ray_cluster, tiny_models):
     path = tiny_models["mixtral"].path
     wrong_layers = Placement(np.tile(np.arange(8), (2, 1)), num_gpus=2, num_experts=8)
     with pytest.raises(PlanMismatchError, match="2 MoE layers x 8 experts.*3 MoE layers x 8 experts"):
-        EPGroup.create(path, wrong_layers)
+        EPGroup.create(config(path), plan=wrong_layers)
     wrong_experts = Placement(np.tile(np.arange(6), (3, 1)), num_gpus=2, num_experts=6)
     with pytest.raises(PlanMismatchError, match="6 experts"):
-        EPGroup.create(path, wrong_experts)
+        EPGroup.create(config(path), plan=wrong_experts)
     with pytest.raises(PlanMismatchError, match="made for 2 GPUs, the group has 4"):
-        EPGroup.create(path, ilp_plan(3, 2), num_workers=4)
+        EPGroup.create(config(path, 4), plan=ilp_plan(3, 2))
     with pytest.raises(PlanMismatchError, match="divisor"):
-        EPGroup.create(path, None, 3)
-    with EPGroup.create(path, None, 2, cpus_per_worker=CPUS) as group:
+        EPGroup.create(config(path, 3))
+    with EPGroup.create(config(path, 2)) as group:
         group.step([[(0, [1, 2])], []])
         with pytest.raises(ValueError, match="sequence 0 lives on worker 0"):
             group.step([[], [(0, [3])]])
