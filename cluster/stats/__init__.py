@@ -11,8 +11,8 @@
     connect    Redis URLs (redis://, rediss://, EXPERTMESH_REDIS_URL) and the store's errors
     scripts    the Lua scripts that make writes atomic and idempotent
 
-Layering: imports `expertmesh.placement` only (never torch, Ray, workers or kernels); redis is imported
-when a store talks to a server (the `stats` extra), not when this package or its modules are imported.
+Layering: imports `expertmesh.placement` only (never torch, Ray, workers or kernels); redis (the `stats`
+extra) is imported when a URL is parsed or a store talks to a server, never when a module is imported.
 """
 
 from __future__ import annotations

@@ -192,11 +192,18 @@ def push(
     if as_json:
         _emit(report)
         return
-    where = f"model={report['model']} run={report['run']} at {target.display}"
+    err.print(_push_message(report, trace, target.display), highlight=False, markup=False)
+    print(f"{report['model']} {report['run']} windows {_span(report['windows'])}")
+
+
+def _push_message(report: dict, trace: Path, display: str) -> str:
+    """What a push did, in one line for people (`--json` has it for machines)."""
+    n = len(report["windows"])
+    where = f"model={report['model']} run={report['run']} at {display}"
     windows, written = _span(report["windows"]), _span(report["written"])
     latest = f" (the latest of {report['pushes']} pushes)" if report["pushes"] > 1 else ""
     before = _span(report["windows"][: n - len(report["written"])])
-    message = {
+    return {
         "pushed": f"pushed {report['tokens']} tokens as {n} window(s) {windows} to {where}",
         "resumed": f"resumed {trace}: windows {before} were written before; wrote {written} to {where}",
         "replaced": f"replaced the earlier push of {trace}: its tokens are now in windows {windows} of {where}",
@@ -206,8 +213,6 @@ def push(
                           f"{latest} of {where}; nothing written (--append to count it again, --replace to "
                           f"push it anew)",
     }[report["action"]]
-    err.print(message, highlight=False, markup=False)
-    print(f"{report['model']} {report['run']} windows {windows}")
 
 
 @stats_app.command("show", cls=_Command)

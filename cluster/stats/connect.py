@@ -4,7 +4,8 @@
     rediss://...      the same over TLS (redis-py's ssl_* query options pass through, e.g. ssl_ca_certs)
 
 `model`, `run`, `windows` and `cluster` are ours and are removed before the rest of the URL goes to
-redis-py. Without a URL, `EXPERTMESH_REDIS_URL` is used. Passwords never appear in messages (`masked`).
+redis-py, whose options are checked when the URL is parsed (an unknown one is named then). Without a URL,
+`EXPERTMESH_REDIS_URL` is used. Passwords never appear in messages (`masked`).
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ class StatsStoreError(RuntimeError):
 
 
 class StatsUnavailableError(StatsStoreError):
-    """Redis cannot be reached (refused, timed out, wrong password, TLS failure)."""
+    """Redis cannot be reached (refused, timed out, reset): it may be down or away for a while."""
 
 
 class StatsEndpointError(StatsUnavailableError, ValueError):
-    """The URL reaches a server that is not what it says: not Redis, or no TLS for rediss://.
+    """The URL reaches a server that is not what it says: not Redis, no TLS for rediss://, not a Redis Cluster
+    for ?cluster=1, credentials it refuses, a database it does not have.
 
     The URL is wrong rather than the server away: a ValueError too, so CLIs exit 2 (invalid input) for it.
     """

@@ -99,29 +99,13 @@ def push_routing(
     existing = store.header()
     planned = math.ceil(tokens / (window_tokens or DEFAULT_WINDOW_TOKENS)) if trace else 1
     header = store.ensure(L, E, routing.top_k, keep or max(DEFAULT_KEEP, planned), decay)
-    record = _record(store, sid)
-    action = {"once": "pushed", "replace": "replaced", "append": "appended"}[mode] if record else "pushed"
-    if record is not None and mode == "once":
-        push = record["pushes"][-1]
-        if window_tokens is not None and trace and window_tokens != push["window_tokens"]:
-            raise ValueError(
-                f"window_tokens: {label} was pushed with {push['window_tokens']} tokens per window; leave it out "
-                f"to {'resume' if push['done'] < push['windows'] else 'keep that push'}, or replace it (--replace)"
-            )
-        if first_window is not None and first_window != push["first"]:
-            raise ValueError(f"first_window: {label} was pushed from window {push['first']}; leave it out, "
-                             f"or replace it (--replace)")
-        action = "resumed" if push["done"] < push["windows"] else "already pushed"
-    else:
-        if record is not None and mode == "replace":
-            _forget(store, sid, record, label)
-            record = None
-        per_window = (window_tokens or DEFAULT_WINDOW_TOKENS) if trace else tokens
+    record, push, action = _earlier_push(store, sid, mode, label, window_tokens if trace else None, first_window)
+    if push is None:  # a new push
         push = {
             "writer": f"push/{sid[:12]}/{secrets.token_hex(3)}",
             "first": header.head + 1 if first_window is None else int(first_window),
-            "windows": planned if trace else 1,
-            "window_tokens": per_window,
+            "windows": planned,
+            "window_tokens": (window_tokens or DEFAULT_WINDOW_TOKENS) if trace else tokens,
             "done": 0,
         }
         record = record or {"name": label, "tokens": tokens, "pushes": []}
@@ -153,6 +137,30 @@ def push_routing(
         "decay": header.decay,
         "created": existing is None,
     }
+
+
+def _earlier_push(store: StatsStore, sid: str, mode: str, label: str, window_tokens: int | None,
+                  first_window: int | None) -> tuple[dict | None, dict | None, str]:
+    """(record, the push to continue or None for a new one, action) of a source about to be pushed: `mode`
+    decides what happens to an earlier push of it (replace takes it out here)."""
+    record = _record(store, sid)
+    if record is None:
+        return None, None, "pushed"
+    if mode == "replace":
+        _forget(store, sid, record, label)
+        return None, None, "replaced"
+    if mode == "append":
+        return record, None, "appended"
+    push = record["pushes"][-1]
+    if window_tokens is not None and window_tokens != push["window_tokens"]:
+        raise ValueError(
+            f"window_tokens: {label} was pushed with {push['window_tokens']} tokens per window; leave it out "
+            f"to {'resume' if push['done'] < push['windows'] else 'keep that push'}, or replace it (--replace)"
+        )
+    if first_window is not None and first_window != push["first"]:
+        raise ValueError(f"first_window: {label} was pushed from window {push['first']}; leave it out, "
+                         f"or replace it (--replace)")
+    return record, push, "resumed" if push["done"] < push["windows"] else "already pushed"
 
 
 def _record(store: StatsStore, sid: str) -> dict | None:

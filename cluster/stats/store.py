@@ -107,14 +107,14 @@ class StatsStore:
                 hint = "it closed the connection: if it expects TLS, use rediss://"
             raise StatsUnavailableError(f"{action}: cannot reach Redis at {self.display} ({exc}); {hint}") from exc
         except redis.exceptions.ResponseError as exc:
-            text = str(exc)
-            if "DB index is out of range" in text:
-                raise StatsEndpointError(f"{action}: {self.display}: no such database on this server ({text})") \
+            reply = str(exc)
+            if "DB index is out of range" in reply:
+                raise StatsEndpointError(f"{action}: {self.display}: no such database on this server ({reply})") \
                     from None
-            if text.startswith(("EMFOREIGN", "EMSHAPE", "WRONGTYPE")):
-                detail = text.split(" ", 1)[1] if text.startswith("EM") else text  # our codes are for machines
+            if reply.startswith(("EMFOREIGN", "EMSHAPE", "WRONGTYPE")):
+                detail = reply.split(" ", 1)[1] if reply.startswith("EM") else reply  # our codes are for machines
                 raise StatsSchemaError(f"{action}: {self.where}: {detail}") from None
-            raise StatsStoreError(f"{action}: Redis at {self.display} answered: {text}") from exc
+            raise StatsStoreError(f"{action}: Redis at {self.display} answered: {reply}") from exc
         except redis.exceptions.InvalidResponse as exc:  # a server that answers, but not in Redis's protocol
             raise StatsEndpointError(
                 f"{action}: {self.display} does not answer as Redis ({exc}); is the host and port right?"
@@ -137,6 +137,8 @@ class StatsStore:
                 try:
                     client.ping()
                 except redis.exceptions.TimeoutError:
+                    if timeout_s is None:
+                        raise
                     raise StatsUnavailableError(
                         f"connect: Redis at {self.display} did not answer within {timeout_s:g} s; is the host and "
                         f"port right?"
