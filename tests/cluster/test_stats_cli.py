@@ -1,4 +1,7 @@
-"""`expertmesh stats push/show/export/compact/reset` and `load_stats_url`, against a real redis-server."""
+"""`expertmesh stats push/show/export/compact/reset` and `load_stats_url`, against a real redis-server.
+
+    .venv/bin/python -m pytest -q tests/cluster/test_stats_cli.py
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The window encoding: exact for every density and value width, and it refuses what is not ours."""
+"""The window encoding: exact for every density and value width, and it refuses what is not ours.
+
+    .venv/bin/python -m pytest -q tests/cluster/test_stats_codec.py
+"""
 
 from __future__ import annotations
 

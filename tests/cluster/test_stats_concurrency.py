@@ -1,4 +1,7 @@
-"""Acceptance: concurrent writer processes, writers killed mid-flush, Redis killed and restarted mid-flush."""
+"""Acceptance: concurrent writer processes, writers killed mid-flush, Redis killed and restarted mid-flush.
+
+    .venv/bin/python -m pytest -q tests/cluster/test_stats_concurrency.py
+"""
 
 from __future__ import annotations
 

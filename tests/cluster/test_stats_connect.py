@@ -1,4 +1,7 @@
-"""Stats URLs: redis:// and rediss://, password, db, our query options, env fallback, clear errors."""
+"""Stats URLs: redis:// and rediss://, password, db, our query options, env fallback, clear errors.
+
+    .venv/bin/python -m pytest -q tests/cluster/test_stats_connect.py
+"""
 
 from __future__ import annotations
 

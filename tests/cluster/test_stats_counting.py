@@ -1,4 +1,7 @@
-"""Local counting and the store's window layout reproduce `stats_from_trace` exactly."""
+"""Local counting and the store's window layout reproduce `stats_from_trace` exactly.
+
+    .venv/bin/python -m pytest -q tests/cluster/test_stats_counting.py
+"""
 
 from __future__ import annotations
 

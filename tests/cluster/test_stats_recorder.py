@@ -1,4 +1,7 @@
-"""The writer side: recorder -> Redis equals the in-memory counts; outages, lost replies, bounded buffers."""
+"""The writer side: recorder -> Redis equals the in-memory counts; outages, lost replies, bounded buffers.
+
+    .venv/bin/python -m pytest -q tests/cluster/test_stats_recorder.py
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Layer shares: a group sums its counts and each member flushes a share of the layers; the store's windows
-then equal the group's tokens counted in one place, exactly, before and after compaction."""
+then equal the group's tokens counted in one place, exactly, before and after compaction.
+
+    .venv/bin/python -m pytest -q tests/cluster/test_stats_shares.py
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The Redis store against a real redis-server: exact snapshots, retention, decay, idempotency, refusals."""
+"""The Redis store against a real redis-server: exact snapshots, retention, decay, idempotency, refusals.
+
+    .venv/bin/python -m pytest -q tests/cluster/test_stats_store.py
+"""
 
 from __future__ import annotations
 
