@@ -12,12 +12,6 @@ a name is loaded when it is first used.
 
 from __future__ import annotations
 
-import importlib
-import importlib.abc
-import importlib.util
-import sys
-import warnings
-
 from .stats import __all__ as _STATS_NAMES
 
 __all__ = list(_STATS_NAMES)
@@ -33,30 +27,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
-
-
-# The statistics modules lived directly in this package until they moved to `stats/`; their old paths
-# (`expertmesh.cluster.recorder`, ...) stay importable, as the same module objects, with a warning.
-_MOVED = frozenset({"cli", "codec", "connect", "counting", "recorder", "scripts", "show", "store", "window"})
-
-
-class _MovedToStats(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, fullname, path=None, target=None):
-        package, _, name = fullname.rpartition(".")
-        if package != __name__ or name not in _MOVED:
-            return None
-        return importlib.util.spec_from_loader(fullname, self)
-
-    def create_module(self, spec):
-        new = f"{__name__}.stats.{spec.name.rpartition('.')[2]}"
-        warnings.warn(f"{spec.name} moved to {new}; import it from there", DeprecationWarning, stacklevel=2)
-        module = importlib.import_module(new)
-        spec.loader_state = module.__spec__  # the import system sets the alias spec on it: put it back below
-        return module
-
-    def exec_module(self, module) -> None:
-        module.__spec__ = module.__spec__.loader_state
-
-
-if not any(isinstance(f, _MovedToStats) for f in sys.meta_path):
-    sys.meta_path.append(_MovedToStats())

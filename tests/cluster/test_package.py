@@ -37,19 +37,3 @@ def test_what_users_import_comes_from_the_package():
         cluster.Nope  # noqa: B018
     sink = RedisStatsSink(url=None, model="m", num_layers=2, num_experts=4, top_k=2, run="r")
     assert (sink.model, sink.run, sink.num_layers) == ("m", "r", 2)
-
-
-def test_old_module_paths_are_the_moved_modules_with_a_warning():
-    code = ("import warnings, sys\n"
-            "with warnings.catch_warnings(record=True) as seen:\n"
-            "    warnings.simplefilter('always')\n"
-            "    from expertmesh.cluster.recorder import RedisStatsSink\n"
-            "    import expertmesh.cluster.store as old\n"
-            "import expertmesh.cluster.stats.store as new, expertmesh.cluster.stats.recorder as rec\n"
-            "print(old is new, RedisStatsSink is rec.RedisStatsSink, new.__spec__.name, len(seen))\n"
-            "print(seen[0].message)")
-    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
-    assert lines[0] == "True True expertmesh.cluster.stats.store 2"
-    assert "expertmesh.cluster.recorder moved to expertmesh.cluster.stats.recorder" in lines[1]
-    with pytest.raises(ModuleNotFoundError):
-        import expertmesh.cluster.nothing_here  # noqa: F401

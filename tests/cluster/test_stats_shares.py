@@ -146,8 +146,8 @@ def test_a_step_recorder_writes_shares_only_where_every_worker_gets_one(redis_ur
     def reduce(t: torch.Tensor) -> None:
         t.mul_(2)  # a group of two identical workers
 
-    class PlainSink:  # open(writer_id) only
-        def open(self, writer_id):
+    class PlainSink:  # answers a group's request with a recorder of every layer
+        def open(self, writer_id, group=None):
             return sink.open(writer_id)
 
     with pytest.raises(ValueError, match=r"group: expected \(rank, size\)"):
