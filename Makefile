@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= out/demo
 
-.PHONY: demo test lint venv redis-server clean
+.PHONY: demo test lint venv redis-server protos clean
 
 venv: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ redis-server:
 	  echo "installing redis-server from Debian packages" >&2; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server >/dev/null; }
+
+# The gRPC stubs under protos/v1/ from protos/expertmesh/v1/*.proto (committed; a test fails when stale).
+protos: venv
+	$(PY) -m expertmesh.protos.generate
 
 demo: venv
 	$(VENV)/bin/expertmesh demo --out $(DEMO_OUT)
