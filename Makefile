@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= out/demo
 
-.PHONY: demo test lint venv redis-server protos clean
+.PHONY: demo plan-demo test lint venv redis-server protos clean
 
 venv: $(VENV)/.installed
 
@@ -30,7 +30,13 @@ redis-server:
 protos: venv
 	$(PY) -m expertmesh.protos.generate
 
-demo: venv
+# The service end to end: the tiny model on 2 CPU workers, a burst of requests over gRPC, then placements
+# planned from the routing its workers recorded in a private redis-server.
+demo: venv redis-server
+	$(VENV)/bin/expertmesh serve-demo
+
+# The placement comparison on a synthetic trace (heatmaps under $(DEMO_OUT)).
+plan-demo: venv
 	$(VENV)/bin/expertmesh demo --out $(DEMO_OUT)
 
 lint: venv

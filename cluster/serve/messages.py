@@ -39,9 +39,8 @@ _FINISH_BACK = {v: k for k, v in _FINISH.items()}
 
 @dataclass(frozen=True)
 class RoutingSummary:
-    """Per MoE layer figures of the routing served so far (the cost model's, under the current plan)."""
+    """Per MoE layer figures of the recently served routing (the cost model's, under the current plan)."""
 
-    tokens: int
     balancedness: tuple[float, ...]  # [L]
     copies_per_token: tuple[float, ...]  # [L]
 
@@ -108,7 +107,7 @@ def routing_summary_response(summary: RoutingSummary, plan_version: str) -> admi
         return sum(xs) / len(xs) if xs else 0.0
 
     return admin_pb2.GetRoutingSummaryResponse(
-        plan_version=plan_version, tokens=summary.tokens, balancedness=mean(summary.balancedness),
+        plan_version=plan_version, balancedness=mean(summary.balancedness),
         balancedness_worst=min(summary.balancedness, default=0.0), copies_per_token=mean(summary.copies_per_token),
         layers=layers)
 
@@ -164,5 +163,5 @@ def engine_status(msg: admin_pb2.GetStatusResponse) -> EngineStatus:
 
 
 def routing_summary(msg: admin_pb2.GetRoutingSummaryResponse) -> RoutingSummary:
-    return RoutingSummary(tokens=msg.tokens, balancedness=tuple(x.balancedness for x in msg.layers),
+    return RoutingSummary(balancedness=tuple(x.balancedness for x in msg.layers),
                           copies_per_token=tuple(x.copies_per_token for x in msg.layers))

@@ -1,6 +1,6 @@
 """The gRPC server in front of an engine: Inference and Admin, health, reflection, metrics, drain.
 
-    server, port = create_server(engine, ServerConfig(port=0), engine_registry=engine.metrics.registry)
+    server, port = create_server(engine, ServerConfig(port=0))
     await server.start()
     ...
     await server.drain(grace_s=30)      # health NOT_SERVING, new calls UNAVAILABLE, running streams finish
@@ -19,18 +19,21 @@ import asyncio
 import contextlib
 import logging
 import signal
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry
 
 from expertmesh.protos.v1 import admin_pb2_grpc, inference_pb2_grpc
 
 from .auth import BearerTokenInterceptor
 from .exporter import ServiceMetrics, start_metrics_server
 from .server_config import ServerConfig, read_pem
-from .service import SERVICE_NAMES, AdminServicer, InferenceServicer, OperatedEngine
+
+if TYPE_CHECKING:
+    from .engine import Engine
+from .service import SERVICE_NAMES, AdminServicer, InferenceServicer
 
 __all__ = ["Server", "create_server", "serve", "HEALTH_POLL_S"]
 
@@ -58,7 +61,7 @@ def _host_port(address: str, port: int) -> str:
 class Server:
     """One `grpc.aio` server and the pieces that live beside it (health watcher, metrics port, drain)."""
 
-    def __init__(self, engine: OperatedEngine, config: ServerConfig, metrics: ServiceMetrics) -> None:
+    def __init__(self, engine: Engine, config: ServerConfig, metrics: ServiceMetrics) -> None:
         self.engine, self.config, self.metrics = engine, config, metrics
         interceptors = [BearerTokenInterceptor(config.token, metrics)] if config.token else []
         size = config.max_message_bytes
@@ -138,20 +141,19 @@ class Server:
             self._http = None
 
 
-def create_server(engine: OperatedEngine, config: ServerConfig,
-                  engine_registry: CollectorRegistry | None = None) -> tuple[Server, int]:
-    """A server bound to `config.address:config.port` (not started), and the port it got."""
-    server = Server(engine, config, ServiceMetrics(engine_registry))
+def create_server(engine: Engine, config: ServerConfig) -> tuple[Server, int]:
+    """A server bound to `config.address:config.port` (not started), and the port it got; its metrics port
+    serves the engine's registry beside the service's counter."""
+    server = Server(engine, config, ServiceMetrics(engine.metrics.registry))
     return server, server.port
 
 
-async def serve(engine: OperatedEngine, config: ServerConfig, engine_registry: CollectorRegistry | None = None,
-                started=None) -> None:
+async def serve(engine: Engine, config: ServerConfig, started=None) -> None:
     """Serve until SIGTERM or SIGINT, then drain for `config.grace_s` (a second signal stops at once) and stop.
 
     started(server): called once the server listens (the CLI prints the address).
     """
-    server, _ = create_server(engine, config, engine_registry)
+    server, _ = create_server(engine, config)
     await server.start()
     loop = asyncio.get_running_loop()
     signals = asyncio.Queue()

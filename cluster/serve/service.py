@@ -12,19 +12,21 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 import grpc
 
-from expertmesh.placement.plan import Placement
 from expertmesh.protos.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 from . import messages
 from .exporter import ServiceMetrics
 from .types import EngineError, InferenceEngine, InvalidRequest
 
-__all__ = ["InferenceServicer", "AdminServicer", "OperatedEngine", "SERVICE_NAMES"]
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["InferenceServicer", "AdminServicer", "SERVICE_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +34,6 @@ SERVICE_NAMES = (
     inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
-
-
-class OperatedEngine(InferenceEngine, Protocol):
-    """What the Admin service reads beyond the inference surface."""
-
-    def plan(self) -> Placement: ...
-
-    def routing_summary(self) -> messages.RoutingSummary: ...
 
 
 @contextlib.asynccontextmanager
@@ -85,10 +79,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    """`drain(grace_s)` starts the server's drain (health, engine) and returns without waiting for it."""
+    """Operates the concrete `Engine` (its plan and routing are not part of the inference protocol).
 
-    def __init__(self, engine: OperatedEngine, metrics: ServiceMetrics,
-                 drain: Callable[[float | None], Awaitable[None]]) -> None:
+    drain(grace_s): starts the server's drain (health, engine) without waiting for it.
+    """
+
+    def __init__(self, engine: Engine, metrics: ServiceMetrics, drain: Callable[[float | None], object]) -> None:
         self._engine, self._metrics, self._drain = engine, metrics, drain
 
     async def GetStatus(self, request: admin_pb2.GetStatusRequest, context: grpc.aio.ServicerContext):
@@ -97,7 +93,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def GetPlan(self, request: admin_pb2.GetPlanRequest, context: grpc.aio.ServicerContext):
         async with _status("GetPlan", context, self._metrics):
-            plan = self._engine.plan()
+            plan = self._engine.replicas[0].plan  # every replica serves the same plan
             return admin_pb2.GetPlanResponse(
                 version=plan.version, strategy=plan.strategy, num_layers=plan.num_layers,
                 num_experts=plan.num_experts, num_gpus=plan.num_gpus, num_nodes=plan.num_nodes,
@@ -106,8 +102,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def GetRoutingSummary(self, request: admin_pb2.GetRoutingSummaryRequest,
                                 context: grpc.aio.ServicerContext):
         async with _status("GetRoutingSummary", context, self._metrics):
-            return messages.routing_summary_response(self._engine.routing_summary(),
-                                                     self._engine.status().plan_version)
+            balancedness, copies = self._engine.routing_figures()
+            summary = messages.RoutingSummary(tuple(balancedness), tuple(copies))
+            return messages.routing_summary_response(summary, self._engine.status().plan_version)
 
     async def Drain(self, request: admin_pb2.DrainRequest, context: grpc.aio.ServicerContext):
         async with _status("Drain", context, self._metrics):
@@ -115,5 +112,5 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             if grace is not None and not grace >= 0:
                 raise InvalidRequest(f"grace_seconds: expected a number of seconds >= 0, got {grace}")
             running = self._engine.status().running
-            await self._drain(grace)
+            self._drain(grace)
             return admin_pb2.DrainResponse(running=running)

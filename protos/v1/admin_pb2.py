@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65xpertmesh/v1/admin.proto\x12\rexpertmesh.v1\"\x12\n\x10GetStatusRequest\"\xe1\x01\n\x11GetStatusResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12\x1b\n\x13workers_per_replica\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x07 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\x04\x12\x13\n\x0bpreemptions\x18\t \x01(\x04\x12\x14\n\x0cplan_version\x18\n \x01(\t\"\x10\n\x0eGetPlanRequest\"\x95\x01\n\x0fGetPlanResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bnum_experts\x18\x04 \x01(\r\x12\x10\n\x08num_gpus\x18\x05 \x01(\r\x12\x11\n\tnum_nodes\x18\x06 \x01(\r\x12\x11\n\tplan_json\x18\x07 \x01(\t\"\x1a\n\x18GetRoutingSummaryRequest\"M\n\x0cLayerRouting\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x14\n\x0c\x62\x61lancedness\x18\x02 \x01(\x01\x12\x18\n\x10\x63opies_per_token\x18\x03 \x01(\x01\"\xba\x01\n\x19GetRoutingSummaryResponse\x12\x14\n\x0cplan_version\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x14\n\x0c\x62\x61lancedness\x18\x03 \x01(\x01\x12\x1a\n\x12\x62\x61lancedness_worst\x18\x04 \x01(\x01\x12\x18\n\x10\x63opies_per_token\x18\x05 \x01(\x01\x12+\n\x06layers\x18\x06 \x03(\x0b\x32\x1b.expertmesh.v1.LayerRouting\"<\n\x0c\x44rainRequest\x12\x1a\n\rgrace_seconds\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_grace_seconds\" \n\rDrainResponse\x12\x0f\n\x07running\x18\x01 \x01(\r2\xd4\x02\n\x0c\x41\x64minService\x12N\n\tGetStatus\x12\x1f.expertmesh.v1.GetStatusRequest\x1a .expertmesh.v1.GetStatusResponse\x12H\n\x07GetPlan\x12\x1d.expertmesh.v1.GetPlanRequest\x1a\x1e.expertmesh.v1.GetPlanResponse\x12\x66\n\x11GetRoutingSummary\x12\'.expertmesh.v1.GetRoutingSummaryRequest\x1a(.expertmesh.v1.GetRoutingSummaryResponse\x12\x42\n\x05\x44rain\x12\x1b.expertmesh.v1.DrainRequest\x1a\x1c.expertmesh.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65xpertmesh/v1/admin.proto\x12\rexpertmesh.v1\"\x12\n\x10GetStatusRequest\"\xe1\x01\n\x11GetStatusResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12\x1b\n\x13workers_per_replica\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x07 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\x04\x12\x13\n\x0bpreemptions\x18\t \x01(\x04\x12\x14\n\x0cplan_version\x18\n \x01(\t\"\x10\n\x0eGetPlanRequest\"\x95\x01\n\x0fGetPlanResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bnum_experts\x18\x04 \x01(\r\x12\x10\n\x08num_gpus\x18\x05 \x01(\r\x12\x11\n\tnum_nodes\x18\x06 \x01(\r\x12\x11\n\tplan_json\x18\x07 \x01(\t\"\x1a\n\x18GetRoutingSummaryRequest\"M\n\x0cLayerRouting\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x14\n\x0c\x62\x61lancedness\x18\x02 \x01(\x01\x12\x18\n\x10\x63opies_per_token\x18\x03 \x01(\x01\"\xaa\x01\n\x19GetRoutingSummaryResponse\x12\x14\n\x0cplan_version\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61lancedness\x18\x02 \x01(\x01\x12\x1a\n\x12\x62\x61lancedness_worst\x18\x03 \x01(\x01\x12\x18\n\x10\x63opies_per_token\x18\x04 \x01(\x01\x12+\n\x06layers\x18\x05 \x03(\x0b\x32\x1b.expertmesh.v1.LayerRouting\"<\n\x0c\x44rainRequest\x12\x1a\n\rgrace_seconds\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_grace_seconds\" \n\rDrainResponse\x12\x0f\n\x07running\x18\x01 \x01(\r2\xd4\x02\n\x0c\x41\x64minService\x12N\n\tGetStatus\x12\x1f.expertmesh.v1.GetStatusRequest\x1a .expertmesh.v1.GetStatusResponse\x12H\n\x07GetPlan\x12\x1d.expertmesh.v1.GetPlanRequest\x1a\x1e.expertmesh.v1.GetPlanResponse\x12\x66\n\x11GetRoutingSummary\x12\'.expertmesh.v1.GetRoutingSummaryRequest\x1a(.expertmesh.v1.GetRoutingSummaryResponse\x12\x42\n\x05\x44rain\x12\x1b.expertmesh.v1.DrainRequest\x1a\x1c.expertmesh.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,11 +44,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAYERROUTING']._serialized_start=490
   _globals['_LAYERROUTING']._serialized_end=567
   _globals['_GETROUTINGSUMMARYRESPONSE']._serialized_start=570
-  _globals['_GETROUTINGSUMMARYRESPONSE']._serialized_end=756
-  _globals['_DRAINREQUEST']._serialized_start=758
-  _globals['_DRAINREQUEST']._serialized_end=818
-  _globals['_DRAINRESPONSE']._serialized_start=820
-  _globals['_DRAINRESPONSE']._serialized_end=852
-  _globals['_ADMINSERVICE']._serialized_start=855
-  _globals['_ADMINSERVICE']._serialized_end=1195
+  _globals['_GETROUTINGSUMMARYRESPONSE']._serialized_end=740
+  _globals['_DRAINREQUEST']._serialized_start=742
+  _globals['_DRAINREQUEST']._serialized_end=802
+  _globals['_DRAINRESPONSE']._serialized_start=804
+  _globals['_DRAINRESPONSE']._serialized_end=836
+  _globals['_ADMINSERVICE']._serialized_start=839
+  _globals['_ADMINSERVICE']._serialized_end=1179
 # @@protoc_insertion_point(module_scope)

@@ -71,20 +71,18 @@ class LayerRouting(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., balancedness: _Optional[float] = ..., copies_per_token: _Optional[float] = ...) -> None: ...
 
 class GetRoutingSummaryResponse(_message.Message):
-    __slots__ = ("plan_version", "tokens", "balancedness", "balancedness_worst", "copies_per_token", "layers")
+    __slots__ = ("plan_version", "balancedness", "balancedness_worst", "copies_per_token", "layers")
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
-    TOKENS_FIELD_NUMBER: _ClassVar[int]
     BALANCEDNESS_FIELD_NUMBER: _ClassVar[int]
     BALANCEDNESS_WORST_FIELD_NUMBER: _ClassVar[int]
     COPIES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     plan_version: str
-    tokens: int
     balancedness: float
     balancedness_worst: float
     copies_per_token: float
     layers: _containers.RepeatedCompositeFieldContainer[LayerRouting]
-    def __init__(self, plan_version: _Optional[str] = ..., tokens: _Optional[int] = ..., balancedness: _Optional[float] = ..., balancedness_worst: _Optional[float] = ..., copies_per_token: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[LayerRouting, _Mapping]]] = ...) -> None: ...
+    def __init__(self, plan_version: _Optional[str] = ..., balancedness: _Optional[float] = ..., balancedness_worst: _Optional[float] = ..., copies_per_token: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[LayerRouting, _Mapping]]] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("grace_seconds",)

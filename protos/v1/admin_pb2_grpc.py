@@ -74,8 +74,8 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRoutingSummary(self, request, context):
-        """Per-MoE-layer balancedness and copies per token of the routing served so far, under the current plan
-        (the cost model of `expertmesh evaluate`).
+        """Per-MoE-layer balancedness and copies per token of the recently served routing under the current plan
+        (the cost model of `expertmesh evaluate`; the engine samples a step's routing every few steps).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
