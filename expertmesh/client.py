@@ -49,7 +49,8 @@ from expertmesh.protos.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, infer
 __all__ = ["Client", "AsyncClient", "Completion", "RpcError", "Prompt"]
 
 Prompt = str | Sequence[int]
-_ERRORS = {cls.code: cls for cls in (InvalidRequest, QueueFull, Unavailable, DeadlineExceeded, Cancelled)}
+_ENGINE_ERRORS = {cls.__name__: cls for cls in (InvalidRequest, QueueFull, Unavailable, DeadlineExceeded, Cancelled)}
+_BY_CODE = {cls.code: cls for cls in (InvalidRequest, Unavailable, DeadlineExceeded, Cancelled)}  # unambiguous
 
 
 class RpcError(EngineError):
@@ -61,8 +62,11 @@ class RpcError(EngineError):
 
 
 def _error(err: grpc.RpcError) -> EngineError:
+    """The engine's error the server named, else one implied by the status code, else `RpcError`."""
     code, details = err.code().name, err.details() or ""
-    return _ERRORS[code](details) if code in _ERRORS else RpcError(code, details)
+    named = dict(err.trailing_metadata() or ()).get(messages.ERROR_KEY)
+    cls = _ENGINE_ERRORS.get(named) or _BY_CODE.get(code)
+    return cls(details) if cls is not None else RpcError(code, details)
 
 
 @dataclass(frozen=True)

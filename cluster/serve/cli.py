@@ -201,17 +201,17 @@ def infer(
         params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                       stop_token_ids=_ids(stop_ids, "--stop-ids") or (), ignore_eos=ignore_eos)
         tokens, text, last = [], [], None
-        start = time.monotonic()
         first: float | None = None
         with Client(server, token=token, tls=tls, ca=ca, cert=cert, key=key, timeout_s=timeout_s) as client:
+            show_ids = show_ids or not client.models()[0].has_tokenizer  # no tokenizer: ids are all there is
+            start = time.monotonic()
             for chunk in client.generate(source, **params):
                 first = first if first is not None or not chunk.token_ids else time.monotonic() - start
                 tokens += chunk.token_ids
                 text.append(chunk.text)
                 last = chunk
                 if not json_out:
-                    piece = chunk.text if chunk.text and not show_ids else " ".join(map(str, chunk.token_ids))
-                    sys.stdout.write(piece + (" " if piece and (show_ids or not chunk.text) else ""))
+                    sys.stdout.write("".join(f"{t} " for t in chunk.token_ids) if show_ids else chunk.text)
                     sys.stdout.flush()
         elapsed = time.monotonic() - start
         result = {"token_ids": tokens, "text": "".join(text),

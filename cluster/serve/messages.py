@@ -30,8 +30,12 @@ from .types import (
 __all__ = [
     "generate_request", "score_request", "generate_response", "score_response", "models_response",
     "status_response", "prompt_message", "generate_message", "score_message", "chunk", "score_result",
-    "model_infos", "engine_status", "RoutingSummary", "routing_summary_response", "routing_summary",
+    "model_infos", "engine_status", "RoutingSummary", "routing_summary_response", "routing_summary", "ERROR_KEY",
 ]
+
+# Trailing metadata naming the engine's error class (QueueFull, ...): RESOURCE_EXHAUSTED alone may also be
+# gRPC's own refusal of an oversized message.
+ERROR_KEY = "expertmesh-error"
 
 _FINISH = {FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH, FinishReason.STOP: inference_pb2.FINISH_REASON_STOP}
 _FINISH_BACK = {v: k for k, v in _FINISH.items()}

@@ -44,7 +44,7 @@ async def _status(method: str, context: grpc.aio.ServicerContext, metrics: Servi
         yield
     except EngineError as err:
         code = err.code
-        await context.abort(grpc.StatusCode[err.code], str(err))
+        await context.abort(grpc.StatusCode[err.code], str(err), ((messages.ERROR_KEY, type(err).__name__),))
     except (asyncio.CancelledError, GeneratorExit):  # the client cancelled, or its deadline passed
         remaining = context.time_remaining()
         code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
