@@ -173,3 +173,4 @@ async def serve(engine: Engine, config: ServerConfig, started=None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await server.stop()
+        log.info("stopped")
