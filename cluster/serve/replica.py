@@ -141,24 +141,26 @@ class Replica:
         self._wake.clear()
         self._reap()
         group = self.group
+        # Sequences that ended leave the ledger before the plan is made, so their blocks count as free.
+        frees = [group.free_async(self._to_free)] if self._to_free else []
         plan = self.scheduler.schedule([group.ledger.free_blocks(r) for r in range(group.num_workers)],
                                        lambda: next(self._ids))
         self.preemptions += len(plan.freed)
         self.metrics.preemptions.inc(len(plan.freed))
-        self._to_free.extend(plan.freed)
-        frees = group.free_async(self._to_free) if self._to_free else None
+        if plan.freed:
+            frees.append(group.free_async(plan.freed))
         self._to_free = []
         if not plan.chunks:
-            if frees is not None:
-                await frees
-            await self._wake.wait()
+            await asyncio.gather(*frees)
+            if not self.sequences:
+                await self._wake.wait()
             return
         inputs, sampling, score = self._inputs(plan, group.num_workers)
         routed = bool(self.engine_config.routing_every) and self.steps % self.engine_config.routing_every == 0
         start = time.perf_counter()
         calls = [group.step_async(inputs, sampling=sampling, return_logits=False,
                                   score=score if any(score) else None, routed=routed)]
-        results = await asyncio.gather(*calls, *([frees] if frees is not None else []), return_exceptions=True)
+        results = await asyncio.gather(*calls, *frees, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
