@@ -11,10 +11,11 @@ Needs `grpcio-tools` (a dev dependency): installs use the committed code.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
+import subprocess
 import sys
 import tempfile
-from importlib import resources
 from pathlib import Path
 
 __all__ = ["PROTO_ROOT", "OUT_DIR", "generate", "stale"]
@@ -27,17 +28,20 @@ _SIBLING_IMPORT = re.compile(r"^from expertmesh\.v1 import ", re.MULTILINE)
 
 def generate() -> dict[str, str]:
     """File name -> text of every generated module (`*_pb2.py`, `*_pb2.pyi`, `*_pb2_grpc.py`)."""
-    from grpc_tools import protoc
-
     protos = sorted(p.relative_to(PROTO_ROOT).as_posix() for p in (PROTO_ROOT / _PROTO_PACKAGE).glob("*.proto"))
     if not protos:
         raise FileNotFoundError(f"{PROTO_ROOT / _PROTO_PACKAGE}: no .proto files")
-    well_known = resources.files("grpc_tools") / "_proto"
+    spec = importlib.util.find_spec("grpc_tools")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("grpc_tools: install the dev dependencies (grpcio-tools)", name="grpc_tools")
+    well_known = Path(spec.submodule_search_locations[0]) / "_proto"
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", f"--python_out={tmp}",
-                f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *protos]
-        if protoc.main(args) != 0:
-            raise RuntimeError(f"protoc failed on {protos}")
+        # protoc in its own process: its bundled libprotobuf aborts when loaded beside torch or Ray's.
+        args = [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{well_known}",
+                f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *protos]
+        done = subprocess.run(args, cwd=PROTO_ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"protoc failed on {protos}:\n{done.stderr}")
         generated = sorted((Path(tmp) / _PROTO_PACKAGE).iterdir())
         return {p.name: _SIBLING_IMPORT.sub("from . import ", p.read_text()) for p in generated}
 
