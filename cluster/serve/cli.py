@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
 
 __all__ = ["register", "serve", "infer", "serve_demo", "serve_config"]
@@ -70,18 +69,11 @@ def serve_config(path: Path | None, overrides: dict[str, Any], tiny_dir: Path):
     Without a model anywhere, the tiny random model is written to `tiny_dir` and served (random weights)."""
     from expertmesh.cluster.serve.serve_config import ServeConfig
     from expertmesh.cluster.serve.tiny import write_tiny_model
-    from expertmesh.schema import ConfigError
+    from expertmesh.schema import ConfigError, read_file
 
-    doc: Any = {}
-    if path is not None:
-        try:
-            doc = yaml.safe_load(path.read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(doc, dict):
-            raise ConfigError(f"{path}: expected a mapping of fields, got {type(doc).__name__}")
+    doc = {} if path is None else read_file(path)
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields, got {type(doc).__name__}")
     for name, value in overrides.items():
         if value is not None:
             _set(doc, name, value)
