@@ -30,10 +30,10 @@ from expertmesh.protos.v1 import admin_pb2_grpc, inference_pb2_grpc
 from .auth import BearerTokenInterceptor
 from .exporter import ServiceMetrics, start_metrics_server
 from .server_config import ServerConfig, read_pem
+from .service import SERVICE_NAMES, AdminServicer, InferenceServicer
 
 if TYPE_CHECKING:
     from .engine import Engine
-from .service import SERVICE_NAMES, AdminServicer, InferenceServicer
 
 __all__ = ["Server", "create_server", "serve", "HEALTH_POLL_S"]
 

@@ -1,6 +1,7 @@
 """The service under pressure, against the real engine: a KV budget smaller than the load (preemption by
-recompute) and a worker killed mid-stream (the group re-created, the streams continued). One engine of 2 CPU
-workers with 20 KV blocks of 4 tokens each (80 tokens a worker), shared by the module.
+recompute), a worker killed mid-stream (the group re-created, the streams continued), and last an Admin
+Drain. One engine of 2 CPU workers with 20 KV blocks of 4 tokens each (80 tokens a worker), shared by the
+module (its tests run in file order; the drain ends it).
 
     .venv/bin/python -m pytest -q tests/serve/test_service_failure.py
 """
@@ -18,7 +19,7 @@ from service_cases import ServingThread, wait_for
 
 from expertmesh.client import AsyncClient, Client
 from expertmesh.cluster.serve.server_config import ServerConfig
-from expertmesh.cluster.serve.types import FinishReason, Unavailable
+from expertmesh.cluster.serve.types import FinishReason, InvalidRequest, Unavailable
 
 BLOCKS, BLOCK = 20, 4  # per worker: 80 tokens
 RECOVERY_S = 30.0  # stated bound from a kill to SERVING again (5.5-8.7 s measured, loaded 2-core box)
@@ -119,3 +120,26 @@ def test_a_worker_killed_mid_stream(target, serving, greedy):
     with Client(target) as client:
         assert client.health() == "SERVING"
         assert list(client.complete(prompts[0], max_new_tokens=8, ignore_eos=True).token_ids) == expected[0][:8]
+
+
+def test_admin_drain_refuses_new_requests_and_lets_running_ones_finish(target, serving, greedy):
+    """Runs last: the engine stays drained."""
+    prompt = _long_prompt(3, 8)
+
+    async def scenario():
+        async with AsyncClient(target, timeout_s=120) as client:
+            running = asyncio.ensure_future(_streams(target, [prompt], 20))
+            while serving.engine.status().running < 1:
+                await asyncio.sleep(0.01)
+            with pytest.raises(InvalidRequest, match="^grace_seconds:"):
+                await client.drain(-1.0)
+            assert await client.drain(30.0) == 1  # the one stream running when the drain began
+            assert await client.health() == "NOT_SERVING"
+            assert await client.health("expertmesh.v1.InferenceService") == "NOT_SERVING"
+            with pytest.raises(Unavailable, match="draining"):
+                await client.complete(prompt, max_new_tokens=2)
+            assert (await client.status()).draining
+            return (await running)[0]
+
+    tokens, end = asyncio.run(scenario())
+    assert end is FinishReason.LENGTH and tokens == greedy(prompt, 20)
