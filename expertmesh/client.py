@@ -71,13 +71,15 @@ def _error(err: grpc.RpcError) -> EngineError:
 
 @dataclass(frozen=True)
 class Completion:
+    """A whole completion: every streamed token and text delta joined, and the last chunk's ending."""
+
     token_ids: tuple[int, ...]
     text: str
     finish_reason: FinishReason | None
     usage: Usage | None
 
 
-def join(chunks: Iterable[Chunk]) -> Completion:
+def _join(chunks: Iterable[Chunk]) -> Completion:
     """The completion a stream of chunks spells."""
     ids, text, last = [], [], None
     for c in chunks:
@@ -91,25 +93,17 @@ def _read(value: str | Path | bytes | None) -> bytes | None:
     return value if value is None or isinstance(value, bytes) else Path(value).read_bytes()
 
 
-class _Base:
-    """Arguments common to both clients.
-
-    target: host:port. token: bearer token sent with every call. tls: use TLS (implied by ca/cert);
-    ca: PEM roots to trust (default: the system's); cert, key: client certificate for mutual TLS;
-    server_name: the name to check the server's certificate against, when it is not the target's host.
-    timeout_s: default deadline of each call (None: none). max_message_bytes: largest message either way.
-    """
+class _ClientBase:
+    """What both clients share: the call settings and the stubs over a channel."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, tls: bool = False,
                  ca: str | Path | bytes | None = None, cert: str | Path | bytes | None = None,
-                 key: str | Path | bytes | None = None, server_name: str | None = None,
-                 timeout_s: float | None = 300.0, max_message_bytes: int = 16 * 2**20) -> None:
+                 key: str | Path | bytes | None = None, timeout_s: float | None = 300.0,
+                 max_message_bytes: int = 16 * 2**20) -> None:
         self.target, self.timeout_s = target, timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._options = [("grpc.max_receive_message_length", max_message_bytes),
                          ("grpc.max_send_message_length", max_message_bytes)]
-        if server_name:
-            self._options.append(("grpc.ssl_target_name_override", server_name))
         self._credentials = None
         if tls or ca is not None or cert is not None:
             self._credentials = grpc.ssl_channel_credentials(_read(ca), _read(key), _read(cert))
@@ -124,8 +118,14 @@ class _Base:
         self._health = health_pb2_grpc.HealthStub(channel)
 
 
-class Client(_Base):
-    """Blocking client (one channel, safe to share between threads); arguments as `_Base`."""
+class Client(_ClientBase):
+    """Blocking client (one channel, safe to share between threads).
+
+    target: host:port. token: bearer token sent with every call. tls: use TLS (implied by ca or cert);
+    ca: PEM roots to trust (default: the system's); cert, key: client certificate for mutual TLS (paths or
+    bytes). timeout_s: default deadline of each call (None: none). max_message_bytes: largest message sent
+    or received.
+    """
 
     def __init__(self, target: str = "127.0.0.1:50051", **kwargs) -> None:
         super().__init__(target, **kwargs)
@@ -146,7 +146,7 @@ class Client(_Base):
             call.cancel()  # the consumer stopped early: the request ends on the server too
 
     def complete(self, prompt: Prompt, **kwargs) -> Completion:
-        return join(self.generate(prompt, **kwargs))
+        return _join(self.generate(prompt, **kwargs))
 
     def _unary(self, method, request, timeout_s: float | None):
         try:
@@ -193,7 +193,7 @@ class Client(_Base):
         self.close()
 
 
-class AsyncClient(_Base):
+class AsyncClient(_ClientBase):
     """asyncio client (create and use it on one event loop); arguments and methods as `Client`."""
 
     def __init__(self, target: str = "127.0.0.1:50051", **kwargs) -> None:
@@ -214,7 +214,7 @@ class AsyncClient(_Base):
             call.cancel()
 
     async def complete(self, prompt: Prompt, **kwargs) -> Completion:
-        return join([c async for c in self.generate(prompt, **kwargs)])
+        return _join([c async for c in self.generate(prompt, **kwargs)])
 
     async def _unary(self, method, request, timeout_s: float | None):
         try:
