@@ -57,8 +57,9 @@ class InferenceServiceServicer:
     """
 
     def Generate(self, request, context):
-        """Streams the completion: one response per engine step that produced tokens; the last response carries
-        finish_reason and usage. Cancelling the call cancels the request and frees its sequence.
+        """Streams the completion: the tokens of each engine step as they are sampled (several steps' together
+        when the reader falls behind); the last response carries finish_reason and usage. Cancelling the call
+        cancels the request and frees its sequence.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
