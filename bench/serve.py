@@ -33,9 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+_BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(_BENCH))
 from report import describe, environment, write_report  # noqa: E402
 from runtime import QUICK, SHAPES, write_checkpoint  # noqa: E402
+
+# Off the path again: bench/kernels.py would shadow Hugging Face's `kernels` package, which transformers imports.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 
 CONCURRENCY = [1, 4, 16, 64, 128, 256]
 QUICK_CONCURRENCY = [1, 4, 16]
