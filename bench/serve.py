@@ -12,8 +12,10 @@ when the last one ended) on the same requests:
                each run to its longest output; a batch's tokens arrive together at its end
   transformers `generate` of the same checkpoint on one device, the same static batches (left-padded)
 
-Requests: random prompt ids, lengths uniform in [0.5, 1.5] x PROMPT_LEN, outputs uniform in [0.25, 1.75] x
-OUTPUT_LEN, EOS ignored (the `--random-range-ratio` workload of vllm bench). Figures per level: output
+Requests: random prompt ids, lengths uniform in [0.5, 1.5] x PROMPT_LEN, outputs uniform in
+[1 - r, 1 + r] x OUTPUT_LEN (r = --output-range-ratio, default 1: what vllm bench's `--random-range-ratio`
+does to lengths), EOS ignored; REQUESTS_PER_CLIENT requests per client, so most of a level runs at its
+concurrency. Figures per level: output
 tokens/s (all generated tokens / wall time), TTFT (submission to first token) and TPOT ((last - first token)
 / (tokens - 1)) as p50 and p99 over requests, and the engine's mean step time. Each level is run once
 unmeasured first (CUDA graphs of new batch sizes are captured then).
@@ -45,15 +47,17 @@ CONCURRENCY = [1, 4, 16, 64, 128, 256]
 QUICK_CONCURRENCY = [1, 4, 16]
 PROMPT_LEN, OUTPUT_LEN = 128, 128
 QUICK_PROMPT_LEN, QUICK_OUTPUT_LEN = 16, 8
-REQUESTS_PER_CLIENT = 2  # requests per level: concurrency x this (at least MIN_REQUESTS)
+REQUESTS_PER_CLIENT = 4  # requests per level: concurrency x this (at least MIN_REQUESTS)
 MIN_REQUESTS = 16
+QUICK_MIN_REQUESTS = 8
 
 
 # ---------------------------------------------------------------------------------------------- workload
-def workload(n: int, prompt_len: int, output_len: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
+def workload(n: int, prompt_len: int, output_len: int, ratio: float, vocab: int,
+             seed: int) -> list[tuple[list[int], int]]:
     rng = np.random.default_rng(seed)
     ins = rng.integers(max(1, prompt_len // 2), prompt_len * 3 // 2 + 1, n)
-    outs = rng.integers(max(2, output_len // 4), output_len * 7 // 4 + 1, n)
+    outs = rng.integers(max(2, round(output_len * (1 - ratio))), round(output_len * (1 + ratio)) + 1, n)
     return [(rng.integers(0, vocab, int(i)).tolist(), int(o)) for i, o in zip(ins, outs, strict=True)]
 
 
@@ -119,12 +123,15 @@ def static_level(generate, requests, concurrency: int) -> dict:
 
 def hf_generate(model, device: str):
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def generate(prompts: list[list[int]], max_new: int):
         width = max(map(len, prompts))
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        with torch.inference_mode():
+        # The attention backends of our model (runtime.py: cuDNN's per-shape plans slowed every decode step).
+        with torch.inference_mode(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                                  SDPBackend.MATH]):
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
                                  do_sample=False, pad_token_id=0)
         if device == "cuda":
@@ -146,8 +153,11 @@ def measure_shape(name: str, shape: dict, ckpt: Path, args, device: str, rows: l
     prompt_len, output_len = (QUICK_PROMPT_LEN, QUICK_OUTPUT_LEN) if args.quick else (PROMPT_LEN, OUTPUT_LEN)
     levels = args.concurrency or (QUICK_CONCURRENCY if args.quick else CONCURRENCY)
 
+    least, per_client = (QUICK_MIN_REQUESTS, 2) if args.quick else (MIN_REQUESTS, REQUESTS_PER_CLIENT)
+
     def requests(c: int, seed: int):
-        return workload(max(c * REQUESTS_PER_CLIENT, MIN_REQUESTS), prompt_len, output_len, shape["vocab"], seed)
+        return workload(max(c * per_client, least), prompt_len, output_len, args.output_range_ratio,
+                        shape["vocab"], seed)
 
     def record(variant: str, c: int, figures: dict) -> None:
         rows.append({"shape": name, "variant": variant, "concurrency": c, **figures})
@@ -163,6 +173,7 @@ def measure_shape(name: str, shape: dict, ckpt: Path, args, device: str, rows: l
         group = GroupConfig(model=str(ckpt), workers=args.workers, device=device,
                             dtype="bfloat16" if device == "cuda" else "float32",
                             cpus_per_worker=1.0 if device == "cuda" else 0.5,
+                            compiled_steps=device == "cuda" and not args.actor_calls,
                             timeouts={"step_s": 600, "collective_s": 600})
         config = EngineConfig(group=group, max_batch_tokens=args.max_batch_tokens, max_running=512,
                               max_waiting=4096, routing_every=0)
@@ -217,8 +228,10 @@ def report(result: dict, results_dir: Path) -> Path:
     lines = ["# Serving: continuous batching vs static batches vs transformers", "",
              f"Command: `{result['environment']['command']}`, {result['environment']['date']}.",
              describe(result["environment"]), "",
-             f"Requests: prompts ~U[0.5, 1.5] x {result['settings']['prompt_len']} tokens, outputs ~U[0.25, 1.75] x "
-             f"{result['settings']['output_len']} tokens, EOS ignored; closed-loop clients. Static and transformers: "
+             f"Requests: prompts ~U[0.5, 1.5] x {result['settings']['prompt_len']} tokens, outputs ~U[1 - r, 1 + r] x "
+             f"{result['settings']['output_len']} tokens (r = {result['settings']['output_range_ratio']}), EOS "
+             f"ignored; closed-loop clients, {result['settings']['requests_per_client']} requests each. Static and "
+             "transformers: "
              "batches of `concurrency` requests run to their longest output, tokens delivered at the batch's end "
              "(TTFT = batch time). TPOT = (last - first token) / (tokens - 1).", ""]
     for shape in dict.fromkeys(r["shape"] for r in rows):
@@ -242,7 +255,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--workers", type=int, default=1, help="workers (GPUs) of the engine's EP group")
     parser.add_argument("--concurrency", type=int, nargs="+", default=None)
-    parser.add_argument("--max-batch-tokens", type=int, default=2048)
+    parser.add_argument("--max-batch-tokens", type=int, default=2048, help="new tokens per worker and step")
+    parser.add_argument("--output-range-ratio", type=float, default=1.0,
+                        help="output lengths uniform in [1 - r, 1 + r] x the mean")
+    parser.add_argument("--actor-calls", action="store_true",
+                        help="drive steps by actor calls (default on a GPU: a Ray compiled graph, ~1 ms less a step)")
     parser.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--name", default=None, help="report name (default serve, serve-quick with --quick)")
     parser.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir)")
@@ -257,7 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     result = {"name": name, "environment": environment("torch", "ray", "transformers"), "device": device,
               "quick": args.quick, "shapes": {s: shapes[s] for s in args.shapes},
               "settings": {"prompt_len": prompt_len, "output_len": output_len, "workers": args.workers,
-                           "max_batch_tokens": args.max_batch_tokens, "requests_per_client": REQUESTS_PER_CLIENT},
+                           "compiled_steps": device == "cuda" and not args.actor_calls,
+                           "max_batch_tokens": args.max_batch_tokens,
+                           "requests_per_client": 2 if args.quick else REQUESTS_PER_CLIENT,
+                           "output_range_ratio": args.output_range_ratio},
               "rows": [], "notes": []}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for shape in args.shapes:

@@ -166,3 +166,21 @@ def test_good_requests_pass_and_score_requests_are_checked(model):
     no_tokenizer = ServedModel("tiny", 100, 64, None)
     with pytest.raises(InvalidRequest, match="prompt.text: the model has no tokenizer.json"):
         check_generate(GenerateRequest(Prompt(text="Hello")), no_tokenizer)
+
+
+def test_each_group_incarnation_records_routing_under_its_own_run(tmp_path):
+    """The statistics sink of (replica, incarnation): the served model's shape, the configured Redis and
+    model name, and a run of its own once a group was re-created (its windows never add into the old)."""
+    from expertmesh.cluster.serve.config import EngineConfig
+    from expertmesh.cluster.serve.engine import _sink_factory
+    from expertmesh.workers.group_config import GroupConfig
+
+    path = write_tiny_model(tmp_path / "m")
+    cfg = read_model_config(path)
+    group = GroupConfig(model=str(path), weights="random")
+    assert _sink_factory(EngineConfig(group=group), "tiny", cfg)(0, 0) is None  # no Redis: nothing recorded
+    config = EngineConfig(group=group, stats={"redis_url": "redis://127.0.0.1:6379/0", "run": "live"})
+    make = _sink_factory(config, "tiny", cfg)
+    first, again = make(0, 0), make(1, 2)
+    assert (first.url, first.model, first.run, again.run) == ("redis://127.0.0.1:6379/0", "tiny", "live", "live.2")
+    assert (first.num_layers, first.num_experts, first.top_k) == (2, 8, 2)
