@@ -184,3 +184,22 @@ def test_each_group_incarnation_records_routing_under_its_own_run(tmp_path):
     first, again = make(0, 0), make(1, 2)
     assert (first.url, first.model, first.run, again.run) == ("redis://127.0.0.1:6379/0", "tiny", "live", "live.2")
     assert (first.num_layers, first.num_experts, first.top_k) == (2, 8, 2)
+
+
+def test_routing_figures_follow_the_cost_models_rule():
+    """2 GPUs, experts 0-1 on GPU 0 and 2-3 on GPU 1 (both layers): a token at home 0 routed to (0, 2) is
+    sent to GPU 1 once; a token at home 1 routed to (2, 3) stays. Loads [1, 3]: balancedness 2/3."""
+    import numpy as np
+
+    from expertmesh.cluster.serve.routing_view import RoutingWindow
+    from expertmesh.workers.plans import contiguous_plan
+
+    window = RoutingWindow()
+    window.add([np.array([[[0, 2], [0, 1]]]), np.array([[[2, 3], [2, 3]]])])  # worker 0's token, worker 1's
+    balance, copies = window.figures(contiguous_plan(2, 4, 2))
+    assert balance == pytest.approx([2 / 3, 1.0]) and copies == pytest.approx([0.5, 0.0])
+    assert window.tokens == 2
+    small = RoutingWindow(max_tokens=2)
+    for _ in range(3):
+        small.add([np.array([[[0, 2], [0, 1]]]), None])
+    assert small.tokens == 2  # the oldest steps leave
