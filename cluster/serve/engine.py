@@ -154,6 +154,15 @@ class Engine:
         replica.submit(seq)
         return seq, replica
 
+    @contextlib.contextmanager
+    def _refusals(self, kind: Kind):
+        """Count a request refused before it was queued (bad input, full queue, draining) by its code."""
+        try:
+            yield
+        except EngineError as exc:
+            self.metrics.requests.labels(kind=kind.value, status=exc.code).inc()
+            raise
+
     def _give_up(self, seq: Sequence, replica: Replica, error: EngineError) -> None:
         """The consumer left (cancelled, deadline): free the sequence at the next step boundary."""
         if not seq.done and seq.ending is None:
@@ -172,11 +181,12 @@ class Engine:
                 f"deadline_s: the request's deadline passed after {seq.generated} tokens") from None
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        prompt, sampling, stop = check_generate(request, self.model)
-        if not request.ignore_eos:
-            stop |= set(self.eos)
-        seq, replica = self._submit(request.request_id, Kind.GENERATE, list(prompt), len(prompt),
-                                    request.max_new_tokens, sampling, stop, request.deadline_s)
+        with self._refusals(Kind.GENERATE):
+            prompt, sampling, stop = check_generate(request, self.model)
+            if not request.ignore_eos:
+                stop |= set(self.eos)
+            seq, replica = self._submit(request.request_id, Kind.GENERATE, list(prompt), len(prompt),
+                                        request.max_new_tokens, sampling, stop, request.deadline_s)
         detok = IncrementalDetokenizer(self.model.tokenizer, prompt) if self.model.tokenizer else None
         try:
             while True:
@@ -204,9 +214,10 @@ class Engine:
             self._live.pop(seq.request_id, None)
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
-        prompt, continuation = check_score(request, self.model)
-        seq, replica = self._submit(request.request_id, Kind.SCORE, prompt + continuation, len(prompt), 0,
-                                    GREEDY, set(), request.deadline_s)
+        with self._refusals(Kind.SCORE):
+            prompt, continuation = check_score(request, self.model)
+            seq, replica = self._submit(request.request_id, Kind.SCORE, prompt + continuation, len(prompt), 0,
+                                        GREEDY, set(), request.deadline_s)
         try:
             kind, payload, _ = await self._next_event(seq)
             if kind == "error":

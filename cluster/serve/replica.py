@@ -150,6 +150,9 @@ class Replica:
         if plan.freed:
             frees.append(group.free_async(plan.freed))
         self._to_free = []
+        if frees and group.compiled_steps:  # a graph's step runs beside actor calls: free before it starts
+            await asyncio.gather(*frees)
+            frees = []
         if not plan.chunks:
             await asyncio.gather(*frees)
             if not self.sequences:

@@ -6,6 +6,9 @@ rule (`placement.routing.choose_replicas`) to them under the replica's plan:
 
     load[l, g]   token-expert pairs served by GPU g           balancedness[l] = mean(load) / max(load)
     copies[l]    mean over tokens of distinct GPUs other than its home that it is dispatched to
+
+(A replicated expert's replica is chosen by a token's position among its home's tokens of the window, not
+of its step: the same even spread the runtime gets.)
 """
 
 from __future__ import annotations
@@ -19,30 +22,33 @@ __all__ = ["RoutingWindow"]
 
 
 class RoutingWindow:
+    """Recent tokens' expert ids and homes. `add` runs on the engine's loop, `figures` on a scrape thread:
+    each step is one (ids, homes) entry of a list, so a reader's copy of the list is always consistent."""
+
     def __init__(self, max_tokens: int = 8192) -> None:
         self.max_tokens = max_tokens
-        self._ids: list[np.ndarray] = []  # int [T_i, L, k]
-        self._home: list[np.ndarray] = []  # int [T_i]
+        self._steps: list[tuple[np.ndarray, np.ndarray]] = []  # (int [T_i, L, k], int [T_i]) per step
 
     def add(self, routed: list[np.ndarray | None]) -> None:
         """One step's expert ids, one array per worker (the worker is its tokens' home)."""
-        for rank, ids in enumerate(routed):
-            if ids is not None and len(ids):
-                self._ids.append(np.asarray(ids))
-                self._home.append(np.full(len(ids), rank, dtype=np.int64))
-        while sum(len(h) for h in self._home) > self.max_tokens and len(self._home) > 1:
-            self._ids.pop(0)
-            self._home.pop(0)
+        parts = [(np.asarray(ids), np.full(len(ids), rank, dtype=np.int64))
+                 for rank, ids in enumerate(routed) if ids is not None and len(ids)]
+        if not parts:
+            return
+        self._steps.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
+        while self.tokens > self.max_tokens and len(self._steps) > 1:
+            self._steps.pop(0)
 
     @property
     def tokens(self) -> int:
-        return sum(len(h) for h in self._home)
+        return sum(len(home) for _, home in list(self._steps))
 
     def figures(self, plan: Placement) -> tuple[list[float], list[float]]:
         """(balancedness, copies per token) per MoE layer over the window's tokens."""
-        if not self._home:
+        steps = list(self._steps)
+        if not steps:
             return [], []
-        ids, home = np.concatenate(self._ids), np.concatenate(self._home)
+        ids, home = np.concatenate([s[0] for s in steps]), np.concatenate([s[1] for s in steps])
         G = plan.num_gpus
         node = np.arange(G) // (G // plan.num_nodes)
         index = local_token_index(home, G)

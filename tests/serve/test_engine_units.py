@@ -166,3 +166,40 @@ def test_good_requests_pass_and_score_requests_are_checked(model):
     no_tokenizer = ServedModel("tiny", 100, 64, None)
     with pytest.raises(InvalidRequest, match="prompt.text: the model has no tokenizer.json"):
         check_generate(GenerateRequest(Prompt(text="Hello")), no_tokenizer)
+
+
+def test_each_group_incarnation_records_routing_under_its_own_run(tmp_path):
+    """The statistics sink of (replica, incarnation): the served model's shape, the configured Redis and
+    model name, and a run of its own once a group was re-created (its windows never add into the old)."""
+    from expertmesh.cluster.serve.config import EngineConfig
+    from expertmesh.cluster.serve.engine import _sink_factory
+    from expertmesh.workers.group_config import GroupConfig
+
+    path = write_tiny_model(tmp_path / "m")
+    cfg = read_model_config(path)
+    group = GroupConfig(model=str(path), weights="random")
+    assert _sink_factory(EngineConfig(group=group), "tiny", cfg)(0, 0) is None  # no Redis: nothing recorded
+    config = EngineConfig(group=group, stats={"redis_url": "redis://127.0.0.1:6379/0", "run": "live"})
+    make = _sink_factory(config, "tiny", cfg)
+    first, again = make(0, 0), make(1, 2)
+    assert (first.url, first.model, first.run, again.run) == ("redis://127.0.0.1:6379/0", "tiny", "live", "live.2")
+    assert (first.num_layers, first.num_experts, first.top_k) == (2, 8, 2)
+
+
+def test_routing_figures_follow_the_cost_models_rule():
+    """2 GPUs, experts 0-1 on GPU 0 and 2-3 on GPU 1 (both layers): a token at home 0 routed to (0, 2) is
+    sent to GPU 1 once; a token at home 1 routed to (2, 3) stays. Loads [1, 3]: balancedness 2/3."""
+    import numpy as np
+
+    from expertmesh.cluster.serve.routing_view import RoutingWindow
+    from expertmesh.workers.plans import contiguous_plan
+
+    window = RoutingWindow()
+    window.add([np.array([[[0, 2], [0, 1]]]), np.array([[[2, 3], [2, 3]]])])  # worker 0's token, worker 1's
+    balance, copies = window.figures(contiguous_plan(2, 4, 2))
+    assert balance == pytest.approx([2 / 3, 1.0]) and copies == pytest.approx([0.5, 0.0])
+    assert window.tokens == 2
+    small = RoutingWindow(max_tokens=2)
+    for _ in range(3):
+        small.add([np.array([[[0, 2], [0, 1]]]), None])
+    assert small.tokens == 2  # the oldest steps leave
