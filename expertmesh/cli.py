@@ -1,4 +1,5 @@
-"""The `expertmesh` command: planning commands from `expertmesh.placement`, `stats` from `expertmesh.cluster`.
+"""The `expertmesh` command: planning commands from `expertmesh.placement`, `stats` from `expertmesh.cluster`,
+`serve`, `infer` and `serve-demo` from `expertmesh.cluster.serve`.
 
 The control plane's pieces are mounted here, not imported by placement, so the planner stays free of
 Redis; without the `stats` extra installed, `expertmesh stats` says how to get it.
@@ -11,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from expertmesh.cluster.serve.cli import register as register_serving
 from expertmesh.placement.cli import EXIT_USAGE, app, register_stats_loader
 
 __all__ = ["app", "main"]
@@ -27,6 +29,7 @@ def _mount_stats() -> None:
 
 
 _mount_stats()
+register_serving(app)  # imports only typer here; each command imports what it needs when it runs
 
 
 @app.command("quantize")
