@@ -134,7 +134,7 @@ async def _serve_and_burst(model_dir: Path, redis_url: str | None, requests: int
 
 
 def _placements(redis_url: str, gpus: int) -> tuple[list[dict], int]:
-    from expertmesh.cluster.cli import load_stats_url
+    from expertmesh.cluster import load_stats_url
     from expertmesh.placement import STRATEGIES, IlpOptions, Topology, evaluate, place
 
     stats = load_stats_url(f"{redis_url}?model={_MODEL}&run={_RUN}")
