@@ -281,7 +281,7 @@ def _sink_factory(config: EngineConfig, name: str, cfg):
     settings = config.stats
     if settings.redis_url is None:
         return lambda replica, incarnation: None
-    from expertmesh.cluster.recorder import RedisStatsSink
+    from expertmesh.cluster import RedisStatsSink
 
     base = RedisStatsSink(url=settings.redis_url, model=settings.model or name, num_layers=cfg.num_moe_layers,
                           num_experts=cfg.num_experts, top_k=cfg.top_k, run=settings.run)
