@@ -106,6 +106,14 @@ async def engine_level(engine, requests, concurrency: int) -> dict:
     return {**summary(records, wall), "step_ms": (after[0] - before[0]) / max(after[1] - before[1], 1) * 1e3}
 
 
+async def settle(engine, group) -> None:
+    """Wait until the engine holds nothing and its last frees ran on the workers, so that static batches can
+    drive its group (a call after the frees returns only after them: one caller's actor calls run in order)."""
+    while (s := engine.status()).running or s.waiting or s.kv_blocks_used:
+        await asyncio.sleep(0.001)
+    await asyncio.to_thread(group.worker_info)
+
+
 def static_level(generate, requests, concurrency: int) -> dict:
     """Batches of `concurrency` requests through `generate(prompts, max_new) -> tokens`; every token of a
     batch reaches its client at the batch's end (TTFT = the batch's time), each step advances every row."""
@@ -184,6 +192,7 @@ def measure_shape(name: str, shape: dict, ckpt: Path, args, device: str, rows: l
         for c in levels:
             loop.run_until_complete(engine_level(engine, requests(c, 1000 + c)[:c], c))  # warm-up
             record("engine", c, loop.run_until_complete(engine_level(engine, requests(c, c), c)))
+            loop.run_until_complete(settle(engine, ep_group))
             static = lambda prompts, n: ep_group.generate(prompts, n, first_seq_id=next(ids))  # noqa: E731
             static_level(static, requests(c, 1000 + c)[:c], c)
             record("static", c, static_level(static, requests(c, c), c))

@@ -291,10 +291,17 @@ class EPGroup:
 
     def _prepare(self, inputs: StepInputs, sampling, return_logits: bool, measure: bool,
                  pause_s: Sequence[float] | None, score: Sequence[Mapping[int, int]] | None = None,
-                 routed: bool = False) -> list[tuple]:
-        """Check a step and build each worker's `step` arguments (nothing is sent or recorded)."""
+                 routed: bool = False, free: Sequence[int] = ()) -> list[tuple]:
+        """Check a step and build each worker's `step` arguments (nothing is sent or recorded, except that
+        the ledger forgets `free`, whose workers drop them at the start of the step)."""
         self._check_usable()
-        checked = pack_inputs(inputs, self.ledger, self.model_config.vocab_size, self.max_tokens)
+        freed = self.ledger.drop(free) if len(free) else {}
+        try:
+            checked = pack_inputs(inputs, self.ledger, self.model_config.vocab_size, self.max_tokens)
+        except Exception:
+            for rank, ids in freed.items():  # the step will not carry them
+                self._actors[rank].free.remote(ids)
+            raise
         if score is not None and len(score) != self.num_workers:
             raise ValueError(f"score: expected one mapping per worker ({self.num_workers}), got {len(score)}")
         score = [dict(m) if m else None for m in score] if score is not None else [None] * self.num_workers
@@ -309,8 +316,8 @@ class EPGroup:
             sampling = [sampling] * self.num_workers
         pause = list(pause_s) if pause_s is not None else [0.0] * self.num_workers
         batch = 0 if any(score) else self._group_batch(checked, measure)  # scored steps take the variable path
-        return [(b, sampling[rank], return_logits, measure, pause[rank], batch, score[rank], routed)
-                for rank, b in enumerate(checked)]
+        return [(b, sampling[rank], return_logits, measure, pause[rank], batch, score[rank], routed,
+                 freed.get(rank, [])) for rank, b in enumerate(checked)]
 
     def step(
         self,
@@ -349,14 +356,16 @@ class EPGroup:
         return_logits: bool = True,
         score: Sequence[Mapping[int, int]] | None = None,
         routed: bool = False,
+        free: Sequence[int] = (),
     ) -> list[StepOutput]:
         """`step` for an asyncio loop: awaits the workers' results instead of blocking the loop.
 
         Failures are handled as in `step` (the group is torn down, `WorkerFailure` / `StepTimeout` raised).
         With compiled steps the graph's call runs in a thread (it blocks on shared-memory channels).
-        `routed`: each worker's output carries its tokens' expert ids (`StepOutput.routed`).
+        `routed`: each worker's output carries its tokens' expert ids (`StepOutput.routed`). `free`: finished
+        sequences, dropped by their workers before this step's tokens (no call of their own).
         """
-        args = self._prepare(inputs, sampling, return_logits, False, None, score, routed)
+        args = self._prepare(inputs, sampling, return_logits, False, None, score, routed, free)
         what = f"step {self.steps}"
         if self.compiled_steps:
             outputs = await asyncio.to_thread(self._graph_call, args, self.step_timeout_s, what)

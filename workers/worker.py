@@ -255,6 +255,7 @@ class ExpertWorker:
         group_batch: int = 0,
         score: Mapping[int, int] | None = None,
         return_routed: bool = False,
+        free: Sequence[int] = (),
     ) -> StepOutput:
         """Prefill or decode `inputs` (sequence id, new token ids) in lockstep with the group.
 
@@ -263,8 +264,11 @@ class ExpertWorker:
         layer (failure tests use it to hold a step open); `group_batch` > 0: the driver found the whole
         group's step decode-only, with at most that many sequences per worker (see `MoEModel.step`);
         `score` (sequence -> the token after its new ones, -1: none) asks for those sequences' token
-        log-probabilities (`StepOutput.token_logprobs`); `return_routed` for the gate's expert ids.
+        log-probabilities (`StepOutput.token_logprobs`); `return_routed` for the gate's expert ids; `free`:
+        sequences to drop first (one call instead of a `free` call before the step).
         """
+        if len(free):
+            self.model.arena.free([int(s) for s in free])
         return self._run(inputs, None, sampling, return_logits, measure, pause_s, record=True,
                          group_batch=group_batch, score=score, return_routed=return_routed)
 

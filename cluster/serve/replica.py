@@ -1,9 +1,10 @@
 """One replica: an EP group, its scheduler, and the asyncio loop that steps it.
 
-Each iteration, at a step boundary: sequences that ended (cancelled, past their deadline) leave and are
-freed; the scheduler plans the step (`scheduler.py`); preempted and finished sequences are freed on the
-workers before the step runs; the step runs (`EPGroup.step_async`: awaits the workers' object refs, the
-loop never blocks on Ray); its sampled tokens go to their streams at once.
+Each iteration, at a step boundary: sequences that ended (cancelled, past their deadline) leave; the
+scheduler plans the step (`scheduler.py`) counting their blocks as free; the step runs
+(`EPGroup.step_async`: awaits the workers' object refs, the loop never blocks on Ray), its workers first
+dropping the finished and preempted sequences (no call of their own); its sampled tokens go to their
+streams at once.
 
 A failed group (a worker died, a step timed out) is re-created with the same config and plan. Its running
 sequences go back to the waiting queue with prompt + tokens already streamed, so they are prefilled again
@@ -141,35 +142,32 @@ class Replica:
         self._wake.clear()
         self._reap()
         group = self.group
-        # Sequences that ended leave the ledger before the plan is made, so their blocks count as free.
-        frees = [group.free_async(self._to_free)] if self._to_free else []
-        plan = self.scheduler.schedule([group.ledger.free_blocks(r) for r in range(group.num_workers)],
-                                       lambda: next(self._ids))
+        # The blocks of sequences that ended count as free for the plan; the workers drop those sequences
+        # (and the preempted) at the start of the step, or by a call of their own when no step runs.
+        ledger = group.ledger
+        free_blocks = [ledger.free_blocks(r) for r in range(group.num_workers)]
+        for seq_id in self._to_free:
+            if seq_id in ledger.home:
+                free_blocks[ledger.home[seq_id]] += ledger.blocks_for(ledger.length[seq_id])
+        plan = self.scheduler.schedule(free_blocks, lambda: next(self._ids))
         self.preemptions += len(plan.freed)
         self.metrics.preemptions.inc(len(plan.freed))
-        if plan.freed:
-            frees.append(group.free_async(plan.freed))
-        self._to_free = []
-        if frees and group.compiled_steps:  # a graph's step runs beside actor calls: free before it starts
-            await asyncio.gather(*frees)
-            frees = []
+        free, self._to_free = [*self._to_free, *plan.freed], []
         if not plan.chunks:
-            await asyncio.gather(*frees)
-            if not self.sequences:
+            if free:
+                await group.free_async(free)
+            if self.sequences:
+                await asyncio.sleep(0)  # e.g. only sequences preempted this step wait: admitted next time
+            else:
                 await self._wake.wait()
             return
         inputs, sampling, score = self._inputs(plan, group.num_workers)
         routed = bool(self.engine_config.routing_every) and self.steps % self.engine_config.routing_every == 0
         start = time.perf_counter()
-        calls = [group.step_async(inputs, sampling=sampling, return_logits=False,
-                                  score=score if any(score) else None, routed=routed)]
-        results = await asyncio.gather(*calls, *frees, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        outs = await group.step_async(inputs, sampling=sampling, return_logits=False,
+                                      score=score if any(score) else None, routed=routed, free=free)
         self.metrics.step.observe(time.perf_counter() - start)
         self.steps += 1
-        outs: list[StepOutput] = results[0]
         if routed:
             self.routing.add([o.routed for o in outs])
         self._apply(plan, outs)

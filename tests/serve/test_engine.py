@@ -344,12 +344,22 @@ def test_a_killed_worker_streams_continue_with_the_undisturbed_output(runner, gr
         except Unavailable:
             return tokens, "unavailable"
 
+    seen_ready: set[bool] = set()
+
+    async def watch():
+        while True:
+            seen_ready.add(engine.status().ready)
+            await asyncio.sleep(0.005)
+
     async def run():
+        watcher = asyncio.ensure_future(watch())
         results = await asyncio.gather(*(stream(i) for i in range(len(batch))))
         await wait_until(lambda: engine.status().ready, RECOVERY_S)
+        watcher.cancel()
         return results, time.monotonic() - killed["at"]
 
     results, ready_after = runner.run(run())
+    assert seen_ready == {True, False}  # not ready while the group was re-created
     print(f"killed worker: engine ready again {ready_after:.1f} s after the kill")
     assert killed and engine.replicas[int(killed["replica"])].incarnation == 1
     for (tokens, reason), expected in zip(results, want, strict=True):
@@ -360,3 +370,30 @@ def test_a_killed_worker_streams_continue_with_the_undisturbed_output(runner, gr
     assert all(reason is FinishReason.LENGTH for _, reason in results)  # recovery succeeded: all continued
     assert ready_after < RECOVERY_S and engine.status().ready
     assert runner.run(collect(engine, request(PROMPTS[1], 8)))[0] == greedy(PROMPTS[1], 8)  # serving again
+
+
+def test_drain_refuses_new_requests_and_ends_what_outlives_the_grace_period(runner, greedy):
+    """Last (the engine stays draining): while draining, a new request is refused at once; a stream still
+    running when the grace period is over ends Unavailable, after tokens that were all right."""
+    engine = runner.engine
+    received = []
+
+    async def long_stream():
+        async for chunk in engine.generate(request(PROMPTS[1], 120)):
+            received.extend(chunk.token_ids)
+
+    async def run():
+        long = asyncio.ensure_future(long_stream())
+        await collect(engine, request(PROMPTS[0], 3))  # done long before the 120-token stream
+        drained = asyncio.ensure_future(engine.drain(grace_s=0.02))  # 100+ steps of >= 1 ms are left
+        await asyncio.sleep(0)
+        with pytest.raises(Unavailable, match="draining"):
+            await collect(engine, request(PROMPTS[2], 4))
+        await drained
+        with pytest.raises(Unavailable, match="grace period"):
+            await long
+        await wait_until(lambda: idle(engine), 2.0)
+
+    runner.run(run())
+    assert 0 < len(received) < 120 and received == greedy(PROMPTS[1], 120)[:len(received)]
+    assert engine.status().draining
