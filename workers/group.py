@@ -381,9 +381,11 @@ class EPGroup:
         try:
             return await asyncio.wait_for(asyncio.gather(*refs), self.step_timeout_s)
         except TimeoutError:
-            self._timed_out(what, list(range(len(refs))), self.step_timeout_s)
+            await asyncio.to_thread(self._timed_out, what, list(range(len(refs))), self.step_timeout_s)
         except (RayActorError, RayTaskError) as err:
-            self._failed(what, self._rank_of(err), err)
+            # Finding the dead worker and tearing down block on Ray for up to seconds: not on the event loop,
+            # where other replicas' streams run.
+            await asyncio.to_thread(self._failed, what, self._rank_of(err), err)
 
     def _group_batch(self, checked: list[PackedTokens], measure: bool) -> int:
         """The largest worker batch when every worker's step is decode-only (else 0): the workers then run

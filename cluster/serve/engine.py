@@ -256,12 +256,16 @@ class Engine:
             kv_blocks_used=used,
             kv_blocks_total=total,
             preemptions=sum(r.preemptions for r in self.replicas),
-            plan_version=first.plan.version if first.plan is not None else "",
+            plan_version=self.plan().version if self.plan() is not None else "",
             extra={"replica_ready": [r.ready for r in self.replicas],
                    "replica_failed": [r.failed for r in self.replicas],
                    "incarnations": [r.incarnation for r in self.replicas],
                    "outstanding_tokens": [r.outstanding for r in self.replicas]},
         )
+
+    def plan(self) -> Placement | None:
+        """The placement every replica serves (None before the first group is up)."""
+        return self.replicas[0].plan
 
     def routing_figures(self) -> tuple[list[float], list[float]]:
         """Per MoE layer (balancedness, copies per token) over the recent sampled steps, the mean over the

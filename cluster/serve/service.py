@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
 
 import grpc
 
@@ -22,9 +21,6 @@ from expertmesh.protos.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, infer
 from . import messages
 from .exporter import ServiceMetrics
 from .types import EngineError, InferenceEngine, InvalidRequest
-
-if TYPE_CHECKING:
-    from .engine import Engine
 
 __all__ = ["InferenceServicer", "AdminServicer", "SERVICE_NAMES"]
 
@@ -79,12 +75,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    """Operates the concrete `Engine` (its plan and routing are not part of the inference protocol).
+    """Operates the engine (status, plan, routing, drain).
 
     drain(grace_s): starts the server's drain (health, engine) without waiting for it.
     """
 
-    def __init__(self, engine: Engine, metrics: ServiceMetrics, drain: Callable[[float | None], object]) -> None:
+    def __init__(self, engine: InferenceEngine, metrics: ServiceMetrics,
+                 drain: Callable[[float | None], object]) -> None:
         self._engine, self._metrics, self._drain = engine, metrics, drain
 
     async def GetStatus(self, request: admin_pb2.GetStatusRequest, context: grpc.aio.ServicerContext):
@@ -93,7 +90,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def GetPlan(self, request: admin_pb2.GetPlanRequest, context: grpc.aio.ServicerContext):
         async with _status("GetPlan", context, self._metrics):
-            plan = self._engine.replicas[0].plan  # every replica serves the same plan
+            plan = self._engine.plan()
+            if plan is None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "no plan yet: the engine is starting")
             return admin_pb2.GetPlanResponse(
                 version=plan.version, strategy=plan.strategy, num_layers=plan.num_layers,
                 num_experts=plan.num_experts, num_gpus=plan.num_gpus, num_nodes=plan.num_nodes,

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from expertmesh.placement.plan import Placement
+
 __all__ = [
     "Prompt", "Sampling", "GenerateRequest", "ScoreRequest", "Usage", "FinishReason", "Chunk", "ScoreResult",
     "ModelInfo", "EngineStatus", "EngineError", "InvalidRequest", "QueueFull", "Unavailable", "DeadlineExceeded",
@@ -161,6 +163,14 @@ class InferenceEngine(Protocol):
     async def score(self, request: ScoreRequest) -> ScoreResult: ...
 
     def models(self) -> list[ModelInfo]: ...
+
+    def plan(self) -> Placement | None:
+        """The placement every replica serves (None while none is up)."""
+        ...
+
+    def routing_figures(self) -> tuple[list[float], list[float]]:
+        """Per MoE layer (balancedness, copies per token) of the recent routing ([] before any)."""
+        ...
 
     def status(self) -> EngineStatus: ...
 
