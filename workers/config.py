@@ -50,6 +50,7 @@ class ModelConfig:
     moe_layers: tuple[int, ...]
     tie_word_embeddings: bool
     dtype: str  # checkpoint dtype as named in config.json ("bfloat16", "float32", ...)
+    router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss in training (`transformers`' default)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -176,4 +177,5 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
         moe_layers=moe_layers,
         tie_word_embeddings=bool(doc.get("tie_word_embeddings", False)),
         dtype=str(doc.get("dtype") or doc.get("torch_dtype") or "float32"),
+        router_aux_loss_coef=float(doc.get("router_aux_loss_coef", 0.01 if family == "olmoe" else 0.001)),
     )

@@ -25,7 +25,7 @@ from .checkpoint import CheckpointReader
 from .config import ModelConfig
 from .families import MoECausalLM
 
-__all__ = ["ExpertShard", "load_model_weights", "load_expert_shard"]
+__all__ = ["ExpertShard", "load_model_weights", "load_expert_shard", "module_options", "read_parameters"]
 
 
 @dataclass
@@ -38,28 +38,39 @@ class ExpertShard:
         return sum(w.numel() * w.element_size() for w in (*self.w_gate_up, *self.w_down))
 
 
+def module_options(reader: CheckpointReader, cfg: ModelConfig) -> dict:
+    """What the family module's shape depends on besides the config: attention biases present in the
+    checkpoint, and a tied lm_head (tied by the config, or absent from the checkpoint)."""
+    attn = "model.layers.0.self_attn"
+    return {"qkv_bias": f"{attn}.q_proj.bias" in reader, "o_bias": f"{attn}.o_proj.bias" in reader,
+            "tie": cfg.tie_word_embeddings or "lm_head.weight" not in reader}
+
+
+def read_parameters(module: MoECausalLM, reader: CheckpointReader, dtype: torch.dtype) -> None:
+    """Fill every non-expert parameter of `module` from the checkpoint tensor of the same name (a tied lm_head
+    is the embedding: read once); zero its buffers (the slots' expert ids, set with the experts)."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if ".experts." not in name:
+                param.copy_(reader.get(name, dtype, tuple(param.shape)))
+        for buf in module.buffers():
+            buf.zero_()
+
+
 def load_model_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: torch.dtype,
                        device: torch.device | str = "cpu", num_slots: int | None = None) -> MoECausalLM:
     """The family module of the checkpoint with every non-expert tensor read by its parameter's name.
 
     Routed expert slots (`num_slots` per MoE layer; None: none, as serving holds them in its executor) are
-    allocated but not read: `load_expert_shard` reads them by plan. lm_head is the embedding when the config
-    ties them or the checkpoint has none. The module is built on the meta device, then each parameter is
-    allocated on `device` and filled from the checkpoint: one copy of every weight, never a random init.
+    allocated but not read: `load_expert_shard` reads them by plan. The module is built on the meta device,
+    then each parameter is allocated on `device` and filled from the checkpoint: one copy of every weight,
+    never a random init.
     """
-    attn = "model.layers.0.self_attn"
-    tie = cfg.tie_word_embeddings or "lm_head.weight" not in reader
     with torch.device("meta"):
-        module = MoECausalLM(cfg, num_slots, qkv_bias=f"{attn}.q_proj.bias" in reader,
-                             o_bias=f"{attn}.o_proj.bias" in reader, tie=tie)
+        module = MoECausalLM(cfg, num_slots, **module_options(reader, cfg))
     module = module.to(dtype).to_empty(device=device)
     module.tie()
-    with torch.no_grad():
-        for name, param in module.named_parameters():  # a tied lm_head is the embedding: read once
-            if ".experts." not in name:
-                param.copy_(reader.get(name, dtype, tuple(param.shape)))
-        for buf in module.buffers():  # the slots' expert ids, set with the experts
-            buf.zero_()
+    read_parameters(module, reader, dtype)
     return module
 
 
