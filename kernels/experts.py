@@ -85,6 +85,10 @@ def quantize_weights_fp8_blockwise(w: torch.Tensor) -> FP8BlockWeights:
                          f"got {list(w.shape)}")
     S, N, K = w.shape
     nb, kb = N // WEIGHT_BLOCK, K // WEIGHT_BLOCK
+    if use_triton("auto", w):  # one pass over the weights (training quantises them every step)
+        from ._triton_fp8_train import quantize_blocks_triton
+
+        return FP8BlockWeights(*quantize_blocks_triton(w))
     blocks = w.reshape(S, nb, WEIGHT_BLOCK, kb, WEIGHT_BLOCK).permute(0, 1, 3, 2, 4)  # [S, nb, kb, 128, 128]
     q, scale = quantize_fp8(blocks.reshape(S * nb * kb, WEIGHT_BLOCK * WEIGHT_BLOCK), tile=None)
     q = q.view(S, nb, kb, WEIGHT_BLOCK, WEIGHT_BLOCK).permute(0, 1, 3, 2, 4).reshape(S, N, K)

@@ -14,7 +14,9 @@ The blockwise GEMMs are `scaled_grouped_mm_blockwise` (forward, input gradient) 
 `scaled_grouped_wgrad_blockwise`; the rowwise ones (torchao's recipe) `scaled_grouped_mm` and
 `scaled_grouped_wgrad_rowwise`, with w re-quantised along N for the input gradient.
 
-Every operand is quantised along the dimension its GEMM reduces (E4M3, amax scaling, no delayed scaling).
+Every operand is quantised along the dimension its GEMM reduces (E4M3, amax scaling, no delayed scaling). The
+blockwise recipe quantises x and dy once each into both orientations (`quantize_fp8_dual`) and keeps x's FP8
+128 x 1 codes for backward instead of x, as DeepSeek-V3 caches FP8 activations.
 The rowwise GEMMs run `torch._scaled_grouped_mm` on CUDA SM90+ (groups padded to 16 rows: the experts'
 `align`), the blockwise ones our Triton kernels; every GEMM has its torch reference (CPU).
 """
@@ -35,15 +37,13 @@ from .experts import (
 from .fp8 import quantize_fp8
 from .grouped_wgrad import (
     grouped_wgrad,
-    quantize_fp8_cols,
+    quantize_fp8_dual,
     quantize_fp8_group_cols,
     scaled_grouped_wgrad_blockwise,
     scaled_grouped_wgrad_rowwise,
 )
 
 __all__ = ["Recipe", "grouped_linear"]
-
-_TILE = 128
 
 
 class Recipe(StrEnum):
@@ -60,33 +60,37 @@ class Recipe(StrEnum):
 
 
 def _forward(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, recipe: Recipe):
-    """(y, what backward needs besides x and w)."""
+    """(y, what backward needs besides w and, unless blockwise, x)."""
     if recipe is Recipe.BF16:
         return grouped_mm(x, w, offsets), None
-    if recipe is Recipe.FP8_BLOCKWISE:
-        xq, xs = quantize_fp8(x, _TILE)
+    if recipe is Recipe.FP8_BLOCKWISE:  # x's 128 x 1 quantisation is kept for the weight gradient, not x
+        xq, xs, xTq, xTs = quantize_fp8_dual(x)
         wb = quantize_weights_fp8_blockwise(w)
-        return scaled_grouped_mm_blockwise(xq, xs, wb, offsets, x.dtype), wb
+        return scaled_grouped_mm_blockwise(xq, xs, wb, offsets, x.dtype), (wb, xTq, xTs)
     xq, xs = quantize_fp8(x, None)
     return scaled_grouped_mm(xq, xs[:, 0], quantize_weights_fp8(w), offsets, x.dtype), None
 
 
-def _input_grad(g: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, recipe: Recipe, saved) -> torch.Tensor:
+def _input_grad(g: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     if recipe is Recipe.BF16:
         return grouped_mm(g, w.transpose(1, 2), offsets)
-    if recipe is Recipe.FP8_BLOCKWISE:
-        gq, gs = quantize_fp8(g, _TILE)
-        return scaled_grouped_mm_blockwise(gq, gs, saved.t(), offsets, g.dtype)
     gq, gs = quantize_fp8(g, None)
     return scaled_grouped_mm(gq, gs[:, 0], quantize_weights_fp8(w.transpose(1, 2).contiguous()), offsets, g.dtype)
+
+
+def _blockwise_grads(g: torch.Tensor, offsets: torch.Tensor, saved, need_x: bool, need_w: bool, dtype: torch.dtype):
+    """Both gradients of the blockwise recipe from one dual quantisation of g (1 x 128 and 128 x 1 tiles)."""
+    wb, xTq, xTs = saved
+    gq, gs, gTq, gTs = quantize_fp8_dual(g)
+    dx = scaled_grouped_mm_blockwise(gq, gs, wb.t(), offsets, g.dtype) if need_x else None
+    dw = scaled_grouped_wgrad_blockwise(gTq, gTs, xTq, xTs, offsets, dtype) if need_w else None
+    return dx, dw
 
 
 def _weight_grad(g: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, recipe: Recipe,
                  dtype: torch.dtype) -> torch.Tensor:
     if recipe is Recipe.BF16:
         return grouped_wgrad(g, x, offsets).to(dtype)
-    if recipe is Recipe.FP8_BLOCKWISE:
-        return scaled_grouped_wgrad_blockwise(*quantize_fp8_cols(g), *quantize_fp8_cols(x), offsets, dtype)
     return scaled_grouped_wgrad_rowwise(*quantize_fp8_group_cols(g, offsets), *quantize_fp8_group_cols(x, offsets),
                                         offsets, dtype)
 
@@ -95,7 +99,8 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, offsets, recipe: Recipe):
         y, saved = _forward(x, w, offsets, recipe)
-        ctx.save_for_backward(x, w, offsets)
+        blockwise = recipe is Recipe.FP8_BLOCKWISE
+        ctx.save_for_backward(None if blockwise else x, w, offsets)
         ctx.recipe, ctx.saved = recipe, saved
         return y
 
@@ -103,8 +108,12 @@ class _GroupedLinear(torch.autograd.Function):
     def backward(ctx, g):
         x, w, offsets = ctx.saved_tensors
         g = g.contiguous()
-        dx = _input_grad(g, w, offsets, ctx.recipe, ctx.saved) if ctx.needs_input_grad[0] else None
-        dw = _weight_grad(g, x, offsets, ctx.recipe, w.dtype) if ctx.needs_input_grad[1] else None
+        need_x, need_w = ctx.needs_input_grad[:2]
+        if ctx.recipe is Recipe.FP8_BLOCKWISE:
+            dx, dw = _blockwise_grads(g, offsets, ctx.saved, need_x, need_w, w.dtype)
+            return dx, dw, None, None
+        dx = _input_grad(g, w, offsets, ctx.recipe) if need_x else None
+        dw = _weight_grad(g, x, offsets, ctx.recipe, w.dtype) if need_w else None
         return dx, dw, None, None
 
 

@@ -31,6 +31,7 @@ from .fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8_reference, num_tiles, quanti
 __all__ = [
     "grouped_wgrad",
     "quantize_fp8_cols",
+    "quantize_fp8_dual",
     "quantize_fp8_group_cols",
     "scaled_grouped_wgrad_blockwise",
     "scaled_grouped_wgrad_rowwise",
@@ -97,6 +98,18 @@ def quantize_fp8_cols(x: torch.Tensor, tile: int = TILE_ROWS) -> tuple[torch.Ten
     """x [M, N] quantised along M in 128 x 1 tiles: (qT float8 [N, M], scales float32 [N, ceil(M/128)]),
     x[m, n] ~= qT[n, m] * scales[n, m // 128]."""
     return quantize_fp8(x.T.contiguous(), tile)
+
+
+def quantize_fp8_dual(x: torch.Tensor, impl: str = "auto") -> tuple[torch.Tensor, ...]:
+    """Both blockwise orientations of x [M, N] from one read: (q [M, N], scales [M, N/128]) in 1 x 128 tiles, as
+    `quantize_fp8(x, 128)`, and (qT [N, M], scalesT [N, M/128]) in 128 x 1 tiles, as `quantize_fp8_cols(x)`."""
+    if x.dim() != 2:
+        raise ValueError(f"x: expected shape [M, N], got {list(x.shape)}")
+    if x.numel() and use_triton(impl, x):
+        from ._triton_fp8_train import quantize_dual_triton
+
+        return quantize_dual_triton(x)
+    return (*quantize_fp8(x, TILE_ROWS, impl="torch"), *quantize_fp8(x.T.contiguous(), TILE_ROWS, impl="torch"))
 
 
 def quantize_fp8_group_cols(x: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

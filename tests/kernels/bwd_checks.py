@@ -153,3 +153,25 @@ def symm_loopback_backward(device: str, G: int, k: int, E: int, S: int, tokens: 
         _close(gw, want[1], rel)
         assert gx.shape == x.shape and gw.shape == w.shape
 
+
+
+def check_fp8_training_quantisers(device: str, M: int, N: int) -> None:
+    """The dual quantiser equals quantize_fp8 in both orientations, and the weight-block quantiser the per-block
+    reference, bit for bit (codes and scales)."""
+    from expertmesh.kernels.fp8 import quantize_fp8_reference
+    from expertmesh.kernels.grouped_wgrad import quantize_fp8_dual
+
+    gen = torch.Generator().manual_seed(M + N)
+    x = (torch.randn(M, N, generator=gen) * torch.rand(M, 1, generator=gen) * 10).to(device, torch.bfloat16)
+    got = quantize_fp8_dual(x)
+    want = (*quantize_fp8_reference(x, 128), *quantize_fp8_reference(x.T.contiguous(), 128))
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
+                                                  b.view(torch.uint8) if b.element_size() == 1 else b)
+    w = torch.randn(2, 256, 128, generator=gen).to(device, torch.bfloat16)
+    fast = quantize_weights_fp8_blockwise(w)  # the Triton path here
+    blocks = w.float().view(2, 2, 128, 1, 128).permute(0, 1, 3, 2, 4).reshape(4, 128 * 128)
+    q, s = quantize_fp8_reference(blocks, None)
+    assert torch.equal(fast.scale.reshape(-1).cpu(), s.reshape(-1).cpu())
+    assert torch.equal(fast.q.view(torch.uint8).cpu(),
+                       q.view(2, 2, 1, 128, 128).permute(0, 1, 3, 2, 4).reshape(2, 256, 128).view(torch.uint8).cpu())

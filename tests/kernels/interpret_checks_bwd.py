@@ -47,3 +47,8 @@ def test_fp8_dgrad_transposed_weights(counts, N, K):
 ])
 def test_symm_exchange_loopback_backward(G, k, E, S, tokens, fp8):
     bc.symm_loopback_backward("cpu", G, k, E, S, tokens, fp8)
+
+
+@pytest.mark.parametrize("M,N", [(1, 128), (130, 200), (256, 384)])
+def test_fp8_training_quantisers(M, N):
+    bc.check_fp8_training_quantisers("cpu", M, N)
