@@ -123,7 +123,8 @@ class FP8Experts(Experts):
 
 class TrainableExperts(Experts):
     """Weights that take gradients (e.g. `nn.Parameter`s): w13 [S, 2F, H], w2 [S, H, F], GEMMs in `recipe`.
-    Rows arrive in the activations' dtype (the autograd dispatch dequantises FP8 dispatch)."""
+    Rows arrive in the activations' dtype (the autograd dispatch dequantises FP8 dispatch; without autograd,
+    FP8 rows are dequantised while gathered)."""
 
     differentiable = True
 
@@ -142,7 +143,10 @@ class TrainableExperts(Experts):
         return sum(w.numel() * w.element_size() for w in (self.w13, self.w2))
 
     def __call__(self, received: Received, el: ExpertLayout, out_dtype: torch.dtype) -> torch.Tensor:
-        rows = autograd.permute_rows(received.x, el)
+        if received.scales is not None:  # FP8 dispatch without autograd (evaluation): dequantise while gathering
+            rows = permute_dequant(received.x, received.scales, el.row_index, FP8_TILE, out_dtype)
+        else:
+            rows = autograd.permute_rows(received.x, el)
         gate, up = grouped_linear(rows, self.w13, el.offsets, self.recipe).chunk(2, dim=-1)
         return grouped_linear(F.silu(gate) * up, self.w2, el.offsets, self.recipe)
 
