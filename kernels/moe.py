@@ -73,6 +73,14 @@ class Experts(abc.ABC):
         """[M, H] expert outputs of the rows `el` picks from `received` (FP8 rows carry their scales)."""
 
 
+def _expert_rows(received: Received, el: ExpertLayout, out_dtype: torch.dtype,
+                 differentiable: bool = False) -> torch.Tensor:
+    """[M, H] expert-ordered rows in `out_dtype`: FP8 dispatch is dequantised while gathering."""
+    if received.scales is not None:
+        return permute_dequant(received.x, received.scales, el.row_index, FP8_TILE, out_dtype)
+    return autograd.permute_rows(received.x, el) if differentiable else permute(received.x, el.row_index)
+
+
 @dataclass(frozen=True)
 class DenseExperts(Experts):
     """Weights in the activations' dtype, stored like nn.Linear: w13 [S, 2F, H] (gate rows, then up), w2 [S, H, F]."""
@@ -88,11 +96,7 @@ class DenseExperts(Experts):
         return sum(w.numel() * w.element_size() for w in (self.w13, self.w2))
 
     def __call__(self, received: Received, el: ExpertLayout, out_dtype: torch.dtype) -> torch.Tensor:
-        if received.scales is not None:  # FP8 dispatch: dequantise while gathering
-            rows = permute_dequant(received.x, received.scales, el.row_index, FP8_TILE, out_dtype)
-        else:
-            rows = permute(received.x, el.row_index)
-        return swiglu_experts(rows, self.w13, self.w2, el.offsets)
+        return swiglu_experts(_expert_rows(received, el, out_dtype), self.w13, self.w2, el.offsets)
 
 
 @dataclass(frozen=True)
@@ -143,10 +147,7 @@ class TrainableExperts(Experts):
         return sum(w.numel() * w.element_size() for w in (self.w13, self.w2))
 
     def __call__(self, received: Received, el: ExpertLayout, out_dtype: torch.dtype) -> torch.Tensor:
-        if received.scales is not None:  # FP8 dispatch without autograd (evaluation): dequantise while gathering
-            rows = permute_dequant(received.x, received.scales, el.row_index, FP8_TILE, out_dtype)
-        else:
-            rows = autograd.permute_rows(received.x, el)
+        rows = _expert_rows(received, el, out_dtype, differentiable=True)
         gate, up = grouped_linear(rows, self.w13, el.offsets, self.recipe).chunk(2, dim=-1)
         return grouped_linear(F.silu(gate) * up, self.w2, el.offsets, self.recipe)
 

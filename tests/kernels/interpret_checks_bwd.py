@@ -1,4 +1,4 @@
-"""The backward Triton kernels on Triton's CPU interpreter, at small sizes (run by test_kernels_bwd_interpret.py).
+"""The backward Triton kernels on Triton's CPU interpreter, at small sizes (run by test_kernels_triton_interpret.py).
 
 TRITON_INTERPRET must be set before Triton is imported, so this module runs in its own process:
     TRITON_INTERPRET=1 pytest -p no:cacheprovider tests/kernels/interpret_checks_bwd.py
