@@ -5,8 +5,9 @@ exchanges on 1, 2 and 4 gloo ranks, and the FP8 recipes against fp32.
 
 Tolerances: float64 gradcheck at its defaults (atol 1e-5, rtol 1e-3), except the top-k weights, which travel
 as float32 (a finite-difference step of 1e-3 on a function linear in them, atol 1e-4); float32 gradients
-against the float64 dense reference within 1e-4 of the largest entry (over all ranks' tokens); FP8 gradients
-within 10% of it (`fp8_grad_tolerance`).
+against the float64 dense reference within 1e-4 of the largest entry over all ranks' tokens (measured <= 3e-7);
+with FP8 dispatch (forward rows and backward gradients in E4M3 on the wire) within 15% of it (measured 8.8%).
+One grouped layer in an FP8 recipe: y, dx, dw within `fp8_grad_tolerance` (10% of the largest entry).
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def _check_gradients(rank: int, G: int, fp8: bool, dtype: torch.dtype) -> list[f
             if not b.numel():
                 continue
             err = float((a.double() - b).abs().max())
-            tol = (0.1 if fp8 else 1e-4) * mag + 1e-6
+            tol = (0.15 if fp8 else 1e-4) * mag + 1e-6
             assert err <= tol, f"case {i} rank {rank} fp8={fp8}: grad {name} error {err} > {tol}"
             errors.append(err / mag)
     return errors
