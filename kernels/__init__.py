@@ -53,6 +53,14 @@ DeepSeek-V3's training format) through our Triton kernel. A layer's `Precision` 
 "bf16" (no FP8), "fp8-dispatch" (FP8 exchange, experts in the activations' dtype), "fp8" (FP8 exchange and
 `FP8Experts`, whose GEMMs are `scaled_grouped_mm_blockwise`).
 
+Training: the same `moe_forward` with `TrainableExperts(w13, w2, recipe)` (parameters) and grad enabled runs
+dispatch, the experts' row gather and combine as autograd Functions (`autograd.py`) whose backward is the
+reverse exchange (`Exchange.combine_backward`: a dispatch of gradients; `dispatch_backward`: a combine of
+row and pair-weight gradients), with `unpermute_combine_backward` and the grouped weight-gradient GEMM
+(`grouped_wgrad`) as backward kernels. `grouped_linear(x, w, offsets, recipe)` runs a grouped layer's
+forward, input-gradient and weight-gradient GEMMs in a `Recipe`: "bf16", "fp8-blockwise" (1x128 / 128x128,
+DeepSeek-V3; operands quantised along the dimension each GEMM reduces) or "fp8-rowwise" (torchao).
+
 Exchanges (one interface, `Exchange`):
 - `LocalExchange()`: one rank, no communication.
 - `AllToAllExchange(group, fp8)`: `torch.distributed.all_to_all_single` with split sizes; gloo or NCCL.
@@ -80,9 +88,11 @@ from .experts import (
     swiglu_experts_fp8,
 )
 from .fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8, quantize_fp8
+from .grouped_linear import Recipe, grouped_linear
+from .grouped_wgrad import grouped_wgrad
 from .layout import DispatchLayout, ExpertLayout, build_expert_layout, build_layout
-from .moe import DenseExperts, Experts, FP8Experts, PhaseProbe, Precision, make_experts, moe_forward
-from .permute import permute, permute_dequant, unpermute_combine
+from .moe import DenseExperts, Experts, FP8Experts, PhaseProbe, Precision, TrainableExperts, make_experts, moe_forward
+from .permute import permute, permute_dequant, unpermute_combine, unpermute_combine_backward
 from .replicas import choose_replicas, local_token_index
 from .symm_exchange import SymmMemExchange
 
@@ -103,13 +113,17 @@ __all__ = [
     "PhaseProbe",
     "Precision",
     "Received",
+    "Recipe",
     "SymmMemExchange",
     "Traffic",
+    "TrainableExperts",
     "build_expert_layout",
     "build_layout",
     "choose_replicas",
     "dequantize_fp8",
+    "grouped_linear",
     "grouped_mm",
+    "grouped_wgrad",
     "local_token_index",
     "make_experts",
     "moe_forward",
@@ -123,4 +137,5 @@ __all__ = [
     "swiglu_experts",
     "swiglu_experts_fp8",
     "unpermute_combine",
+    "unpermute_combine_backward",
 ]

@@ -10,6 +10,9 @@ Scheduling reads no group size on the host (a CUDA graph can record the call): t
 bound of M-tiles, cdiv(M, BLOCK_M) + S (each group adds at most one partial tile), and every program finds
 its group among the cumulative tile counts; programs past the last tile return at once.
 
+Weights are read through their strides, so a transposed view of a block-quantised weight (the input-gradient
+GEMM dx = dy @ w, reduced over w's output dim) runs without a copy: 128 x 128 blocks serve both orientations.
+
 Tile order: the grid is one-dimensional and walks GROUP_M M-tiles down each N-tile before moving right
 (the grouped order of Triton's matmul tutorial); GROUP_M = 1 runs the N-tiles of one M-tile back to back.
 At shape (b) on an H200 the two measured within 1% of each other (`bench/results/kernels.md`, "tuning").
@@ -30,7 +33,7 @@ SCALE_BLOCK = 128  # k and n extent of one scale (the format), and the k step of
 def _grouped_fp8_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, ends_ptr, tile_ends_ptr,
     N, K, S,
-    stride_xm, stride_xsm, stride_wg, stride_wn, stride_wsg, stride_wsn, stride_om,
+    stride_xm, stride_xsm, stride_wg, stride_wn, stride_wk, stride_wsg, stride_wsn, stride_wsk, stride_om,
     M_TILES, N_TILES,
     S_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -64,14 +67,14 @@ def _grouped_fp8_kernel(
         k0 = kb * BLOCK_K
         a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + (k0 + ks)[None, :],
                     mask=row_ok[:, None], other=0.0)
-        b = tl.load(w_base + cols[None, :].to(tl.int64) * stride_wn + (k0 + ks)[:, None],
+        b = tl.load(w_base + cols[None, :].to(tl.int64) * stride_wn + (k0 + ks)[:, None].to(tl.int64) * stride_wk,
                     mask=col_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]: w[g]^T
         a_scale = tl.load(xs_ptr + rows.to(tl.int64) * stride_xsm + kb, mask=row_ok, other=0.0)
         if BLOCK_N <= BLOCK_K:
-            b_scale = tl.load(ws_ptr + g.to(tl.int64) * stride_wsg + n_block * stride_wsn + kb)
+            b_scale = tl.load(ws_ptr + g.to(tl.int64) * stride_wsg + n_block * stride_wsn + kb * stride_wsk)
             acc += tl.dot(a, b, out_dtype=tl.float32) * (a_scale[:, None] * b_scale)
         else:  # a wider tile spans several weight scale blocks: one scale per column
-            b_scale = tl.load(ws_ptr + g.to(tl.int64) * stride_wsg + (cols // BLOCK_K) * stride_wsn + kb,
+            b_scale = tl.load(ws_ptr + g.to(tl.int64) * stride_wsg + (cols // BLOCK_K) * stride_wsn + kb * stride_wsk,
                               mask=col_ok, other=0.0)
             acc += tl.dot(a, b, out_dtype=tl.float32) * a_scale[:, None] * b_scale[None, :]
     out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
@@ -97,7 +100,8 @@ def grouped_fp8_blockwise_triton(xq: torch.Tensor, x_scale: torch.Tensor, wq: to
     _grouped_fp8_kernel[(m_tiles * n_tiles,)](
         xq, x_scale, wq, w_scale, out, ends, tile_ends,
         N, K, S,
-        xq.stride(0), x_scale.stride(0), wq.stride(0), wq.stride(1), w_scale.stride(0), w_scale.stride(1),
+        xq.stride(0), x_scale.stride(0), wq.stride(0), wq.stride(1), wq.stride(2),
+        w_scale.stride(0), w_scale.stride(1), w_scale.stride(2),
         out.stride(0), m_tiles, n_tiles,
         S_POW2=triton.next_power_of_2(S), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=SCALE_BLOCK,
         GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,

@@ -16,6 +16,12 @@ metadata (the k local slots, -1 where another rank serves the pair, and the k we
 rank reduces its local experts' outputs for a row with those weights, so combine also returns one row
 per copy, and the source sums the copies of each token.
 
+Backward (training; `autograd.py` wraps both directions in autograd Functions): combine's backward is a
+dispatch of gradients (`combine_backward`: each token's output gradient to every rank holding a copy of it,
+FP8 on the wire where dispatch is), and dispatch's backward is a combine of gradients (`dispatch_backward`:
+every received row's gradient back to its source and summed over the token's copies, with each pair's
+weight gradient from the copy that served it).
+
 Bytes: `Traffic` records what a call moved per destination rank (the entry of the caller's own rank is
 the local copy, which crosses no link). Its `payload` equals rows x hidden x bytes per element, the
 cost model's `copies x hidden x bytes` exactly; `extra` is the FP8 scales and the routing metadata.
@@ -29,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .fp8 import FP8_DTYPE, num_tiles, quantize_fp8
+from .fp8 import FP8_DTYPE, dequantize_fp8, num_tiles, quantize_fp8
 from .layout import DispatchLayout, ExpertLayout
 from .permute import permute, unpermute_combine
 
@@ -111,6 +117,19 @@ class Exchange(abc.ABC):
                 layout: DispatchLayout) -> torch.Tensor:
         """[T, H]: for every token, sum_j weight_j * expert_j output, given the expert outputs y [M, H]."""
 
+    # ---- backward (training) -----------------------------------------------------------------------
+    def combine_backward(self, grad_out: torch.Tensor, received: Received, layout: DispatchLayout) -> torch.Tensor:
+        """[N, H] in grad_out's dtype: each token's output gradient grad_out [T, H] at every row of `received`
+        that holds a copy of it (a dispatch of gradients; rows that hold no token are unspecified)."""
+        raise NotImplementedError(f"{type(self).__name__}: no backward pass")
+
+    def dispatch_backward(self, grad_rows: torch.Tensor, grad_weights: torch.Tensor, received: Received,
+                          layout: DispatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grad_x [T, H], grad_weights float32 [T, k]) from the gradients of the received rows [N, H] and of
+        their pair weights [N, k] (a combine of gradients: copies summed; a pair's weight gradient comes from
+        the one copy that served it, the others hold zero there)."""
+        raise NotImplementedError(f"{type(self).__name__}: no backward pass")
+
     # ---- shared helpers ----------------------------------------------------------------------------
     def _check_dispatch(self, x: torch.Tensor, layout: DispatchLayout) -> None:
         if x.dim() != 2 or x.shape[0] != layout.num_tokens:
@@ -133,6 +152,12 @@ def _pack_meta(slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 def _unpack_meta(meta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return meta[:, :k].to(torch.int64), meta[:, k:].contiguous().view(torch.float32)
+
+
+def _fp8_wire(t: torch.Tensor) -> torch.Tensor:
+    """t as it arrives after crossing an FP8 link (quantised in 1 x 128 tiles, then dequantised)."""
+    q, s = quantize_fp8(t, FP8_TILE)
+    return dequantize_fp8(q, s, FP8_TILE, t.dtype)
 
 
 class LocalExchange(Exchange):
@@ -161,12 +186,20 @@ class LocalExchange(Exchange):
         self.last_combine = self._traffic(layout.send_counts, y.shape[1], out.element_size(), 0, False)
         return out
 
+    def combine_backward(self, grad_out: torch.Tensor, received: Received, layout: DispatchLayout) -> torch.Tensor:
+        return _fp8_wire(grad_out) if self.fp8 else grad_out
+
+    def dispatch_backward(self, grad_rows: torch.Tensor, grad_weights: torch.Tensor, received: Received,
+                          layout: DispatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad_rows, grad_weights
+
 
 @dataclass(frozen=True)
 class _A2AState:
     send_splits: list[int]
     recv_splits: list[int]
     out_dtype: torch.dtype
+    send_index: torch.Tensor  # int64 [n]: token of every send-buffer row
 
 
 class AllToAllExchange(Exchange):
@@ -208,15 +241,36 @@ class AllToAllExchange(Exchange):
         self.last_dispatch = self._traffic(layout.send_counts, x.shape[1], rows.element_size(),
                                            layout.top_k, self.fp8)
         r_slots, r_weights = _unpack_meta(meta, layout.top_k)
-        state = _A2AState(send_splits, recv_splits, x.dtype)
+        state = _A2AState(send_splits, recv_splits, x.dtype, index)
         return Received(rows, scales, r_slots, r_weights, recv_counts, None, state)
 
     def combine(self, y: torch.Tensor, experts: ExpertLayout, received: Received,
                 layout: DispatchLayout) -> torch.Tensor:
-        state = received.state
-        if not isinstance(state, _A2AState):
-            raise ValueError("received: expected the result of this exchange's dispatch")
+        state = self._state(received)
         reduced = unpermute_combine(y, experts.pair_pos, received.weights, state.out_dtype)
         back = self._a2a(reduced, state.recv_splits, state.send_splits)
         self.last_combine = self._traffic(received.counts, y.shape[1], reduced.element_size(), 0, False)
         return unpermute_combine(back, layout.send_rows(), None, state.out_dtype)
+
+    def _state(self, received: Received) -> _A2AState:
+        if not isinstance(received.state, _A2AState):
+            raise ValueError("received: expected the result of this exchange's dispatch")
+        return received.state
+
+    def combine_backward(self, grad_out: torch.Tensor, received: Received, layout: DispatchLayout) -> torch.Tensor:
+        state = self._state(received)
+        rows = permute(grad_out, state.send_index)
+        if not self.fp8:
+            return self._a2a(rows, state.send_splits, state.recv_splits)
+        q, s = quantize_fp8(rows, FP8_TILE)
+        q = self._a2a(q, state.send_splits, state.recv_splits)
+        return dequantize_fp8(q, self._a2a(s, state.send_splits, state.recv_splits), FP8_TILE, grad_out.dtype)
+
+    def dispatch_backward(self, grad_rows: torch.Tensor, grad_weights: torch.Tensor, received: Received,
+                          layout: DispatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self._state(received)
+        send_rows = layout.send_rows()
+        back = self._a2a(grad_rows.contiguous(), state.recv_splits, state.send_splits)
+        back_w = self._a2a(grad_weights.float().contiguous(), state.recv_splits, state.send_splits)
+        return (unpermute_combine(back, send_rows, None, grad_rows.dtype),
+                unpermute_combine(back_w, send_rows, None, torch.float32))

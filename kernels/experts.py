@@ -69,6 +69,10 @@ class FP8BlockWeights:
     q: torch.Tensor  # float8_e4m3fn [S, N, K]
     scale: torch.Tensor  # float32 [S, N / 128, K / 128]
 
+    def t(self) -> FP8BlockWeights:
+        """The transposed weights [S, K, N] as views (the same blocks, read the other way)."""
+        return FP8BlockWeights(self.q.transpose(1, 2), self.scale.transpose(1, 2))
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         full = self.scale.repeat_interleave(WEIGHT_BLOCK, 1).repeat_interleave(WEIGHT_BLOCK, 2)
         return (self.q.float() * full).to(dtype)
@@ -81,6 +85,10 @@ def quantize_weights_fp8_blockwise(w: torch.Tensor) -> FP8BlockWeights:
                          f"got {list(w.shape)}")
     S, N, K = w.shape
     nb, kb = N // WEIGHT_BLOCK, K // WEIGHT_BLOCK
+    if use_triton("auto", w):  # one pass over the weights (training quantises them every step)
+        from ._triton_fp8_train import quantize_blocks_triton
+
+        return FP8BlockWeights(*quantize_blocks_triton(w))
     blocks = w.reshape(S, nb, WEIGHT_BLOCK, kb, WEIGHT_BLOCK).permute(0, 1, 3, 2, 4)  # [S, nb, kb, 128, 128]
     q, scale = quantize_fp8(blocks.reshape(S * nb * kb, WEIGHT_BLOCK * WEIGHT_BLOCK), tile=None)
     q = q.view(S, nb, kb, WEIGHT_BLOCK, WEIGHT_BLOCK).permute(0, 1, 3, 2, 4).reshape(S, N, K)
@@ -111,8 +119,9 @@ def scaled_grouped_mm_blockwise(xq: torch.Tensor, x_scale: torch.Tensor, w: FP8B
     if use_triton(impl, xq, x_scale, w.q, w.scale, offsets):
         from ._triton_grouped_fp8 import grouped_fp8_blockwise_triton
 
-        return grouped_fp8_blockwise_triton(xq.contiguous(), x_scale.contiguous().float(), w.q.contiguous(),
-                                            w.scale.contiguous().float(), offsets, out_dtype)
+        wq = w.q if 1 in w.q.stride()[1:] else w.q.contiguous()  # a transposed view runs as it is
+        return grouped_fp8_blockwise_triton(xq.contiguous(), x_scale.contiguous().float(), wq,
+                                            w.scale.float(), offsets, out_dtype)
     x = dequantize_fp8_reference(xq, x_scale, WEIGHT_BLOCK, torch.float32)
     return grouped_mm_reference(x, w.dequantize(torch.float32), offsets).to(out_dtype)
 

@@ -13,6 +13,10 @@ Precision is data, not a code path of its own: the exchange carries FP8 or not (
 experts are `DenseExperts` (the activations' dtype) or `FP8Experts` (FP8 E4M3 GEMMs over DeepSeek-V3's
 block format: 1 x 128 activation tiles, 128 x 128 weight blocks). `Precision` names the three combinations
 a user picks; `make_experts` builds the experts of one.
+
+Training is the same call with `TrainableExperts` (weights that take gradients, GEMMs in a `Recipe`): when
+grad is enabled, `moe_forward` runs dispatch, the experts' row gather and combine as the autograd Functions of
+`autograd.py`, whose backward runs the reverse exchanges.
 """
 
 from __future__ import annotations
@@ -25,14 +29,17 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from . import autograd
 from .exchange import FP8_TILE, Exchange, Received
 from .expert_map import ExpertMap
 from .experts import FP8BlockWeights, quantize_weights_fp8_blockwise, scaled_grouped_mm_blockwise, swiglu_experts
 from .fp8 import quantize_fp8
+from .grouped_linear import Recipe, grouped_linear
 from .layout import DispatchLayout, ExpertLayout, build_expert_layout, build_layout
 from .permute import permute, permute_dequant
 
-__all__ = ["Precision", "Experts", "DenseExperts", "FP8Experts", "make_experts", "PhaseProbe", "moe_forward"]
+__all__ = ["Precision", "Experts", "DenseExperts", "FP8Experts", "TrainableExperts", "make_experts", "PhaseProbe",
+           "moe_forward"]
 
 
 class Precision(StrEnum):
@@ -51,6 +58,7 @@ class Experts(abc.ABC):
     """This rank's S expert slots of one layer: SwiGLU over expert-ordered rows."""
 
     align = 1  # each slot's group of rows is padded to a multiple of this
+    differentiable = False  # whether grad flows to the weights (and moe_forward runs the autograd pipeline)
 
     @property
     @abc.abstractmethod
@@ -63,6 +71,14 @@ class Experts(abc.ABC):
     @abc.abstractmethod
     def __call__(self, received: Received, el: ExpertLayout, out_dtype: torch.dtype) -> torch.Tensor:
         """[M, H] expert outputs of the rows `el` picks from `received` (FP8 rows carry their scales)."""
+
+
+def _expert_rows(received: Received, el: ExpertLayout, out_dtype: torch.dtype,
+                 differentiable: bool = False) -> torch.Tensor:
+    """[M, H] expert-ordered rows in `out_dtype`: FP8 dispatch is dequantised while gathering."""
+    if received.scales is not None:
+        return permute_dequant(received.x, received.scales, el.row_index, FP8_TILE, out_dtype)
+    return autograd.permute_rows(received.x, el) if differentiable else permute(received.x, el.row_index)
 
 
 @dataclass(frozen=True)
@@ -80,11 +96,7 @@ class DenseExperts(Experts):
         return sum(w.numel() * w.element_size() for w in (self.w13, self.w2))
 
     def __call__(self, received: Received, el: ExpertLayout, out_dtype: torch.dtype) -> torch.Tensor:
-        if received.scales is not None:  # FP8 dispatch: dequantise while gathering
-            rows = permute_dequant(received.x, received.scales, el.row_index, FP8_TILE, out_dtype)
-        else:
-            rows = permute(received.x, el.row_index)
-        return swiglu_experts(rows, self.w13, self.w2, el.offsets)
+        return swiglu_experts(_expert_rows(received, el, out_dtype), self.w13, self.w2, el.offsets)
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,33 @@ class FP8Experts(Experts):
         gate, up = h.float().chunk(2, dim=-1)
         aq, as_ = quantize_fp8(F.silu(gate) * up, FP8_TILE)
         return scaled_grouped_mm_blockwise(aq, as_, self.w2, el.offsets, out_dtype)
+
+
+class TrainableExperts(Experts):
+    """Weights that take gradients (e.g. `nn.Parameter`s): w13 [S, 2F, H], w2 [S, H, F], GEMMs in `recipe`.
+    Rows arrive in the activations' dtype (the autograd dispatch dequantises FP8 dispatch; without autograd,
+    FP8 rows are dequantised while gathered)."""
+
+    differentiable = True
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, recipe: Recipe | str = Recipe.BF16) -> None:
+        S, F2, H = w13.shape if w13.dim() == 3 else (0, 0, 0)
+        if w13.dim() != 3 or tuple(w2.shape) != (S, H, F2 // 2) or F2 % 2:
+            raise ValueError(f"w13, w2: expected [S, 2F, H], [S, H, F]; got {list(w13.shape)}, {list(w2.shape)}")
+        self.w13, self.w2, self.recipe = w13, w2, Recipe(recipe)
+        self.align = self.recipe.align
+
+    @property
+    def num_slots(self) -> int:
+        return self.w13.shape[0]
+
+    def nbytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w in (self.w13, self.w2))
+
+    def __call__(self, received: Received, el: ExpertLayout, out_dtype: torch.dtype) -> torch.Tensor:
+        rows = _expert_rows(received, el, out_dtype, differentiable=True)
+        gate, up = grouped_linear(rows, self.w13, el.offsets, self.recipe).chunk(2, dim=-1)
+        return grouped_linear(F.silu(gate) * up, self.w2, el.offsets, self.recipe)
 
 
 def make_experts(w13: torch.Tensor, w2: torch.Tensor, precision: Precision) -> Experts:
@@ -159,13 +198,17 @@ def moe_forward(
     x [T, H]; topk_ids, topk_weights [T, k]; emap: the layer's `ExpertMap` on x's device; experts: this
     rank's slots of the layer. fixed_batch > 0: this call is part of a fixed-shape step in which every rank
     brings at most that many tokens (it bounds the expert rows, so nothing is read back). probe: measurement.
+    With `TrainableExperts` and grad enabled, the result is differentiable in x, topk_weights and the experts'
+    weights (collective in backward too: every rank runs backward through the same layers).
     """
+    train = experts.differentiable and torch.is_grad_enabled()
     if probe is not None:
         probe.start("route")
-    layout = build_layout(topk_ids, topk_weights, emap, exchange.rank)
+    layout = build_layout(topk_ids, topk_weights.detach(), emap, exchange.rank)
     if probe is not None:
         probe.start("dispatch")
-    received = exchange.dispatch(x, layout)
+    received = (autograd.dispatch(exchange, x, topk_weights, layout) if train
+                else exchange.dispatch(x, layout))
     if probe is not None:
         probe.start("experts")
     bound = _row_bound(exchange, received, experts, topk_ids.shape[1], fixed_batch)
@@ -174,7 +217,8 @@ def moe_forward(
     y = experts(received, el, x.dtype)
     if probe is not None:
         probe.start("combine")
-    out = exchange.combine(y.to(x.dtype), el, received, layout)
+    y = y.to(x.dtype)
+    out = autograd.combine(exchange, y, el, received, layout) if train else exchange.combine(y, el, received, layout)
     if probe is not None:
         probe.finish(layout, received, el)
     return out.to(x.dtype)

@@ -4,11 +4,18 @@
     permute_dequant(q, scales, index) -> [M, H] bf16       the same, from FP8 with 1x128 scales
     unpermute_combine(y [M, H], pos [N, K], w [N, K]) -> [N, H]
                                      out[n] = sum_j w[n, j] * y[pos[n, j]] over pos >= 0
+    unpermute_combine_backward(g [N, H], y, pos, w) -> grad_y [M, H], grad_w float32 [N, K]
+                                     grad_y[pos[n, j]] = w[n, j] * g[n]; grad_w[n, j] = <g[n], y[pos[n, j]]>
 
 Both directions are gathers (no atomics), so results are deterministic and unpermute needs no zeroing
 pass: the same two ops serve the source side (copy tokens into the destination-major send buffer; sum
 the copies that come back) and the receiver side (rows into expert order; weighted sum of a token's
-expert outputs). Sums accumulate in float32.
+expert outputs). Sums accumulate in float32 (float64 for float64 inputs, so gradients can be checked).
+
+Backward: permute's is an unpermute-combine without weights (each expert row back to the received row it
+came from, a pair's rows summed), and unpermute-combine's is `unpermute_combine_backward` (a weighted
+scatter of the output gradient to each pair's row, which is a permutation: no two pairs share a row, so
+again no atomics, and one dot product per pair for the weights' gradient).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import torch
 from ._backend import use_triton
 from .fp8 import FP8_DTYPE, dequantize_fp8_reference, num_tiles
 
-__all__ = ["permute", "permute_dequant", "unpermute_combine"]
+__all__ = ["permute", "permute_dequant", "unpermute_combine", "unpermute_combine_backward"]
 
 
 def _check_index(index: torch.Tensor, name: str, dims: int) -> None:
@@ -70,17 +77,22 @@ def permute_dequant(q: torch.Tensor, scales: torch.Tensor, index: torch.Tensor, 
     return deq
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def unpermute_combine_reference(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | None,
                                 out_dtype: torch.dtype) -> torch.Tensor:
     N, K = pos.shape
-    out = torch.zeros((N, y.shape[1]), dtype=torch.float32, device=y.device)
+    acc = _acc_dtype(y.dtype)
+    out = torch.zeros((N, y.shape[1]), dtype=acc, device=y.device)
     if y.shape[0] == 0:
         return out.to(out_dtype)
     pos = pos.to(torch.int64)
     for j in range(K):
-        rows = y.index_select(0, pos[:, j].clamp(min=0)).float()
+        rows = y.index_select(0, pos[:, j].clamp(min=0)).to(acc)
         ok = pos[:, j] >= 0
-        w = ok.float() if weights is None else torch.where(ok, weights[:, j].float(), 0.0)
+        w = ok.to(acc) if weights is None else torch.where(ok, weights[:, j].to(acc), 0.0)
         out += w[:, None] * rows
     return out.to(out_dtype)
 
@@ -105,3 +117,44 @@ def unpermute_combine(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor 
 
         return unpermute_combine_triton(y, pos, weights, out_dtype)
     return unpermute_combine_reference(y, pos, weights, out_dtype)
+
+
+def unpermute_combine_backward_reference(grad_out: torch.Tensor, y: torch.Tensor, pos: torch.Tensor,
+                                         weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    N, K = pos.shape
+    acc = _acc_dtype(y.dtype)
+    grad_y = torch.zeros_like(y)
+    grad_w = torch.zeros((N, K), dtype=torch.float64 if acc == torch.float64 else torch.float32, device=y.device)
+    pos = pos.to(torch.int64)
+    ok = pos >= 0
+    rows = torch.arange(N, device=y.device)[:, None].expand(N, K)[ok]  # received row of each pair
+    p = pos[ok]  # its expert row
+    g = grad_out.index_select(0, rows).to(acc)
+    w = torch.ones_like(p, dtype=acc) if weights is None else weights[ok].to(acc)
+    grad_y[p] = (w[:, None] * g).to(y.dtype)
+    grad_w[ok] = (g * y.index_select(0, p).to(acc)).sum(-1).to(grad_w.dtype)
+    return grad_y, grad_w
+
+
+def unpermute_combine_backward(grad_out: torch.Tensor, y: torch.Tensor, pos: torch.Tensor,
+                               weights: torch.Tensor | None = None,
+                               impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of `unpermute_combine(y, pos, weights)` for output gradient grad_out [N, H]:
+    (grad_y [M, H] in y's dtype, rows no pair points at are zero; grad_w float32 [N, K], zero where pos < 0).
+
+    Every pair must point at its own row (pos >= 0 entries distinct), as the expert layout's `pair_pos` does.
+    Dot products accumulate in float32 (float64 for float64 inputs).
+    """
+    _check_index(pos, "pos", 2)
+    if y.dim() != 2 or tuple(grad_out.shape) != (pos.shape[0], y.shape[1]):
+        raise ValueError(f"grad_out, y: expected [N={pos.shape[0]}, H] and [M, H], got {list(grad_out.shape)} "
+                         f"and {list(y.shape)}")
+    if weights is not None and tuple(weights.shape) != tuple(pos.shape):
+        raise ValueError(f"weights: expected shape {list(pos.shape)} like pos, got {list(weights.shape)}")
+    if pos.numel() == 0 or y.shape[0] == 0 or y.shape[1] == 0:
+        return torch.zeros_like(y), torch.zeros(pos.shape, dtype=torch.float32, device=y.device)
+    if y.dtype != torch.float64 and use_triton(impl, grad_out, y, pos):
+        from ._triton_permute_bwd import unpermute_combine_backward_triton
+
+        return unpermute_combine_backward_triton(grad_out, y, pos, weights)
+    return unpermute_combine_backward_reference(grad_out, y, pos, weights)

@@ -7,6 +7,7 @@ Each rank allocates one torch symmetric-memory buffer (multicast is never used) 
     dispatch meta    [G * cap, 2k]  int32: k local slots (-1: pair served elsewhere), k float32 weight bits
     counts           [G]            int64: rows each source wrote here
     combine rows     [G * cap, H]   activation dtype (BF16 combine)
+    combine weights  [G * cap, k]   float32: pair-weight gradients coming back (backward only)
 
 where cap = `max_tokens` (most tokens a rank dispatches in one call) and source r owns rows
 [r * cap, (r + 1) * cap) of each region. Dispatch is one Triton kernel (quantise once per token, then
@@ -18,6 +19,12 @@ Nothing is read back to the host, so both can be captured in a CUDA graph.
 Buffer reuse: a dispatch overwrites the previous dispatch's rows, so a `Received` is valid until this
 rank's next `dispatch`; the combine barrier guarantees every peer has finished reading before anyone
 writes again (dispatch and combine must alternate).
+
+Backward (training): combine's backward is a dispatch of the output gradients (the dispatch kernel, FP8 on
+the wire with FP8 dispatch), dispatch's backward a combine of the row gradients and the pair-weight gradients
+(the combine kernel with one pair per row, into the combine rows and combine weights regions, then the local
+sum of each token's copies). Both keep the alternation above: backward runs the layers in reverse, each as
+a dispatch then a combine.
 
 `SymmMemExchange.loopback` builds G exchanges in one process over ordinary memory with a no-op barrier:
 driven phase by phase (`dispatch_send` on every rank, then `dispatch_recv`, ...) it runs the same
@@ -36,7 +43,7 @@ import torch.distributed as dist
 
 from ._backend import use_triton
 from .exchange import FP8_TILE, Exchange, Received
-from .fp8 import FP8_DTYPE, num_tiles
+from .fp8 import FP8_DTYPE, dequantize_fp8, num_tiles
 from .layout import DispatchLayout, ExpertLayout
 
 __all__ = ["SymmMemExchange", "symmetric_buffer"]
@@ -90,8 +97,12 @@ class _BufferLayout:
         return self.off_counts + _up(self.world_size * 8)
 
     @property
-    def nbytes(self) -> int:
+    def off_combine_w(self) -> int:
         return self.off_combine + _up(self.rows * self.hidden * self.dtype.itemsize)
+
+    @property
+    def nbytes(self) -> int:
+        return self.off_combine_w + _up(self.rows * self.top_k * 4)
 
     def view(self, buf: torch.Tensor, offset: int, shape: tuple[int, ...],
              dtype: torch.dtype) -> torch.Tensor:
@@ -160,6 +171,10 @@ class SymmMemExchange(Exchange):
         self._meta = spec.view(buf, spec.off_meta, (rows, 2 * k), torch.int32)
         self._counts = spec.view(buf, spec.off_counts, (spec.world_size,), torch.int64)
         self._combine = spec.view(buf, spec.off_combine, (rows, H), spec.dtype)
+        self._combine_w = spec.view(buf, spec.off_combine_w, (rows, k), torch.float32)
+        # Backward sends every received row back as one pair of weight 1: pair i is row i.
+        self._own_pos = torch.arange(rows, device=buf.device)[:, None]
+        self._ones = torch.ones((rows, 1), dtype=torch.float32, device=buf.device)
         self._row_pos = torch.arange(spec.cap, device=buf.device)[None, :]  # [1, cap]: row inside a block
         # Rows a source never wrote must not look like tokens before the first dispatch.
         self._counts.zero_()
@@ -271,3 +286,57 @@ class SymmMemExchange(Exchange):
                 self._combine, layout.dests, layout.dest_rows, out, spec.hidden, spec.cap, D=D, BLOCK=block,
                 num_warps=self.num_warps)
         return out
+
+    # ---- backward (training) -----------------------------------------------------------------------
+    def combine_backward(self, grad_out: torch.Tensor, received: Received, layout: DispatchLayout) -> torch.Tensor:
+        self.combine_backward_send(grad_out, layout)
+        self._barrier()
+        return self.combine_backward_recv()
+
+    def combine_backward_send(self, grad_out: torch.Tensor, layout: DispatchLayout) -> None:
+        """Phase 1 of combine's backward: each token's output gradient to every rank holding a copy."""
+        self.dispatch_send(grad_out, layout)
+
+    def combine_backward_recv(self) -> torch.Tensor:
+        """Phase 2 (after the barrier): [G * cap, H] row gradients in the activation dtype (a new tensor)."""
+        if self.spec.fp8:
+            return dequantize_fp8(self._rows, self._scales, FP8_TILE, self.spec.dtype)
+        return self._rows.clone()
+
+    def dispatch_backward(self, grad_rows: torch.Tensor, grad_weights: torch.Tensor, received: Received,
+                          layout: DispatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        self.dispatch_backward_send(grad_rows, grad_weights, received)
+        self._barrier()
+        return self.dispatch_backward_recv(layout)
+
+    def dispatch_backward_send(self, grad_rows: torch.Tensor, grad_weights: torch.Tensor,
+                               received: Received) -> None:
+        """Phase 1 of dispatch's backward: every received row's gradient [G * cap, H] and its pair-weight
+        gradients [G * cap, k] back into the source's combine regions."""
+        from ._triton_symm import combine_kernel
+
+        spec = self.spec
+        if tuple(grad_rows.shape) != (spec.rows, spec.hidden) or grad_rows.dtype != spec.dtype:
+            raise ValueError(f"grad_rows: expected [{spec.rows}, {spec.hidden}] {spec.dtype}, "
+                             f"got {list(grad_rows.shape)} {grad_rows.dtype}")
+        if tuple(grad_weights.shape) != (spec.rows, spec.top_k):
+            raise ValueError(f"grad_weights: expected [{spec.rows}, {spec.top_k}], got {list(grad_weights.shape)}")
+        for y, width, offset in ((grad_rows.contiguous(), spec.hidden, spec.off_combine),
+                                 (grad_weights.float().contiguous(), spec.top_k, spec.off_combine_w)):
+            block = max(16, min(_pow2(width), self.block_elems))
+            combine_kernel[(spec.rows, -(-width // block))](
+                y, y.stride(0), self._own_pos, self._ones, 1, received.counts, self._bases, width, self.rank,
+                spec.cap, offset, K=1, BLOCK=block, num_warps=self.num_warps)
+
+    def dispatch_backward_recv(self, layout: DispatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phase 2 (after the barrier): (grad_x [T, H], grad_weights float32 [T, k]), copies summed."""
+        from ._triton_symm import gather_copies_kernel
+
+        spec = self.spec
+        T, D = layout.dests.shape
+        grad_w = torch.empty((T, spec.top_k), dtype=torch.float32, device=self._combine.device)
+        if T:
+            block = max(16, _pow2(spec.top_k))
+            gather_copies_kernel[(T, 1)](self._combine_w, layout.dests, layout.dest_rows, grad_w, spec.top_k,
+                                         spec.cap, D=D, BLOCK=block, num_warps=1)
+        return self.combine_recv(layout), grad_w

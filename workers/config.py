@@ -51,6 +51,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     dtype: str  # checkpoint dtype as named in config.json ("bfloat16", "float32", ...)
     quantization: str | None = None  # "fp8": block-scaled FP8 weights (fp8_checkpoint.py); None: plain
+    router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss in training (`transformers`' default)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -191,4 +192,5 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
         tie_word_embeddings=bool(doc.get("tie_word_embeddings", False)),
         dtype=str(doc.get("dtype") or doc.get("torch_dtype") or "float32"),
         quantization=_quantization(doc),
+        router_aux_loss_coef=float(doc.get("router_aux_loss_coef", 0.01 if family == "olmoe" else 0.001)),
     )

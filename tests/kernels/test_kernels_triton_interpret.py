@@ -1,4 +1,5 @@
-"""Runs the Triton kernel checks on Triton's CPU interpreter, so a broken kernel fails CI without a GPU.
+"""Runs the Triton kernel checks (forward and backward) on Triton's CPU interpreter, so a broken kernel fails CI
+without a GPU.
 
 TRITON_INTERPRET is read when a kernel is decorated, i.e. when its module is imported; a subprocess keeps
 the setting away from every other test in this pytest process.
@@ -24,7 +25,7 @@ def test_triton_kernels_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-         str(HERE / "interpret_checks.py")],
+         str(HERE / "interpret_checks.py"), str(HERE / "interpret_checks_bwd.py")],
         cwd=HERE, env=env, capture_output=True, text=True, timeout=600,
     )
     tail = proc.stdout[-6000:] + proc.stderr[-3000:]
