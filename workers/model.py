@@ -1,7 +1,9 @@
-"""The decoder stack of the Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE families, written for a flat token batch.
+"""Serving the Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE families over a flat token batch with a KV cache.
 
 One worker runs the whole stack for its own sequences (data-parallel attention); only the routed experts
-of MoE layers leave the worker, through an `ExpertExecutor` (dispatch -> grouped GEMM -> combine).
+of MoE layers leave the worker, through an `ExpertExecutor` (dispatch -> grouped GEMM -> combine). The
+family's math is `families.MoECausalLM` (the module training runs too); this file adds what serving needs
+around it: attention over the KV arena, fixed-shape decode steps, routing replay and measurement.
 
 Notation: T tokens of this step on this worker (all sequences, flattened in input order), N sequences,
 H hidden, Q heads, KV key/value heads, D head dim, k experts per token, V vocabulary.
@@ -23,11 +25,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
+from .families import MoECausalLM
 from .kvcache import KVArena, SequenceError
 from .moe import PLAIN_STEP, LayerMeasure, StepContext
-from .weights import MLPWeights, ModelWeights
 
-__all__ = ["MoEModel", "StepBatch", "StepResult", "ExpertExecutor", "route", "rms_norm", "build_batch"]
+__all__ = ["MoEModel", "StepBatch", "StepResult", "ExpertExecutor", "build_batch"]
 
 
 class ExpertExecutor(Protocol):
@@ -51,40 +53,6 @@ class ExpertExecutor(Protocol):
                  topk_weights: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """hidden [T, H], topk_ids int64 [T, k], topk_weights float32 [T, k] -> [T, H]."""
         ...
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim, in fp32, cast back before the weight (as the reference does)."""
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
-
-
-def _swiglu(x: torch.Tensor, w: MLPWeights) -> torch.Tensor:
-    return F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax top-k gate: logits [T, E] -> (ids int64 [T, k], weights float32 [T, k]), highest first."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if normalize:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return ids, weights
-
-
-def gate_weights(logits: torch.Tensor, ids: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """The gate weights the router would give to experts `ids` [T, k] (for routing replay)."""
-    weights = torch.softmax(logits.float(), dim=-1).gather(-1, ids)
-    if normalize:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return weights
 
 
 @dataclass
@@ -216,62 +184,38 @@ class StepResult:
 
 
 class MoEModel:
-    """The forward pass of one worker. Weights are plain tensors; no autograd (inference).
+    """The forward pass of one worker over `module` (its family's `MoECausalLM`, without routed experts: the
+    executor holds them), in inference mode on `device` in `dtype`.
 
     `decode_graphs` runs steps where every sequence brings one token through `DecodeGraphs`: fixed shapes,
     captured as CUDA graphs on a GPU when the executor allows it (a decode step is launch-bound: hundreds
     of small kernels for ~1 ms of GPU work), the same computation run eagerly elsewhere.
     """
 
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, executor: ExpertExecutor,
+    def __init__(self, cfg: ModelConfig, module: MoECausalLM, executor: ExpertExecutor,
                  dtype: torch.dtype, device: torch.device, decode_graphs: bool = False) -> None:
-        self.cfg, self.w, self.executor = cfg, weights, executor
+        self.cfg, self.module, self.executor = cfg, module.eval().requires_grad_(False), executor
         self.dtype, self.device = dtype, device
         self.arena = KVArena(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype, device)
-        D = cfg.head_dim
-        exponents = torch.arange(0, D, 2, dtype=torch.float32, device=device) / D
-        self.inv_freq = 1.0 / (cfg.rope_theta**exponents)
-        self.moe_index = {layer: i for i, layer in enumerate(cfg.moe_layers)}
+        module.rope(torch.zeros(1, dtype=torch.int64, device=device), dtype)  # caches the frequencies before any graph
         self.decoder = None
         if decode_graphs:
             from .decode_graph import DecodeGraphs  # it drives this class
 
             self.decoder = DecodeGraphs(self, capture=device.type == "cuda")
 
-    # ---- pieces --------------------------------------------------------------------------------
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-        return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
-
-    def _project(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """q [T, Q, D], k and v [T, KV, D] of x [T, H], normalised and rotated as the family does."""
-        cfg, w = self.cfg, self.w.layers[layer].attn
-        T, Q, KV, D = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q, k, v = F.linear(x, w.q, w.q_bias), F.linear(x, w.k, w.k_bias), F.linear(x, w.v, w.v_bias)
-        if cfg.qk_norm == "full":
-            q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
-        if cfg.clip_qkv is not None:
-            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
-        q, k, v = q.view(T, Q, D), k.view(T, KV, D), v.view(T, KV, D)
-        if cfg.qk_norm == "head":
-            q = rms_norm(q, w.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, w.k_norm, cfg.rms_norm_eps)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
-
-    def _attention(self, layer: int, x: torch.Tensor, batch: StepBatch, cos: torch.Tensor,
-                   sin: torch.Tensor) -> torch.Tensor:
-        cfg, w = self.cfg, self.w.layers[layer].attn
-        T, Q, KV, D = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    # ---- attention over the KV arena (the cores the family's attention runs) ---------------------------
+    def _attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   batch: StepBatch) -> torch.Tensor:
+        """[T, Q, D]: each group of sequences attends over its cached keys and the new ones."""
+        T, Q, D = q.shape
         if T == 0:  # a worker without sequences this step still takes part in the MoE collectives
-            return x.new_zeros(x.shape)
-        q, k, v = self._project(layer, x, cos, sin)
-
+            return q
         k_cache, v_cache = self.arena.k[layer], self.arena.v[layer]
         k_cache[batch.token_slots, :, batch.positions] = k
         v_cache[batch.token_slots, :, batch.positions] = v
 
-        out = torch.empty((T, Q, D), dtype=x.dtype, device=x.device)
+        out = torch.empty((T, Q, D), dtype=q.dtype, device=q.device)
         for g in batch.groups:
             B = g.slots.shape[0]
             rows = q[g.row_range[0] : g.row_range[1]] if g.row_range else q.index_select(0, g.token_index)
@@ -284,27 +228,26 @@ class MoEModel:
                 kg, vg = k_cache[g.slots, :, : g.keys], v_cache[g.slots, :, : g.keys]
             causal = g.mask is None and g.n > 1  # all pasts 0: plain causal over the new tokens
             og = F.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=g.mask, is_causal=causal, enable_gqa=Q != KV
+                qg, kg, vg, attn_mask=g.mask, is_causal=causal, enable_gqa=k.shape[1] != Q
             )
             og = og.transpose(1, 2).reshape(B * g.n, Q, D)
             if g.row_range:
                 out[g.row_range[0] : g.row_range[1]] = og
             else:
                 out[g.token_index] = og
-        return F.linear(out.view(T, Q * D), w.o, w.o_bias)
+        return out
 
-    def _decode_attention(self, layer: int, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                          mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Attention of B one-token rows over the whole arena, shapes fixed by (B, slots, capacity).
+    def _decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          slots: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, Q, D]: attention of B one-token rows over the whole arena, shapes fixed by (B, slots, capacity).
 
         Queries are scattered into their slots and every slot attends over the full capacity under `mask`;
         rows of other slots compute garbage nobody reads. Grouped-query attention runs as a batch of KV
         heads with Q/KV query rows each (one new token: those rows share keys and mask), so no key is
         repeated per query head and the masked memory-efficient kernel applies.
         """
-        cfg, w = self.cfg, self.w.layers[layer].attn
-        Q, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q, k, v = self._project(layer, x, cos, sin)
+        _, Q, D = q.shape
+        KV = k.shape[1]
         k_cache, v_cache = self.arena.k[layer], self.arena.v[layer]
         k_cache[slots, :, positions] = k
         v_cache[slots, :, positions] = v
@@ -312,47 +255,23 @@ class MoEModel:
         qs = q.new_zeros((S, Q, D))
         qs[slots] = q  # padding rows all land in the scratch slot
         o = F.scaled_dot_product_attention(qs.view(S, KV, Q // KV, D), k_cache, v_cache, attn_mask=mask)
-        return F.linear(o.reshape(S, Q * D).index_select(0, slots), w.o, w.o_bias)
+        return o.reshape(S, Q, D).index_select(0, slots)
 
-    def _moe(self, layer: int, x: torch.Tensor, override: torch.Tensor | None,
-             ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg, w = self.cfg, self.w.layers[layer]
-        logits = F.linear(x, w.router)  # [T, E]
-        if override is None:
-            ids, weights = route(logits, cfg.top_k, cfg.norm_topk_prob)
-        else:
-            ids = override
-            weights = gate_weights(logits, ids, cfg.norm_topk_prob)
-        out = self.executor(self.moe_index[layer], x, ids, weights, ctx)
-        if w.shared is not None:
-            out = out + torch.sigmoid(F.linear(x, w.shared_gate)) * _swiglu(x, w.shared)
-        return out, ids
+    def _stack(self, token_ids: torch.Tensor, positions: torch.Tensor, attend, override_ids: torch.Tensor | None,
+               ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The family's stack with `attend` as attention core and the executor as routed experts.
+        Returns (final hidden states [T, H], routed ids int64 [T, L_moe, k])."""
+        def routed(moe_layer, x, ids, weights):
+            return self.executor(moe_layer, x, ids, weights, ctx)
 
-    # ---- the stack -----------------------------------------------------------------------------
-    def _layers(self, x: torch.Tensor, attend, override_ids: torch.Tensor | None,
-                ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every decoder layer over x [T, H]; attend(layer, normed x) is the attention of the step's shape.
-        Returns (x after the last layer, routed ids int64 [T, L_moe, k])."""
-        cfg = self.cfg
-        routed = []
-        for layer, lw in enumerate(self.w.layers):
-            h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
-            with sdpa_kernel(_SDPA_BACKENDS):
-                x = x + attend(layer, h)
-            h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
-            if lw.router is None:
-                x = x + _swiglu(h, lw.dense)
-                continue
-            moe_layer = self.moe_index[layer]
-            out, ids = self._moe(layer, h, None if override_ids is None else override_ids[:, moe_layer], ctx)
-            x = x + out
-            routed.append(ids)
-        return x, torch.stack(routed, dim=1)  # every model has at least one MoE layer (ModelConfig checks)
+        with sdpa_kernel(_SDPA_BACKENDS):
+            x, routings = self.module.hidden(token_ids, positions, attend, routed, override_ids)
+        return x, torch.stack([r.ids for r in routings], dim=1)  # every model has an MoE layer (ModelConfig)
 
     @torch.inference_mode()
     def logits(self, last: torch.Tensor) -> torch.Tensor:
         """float32 [N, V] next-token logits of final hidden states [N, H]."""
-        return F.linear(rms_norm(last, self.w.final_norm, self.cfg.rms_norm_eps), self.w.lm_head).float()
+        return self.module.logits(last)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, override_ids: torch.Tensor | None = None,
@@ -366,10 +285,8 @@ class MoEModel:
         want = (batch.num_tokens, self.cfg.num_moe_layers, self.cfg.top_k)
         if override_ids is not None and tuple(override_ids.shape) != want:
             raise ValueError(f"topk_ids: expected shape {list(want)}, got {list(override_ids.shape)}")
-        x = self.w.embed.index_select(0, batch.token_ids)
-        cos, sin = self._rope(batch.positions)
-        x, routed = self._layers(x, lambda layer, h: self._attention(layer, h, batch, cos, sin), override_ids,
-                                 ctx)
+        x, routed = self._stack(batch.token_ids, batch.positions,
+                                lambda layer, q, k, v: self._attention(layer, q, k, v, batch), override_ids, ctx)
         self.arena.commit(batch.seq_ids, batch.new_tokens)
         return self.logits(x.index_select(0, batch.last_index)), routed
 
@@ -403,14 +320,12 @@ class MoEModel:
         logits at every size up to 512 would hold ~10 GB for a 152k vocabulary).
         """
         S, C = self.arena.slots, self.arena.capacity
-        x = self.w.embed.index_select(0, token_ids)
-        cos, sin = self._rope(positions)
         # Each slot attends to its keys up to the position its row writes; slots without a row see key 0.
         slot_pos = torch.zeros(S, dtype=torch.int64, device=self.device).index_put_((slots,), positions)
         mask = (torch.arange(C, device=self.device)[None, :] <= slot_pos[:, None])[:, None, None, :]
-        x, routed = self._layers(
-            x, lambda layer, h: self._decode_attention(layer, h, slots, positions, mask, cos, sin), None, ctx)
-        return x, routed
+        return self._stack(
+            token_ids, positions,
+            lambda layer, q, k, v: self._decode_attention(layer, q, k, v, slots, positions, mask), None, ctx)
 
     def step(self, inputs: Sequence[tuple[int, Sequence[int]]] | PackedTokens,
              override_ids: torch.Tensor | None = None, group_batch: int = 0, measure: bool = False) -> StepResult:

@@ -1,7 +1,9 @@
-"""The tensors one worker holds: every non-expert weight (attention is data-parallel) and its expert shard.
+"""What one worker holds: the family module with every non-expert weight (attention is data-parallel), and its
+expert shard.
 
-Notation: H hidden, F routed-expert FFN, V vocabulary, E logical experts, n_l experts held at MoE layer l.
+Notation: H hidden, F routed-expert FFN, V vocabulary, E logical experts, S expert slots per GPU and MoE layer.
 
+    load_model_weights(reader, cfg, dtype, device)  -> MoECausalLM, every parameter read by its checkpoint name
     ExpertShard.slot_expert[l] int64 [S]       logical expert in each local slot of MoE layer l
                                                (`phy2log[l, rank * S : (rank + 1) * S]`)
     ExpertShard.w_gate_up[l]   [S, 2F, H]      gate rows then up rows (the `transformers` 5 fused layout)
@@ -21,53 +23,9 @@ import torch
 
 from .checkpoint import CheckpointReader
 from .config import ModelConfig
+from .families import MoECausalLM
 
-__all__ = [
-    "AttentionWeights", "MLPWeights", "LayerWeights", "ModelWeights", "ExpertShard",
-    "load_model_weights", "load_expert_shard",
-]
-
-
-@dataclass
-class AttentionWeights:
-    q: torch.Tensor  # [heads * D, H]
-    k: torch.Tensor  # [kv_heads * D, H]
-    v: torch.Tensor  # [kv_heads * D, H]
-    o: torch.Tensor  # [H, heads * D]
-    q_bias: torch.Tensor | None = None
-    k_bias: torch.Tensor | None = None
-    v_bias: torch.Tensor | None = None
-    o_bias: torch.Tensor | None = None
-    q_norm: torch.Tensor | None = None  # [D] (per head) or [heads * D] (whole projection)
-    k_norm: torch.Tensor | None = None
-
-
-@dataclass
-class MLPWeights:
-    """A SwiGLU MLP: down(silu(gate x) * up x)."""
-
-    gate: torch.Tensor  # [F, H]
-    up: torch.Tensor  # [F, H]
-    down: torch.Tensor  # [H, F]
-
-
-@dataclass
-class LayerWeights:
-    input_norm: torch.Tensor  # [H]
-    post_norm: torch.Tensor  # [H]
-    attn: AttentionWeights
-    dense: MLPWeights | None = None  # dense decoder layers only
-    router: torch.Tensor | None = None  # [E, H], MoE layers only
-    shared: MLPWeights | None = None  # Qwen2-MoE shared expert
-    shared_gate: torch.Tensor | None = None  # [1, H]
-
-
-@dataclass
-class ModelWeights:
-    embed: torch.Tensor  # [V, H]
-    final_norm: torch.Tensor  # [H]
-    lm_head: torch.Tensor  # [V, H] (the embedding itself when tied)
-    layers: list[LayerWeights]
+__all__ = ["ExpertShard", "load_model_weights", "load_expert_shard"]
 
 
 @dataclass
@@ -80,74 +38,29 @@ class ExpertShard:
         return sum(w.numel() * w.element_size() for w in (*self.w_gate_up, *self.w_down))
 
 
-class _OnDevice:
-    """A reader whose tensors land on `device` (one copy per tensor: a tied lm_head stays the embedding)."""
-
-    def __init__(self, reader: CheckpointReader, device: torch.device | str) -> None:
-        self.reader, self.device = reader, torch.device(device)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.reader
-
-    def get(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.reader.get(name, dtype, shape).to(self.device)
-
-    def get_optional(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
-        return self.get(name, dtype, shape) if name in self.reader else None
-
-
-def _mlp(reader: CheckpointReader, prefix: str, H: int, F: int, dtype: torch.dtype) -> MLPWeights:
-    return MLPWeights(
-        reader.get(f"{prefix}.gate_proj.weight", dtype, (F, H)),
-        reader.get(f"{prefix}.up_proj.weight", dtype, (F, H)),
-        reader.get(f"{prefix}.down_proj.weight", dtype, (H, F)),
-    )
-
-
 def load_model_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: torch.dtype,
-                       device: torch.device | str = "cpu") -> ModelWeights:
-    """Every non-expert tensor of the checkpoint (embeddings, attention, norms, routers, shared experts)."""
-    reader = _OnDevice(reader, device)
-    H, D = cfg.hidden_size, cfg.head_dim
-    qd, kvd = cfg.num_heads * D, cfg.num_kv_heads * D
-    layers = []
-    moe = set(cfg.moe_layers)
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}"
-        a = f"{p}.self_attn"
-        norm_dims = {"head": (D, D), "full": (qd, kvd)}.get(cfg.qk_norm)
-        attn = AttentionWeights(
-            q=reader.get(f"{a}.q_proj.weight", dtype, (qd, H)),
-            k=reader.get(f"{a}.k_proj.weight", dtype, (kvd, H)),
-            v=reader.get(f"{a}.v_proj.weight", dtype, (kvd, H)),
-            o=reader.get(f"{a}.o_proj.weight", dtype, (H, qd)),
-            q_bias=reader.get_optional(f"{a}.q_proj.bias", dtype, (qd,)),
-            k_bias=reader.get_optional(f"{a}.k_proj.bias", dtype, (kvd,)),
-            v_bias=reader.get_optional(f"{a}.v_proj.bias", dtype, (kvd,)),
-            o_bias=reader.get_optional(f"{a}.o_proj.bias", dtype, (H,)),
-            q_norm=None if norm_dims is None else reader.get(f"{a}.q_norm.weight", dtype, (norm_dims[0],)),
-            k_norm=None if norm_dims is None else reader.get(f"{a}.k_norm.weight", dtype, (norm_dims[1],)),
-        )
-        layer = LayerWeights(
-            input_norm=reader.get(f"{p}.input_layernorm.weight", dtype, (H,)),
-            post_norm=reader.get(f"{p}.post_attention_layernorm.weight", dtype, (H,)),
-            attn=attn,
-        )
-        if i in moe:
-            m = f"{p}.{cfg.moe_prefix}"
-            layer.router = reader.get(f"{m}.gate.weight", dtype, (cfg.num_experts, H))
-            if cfg.shared_ffn:
-                layer.shared = _mlp(reader, f"{m}.shared_expert", H, cfg.shared_ffn, dtype)
-                layer.shared_gate = reader.get(f"{m}.shared_expert_gate.weight", dtype, (1, H))
-        else:
-            layer.dense = _mlp(reader, f"{p}.mlp", H, cfg.dense_ffn, dtype)
-        layers.append(layer)
-    embed = reader.get("model.embed_tokens.weight", dtype, (cfg.vocab_size, H))
-    if cfg.tie_word_embeddings or "lm_head.weight" not in reader:
-        lm_head = embed
-    else:
-        lm_head = reader.get("lm_head.weight", dtype, (cfg.vocab_size, H))
-    return ModelWeights(embed, reader.get("model.norm.weight", dtype, (H,)), lm_head, layers)
+                       device: torch.device | str = "cpu", num_slots: int | None = None) -> MoECausalLM:
+    """The family module of the checkpoint with every non-expert tensor read by its parameter's name.
+
+    Routed expert slots (`num_slots` per MoE layer; None: none, as serving holds them in its executor) are
+    allocated but not read: `load_expert_shard` reads them by plan. lm_head is the embedding when the config
+    ties them or the checkpoint has none. The module is built on the meta device, then each parameter is
+    allocated on `device` and filled from the checkpoint: one copy of every weight, never a random init.
+    """
+    attn = "model.layers.0.self_attn"
+    tie = cfg.tie_word_embeddings or "lm_head.weight" not in reader
+    with torch.device("meta"):
+        module = MoECausalLM(cfg, num_slots, qkv_bias=f"{attn}.q_proj.bias" in reader,
+                             o_bias=f"{attn}.o_proj.bias" in reader, tie=tie)
+    module = module.to(dtype).to_empty(device=device)
+    module.tie()
+    with torch.no_grad():
+        for name, param in module.named_parameters():  # a tied lm_head is the embedding: read once
+            if ".experts." not in name:
+                param.copy_(reader.get(name, dtype, tuple(param.shape)))
+        for buf in module.buffers():  # the slots' expert ids, set with the experts
+            buf.zero_()
+    return module
 
 
 def load_expert_shard(reader: CheckpointReader, cfg: ModelConfig, phy2log: np.ndarray, num_gpus: int,
