@@ -196,7 +196,7 @@ def local_prefill(model, total: int, seq_len: int, vocab: int, rng) -> float:
         run_step(model, list(zip(ids, prompts, strict=True)))
         _sync()
         times.append(time.perf_counter() - t0)
-        model.arena.free(ids)
+        model.cache.free(ids)
     return n * seq_len / float(np.median(times[1:]))
 
 
@@ -216,7 +216,7 @@ def local_decode(model, batch: int, vocab: int, rng) -> float:
         _sync()
         if step >= 2:
             times.append(time.perf_counter() - t0)
-    model.arena.free(ids)
+    model.cache.free(ids)
     return batch * len(times) / float(np.sum(times))
 
 
@@ -342,7 +342,9 @@ def measure_variant(name: str, variant: str, args, rows: list, notes: list) -> N
         from expertmesh.workers.local import load_local_model
 
         t0 = time.perf_counter()
-        model = load_local_model(ckpt, torch_dtype, device)
+        # A KV budget for the largest step of the run (its default, 4096 blocks of 16, holds 64k tokens).
+        blocks = max(max(prefill, default=0) // 16 + 16, max(args.decode) * -(-(PROMPT_LEN + DECODE_STEPS + 4) // 16))
+        model = load_local_model(ckpt, torch_dtype, device, kv_blocks=blocks)
         notes.append(f"{name}: ours-local loaded in {time.perf_counter() - t0:.0f} s")
         for total in prefill:
             record("prefill", total, local_prefill(model, total, seq_len, vocab, rng))
