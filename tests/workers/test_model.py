@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from expertmesh.placement.plan import Placement
 from expertmesh.workers.checkpoint import CheckpointError, CheckpointReader, expert_keys
 from expertmesh.workers.config import ModelConfigError, read_model_config
-from expertmesh.workers.kvcache import SequenceError
+from expertmesh.workers.kvcache import KVCacheFull, SequenceError
 from expertmesh.workers.local import load_local_model, run_step
 from expertmesh.workers.sampling import SamplingParams, sample
 from expertmesh.workers.weights import load_expert_shard
@@ -140,6 +140,33 @@ def test_decode_past_the_graphs_table_runs_eagerly_with_the_same_logits(tiny_mod
             history[seq] += new[seq]
             torch.testing.assert_close(logits[row], hf_last_logits(ref, history[seq]), atol=ATOL, rtol=RTOL)
     assert (model.decoder.steps, model.decoder.long_steps) == (4, 2) and sorted(model.decoder.entries) == [2]
+
+
+@pytest.mark.parametrize("decode_graphs", [False, True])
+def test_freed_blocks_are_reused_without_their_old_keys_and_the_cache_never_grows(tiny_models, reference,
+                                                                                   decode_graphs):
+    """Blocks of 4 tokens, 6 in all: sequences that fill them are freed, new ones take the same blocks (their
+    old keys still there, past the new lengths) and match the reference; a step past the budget is refused
+    whole and the storage is the one allocated at setup."""
+    model = load_local_model(tiny_models["olmoe"].path, decode_graphs=decode_graphs, kv_blocks=6, kv_block_size=4)
+    ref = reference("olmoe")
+    storage = model.cache.storage.data_ptr()
+    run_step(model, [(0, [5, 17, 3, 44, 9, 2, 8, 1, 7]), (1, [61, 7, 7, 30, 12, 90])])  # 3 + 2 blocks
+    old = model.cache.blocks(0) + model.cache.blocks(1)
+    with pytest.raises(KVCacheFull, match="needs 2 more KV blocks of 4 tokens, 1 of the worker's 6"):
+        run_step(model, [(1, [4, 4, 4]), (2, [3])])  # 9 tokens -> a third block for 1, one for 2
+    assert 2 not in model.cache and model.cache.length[1] == 6
+    model.cache.free([0, 1])
+    history = {3: [9, 9, 4], 4: [33]}
+    run_step(model, list(history.items()))
+    for step in range(6):
+        new = {s: [(11 * step + s) % 96] for s in history}
+        logits, _ = run_step(model, list(new.items()))
+        for row, seq in enumerate(new):
+            history[seq] += new[seq]
+            torch.testing.assert_close(logits[row], hf_last_logits(ref, history[seq]), atol=ATOL, rtol=RTOL)
+    assert set(model.cache.blocks(3) + model.cache.blocks(4)) <= set(old)  # the freed blocks, lowest first
+    assert model.cache.storage.data_ptr() == storage
 
 
 @pytest.mark.parametrize("family", FAMILIES)
