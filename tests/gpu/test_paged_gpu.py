@@ -119,3 +119,53 @@ def test_decode_and_write_replay_in_a_cuda_graph():
 @pytest.mark.parametrize("n", [1, 33, 512])
 def test_prefill(n):
     pc.check_prefill(DEV, [0, 16, 3, 100], n, pc.GQA["mixtral"], 16, 128, torch.bfloat16, "triton")
+
+
+# ---- the model on the paged cache --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, intermediate_size=96,
+        norm_topk_prob=True, initializer_range=0.1, max_position_embeddings=512)
+    path = tmp_path_factory.mktemp("paged_ckpt") / "qwen3"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return path
+
+
+def test_decode_graphs_capture_once_per_size_and_memory_stays_flat(checkpoint):
+    """bf16 on one GPU, blocks of 16: 3 sequences decode 20 steps, 2 more join, all 5 decode 20 more (crossing
+    blocks all along). One graph per padded size (4 and 8), the same greedy tokens as the steps run eagerly,
+    the cache storage never moved, and the memory allocated equal at every step boundary once both sizes
+    are captured."""
+    from expertmesh.workers import load_local_model, run_step
+
+    prompts = [[5, 17, 3, 44, 9], [2, 8], [61, 7, 7, 30, 12, 90, 1], [33, 4, 4], [1] * 15]
+
+    def run(model):
+        logits, _ = run_step(model, [(i, p) for i, p in enumerate(prompts[:3])])
+        nxt, tokens, memory = logits.argmax(-1).tolist(), [], []
+        for step in range(40):
+            if step == 20:
+                logits, _ = run_step(model, [(i, prompts[i]) for i in (3, 4)])
+                nxt += logits.argmax(-1).tolist()
+            logits, _ = run_step(model, list(enumerate([[t] for t in nxt])))
+            nxt = logits.argmax(-1).tolist()
+            tokens.append(nxt)
+            del logits
+            torch.cuda.synchronize()
+            memory.append(torch.cuda.memory_allocated())
+        return tokens, memory
+
+    graphs = load_local_model(checkpoint, torch.bfloat16, "cuda", kv_blocks=64)
+    eager = load_local_model(checkpoint, torch.bfloat16, "cuda", kv_blocks=64)
+    eager.decoder.capture = False
+    storage = graphs.cache.storage.data_ptr()
+    got, memory = run(graphs)
+    want, _ = run(eager)
+    assert graphs.decoder.captures == 2 and sorted(graphs.decoder.entries) == [4, 8]
+    assert got == want
+    assert graphs.cache.storage.data_ptr() == storage
+    assert len(set(memory[22:])) == 1, memory
