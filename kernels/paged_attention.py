@@ -27,6 +27,8 @@ Triton copy) and handed to `scaled_dot_product_attention` with a causal-over-pas
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -134,11 +136,15 @@ def decode_attention_reference(q, k_cache, v_cache, block_tables, lengths, scale
                        ).reshape(B, QH, D)
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def decode_splits(rows: int, kv_heads: int, max_keys: int, device: torch.device) -> int:
     """Chunks per row of the decode kernel: about two programs per SM (the interpreter counts 4 SMs), never
     more chunks than `max_keys` (the table's width in keys) fills with tiles."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    want = -(-2 * sms // max(rows * kv_heads, 1))
+    want = -(-2 * _multiprocessors(device) // max(rows * kv_heads, 1))
     return max(1, min(MAX_SPLITS, want, -(-max_keys // SPLIT_KEYS)))
 
 

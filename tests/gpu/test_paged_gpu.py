@@ -122,19 +122,6 @@ def test_prefill(n):
 
 
 # ---- the model on the paged cache --------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, intermediate_size=96,
-        norm_topk_prob=True, initializer_range=0.1, max_position_embeddings=512)
-    path = tmp_path_factory.mktemp("paged_ckpt") / "qwen3"
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    return path
-
-
 def test_decode_graphs_capture_once_per_size_and_memory_stays_flat(checkpoint):
     """bf16 on one GPU, blocks of 16: 3 sequences decode 20 steps, 2 more join, all 5 decode 20 more (crossing
     blocks all along). One graph per padded size (4 and 8), the same greedy tokens as the steps run eagerly,

@@ -35,18 +35,6 @@ ATOL, RTOL = 1e-4, 1e-3
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, intermediate_size=96,
-        norm_topk_prob=True, initializer_range=0.1, max_position_embeddings=512)
-    path = tmp_path_factory.mktemp("gpu_ckpt") / "qwen3"
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def ref(checkpoint):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

@@ -1,4 +1,4 @@
-"""The paged-attention Triton kernels on Triton's CPU interpreter (run by test_paged_attention.py).
+"""The paged-attention Triton kernels on Triton's CPU interpreter (run by test_kernels_triton_interpret.py).
 
 TRITON_INTERPRET must be set before Triton is imported, so this module runs in its own process:
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -p no:cacheprovider tests/kernels/paged_interpret_checks.py
@@ -30,8 +30,7 @@ def test_gather_kv(block_size, head_dim):
 
 
 @pytest.mark.parametrize("family", list(pc.GQA))
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.float32), (128, torch.bfloat16)])
 def test_decode_one_chunk_per_row(family, head_dim, dtype):
     pc.check_decode("cpu", LENGTHS, pc.GQA[family], 16, head_dim, dtype, "triton", splits=1)
 

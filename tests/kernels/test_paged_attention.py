@@ -1,15 +1,10 @@
-"""Paged attention: the torch references against a naive per-position loop, and the Triton kernels on the
-interpreter (a subprocess runs `paged_interpret_checks.py` with TRITON_INTERPRET=1).
+"""Paged attention: the torch references against a naive per-position loop (the Triton kernels run the same
+checks on the interpreter: `paged_interpret_checks.py`, started by test_kernels_triton_interpret.py).
 
     .venv/bin/python -m pytest -q tests/kernels/test_paged_attention.py
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import paged_checks as pc
 import pytest
@@ -17,7 +12,6 @@ import torch
 
 from expertmesh.kernels.paged_attention import decode_attention, decode_splits, prefill_attention, write_kv
 
-HERE = Path(__file__).parent
 LENGTHS = [0, 1, 33, 16, 32, 17, 5]  # empty, one token, odd, block boundaries of 16 and one past
 
 
@@ -67,17 +61,3 @@ def test_bad_inputs_name_the_argument():
         prefill_attention(torch.zeros(3, 1, 4, 8), kc, kc, table, lengths, 40)
     with pytest.raises(ValueError, match="k, v"):
         write_kv(kc, kc, torch.zeros(2, 2, 4), torch.zeros(2, 2, 4), torch.zeros(2, dtype=torch.int64))
-
-
-@pytest.mark.slow
-def test_triton_kernels_under_the_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-         str(HERE / "paged_interpret_checks.py")],
-        cwd=HERE, env=env, capture_output=True, text=True, timeout=900,
-    )
-    tail = proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert proc.returncode == 0, tail
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout, tail
