@@ -158,8 +158,8 @@ def write_kv_triton(k_cache, v_cache, k, v, slots) -> None:
         v = v.contiguous()
     _write_kv_kernel[(T,)](k, v, k_cache, v_cache, slots.contiguous(), KVH, D, k.stride(0), k.stride(1),
                            v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                           BS=k_cache.shape[2], BLOCK_H=triton.next_power_of_2(KVH), BLOCK_D=triton.next_power_of_2(D),
-                           num_warps=4)
+                           BS=k_cache.shape[2], BLOCK_H=max(2, triton.next_power_of_2(KVH)),
+                           BLOCK_D=triton.next_power_of_2(D), num_warps=4)
 
 
 def decode_attention_triton(q, k_cache, v_cache, block_tables, lengths, scale: float, splits: int) -> torch.Tensor:
