@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= out/demo
 
-.PHONY: demo test lint venv redis-server clean
+.PHONY: demo plan-demo test lint venv redis-server protos clean
 
 venv: $(VENV)/.installed
 
@@ -26,7 +26,17 @@ redis-server:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server >/dev/null; }
 
-demo: venv
+# The gRPC stubs under protos/v1/ from protos/expertmesh/v1/*.proto (committed; a test fails when stale).
+protos: venv
+	$(PY) -m expertmesh.protos.generate
+
+# The service end to end: the tiny model on 2 CPU workers, a burst of requests over gRPC, then placements
+# planned from the routing its workers recorded in a private redis-server.
+demo: venv redis-server
+	$(VENV)/bin/expertmesh serve-demo
+
+# The placement comparison on a synthetic trace (heatmaps under $(DEMO_OUT)).
+plan-demo: venv
 	$(VENV)/bin/expertmesh demo --out $(DEMO_OUT)
 
 lint: venv

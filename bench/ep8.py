@@ -264,6 +264,28 @@ def cmd_measure(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- report
+def summarise(measured: dict) -> dict:
+    """What the results json keeps of a measurement: per (trace, plan, exchange) the step time and, per MoE
+    layer, the slowest rank's phase times and the bytes that crossed links (the raw per-rank and per-replay
+    samples stay in the measurement file on the GPU machine)."""
+    G = measured["gpus"]
+    out = {k: v for k, v in measured.items() if k != "traces"}
+    out["traces"] = {}
+    for name, entry in measured["traces"].items():
+        plans = {}
+        for plan_name, rec in entry["plans"].items():
+            plans[plan_name] = {"predicted_step_s": rec["predicted"]["step_s"], "measured": {}}
+            for exchange in rec["measured"]:
+                p = _per_layer(rec, exchange, G)
+                plans[plan_name]["measured"][exchange] = {
+                    "step_s": p["step_s"],
+                    **{k: np.asarray(p[k]).tolist() for k in ("dispatch_bytes", "combine_bytes", "port_bytes",
+                                                              "dispatch_s", "combine_s", "expert_s", "load_max")},
+                }
+        out["traces"][name] = {**{k: v for k, v in entry.items() if k != "plans"}, "plans": plans}
+    return out
+
+
 def _per_layer(rec: dict, exchange: str, G: int) -> dict:
     """Per-layer figures of one measured (trace, plan, exchange): slowest rank for times."""
     m = rec["measured"][exchange]
@@ -451,7 +473,7 @@ def cmd_report(args) -> None:
                     lines.append(f"| {ex} | {name} | {G2} | {plan_name} | {r['a2a_ms']:.2f} | {r['expert_ms']:.2f} "
                                  f"| {r['moe_ms']:.2f} | {r['gain'] * 100:+.1f}% |")
         out["projection"] = {ex: {f"{n}.g{g}": v for (n, g), v in p_ex.items()} for ex, p_ex in proj.items()}
-    print(write_report(args.results, "ep8", lines, {"measured": measured, "report": out}).read_text())
+    print(write_report(args.results, "ep8", lines, {"measured": summarise(measured), "report": out}).read_text())
 
 
 def project(data: Path, fit: dict, measured: dict) -> dict:

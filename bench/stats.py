@@ -105,7 +105,7 @@ def raw_blob(window) -> bytes:
 
 def group_windows(n: int, shape) -> list:
     """The summed window of n writers' steps, per variant: what a group holds after its flush's all-reduce."""
-    from expertmesh.cluster.counting import WindowAccumulator
+    from expertmesh.cluster.stats.counting import WindowAccumulator
 
     tokens, layers, experts, top_k = shape
     out = []
@@ -120,7 +120,7 @@ def group_windows(n: int, shape) -> list:
 def dense_share(window, first: int, stop: int) -> dict:
     """`add_counts` keywords of layers [first, stop) of a whole window, as a GPU worker's DeviceCounts.take
     hands them over after the group's sum (int32; pairs in the upper triangle)."""
-    from expertmesh.cluster.window import triu_pairs
+    from expertmesh.cluster.stats.window import triu_pairs
 
     share = window.share(first, stop)
     E = window.num_experts
@@ -136,9 +136,9 @@ def writer_main(url, model, writer, windows, warmup, barrier, queue, shape, base
     layer share of them (the group-shares mode), handed over as a GPU worker's dense counts."""
     import redis
 
-    from expertmesh.cluster.counting import WindowAccumulator
-    from expertmesh.cluster.recorder import RedisStatsSink
-    from expertmesh.cluster.window import layer_shares
+    from expertmesh.cluster.stats.counting import WindowAccumulator
+    from expertmesh.cluster.stats.recorder import RedisStatsSink
+    from expertmesh.cluster.stats.window import layer_shares
 
     tokens, layers, experts, top_k = shape
     sink = RedisStatsSink(url, model, layers, experts, top_k, keep=64, max_buffer_bytes=2**31, op_timeout_s=120)
@@ -252,9 +252,9 @@ def main() -> None:
 
     import redis
 
-    from expertmesh.cluster.codec import encode_window
-    from expertmesh.cluster.counting import WindowAccumulator
-    from expertmesh.cluster.store import StatsStore
+    from expertmesh.cluster.stats.codec import encode_window
+    from expertmesh.cluster.stats.counting import WindowAccumulator
+    from expertmesh.cluster.stats.store import StatsStore
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-stats-"))
     proc, port = start_redis(tmp, args.redis_io_threads)
@@ -301,7 +301,7 @@ def main() -> None:
             if shares:
                 import pickle
 
-                from expertmesh.cluster.window import layer_shares
+                from expertmesh.cluster.stats.window import layer_shares
 
                 group = group_windows(n, shape)
                 group_path = tmp / f"group-{n}.pkl"
@@ -398,14 +398,14 @@ def main() -> None:
 
 def array_layouts(blob: bytes) -> list[str]:
     """'LAYOUT/bits' of each array of an encoded window (counts, coact, trans), from its array headers."""
-    from expertmesh.cluster import codec
+    from expertmesh.cluster.stats.codec import format as codec
 
     names = {codec.DENSE: "DENSE", codec.BITMAP: "BITMAP", codec.COO: "COO", codec.GROUPS: "GROUPS"}
-    out, offset = [], codec._HEADER.size
+    out, offset = [], codec.HEADER.size
     for _ in range(3):
-        layout, bits, ibytes, _, xbytes, n, nnz, n_over = codec._ARRAY.unpack_from(blob, offset)
+        layout, bits, ibytes, _, xbytes, n, nnz, n_over = codec.ARRAY.unpack_from(blob, offset)
         out.append(f"{names[layout]}/{bits}")
-        offset += codec._ARRAY.size
+        offset += codec.ARRAY.size
         if layout == codec.GROUPS:
             offset += 2 * (-(-n // 4)) + n_over * ibytes + n_over * 4 * bits // 8
         else:
@@ -443,7 +443,7 @@ def render(r: dict) -> str:
         f"(ratio {wb['ours'] / wb['baseline']:.3f}); cells non-zero: coact {100 * wb['coact_density']:.1f}%, "
         f"trans {100 * wb['trans_density']:.1f}%. Layouts written (counts, coact, trans): "
         f"{', '.join(wb.get('layouts', []))}: at this density no index pays for itself, so every cell "
-        "keeps 4 bits, and groups of 4 cells with one above 15 are stored whole (format version 2).",
+        "keeps 4 bits, and groups of 4 cells with one above 15 are stored whole (the GROUPS layout).",
         "",
         f"Alone in one process (median of {r['alone']['repeats']['record']} / {r['alone']['repeats']['encode']}"
         f"): record() of one step {r['alone']['record_ms_median']:.1f} ms (min {r['alone']['record_ms_min']:.1f}), "

@@ -1,12 +1,29 @@
-"""expertmesh.cluster: the control plane. Here: routing statistics in Redis.
+"""expertmesh.cluster: the control plane, one subpackage per capability, each with its own layering rule.
 
-    recorder   RedisStatsSink / StatsRecorder: what workers use to record routing (injected, picklable sink)
-    store      StatsStore: windows under one key prefix per model/run, exact snapshots, decayed aggregate
-    cli        `expertmesh stats ...` and load_stats_url() for `--stats redis://...?model=M`
-    codec      the compact binary form of a window;  window: WindowCounts, the layout the store keeps
-    counting   WindowAccumulator: counts exactly as placement.stats.stats_from_trace does
-    connect    Redis URLs (redis://, rediss://, EXPERTMESH_REDIS_URL) and the store's errors
-    scripts    the Lua scripts that make writes atomic and idempotent
+    stats       routing statistics in Redis: store, codec, recorder sinks, `expertmesh stats`
+                (may import placement only)
+    serve       the serving engine and its gRPC services (may import placement, stats, workers, protos)
+    controller  the rebalance loop (may import placement, stats, protos; never workers or torch)
 
-Importing this package does not import redis; only talking to a server does (the `stats` extra).
+What users import from the statistics is re-exported here, e.g. `from expertmesh.cluster import RedisStatsSink`.
+Importing this package loads no statistics module (nor numpy or redis), only the index of their names:
+a name is loaded when it is first used.
 """
+
+from __future__ import annotations
+
+from .stats import __all__ as _STATS_NAMES
+
+__all__ = list(_STATS_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _STATS_NAMES:
+        from . import stats
+
+        return getattr(stats, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

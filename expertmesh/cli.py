@@ -1,4 +1,5 @@
-"""The `expertmesh` command: planning commands from `expertmesh.placement`, `stats` from `expertmesh.cluster`.
+"""The `expertmesh` command: planning commands from `expertmesh.placement`, `stats` from `expertmesh.cluster`,
+`serve`, `infer` and `serve-demo` from `expertmesh.cluster.serve`.
 
 The control plane's pieces are mounted here, not imported by placement, so the planner stays free of
 Redis; without the `stats` extra installed, `expertmesh stats` says how to get it.
@@ -6,32 +7,52 @@ Redis; without the `stats` extra installed, `expertmesh stats` says how to get i
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
+from expertmesh.cluster.serve.cli import register as register_serving
 from expertmesh.placement.cli import EXIT_USAGE, app, register_stats_loader
 
 __all__ = ["app", "main"]
 
 
 def _mount_stats() -> None:
-    try:
-        from expertmesh.cluster.cli import load_stats_url, stats_app
-    except ModuleNotFoundError as exc:
-        if exc.name != "redis":
-            raise
-        missing = exc.name
+    # Importing the statistics CLI needs no redis: without the `stats` extra, a command that talks to
+    # Redis fails with one line naming the package to install.
+    from expertmesh.cluster.stats.cli import stats_app
+    from expertmesh.cluster.stats.store import load_stats_url
 
-        @app.command("stats", help="Routing statistics in Redis (needs: pip install 'expertmesh[stats]').")
-        def stats_unavailable() -> None:
-            typer.echo(f"expertmesh stats needs the '{missing}' package: pip install 'expertmesh[stats]'", err=True)
-            raise typer.Exit(EXIT_USAGE)
-
-        return
     register_stats_loader(("redis", "rediss"), load_stats_url)
     app.add_typer(stats_app, name="stats")
 
 
 _mount_stats()
+register_serving(app)  # imports only typer here; each command imports what it needs when it runs
+
+
+@app.command("quantize")
+def quantize(
+    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="Hugging Face checkpoint folder (safetensors).")],
+    dest: Annotated[Path, typer.Argument(metavar="DEST", help="Folder to write the FP8 checkpoint to.")],
+) -> None:
+    """Write the block-scaled FP8 form of a checkpoint (E4M3 weights with one factor per 128 x 128 block, the
+    format DeepSeek-V3 and Qwen3-FP8 ship); it serves at precision fp8 by default."""
+    if dest.exists() and any(dest.iterdir()):
+        typer.echo(f"error: {dest}: exists and is not empty", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    if not (source / "config.json").is_file():
+        typer.echo(f"error: {source}: no config.json (expected a Hugging Face checkpoint folder)", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    from expertmesh.workers.fp8_checkpoint import write_fp8_checkpoint  # torch: only when converting
+
+    try:
+        write_fp8_checkpoint(source, dest, lambda done, total: typer.echo(f"{done}/{total} files", err=True))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    typer.echo(f"fp8 checkpoint\t{dest}")
 
 
 def main() -> None:

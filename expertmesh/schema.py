@@ -19,11 +19,24 @@ from typing import Any, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["Config", "ConfigError"]
+__all__ = ["Config", "ConfigError", "read_file"]
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; one line per problem, each naming the field."""
+
+
+def read_file(path: str | Path) -> Any:
+    """The parsed YAML (or JSON) of a config file ({} when empty), before validation; ConfigError when it
+    cannot be read or parsed (callers that merge command-line flags into a file start here)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return {} if data is None else data
 
 
 def _describe(error: dict) -> str:
@@ -60,14 +73,7 @@ class Config(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> Self:
         """Read a YAML (or JSON, a subset of YAML) file."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        return cls.from_dict({} if data is None else data, str(path))
+        return cls.from_dict(read_file(path), str(path))
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

@@ -1,9 +1,13 @@
-"""Shared fixtures: a private, real `redis-server` on a free port (no fakeredis anywhere).
+"""Shared fixtures: a private, real `redis-server` on a free port (no fakeredis anywhere), one local Ray
+cluster, and a tiny served model.
 
     redis_server          session-scoped handle: .url, .port, .kill() (SIGKILL), .restart() (same port)
     redis_url             function-scoped: the server's URL, server alive and database empty for every test
     redis_server_factory  function-scoped: start extra private servers, e.g. durable=True (AOF, fsync always)
                           for tests that kill Redis and expect acknowledged writes to survive the restart
+    ray_cluster           session: `ray.init(num_cpus=4)` once for every test that starts workers
+    served_model          session: `write_tiny_model`'s folder (tokenizer.json, config.json) with real random
+                          weights written by `transformers` (fp32), and that `transformers` model (eval)
 
 `make test` installs redis-server when it is missing; without it these fixtures skip with that advice.
 """
@@ -16,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -160,3 +165,38 @@ def redis_server_factory(tmp_path):
     yield make
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    path: Path
+    reference: object  # the transformers model of the checkpoint
+
+
+@pytest.fixture(scope="session")
+def served_model(tmp_path_factory) -> ServedModel:
+    import torch
+    import transformers
+
+    from expertmesh.cluster.serve.tiny import write_tiny_model
+
+    path = write_tiny_model(tmp_path_factory.mktemp("served") / "tiny")
+    config = transformers.AutoConfig.from_pretrained(path)
+    torch.manual_seed(11)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # the default 0.02 init gives near-uniform logits: greedy ties would be coin flips
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)
+    model.save_pretrained(path)  # config.json again (same fields), generation_config.json, model.safetensors
+    return ServedModel(path, model.eval())

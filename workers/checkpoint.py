@@ -7,6 +7,9 @@ weights come in two layouts and both are read without touching the other experts
   `<layer>.<moe>.experts.<e>.{w1,w3,w2}.weight` (Mixtral) or `...experts.<e>.{gate,up,down}_proj.weight`;
 - fused 3-D tensors `<layer>.<moe>.experts.gate_up_proj` [E, 2F, H] and `...experts.down_proj` [E, H, F]
   (the in-memory layout of `transformers` 5), sliced by expert with `safe_open(...).get_slice`.
+
+Block-scaled FP8 weights (DeepSeek-V3's and Qwen3-FP8's format, `fp8_checkpoint.py`) are read with their
+`_scale_inv` factors and dequantised to the requested dtype.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelConfig
+from .fp8_checkpoint import SCALE_SUFFIX, dequantize_blockwise
 
 __all__ = ["CheckpointReader", "RandomReader", "CheckpointError", "expert_keys", "open_weights", "WEIGHTS"]
 
@@ -82,15 +86,33 @@ class CheckpointReader:
     def shape(self, name: str) -> list[int]:
         return list(self._handle(name).get_slice(name).get_shape())
 
+    def _dequantized(self, name: str, tensor: torch.Tensor, dtype: torch.dtype, index: int | None = None):
+        """`tensor` in `dtype`; an FP8 weight is multiplied by its block factors (`fp8_checkpoint.py`)."""
+        if tensor.dtype != torch.float8_e4m3fn:
+            return tensor.to(dtype)
+        scale_name = name + SCALE_SUFFIX
+        if scale_name not in self:
+            raise CheckpointError(f"{name}: an FP8 tensor without its block factors {scale_name!r}")
+        self.names_read.add(scale_name if index is None else f"{scale_name}[{index}]")
+        if index is None:
+            scale = self._handle(scale_name).get_tensor(scale_name)
+        else:
+            scale = self._handle(scale_name).get_slice(scale_name)[index : index + 1][0]
+        try:
+            return dequantize_blockwise(tensor, scale, dtype)
+        except ValueError as exc:
+            raise CheckpointError(f"{scale_name}: {exc}") from None
+
     def get(self, name: str, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """The whole tensor `name`, cast to `dtype`; `shape` (if given) is checked."""
+        """The whole tensor `name`, cast to `dtype`; `shape` (if given) is checked. FP8 block-scaled weights
+        come back dequantised."""
         tensor = self._handle(name).get_tensor(name)
         self.names_read.add(name)
         if shape is not None and tuple(tensor.shape) != tuple(shape):
             raise CheckpointError(
                 f"{name}: expected shape {list(shape)}, checkpoint has {list(tensor.shape)}"
             )
-        return tensor.to(dtype)
+        return self._dequantized(name, tensor, dtype)
 
     def get_optional(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
         return self.get(name, dtype, shape) if name in self else None
@@ -99,7 +121,7 @@ class CheckpointReader:
         """`tensor[index]` of a stacked tensor, reading only that slice from disk."""
         tensor = self._handle(name).get_slice(name)[index : index + 1]
         self.names_read.add(f"{name}[{index}]")
-        return tensor[0].to(dtype)
+        return self._dequantized(name, tensor[0], dtype, index)
 
     def expert(self, cfg: ModelConfig, decoder_layer: int, expert: int, dtype: torch.dtype):
         """(gate [F, H], up [F, H], down [H, F]) of one routed expert, in either checkpoint layout."""

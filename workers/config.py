@@ -50,6 +50,7 @@ class ModelConfig:
     moe_layers: tuple[int, ...]
     tie_word_embeddings: bool
     dtype: str  # checkpoint dtype as named in config.json ("bfloat16", "float32", ...)
+    quantization: str | None = None  # "fp8": block-scaled FP8 weights (fp8_checkpoint.py); None: plain
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -118,6 +119,19 @@ def _sliding_window_active(doc: dict, family: str) -> bool:
     return False
 
 
+def _quantization(doc: dict) -> str | None:
+    """None for a plain checkpoint, "fp8" for block-scaled E4M3 (128 x 128); anything else is refused."""
+    q = doc.get("quantization_config")
+    if not q:
+        return None
+    method, block = q.get("quant_method"), q.get("weight_block_size")
+    if method != "fp8" or q.get("fmt", "e4m3") != "e4m3" or list(block or []) != [128, 128]:
+        raise ModelConfigError(
+            "quantization_config: only block-scaled FP8 is supported (quant_method 'fp8', fmt 'e4m3', "
+            f"weight_block_size [128, 128]), got {json.dumps(q)}")
+    return "fp8"
+
+
 def read_model_config(model_dir: str | Path) -> ModelConfig:
     """Parse `model_dir/config.json` into a `ModelConfig`, refusing what the runtime does not implement."""
     path = Path(model_dir) / "config.json"
@@ -176,4 +190,5 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
         moe_layers=moe_layers,
         tie_word_embeddings=bool(doc.get("tie_word_embeddings", False)),
         dtype=str(doc.get("dtype") or doc.get("torch_dtype") or "float32"),
+        quantization=_quantization(doc),
     )

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -290,10 +290,14 @@ class EPGroup:
         return self.ledger.home
 
     def _prepare(self, inputs: StepInputs, sampling, return_logits: bool, measure: bool,
-                 pause_s: Sequence[float] | None) -> list[tuple]:
+                 pause_s: Sequence[float] | None, score: Sequence[Mapping[int, int]] | None = None,
+                 routed: bool = False) -> list[tuple]:
         """Check a step and build each worker's `step` arguments (nothing is sent or recorded)."""
         self._check_usable()
         checked = pack_inputs(inputs, self.ledger, self.model_config.vocab_size, self.max_tokens)
+        if score is not None and len(score) != self.num_workers:
+            raise ValueError(f"score: expected one mapping per worker ({self.num_workers}), got {len(score)}")
+        score = [dict(m) if m else None for m in score] if score is not None else [None] * self.num_workers
         if sampling is not None and not isinstance(sampling, SamplingParams):
             if len(sampling) != self.num_workers or any(
                     len(s) != len(b) for s, b in zip(sampling, inputs, strict=True)):
@@ -304,8 +308,9 @@ class EPGroup:
         else:
             sampling = [sampling] * self.num_workers
         pause = list(pause_s) if pause_s is not None else [0.0] * self.num_workers
-        batch = self._group_batch(checked, measure)
-        return [(b, sampling[rank], return_logits, measure, pause[rank], batch) for rank, b in enumerate(checked)]
+        batch = 0 if any(score) else self._group_batch(checked, measure)  # scored steps take the variable path
+        return [(b, sampling[rank], return_logits, measure, pause[rank], batch, score[rank], routed)
+                for rank, b in enumerate(checked)]
 
     def step(
         self,
@@ -314,16 +319,19 @@ class EPGroup:
         return_logits: bool = True,
         measure: bool = False,
         pause_s: Sequence[float] | None = None,
+        score: Sequence[Mapping[int, int]] | None = None,
     ) -> list[StepOutput]:
         """One lockstep step: `inputs[w]` is worker w's list of (sequence id, new token ids).
 
         A new sequence is prefilled, a known one continues from its cache. Returns one `StepOutput` per
         worker with the last position's logits (unless `return_logits=False`) and, when `sampling` is
         given (one `SamplingParams` for all, or one per input), the next token of every sequence.
+        `score[w]` maps sequences of worker w to the token that follows their new tokens (-1: none); their
+        token log-probabilities come back in `StepOutput.token_logprobs`.
         `pause_s[w]` holds worker w before its first layer (for failure tests). A step that would outgrow a
         worker's KV blocks raises `KVBudgetError` before anything runs.
         """
-        args = self._prepare(inputs, sampling, return_logits, measure, pause_s)
+        args = self._prepare(inputs, sampling, return_logits, measure, pause_s, score)
         what = f"step {self.steps}"
         if self.compiled_steps:
             outputs = self._graph_call(args, self.step_timeout_s, what)
@@ -339,27 +347,34 @@ class EPGroup:
         inputs: StepInputs,
         sampling: SamplingParams | Sequence[Sequence[SamplingParams]] | None = None,
         return_logits: bool = True,
+        score: Sequence[Mapping[int, int]] | None = None,
+        routed: bool = False,
     ) -> list[StepOutput]:
         """`step` for an asyncio loop: awaits the workers' results instead of blocking the loop.
 
         Failures are handled as in `step` (the group is torn down, `WorkerFailure` / `StepTimeout` raised).
         With compiled steps the graph's call runs in a thread (it blocks on shared-memory channels).
+        `routed`: each worker's output carries its tokens' expert ids (`StepOutput.routed`).
         """
-        args = self._prepare(inputs, sampling, return_logits, False, None)
+        args = self._prepare(inputs, sampling, return_logits, False, None, score, routed)
         what = f"step {self.steps}"
         if self.compiled_steps:
             outputs = await asyncio.to_thread(self._graph_call, args, self.step_timeout_s, what)
         else:
-            refs = [a.step.remote(*x) for a, x in zip(self._actors, args, strict=True)]
-            try:
-                outputs = await asyncio.wait_for(asyncio.gather(*refs), self.step_timeout_s)
-            except TimeoutError:
-                self._timed_out(what, list(range(len(refs))), self.step_timeout_s)
-            except (RayActorError, RayTaskError) as err:
-                self._failed(what, self._rank_of(err), err)
+            outputs = await self._gather([a.step.remote(*x) for a, x in zip(self._actors, args, strict=True)],
+                                         what)
         self.ledger.commit(inputs)
         self.steps += 1
         return outputs
+
+    async def _gather(self, refs: list, what: str) -> list:
+        """`_call` for an asyncio loop: await one call per worker, with the same failure handling."""
+        try:
+            return await asyncio.wait_for(asyncio.gather(*refs), self.step_timeout_s)
+        except TimeoutError:
+            self._timed_out(what, list(range(len(refs))), self.step_timeout_s)
+        except (RayActorError, RayTaskError) as err:
+            self._failed(what, self._rank_of(err), err)
 
     def _group_batch(self, checked: list[PackedTokens], measure: bool) -> int:
         """The largest worker batch when every worker's step is decode-only (else 0): the workers then run
@@ -401,6 +416,13 @@ class EPGroup:
         refs = [self._actors[r].free.remote(ids) for r, ids in by_rank.items()]
         if refs:
             self._call(refs, self.step_timeout_s, "free")
+
+    def free_async(self, seq_ids: Sequence[int]) -> Awaitable[None]:
+        """`free` for an asyncio loop: the ledger forgets the sequences and the calls are sent now (each
+        worker runs them before any later step); await the result to see a failure."""
+        self._check_usable()
+        by_rank = self.ledger.drop(seq_ids)
+        return self._gather([self._actors[r].free.remote(ids) for r, ids in by_rank.items()], "free")
 
     def generate(
         self,

@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from expertmesh.kernels.moe import Precision
 from expertmesh.schema import Config
 
-__all__ = ["GroupConfig", "Timeouts", "StatsSettings", "EXCHANGES", "DTYPE_NAMES"]
+__all__ = ["GroupConfig", "Timeouts", "StatsSettings", "EXCHANGES", "DTYPE_NAMES", "resolve_precision"]
 
 EXCHANGES = ("auto", "all_to_all", "symm_mem")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -27,6 +27,13 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 Exchange = Literal["auto", "all_to_all", "symm_mem"]
 PrecisionName = Literal["bf16", "fp8-dispatch", "fp8"]
 assert set(PrecisionName.__args__) == {p.value for p in Precision}
+
+
+def resolve_precision(precision: str | None, checkpoint_quantization: str | None) -> Precision:
+    """`precision`, else FP8 for an FP8 checkpoint (its experts then run exactly its weights), else bf16."""
+    if precision is not None:
+        return Precision(precision)
+    return Precision.FP8 if checkpoint_quantization == "fp8" else Precision.BF16
 
 
 class Timeouts(Config):
@@ -58,8 +65,9 @@ class GroupConfig(Config):
     """cuda: one GPU per worker, NCCL; cpu: gloo (tests, development)."""
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """Weights and activations; default: the checkpoint's on CUDA, float32 on CPU."""
-    precision: PrecisionName = "bf16"
-    """Routed experts: bf16 (the model's dtype), fp8-dispatch (FP8 tokens on the wire), fp8 (also FP8 GEMMs)."""
+    precision: PrecisionName | None = None
+    """Routed experts: bf16 (the model's dtype), fp8-dispatch (FP8 tokens on the wire), fp8 (also FP8 GEMMs);
+    default: fp8 for an FP8 checkpoint, else bf16."""
     exchange: Exchange = "auto"
     """Dispatch/combine: auto = all_to_all (NCCL or gloo all_to_all_single); symm_mem = NVLink writes into peers'
     buffers (one node, CUDA, needs max_tokens)."""
@@ -93,9 +101,8 @@ class GroupConfig(Config):
                              f"{self.device!r} and max_tokens {self.max_tokens}")
         return self
 
-    @property
-    def precision_kind(self) -> Precision:
-        return Precision(self.precision)
+    def resolved_precision(self, checkpoint_quantization: str | None) -> Precision:
+        return resolve_precision(self.precision, checkpoint_quantization)
 
     def resolved_dtype(self, checkpoint_dtype: str) -> str:
         """The dtype the workers run: `dtype`, else the checkpoint's on CUDA, float32 on CPU."""

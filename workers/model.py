@@ -17,7 +17,7 @@ paged decode kernel, chunks over a past through `prefill_attention` (the past ga
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -188,6 +188,7 @@ class StepResult:
     logits: torch.Tensor  # float32 [N, V] of each sequence's last new token
     routed: torch.Tensor  # int64 [T, L_moe, k] expert ids of every new token
     measures: list[LayerMeasure] = field(default_factory=list)  # per MoE layer, when the step was measured
+    token_logprobs: dict[int, torch.Tensor] = field(default_factory=dict)  # scored sequences (see `forward`)
 
 
 class MoEModel:
@@ -270,12 +271,17 @@ class MoEModel:
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, override_ids: torch.Tensor | None = None,
-                ctx: StepContext = PLAIN_STEP) -> tuple[torch.Tensor, torch.Tensor]:
+                ctx: StepContext = PLAIN_STEP, score: Mapping[int, int] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
         """Run the stack for one step.
 
         override_ids: int64 [T, L_moe, k] expert ids that replace the gate's choice (routing replay).
         ctx: what the MoE layers need to know about the step (measurement).
-        Returns (logits float32 [N, V] of each sequence's last new token, routed ids int64 [T, L_moe, k]).
+        score: sequence -> the token that follows its new tokens (-1: none known) for the sequences whose
+        token log-probabilities are wanted.
+        Returns (logits float32 [N, V] of each sequence's last new token, routed ids int64 [T, L_moe, k],
+        per scored sequence float32 [n]: the log-probability of the token after each of its n new positions,
+        i.e. of its next new token and, at the last position, of `score[seq]` (NaN for -1)).
         """
         want = (batch.num_tokens, self.cfg.num_moe_layers, self.cfg.top_k)
         if override_ids is not None and tuple(override_ids.shape) != want:
@@ -283,7 +289,30 @@ class MoEModel:
         x, routed = self._stack(batch.token_ids, batch.positions,
                                 lambda layer, q, k, v: self._attention(layer, q, k, v, batch), override_ids, ctx)
         self.cache.commit(batch.seq_ids, batch.new_tokens)
-        return self.logits(x.index_select(0, batch.last_index)), routed
+        scored = self._token_logprobs(x, batch, score) if score else {}
+        return self.logits(x.index_select(0, batch.last_index)), routed, scored
+
+    def _token_logprobs(self, x: torch.Tensor, batch: StepBatch, score: Mapping[int, int],
+                        rows_per_pass: int = 1024) -> dict[int, torch.Tensor]:
+        """Log-probabilities of each scored sequence's following tokens from its final states in x [T, H],
+        `rows_per_pass` rows at a time (a prefill's [T, V] logits at once would hold gigabytes)."""
+        out = {}
+        for seq, n, last in zip(batch.seq_ids, batch.new_tokens, batch.last_index.tolist(), strict=True):
+            if seq not in score:
+                continue
+            first = last - n + 1
+            after = torch.tensor([max(score[seq], 0)], device=x.device)
+            targets = torch.cat([batch.token_ids[first + 1 : last + 1], after])
+            parts = []
+            for a in range(first, last + 1, rows_per_pass):
+                b = min(a + rows_per_pass, last + 1)
+                logprobs = torch.log_softmax(self.logits(x[a:b]), dim=-1)
+                parts.append(logprobs.gather(-1, targets[a - first : b - first, None])[:, 0])
+            values = torch.cat(parts)
+            if score[seq] < 0:
+                values[-1] = float("nan")
+            out[seq] = values
+        return out
 
     def _fixed_decode(self, packed: PackedTokens, override_ids: torch.Tensor | None, group_batch: int,
                       measure: bool) -> bool:
@@ -321,16 +350,18 @@ class MoEModel:
             lambda layer, q, k, v: self._decode_attention(layer, q, k, v, slots, table, lengths), None, ctx)
 
     def step(self, inputs: Sequence[tuple[int, Sequence[int]]] | PackedTokens,
-             override_ids: torch.Tensor | None = None, group_batch: int = 0, measure: bool = False) -> StepResult:
+             override_ids: torch.Tensor | None = None, group_batch: int = 0, measure: bool = False,
+             score: Mapping[int, int] | None = None) -> StepResult:
         """Prefill or decode one step of (sequence id, new token ids); decode-only steps take the decoder.
 
         group_batch: on several ranks, > 0 when the driver found every rank's step decode-only: the
         group's largest batch, to which every rank pads (the ranks must take the same path, since each MoE
         layer is a collective). One rank decides alone. measure: time every MoE layer (`StepResult.measures`).
+        score: token log-probabilities of these sequences (see `forward`); such a step takes the variable path.
         """
         packed = _as_packed(inputs)
         n = len(packed.seq_ids)
-        if self._fixed_decode(packed, override_ids, group_batch, measure):
+        if not score and self._fixed_decode(packed, override_ids, group_batch, measure):
             seq_ids, new = _check_step(packed)
             pasts = self.cache.admit(seq_ids, new)
             logits, routed = self.decoder.run(packed.tokens, seq_ids, pasts, group_batch)
@@ -338,5 +369,5 @@ class MoEModel:
             return StepResult(seq_ids, n, logits, routed)
         batch = build_batch(self.cache, packed, self.device)
         ctx = StepContext(measures=[] if measure else None)
-        logits, routed = self.forward(batch, override_ids, ctx)
-        return StepResult(batch.seq_ids, batch.num_tokens, logits, routed, ctx.measures or [])
+        logits, routed, scored = self.forward(batch, override_ids, ctx, score)
+        return StepResult(batch.seq_ids, batch.num_tokens, logits, routed, ctx.measures or [], scored)

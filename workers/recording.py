@@ -1,6 +1,6 @@
 """Routing statistics leave the workers through an injected sink (workers never import the control plane).
 
-The driver passes a picklable sink, e.g. `expertmesh.cluster.recorder.RedisStatsSink(url, model, run)`, to
+The driver passes a picklable sink, e.g. `expertmesh.cluster.RedisStatsSink(url=..., model=..., ...)`, to
 `EPGroup.create`; every worker calls `sink.open(writer_id)` in its own process and hands each step's routed
 expert ids to the recorder it gets back. The recorder turns them into counts, same-layer co-activation and
 layer-to-layer transitions (DESIGN.md §3) and writes them when flushed.
@@ -19,14 +19,13 @@ window's worth per window instead of W (at DeepSeek-V3 size, 8 writers: ~0.75 in
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-__all__ = ["StatsSink", "StatsRecorder", "StepRecorder", "DeviceCounts"]
+__all__ = ["StatsSink", "StatsRecorder", "CountingRecorder", "StepRecorder", "DeviceCounts"]
 
 
 @runtime_checkable
@@ -40,11 +39,28 @@ class StatsRecorder(Protocol):
         worker of a step, so the store sums their deltas); None lets the recorder choose (wall clock)."""
         ...
 
+    def close(self, timeout_s: float = 10.0) -> object:
+        """Flush what is left and stop (called once, at the worker's shutdown)."""
+        ...
+
+
+@runtime_checkable
+class CountingRecorder(StatsRecorder, Protocol):
+    """A recorder that also takes counts made elsewhere (`DeviceCounts.take`), for a share of the layers."""
+
+    layers: tuple[int, int]  # [first, stop): the MoE layers it records (all of them unless a group's share)
+    top1: bool  # whether it keeps top-1 transitions (a caller counting for it may skip them otherwise)
+
+    def add_counts(self, counts: np.ndarray, pairs: np.ndarray, trans: np.ndarray, tokens: int,
+                   trans_top1: np.ndarray | None = None) -> None: ...
+
 
 @runtime_checkable
 class StatsSink(Protocol):
-    def open(self, writer_id: str) -> StatsRecorder:
-        """Called once in each worker process; `writer_id` names the worker (unique within the run)."""
+    def open(self, writer_id: str, group: tuple[int, int] | None = None) -> StatsRecorder:
+        """Called once in each worker process; `writer_id` names the worker (unique within the run). `group`
+        = (rank, size) asks for a recorder of this worker's share of the layers (a `CountingRecorder` whose
+        `layers` say which); a sink may answer with a recorder of every layer."""
         ...
 
 
@@ -135,7 +151,7 @@ class StepRecorder:
     """A worker's side of recording: record every serving step, flush every `flush_every` steps.
 
     Window ids are step counts divided by `flush_every`: workers run steps in lockstep, so the deltas of
-    one window carry the same id everywhere. A recorder with `close(timeout_s)` is closed at shutdown.
+    one window carry the same id everywhere.
     """
 
     def __init__(self, sink: StatsSink | None, writer_id: str, flush_every: int = 1,
@@ -155,9 +171,9 @@ class StepRecorder:
         self.share, self.reduce = None, reduce
         if sink is None:
             self.recorder = None
-        elif group is not None and shape and reduce is not None and "group" in inspect.signature(sink.open).parameters:
+        elif group is not None and shape and reduce is not None:
             self.recorder = sink.open(writer_id, group=group)
-            layers = tuple(getattr(self.recorder, "layers", (0, shape[0])))
+            layers = tuple(self.recorder.layers) if isinstance(self.recorder, CountingRecorder) else (0, shape[0])
             self.share = None if layers == (0, shape[0]) else layers  # whole windows: the group must not sum
         else:
             self.recorder = sink.open(writer_id)
@@ -172,9 +188,9 @@ class StepRecorder:
         if device_counting is None:
             device_counting = device.type == "cuda" or self.share is not None
         self.device_counts = None
-        if device_counting and self.recorder is not None and hasattr(self.recorder, "add_counts") and shape:
+        if device_counting and isinstance(self.recorder, CountingRecorder) and shape:
             # Skip the top-1 transitions where the recorder would drop them (RedisStatsSink.top1 off).
-            self.device_counts = DeviceCounts(*shape, device=device, top1=getattr(self.recorder, "top1", True))
+            self.device_counts = DeviceCounts(*shape, device=device, top1=self.recorder.top1)
         elif self.share is not None:
             raise TypeError("group: a recorder of a layer share must take counts (add_counts)")
 
@@ -209,6 +225,5 @@ class StepRecorder:
 
     def close(self, timeout_s: float = 10.0) -> None:
         self.flush()
-        close = getattr(self.recorder, "close", None)
-        if close is not None:
-            close(timeout_s)
+        if self.recorder is not None:
+            self.recorder.close(timeout_s)

@@ -1,4 +1,4 @@
-"""Next-token choice from last-position logits: greedy, or temperature with nucleus (top-p) truncation."""
+"""Next-token choice from last-position logits: greedy, or temperature, then top-k, then top-p truncation."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ __all__ = ["SamplingParams", "sample", "GREEDY"]
 class SamplingParams:
     temperature: float = 0.0  # 0 = greedy (argmax)
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p
+    top_k: int = 0  # keep the k most probable tokens (0 = all), before top_p
     seed: int | None = None  # per-request seed; None draws from the worker's generator
 
     def __post_init__(self) -> None:
@@ -20,6 +21,8 @@ class SamplingParams:
             raise ValueError(f"temperature: expected >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k: expected an integer >= 0 (0 = off), got {self.top_k!r}")
 
     @property
     def greedy(self) -> bool:
@@ -27,6 +30,15 @@ class SamplingParams:
 
 
 GREEDY = SamplingParams()
+
+
+def _top_k_filter(probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Zero all but the top_k most probable tokens (ties at the cut kept by torch.topk's order); renormalise."""
+    if top_k <= 0 or top_k >= probs.shape[-1]:
+        return probs
+    values, order = torch.topk(probs, top_k, dim=-1)
+    kept = torch.zeros_like(probs).scatter(-1, order, values)
+    return kept / kept.sum(-1, keepdim=True)
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -51,7 +63,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[i
     for i, p in enumerate(params):
         if p.greedy:
             continue
-        probs = _top_p_filter(torch.softmax(logits[i].float() / p.temperature, dim=-1), p.top_p)
+        probs = torch.softmax(logits[i].float() / p.temperature, dim=-1)
+        probs = _top_p_filter(_top_k_filter(probs, p.top_k), p.top_p)
         gen = generator
         if p.seed is not None:
             gen = torch.Generator(device=logits.device)

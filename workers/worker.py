@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -64,6 +64,9 @@ class StepOutput:
     seconds: float  # wall time of the forward pass on this worker (sampling and the device sync included)
     call_s: float = 0.0  # wall time of the whole call inside the worker (the rest is Ray and the driver)
     layers: list[LayerMeasure] = field(default_factory=list)  # per MoE layer, when measured
+    # per scored sequence, float32 [n]: log-prob of the token after each new position (`MoEModel.forward`)
+    token_logprobs: dict[int, np.ndarray] = field(default_factory=dict)
+    routed: np.ndarray | None = None  # int16 [T, L_moe, k] expert ids of the new tokens, in order (when asked)
 
 
 NOSET_CVD = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
@@ -145,7 +148,7 @@ class ExpertWorker:
         self.reader = open_weights(config.weights, config.model, self.cfg, self.device, config.seed)
         weights = load_model_weights(self.reader, self.cfg, self.dtype, self.device)
         self.executor = EPExecutor(self.cfg, self.rank, self.world_size, self.device, self.dtype,
-                                   config.precision_kind)
+                                   config.resolved_precision(self.cfg.quantization))
         self.fixed_decode = config.decode_graphs if config.decode_graphs is not None else self.device.type == "cuda"
         self.set_exchange(config.exchange, config.max_tokens)
         self._load_experts(spec.plan)
@@ -252,16 +255,20 @@ class ExpertWorker:
         measure: bool = False,
         pause_s: float = 0.0,
         group_batch: int = 0,
+        score: Mapping[int, int] | None = None,
+        return_routed: bool = False,
     ) -> StepOutput:
         """Prefill or decode `inputs` (sequence id, new token ids) in lockstep with the group.
 
         `sampling` (one for all inputs, or one per input) asks for next tokens; `measure` times each MoE
         layer's phases (it synchronises the device, so it slows the step); `pause_s` sleeps before the first
         layer (failure tests use it to hold a step open); `group_batch` > 0: the driver found the whole
-        group's step decode-only, with at most that many sequences per worker (see `MoEModel.step`).
+        group's step decode-only, with at most that many sequences per worker (see `MoEModel.step`);
+        `score` (sequence -> the token after its new ones, -1: none) asks for those sequences' token
+        log-probabilities (`StepOutput.token_logprobs`); `return_routed` for the gate's expert ids.
         """
         return self._run(inputs, None, sampling, return_logits, measure, pause_s, record=True,
-                         group_batch=group_batch)
+                         group_batch=group_batch, score=score, return_routed=return_routed)
 
     def step_packed(self, args: tuple) -> StepOutput:
         """`step(*args)`: the entry point of the group's compiled graph (one argument per worker)."""
@@ -290,13 +297,14 @@ class ExpertWorker:
             self.model.cache.free(packed.seq_ids.tolist())
 
     def _run(self, inputs, override, sampling, return_logits, measure, pause_s, record,
-             group_batch: int = 0) -> StepOutput:
+             group_batch: int = 0, score: Mapping[int, int] | None = None,
+             return_routed: bool = False) -> StepOutput:
         entered = time.perf_counter()
         model = self.model
         if pause_s:
             time.sleep(pause_s)
         start = time.perf_counter()
-        result = model.step(inputs, override, group_batch, measure)
+        result = model.step(inputs, override, group_batch, measure, score)
         tokens = None
         if sampling is not None:
             positions = [model.cache.length[s] for s in result.seq_ids]
@@ -316,6 +324,8 @@ class ExpertWorker:
             seconds=seconds,
             call_s=time.perf_counter() - entered,
             layers=result.measures,
+            token_logprobs={s: v.cpu().numpy() for s, v in result.token_logprobs.items()},
+            routed=result.routed.to(torch.int16).cpu().numpy() if return_routed else None,
         )
 
     def free(self, seq_ids: Sequence[int]) -> list[int]:

@@ -43,7 +43,7 @@ def main() -> None:
 
     import logging
 
-    from expertmesh.cluster.recorder import RedisStatsSink
+    from expertmesh.cluster.stats.recorder import RedisStatsSink
 
     # Every reply and failure on stderr: the tests show them when a count does not add up.
     logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(relativeCreated)d %(message)s")

@@ -1,4 +1,7 @@
-"""`expertmesh stats push/show/export/compact/reset` and `load_stats_url`, against a real redis-server."""
+"""`expertmesh stats push/show/export/compact/reset` and `load_stats_url`, against a real redis-server.
+
+    .venv/bin/python -m pytest -q tests/cluster/test_stats_cli.py
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from expertmesh.cluster.cli import load_stats_url, stats_app
-from expertmesh.cluster.connect import StatsUnavailableError
+from expertmesh.cluster.stats.cli import stats_app
+from expertmesh.cluster.stats.connect import StatsUnavailableError
+from expertmesh.cluster.stats.store import load_stats_url
 from expertmesh.placement.stats import load_stats, save_stats, stats_from_trace
 from expertmesh.placement.trace import Trace, save_trace
 
@@ -58,9 +62,12 @@ def test_push_then_load_stats_url_equals_the_trace(redis_url, trace_file):
     last2 = load_stats_url(f"{redis_url}?model=tiny&windows=2")
     assert same(last2, stats_from_trace(trace.slice_tokens(80, 95)))
 
-    # A second push continues after the newest window, with its own writer identity.
-    again = json.loads(run("push", path, "--redis", redis_url, "-m", "tiny", "--window-tokens", 50, "--json").stdout)
-    assert again["windows"] == [10, 11] and again["created"] is False
+    # Another file continues after the newest window, with its own writer identity.
+    other = make_trace(seed=1)
+    save_trace(other, path.with_name("other.npz"))
+    again = run("push", path.with_name("other.npz"), "--redis", redis_url, "-m", "tiny", "--window-tokens", 50,
+                "--json")
+    assert json.loads(again.stdout)["windows"] == [10, 11] and json.loads(again.stdout)["created"] is False
     assert load_stats_url(f"{redis_url}?model=tiny").tokens == 190
 
 
@@ -106,8 +113,8 @@ def test_export_compact_reset(redis_url, trace_file, tmp_path):
 
     assert run("reset", "--redis", redis_url, "--model", "ex").exit_code == 2  # not interactive, no --yes
     removed = json.loads(run("reset", "--redis", redis_url, "--model", "ex", "--yes", "--json").stdout)
-    # meta, writers, index, 5 window listings and their 5 blobs, the pusher's applied set
-    assert removed["keys_removed"] == 3 + 5 + 5 + 1
+    # meta, writers, index, 5 window listings and their 5 blobs, the pusher's applied set, the push record
+    assert removed["keys_removed"] == 3 + 5 + 5 + 1 + 1
     gone = run("show", "--redis", redis_url, "--model", "ex")
     assert gone.exit_code == 1 and "no statistics under" in gone.stderr
 
@@ -127,7 +134,8 @@ def test_mismatched_data_is_refused_with_exit_1(redis_url, trace_file, tmp_path)
     save_trace(make_trace(E=32), other)
     result = run("push", other, "--redis", redis_url, "--model", "mm")
     assert result.exit_code == 1
-    assert "not our data" in result.stderr and "experts=16" in result.stderr and "experts=32" in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "experts=16" in result.stderr and "experts=32" in result.stderr and "EMSHAPE" not in result.stderr
     assert load_stats_url(f"{redis_url}?model=mm").num_experts == 16  # nothing merged
 
     import redis
@@ -143,7 +151,7 @@ def test_usage_and_unreachable_errors(redis_url, trace_file):
     assert no_model.exit_code == 2 and "--model" in no_model.output
     assert run("show", "--redis", "http://nope", "--model", "m").exit_code == 2
     missing = run("push", "/nonexistent/trace.npz", "--redis", redis_url, "--model", "m")
-    assert missing.exit_code == 1 and "no such" in missing.stderr
+    assert missing.exit_code == 2 and "no such" in missing.stderr  # invalid input, not a failure
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,4 +1,7 @@
-"""The window encoding: exact for every density and value width, and it refuses what is not ours."""
+"""The window encoding: exact for every density and value width, and it refuses what is not ours.
+
+    .venv/bin/python -m pytest -q tests/cluster/test_stats_codec.py
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,8 @@ import struct
 import numpy as np
 import pytest
 
-from expertmesh.cluster.codec import BITMAP, COO, DENSE, GROUPS, CodecError, decode_window, encode_window
-from expertmesh.cluster.window import WindowCounts, pair_count
+from expertmesh.cluster.stats.codec import BITMAP, COO, DENSE, GROUPS, CodecError, decode_window, encode_window
+from expertmesh.cluster.stats.window import WindowCounts, pair_count
 
 HEADER = 4 + 1 + 1 + 2 + 4 * 3 + 8 + 4
 ARRAY = struct.Struct("<BBBBBQQQ")
@@ -100,10 +103,8 @@ def test_refuses_foreign_truncated_and_mismatched_bytes():
         decode_window(blob + b"\0", 3, 8, 2)
     with pytest.raises(CodecError, match="window shape layers=3 experts=8 top_k=2, expected layers=3 experts=16"):
         decode_window(blob, 3, 16, 2)
-    with pytest.raises(CodecError, match="version 9"):
-        decode_window(blob[:4] + b"\x09" + blob[5:], 3, 8, 2)
     float_blob = encode_window(WindowCounts(np.ones((3, 8)), 2, 0))
-    from expertmesh.cluster.codec import add_window_into
+    from expertmesh.cluster.stats.codec import add_window_into
 
     with pytest.raises(CodecError, match="float values where integer counts"):
         add_window_into(WindowCounts.zeros(3, 8, 2), float_blob)
@@ -111,12 +112,12 @@ def test_refuses_foreign_truncated_and_mismatched_bytes():
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_sum_windows_is_the_exact_sum_on_any_number_of_threads(threads):
-    from expertmesh.cluster.codec import sum_windows
+    from expertmesh.cluster.stats.codec import sum_windows
 
     L, E, k = 3, 8, 2
     windows = [window_with(L, E, k, 0.7, 9 + 5 * i, seed=i, hot=i % 2) for i in range(5)]
     windows[2] = WindowCounts(windows[2].counts, k, 7)  # a window without pair statistics
-    for i in (0, 1, 4):  # with trans_top1 (format 3); window 3 without (as a version-2 writer wrote)
+    for i in (0, 1, 4):  # with trans_top1; window 3 without (as a writer that does not record it)
         w = windows[i]
         windows[i] = WindowCounts(w.counts, k, w.tokens, w.coact, w.trans, w.deltas, trans_top1=w.trans // 2)
     total, info = sum_windows([encode_window(w) for w in windows], L, E, k, threads=threads)
@@ -129,12 +130,11 @@ def test_sum_windows_is_the_exact_sum_on_any_number_of_threads(threads):
                                                          (True, False), (True, True)]
     assert [int(tok) for tok, _, _, _ in info] == [123, 123, 7, 123, 123]
     assert np.array_equal(decode_window(encode_window(windows[0]), L, E, k).trans_top1, windows[0].trans_top1)
-    # Format 3 only with trans_top1: the others stay readable by version-2 readers.
-    assert [encode_window(w)[4] for w in windows] == [3, 3, 2, 2, 3]
+    assert {encode_window(w)[4] for w in windows} == {4}  # one format version, whatever the window holds
 
 
 def test_sum_windows_names_the_blob_it_could_not_read():
-    from expertmesh.cluster.codec import sum_windows
+    from expertmesh.cluster.stats.codec import sum_windows
 
     good = encode_window(window_with(3, 8, 2, 0.5, 9))
     with pytest.raises(CodecError) as err:
@@ -159,7 +159,7 @@ def dense_window(L, E, k, seed=0, hot=0.03, wide=0):
 @pytest.mark.parametrize("E,wide", [(16, 0), (16, 3), (7, 0), (7, 2)])  # cells a multiple of 4 or not
 def test_dense_windows_with_hot_groups_round_trip_exactly(E, wide):
     """Version 2's GROUPS layout (a writer window): nibbles, plus whole 4-cell groups where a cell > 15."""
-    from expertmesh.cluster.codec import sum_windows
+    from expertmesh.cluster.stats.codec import sum_windows
 
     w = dense_window(4, E, 2, seed=E + wide, wide=wide)
     blob = encode_window(w)
@@ -179,7 +179,7 @@ def test_dense_windows_with_hot_groups_round_trip_exactly(E, wide):
 
 def test_sum_windows_sizes_each_array_from_its_own_bound():
     """Large counts do not widen the pair arrays' accumulators (their traffic is most of a snapshot)."""
-    from expertmesh.cluster.codec import sum_windows, value_bounds
+    from expertmesh.cluster.stats.codec import sum_windows, value_bounds
 
     w = dense_window(3, 16, 2, seed=9)
     counts = w.counts.copy()
@@ -198,7 +198,7 @@ def test_sum_windows_sizes_each_array_from_its_own_bound():
 def test_arrays_in_shares_encode_to_the_same_bytes(monkeypatch, share):
     """A large array is encoded in shares on threads: the bytes equal the one-piece encoding, for GROUPS
     and for DENSE with an overflow list (values beyond 16 bits rule GROUPS out)."""
-    import expertmesh.cluster.codec as codec
+    import expertmesh.cluster.stats.codec.encode as codec
 
     grouped = dense_window(5, 16, 2, seed=4, wide=2)
     patched = window_with(5, 16, 2, 0.97, 14, seed=4, hot=7)
@@ -210,24 +210,13 @@ def test_arrays_in_shares_encode_to_the_same_bytes(monkeypatch, share):
     assert [encode_window(grouped), encode_window(patched)] == blobs
 
 
-# A version 1 window (as the previous encoder wrote it): 4-bit cells with an overflow list.
-V1_BLOB = bytes.fromhex(
-    "454d57310101000002000000030000000200000000000000000022400200000000040200010600000000000000050000000000"
-    "000001000000000000000317f2050019000402000206000000000000000400000000000000010000000000000001021f04001d"
-    "010004020000090000000000000008000000000000000000000000000000103254760e"
-)
-
-
-def test_reads_version_1_windows_and_refuses_groups_in_them():
-    back = decode_window(V1_BLOB, 2, 3, 2)
-    np.testing.assert_array_equal(back.counts, [[3, 0, 7], [1, 2, 40]])
-    np.testing.assert_array_equal(back.coact, [[1, 0, 2], [0, 300, 1]])
-    np.testing.assert_array_equal(back.trans, [[0, 1, 2, 3, 4, 5, 6, 7, 14]])
-    assert back.tokens == 9 and back.deltas == 2
-    # A GROUPS array in a version 1 window: not something version 1 had.
-    v2 = encode_window(dense_window(3, 16, 2))
-    with pytest.raises(CodecError, match="counts: unknown layout 3 in a version 1 window"):
-        decode_window(v2[:4] + b"\x01" + v2[5:], 3, 16, 2)
+@pytest.mark.parametrize("version", [1, 2, 3, 5])
+def test_other_format_versions_are_refused_by_number(version):
+    """Only version 4 is read: windows of versions 1-3 (never released) get an error naming their version."""
+    blob = encode_window(window_with(3, 8, 2, 0.5, 9))
+    assert blob[4] == 4
+    with pytest.raises(CodecError, match=f"window format version {version}: this expertmesh reads version 4 only"):
+        decode_window(blob[:4] + bytes([version]) + blob[5:], 3, 8, 2)
 
 
 def array_offsets(blob):

@@ -1,4 +1,7 @@
-"""Acceptance: concurrent writer processes, writers killed mid-flush, Redis killed and restarted mid-flush."""
+"""Acceptance: concurrent writer processes, writers killed mid-flush, Redis killed and restarted mid-flush.
+
+    .venv/bin/python -m pytest -q tests/cluster/test_stats_concurrency.py
+"""
 
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ import numpy as np
 import pytest
 import redis
 
-from expertmesh.cluster.counting import WindowAccumulator
-from expertmesh.cluster.store import StatsStore
+from expertmesh.cluster.stats.counting import WindowAccumulator
+from expertmesh.cluster.stats.store import StatsStore
 
 sys.path.insert(0, str(Path(__file__).parent))
 from stats_writer_proc import step_ids  # noqa: E402
@@ -85,7 +88,7 @@ def test_writer_cut_off_mid_command_leaves_nothing(redis_url):
     ids = step_ids(0, 0, 64, 4, 16, 2)
     acc = WindowAccumulator(4, 16, 2)
     acc.add(ids)
-    from expertmesh.cluster.codec import encode_window
+    from expertmesh.cluster.stats.codec import encode_window
 
     blob = encode_window(acc.take())
     stage, flush = store.flush_commands(header, 0, blob, "w/x", 1)
@@ -190,7 +193,7 @@ def test_redis_restart_without_persistence_loses_data_but_never_double_counts(re
     server = redis_server_factory(durable=False)
     url = server.url
     store = StatsStore.open(url, model="volatile")
-    from expertmesh.cluster.recorder import RedisStatsSink
+    from expertmesh.cluster.stats.recorder import RedisStatsSink
 
     rec = RedisStatsSink(url, "volatile", 4, 16, 2, min_backoff_s=0.01, max_backoff_s=0.05).open("w")
     for window in range(3):

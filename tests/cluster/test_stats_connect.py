@@ -1,11 +1,15 @@
-"""Stats URLs: redis:// and rediss://, password, db, our query options, env fallback, clear errors."""
+"""Stats URLs: redis:// and rediss://, password, db, our query options, env fallback, clear errors.
+
+    .venv/bin/python -m pytest -q tests/cluster/test_stats_connect.py
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from expertmesh.cluster.connect import ENV_URL, StatsUnavailableError, masked, parse_target
-from expertmesh.cluster.store import StatsKeys, StatsStore
+from expertmesh.cluster.stats.connect import ENV_URL, StatsUnavailableError, masked, parse_target
+from expertmesh.cluster.stats.keys import StatsKeys
+from expertmesh.cluster.stats.store import StatsStore
 
 
 def test_parse_redis_url_with_our_options():

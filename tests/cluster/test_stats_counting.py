@@ -1,13 +1,16 @@
-"""Local counting and the store's window layout reproduce `stats_from_trace` exactly."""
+"""Local counting and the store's window layout reproduce `stats_from_trace` exactly.
+
+    .venv/bin/python -m pytest -q tests/cluster/test_stats_counting.py
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from expertmesh.cluster import counting
-from expertmesh.cluster.counting import WindowAccumulator
-from expertmesh.cluster.window import WindowCounts
+from expertmesh.cluster.stats import counting
+from expertmesh.cluster.stats.counting import WindowAccumulator
+from expertmesh.cluster.stats.window import WindowCounts
 from expertmesh.placement.stats import RoutingStats, stats_from_trace
 from expertmesh.placement.trace import Trace
 
@@ -211,8 +214,8 @@ def test_a_worker_counting_on_its_device_writes_the_stats_of_its_ids(redis_url, 
     import redis
     import torch
 
-    from expertmesh.cluster.recorder import RedisStatsSink
-    from expertmesh.cluster.store import StatsStore
+    from expertmesh.cluster.stats.recorder import RedisStatsSink
+    from expertmesh.cluster.stats.store import StatsStore
     from expertmesh.workers.recording import StepRecorder
 
     L, E, k = 3, 8, 2
@@ -235,8 +238,8 @@ def test_writers_record_trans_top1_only_when_asked(redis_url):
     window without it leaves the snapshot without it (token-follow plans then use trans / top_k)."""
     import redis
 
-    from expertmesh.cluster.recorder import RedisStatsSink
-    from expertmesh.cluster.store import StatsStore
+    from expertmesh.cluster.stats.recorder import RedisStatsSink
+    from expertmesh.cluster.stats.store import StatsStore
 
     L, E, k = 3, 8, 2
     ids = random_ids(np.random.default_rng(9), 30, L, E, k)

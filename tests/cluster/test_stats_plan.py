@@ -1,4 +1,7 @@
-"""Acceptance: `expertmesh plan/evaluate/compare --stats redis://...` after `stats push TRACE` equal TRACE."""
+"""Acceptance: `expertmesh plan/evaluate/compare --stats redis://...` after `stats push TRACE` equal TRACE.
+
+    .venv/bin/python -m pytest -q tests/cluster/test_stats_plan.py
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The writer side: recorder -> Redis equals the in-memory counts; outages, lost replies, bounded buffers."""
+"""The writer side: recorder -> Redis equals the in-memory counts; outages, lost replies, bounded buffers.
+
+    .venv/bin/python -m pytest -q tests/cluster/test_stats_recorder.py
+"""
 
 from __future__ import annotations
 
@@ -13,9 +16,9 @@ import numpy as np
 import pytest
 import redis
 
-from expertmesh.cluster.connect import StatsSchemaError
-from expertmesh.cluster.recorder import RedisStatsSink
-from expertmesh.cluster.store import StatsStore
+from expertmesh.cluster.stats.connect import StatsSchemaError
+from expertmesh.cluster.stats.recorder import RedisStatsSink
+from expertmesh.cluster.stats.store import StatsStore
 from expertmesh.placement.stats import stats_from_trace
 from expertmesh.placement.trace import Trace
 
@@ -143,7 +146,7 @@ def test_shape_change_after_open_is_rejected_not_merged(redis_url, caplog):
     store.reset()
     store.ensure(L, E * 2, K)  # someone recreated the run with another shape
     rec.record(ids_for(0))
-    with caplog.at_level(logging.ERROR, logger="expertmesh.cluster.recorder"):
+    with caplog.at_level(logging.ERROR, logger="expertmesh.cluster.stats.recorder"):
         rec.flush(window=0)
         assert rec.wait_idle(10)
     status = rec.close()
@@ -196,7 +199,7 @@ def test_unreachable_redis_buffers_drops_oldest_and_catches_up(redis_server_fact
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     s = sink(url, max_buffer_windows=3, connect_timeout_s=0.2)
-    with caplog.at_level(logging.WARNING, logger="expertmesh.cluster.recorder"):
+    with caplog.at_level(logging.WARNING, logger="expertmesh.cluster.stats.recorder"):
         rec = s.open("w")  # nobody listens: open() does not raise
         for window in range(5):
             rec.record(ids_for(window))

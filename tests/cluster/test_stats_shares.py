@@ -1,16 +1,19 @@
 """Layer shares: a group sums its counts and each member flushes a share of the layers; the store's windows
-then equal the group's tokens counted in one place, exactly, before and after compaction."""
+then equal the group's tokens counted in one place, exactly, before and after compaction.
+
+    .venv/bin/python -m pytest -q tests/cluster/test_stats_shares.py
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from expertmesh.cluster.codec import CodecError, decode_window, encode_window, encoded_header
-from expertmesh.cluster.counting import WindowAccumulator
-from expertmesh.cluster.recorder import RedisStatsSink
-from expertmesh.cluster.store import StatsStore
-from expertmesh.cluster.window import WindowCounts, layer_shares, transition_rows
+from expertmesh.cluster.stats.codec import CodecError, decode_window, encode_window, encoded_header
+from expertmesh.cluster.stats.counting import WindowAccumulator
+from expertmesh.cluster.stats.recorder import RedisStatsSink
+from expertmesh.cluster.stats.store import StatsStore
+from expertmesh.cluster.stats.window import WindowCounts, layer_shares, transition_rows
 from expertmesh.placement.stats import stats_from_trace
 from expertmesh.placement.trace import Trace
 
@@ -43,7 +46,7 @@ def test_shares_counted_from_ids_sum_to_the_whole_window(parts):
     whole.add(ids)
     total = WindowCounts.zeros(L, E, K)
     tokens = 0.0
-    from expertmesh.cluster.codec import add_window_into
+    from expertmesh.cluster.stats.codec import add_window_into
 
     for first, stop in layer_shares(L, parts):
         acc = WindowAccumulator(L, E, K, layers=(first, stop))
@@ -52,7 +55,7 @@ def test_shares_counted_from_ids_sum_to_the_whole_window(parts):
         assert (share.first_layer, share.num_layers, share.total_layers) == (first, stop - first, L)
         assert share.is_share == (parts > 1)
         blob = encode_window(share)
-        assert encoded_header(blob)["version"] == (4 if parts > 1 else 3)
+        assert encoded_header(blob)["version"] == 4
         tok, _, _, _ = add_window_into(total, blob)
         tokens += tok
     ref = whole.take()
@@ -143,8 +146,8 @@ def test_a_step_recorder_writes_shares_only_where_every_worker_gets_one(redis_ur
     def reduce(t: torch.Tensor) -> None:
         t.mul_(2)  # a group of two identical workers
 
-    class PlainSink:  # open(writer_id) only
-        def open(self, writer_id):
+    class PlainSink:  # answers a group's request with a recorder of every layer
+        def open(self, writer_id, group=None):
             return sink.open(writer_id)
 
     with pytest.raises(ValueError, match=r"group: expected \(rank, size\)"):

@@ -1,4 +1,7 @@
-"""The Redis store against a real redis-server: exact snapshots, retention, decay, idempotency, refusals."""
+"""The Redis store against a real redis-server: exact snapshots, retention, decay, idempotency, refusals.
+
+    .venv/bin/python -m pytest -q tests/cluster/test_stats_store.py
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,11 @@ import numpy as np
 import pytest
 import redis
 
-from expertmesh.cluster.codec import encode_window
-from expertmesh.cluster.connect import StatsSchemaError, StatsStoreError
-from expertmesh.cluster.counting import WindowAccumulator
-from expertmesh.cluster.store import StatsStore, make_header
+from expertmesh.cluster.stats.codec import encode_window
+from expertmesh.cluster.stats.connect import StatsSchemaError, StatsStoreError
+from expertmesh.cluster.stats.counting import WindowAccumulator
+from expertmesh.cluster.stats.keys import make_header
+from expertmesh.cluster.stats.store import StatsStore
 from expertmesh.placement.stats import stats_from_trace
 from expertmesh.placement.trace import Trace
 
@@ -326,7 +330,7 @@ def test_tls_server(redis_server_factory, tmp_path):
 
 def test_repeated_snapshots_reuse_what_they_read_and_stay_exact(store, redis_url):
     """A reader that keeps its store re-reads only new fields; every answer equals a fresh reader's."""
-    from expertmesh.cluster.window import WindowCounts
+    from expertmesh.cluster.stats.window import WindowCounts
     from expertmesh.placement.stats import RoutingStats
 
     header = store.ensure(L, E, K, keep=4)

@@ -14,8 +14,8 @@ pytestmark = [pytest.mark.gpu]
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-from expertmesh.cluster.counting import WindowAccumulator  # noqa: E402
-from expertmesh.cluster.window import layer_shares  # noqa: E402
+from expertmesh.cluster.stats.counting import WindowAccumulator  # noqa: E402
+from expertmesh.cluster.stats.window import layer_shares  # noqa: E402
 from expertmesh.workers.recording import DeviceCounts  # noqa: E402
 
 L, E, K = 6, 64, 8

@@ -1,11 +1,12 @@
-"""Fixtures for the runtime tests: tiny random checkpoints of every family and one shared local Ray cluster.
+"""Fixtures for the runtime tests: tiny random checkpoints of every family.
 
     tiny_models     session: {family: TinyModel(dir, config)}, written by `transformers` save_pretrained
                     (fp32, 8 experts, top-2, 3 decoder layers; Mixtral sharded over several files)
     wide_model      session: a Qwen3-MoE checkpoint 128 wide (hidden and expert FFN), the smallest shape
                     FP8 expert GEMMs take (128 x 128 weight blocks)
     reference       session: family (or "wide") -> the `transformers` model of that checkpoint (fp32, eval)
-    ray_cluster     session: `ray.init(num_cpus=4)` once for every test that starts workers
+
+(`ray_cluster`, the shared local Ray cluster, is in tests/conftest.py.)
 
 `transformers` is a test dependency only: it is imported here, never by `expertmesh.workers`.
 """
@@ -89,13 +90,3 @@ def reference(tiny_models, wide_model):
         return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
     return load
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()

@@ -137,9 +137,8 @@ def test_routing_counts_reach_redis_exactly(ray_cluster, tiny_models, reference,
     each worker writes a share of the layers): the store holds exactly the reference router's counts."""
     import redis
 
-    from expertmesh.cluster.codec import encoded_header
-    from expertmesh.cluster.recorder import RedisStatsSink
-    from expertmesh.cluster.store import StatsStore
+    from expertmesh.cluster import RedisStatsSink, StatsStore
+    from expertmesh.cluster.stats.codec import encoded_header
 
     path = tiny_models["qwen3_moe"].path
     cfg = read_model_config(path)

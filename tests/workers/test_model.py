@@ -291,5 +291,13 @@ def test_sampling_greedy_top_p_seed_and_distribution():
     nucleus = torch.stack([sample(logits[:1], [SamplingParams(temperature=1.0, top_p=0.7)], [0], gen)
                            for _ in range(500)])
     assert set(nucleus.flatten().tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7; token 2 is cut
+    top2 = torch.stack([sample(logits[:1], [SamplingParams(temperature=1.0, top_k=2)], [0], gen)
+                        for _ in range(2000)])
+    freq = torch.bincount(top2.flatten(), minlength=3).float() / 2000
+    assert torch.allclose(freq, torch.tensor([0.625, 0.375, 0.0]), atol=0.04)  # 0.5 : 0.3 renormalised
+    both = SamplingParams(temperature=1.0, top_k=2, top_p=0.55)  # top-k first: 0.625 alone reaches 0.55
+    assert {int(sample(logits[:1], [both], [0], gen)) for _ in range(200)} == {0}
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="top_k: expected an integer >= 0"):
+        SamplingParams(top_k=-1)

@@ -8,11 +8,12 @@ Errors start with a code the client maps to an exception:
     EMFOREIGN  the key under our prefix is not an expertmesh statistics header (another program's data)
     EMSHAPE    the header describes another model shape (layers, experts, top_k)
     EMSTAGE    a flush found no staged delta to apply (its SET failed or expired): the writer resends it
+    EMGONE     a pushed source cannot be taken out: compaction merged or folded one of its deltas
 """
 
 from __future__ import annotations
 
-__all__ = ["FLUSH", "ENSURE", "MERGE", "FOLD"]
+__all__ = ["FLUSH", "ENSURE", "MERGE", "FOLD", "FORGET"]
 
 # Shared prelude: check the header, or create it from ARGV[1..7] when the prefix is empty.
 # ARGV: 1 schema, 2 layers, 3 experts, 4 top_k, 5 keep, 6 decay, 7 now (seconds)
@@ -152,4 +153,32 @@ end
 local nextver = tostring((tonumber(ver) or 0) + 1)
 redis.call('HSET', KEYS[1], 'blob', ARGV[2], 'ref', ARGV[3], 'folded', ARGV[4], 'ver', nextver)
 return 1
+"""
+
+# Take the deltas of some writers out of their windows, all or none: a pushed source replaced by a new push.
+# KEYS: 1 index, 2 writers, 3 sources. ARGV: 1 window key prefix, 2 blob key prefix, 3 applied key prefix,
+# 4 source id, 5 number of writers W, 6..5+W the writers, then per delta: window id, field, 1 if it must be
+# there (known written) else 0. A window left empty leaves the index. Returns the number of deltas removed,
+# or EMGONE naming a window whose delta compaction merged or folded away (or that expired): nothing removed.
+FORGET = r"""
+local first = 6 + tonumber(ARGV[5])
+for i = first, #ARGV, 3 do
+  if ARGV[i + 2] == '1' and redis.call('HEXISTS', ARGV[1] .. ARGV[i], ARGV[i + 1]) == 0 then
+    return redis.error_reply('EMGONE window ' .. ARGV[i] .. ' no longer holds its delta ' ..
+                             '(merged or folded by compaction, or expired)')
+  end
+end
+local removed = 0
+for i = first, #ARGV, 3 do
+  local window = ARGV[1] .. ARGV[i]
+  removed = removed + redis.call('HDEL', window, ARGV[i + 1])
+  redis.call('DEL', ARGV[2] .. ARGV[i] .. ':' .. ARGV[i + 1])
+  if redis.call('EXISTS', window) == 0 then redis.call('ZREM', KEYS[1], ARGV[i]) end
+end
+for i = 6, first - 1 do
+  redis.call('DEL', ARGV[3] .. ARGV[i])
+  redis.call('HDEL', KEYS[2], ARGV[i])
+end
+redis.call('HDEL', KEYS[3], ARGV[4])
+return removed
 """

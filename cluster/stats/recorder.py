@@ -52,12 +52,13 @@ import numpy as np
 from .codec import encode_window
 from .connect import ENV_URL, StatsSchemaError, StatsUnavailableError, check_name, parse_target
 from .counting import WindowAccumulator
-from .store import DEFAULT_DECAY, DEFAULT_KEEP, DEFAULT_TTL_S, StatsStore, check_window_id, flush_reply, make_header
+from .keys import DEFAULT_DECAY, DEFAULT_KEEP, DEFAULT_TTL_S, check_window_id, make_header
+from .store import StatsStore, flush_reply
 from .window import WindowCounts, layer_shares
 
 __all__ = ["RedisStatsSink", "StatsRecorder", "RecorderStatus"]
 
-log = logging.getLogger("expertmesh.cluster.recorder")
+log = logging.getLogger(__name__)
 # Replies that mean "this store will never take this delta" (another shape, not ours): never retried.
 _REFUSALS = ("EMSHAPE", "EMFOREIGN", "WRONGTYPE")
 _WRITER = re.compile(r"^[A-Za-z0-9._\-/]{1,100}$")

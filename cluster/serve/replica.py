@@ -1,0 +1,251 @@
+"""One replica: an EP group, its scheduler, and the asyncio loop that steps it.
+
+Each iteration, at a step boundary: sequences that ended (cancelled, past their deadline) leave and are
+freed; the scheduler plans the step (`scheduler.py`); preempted and finished sequences are freed on the
+workers before the step runs; the step runs (`EPGroup.step_async`: awaits the workers' object refs, the
+loop never blocks on Ray); its sampled tokens go to their streams at once.
+
+A failed group (a worker died, a step timed out) is re-created with the same config and plan. Its running
+sequences go back to the waiting queue with prompt + tokens already streamed, so they are prefilled again
+and their streams continue where they stopped: nothing is sent twice or lost, and greedy output equals an
+undisturbed run. When `recovery.attempts` re-creations fail, every request of the replica ends with
+`Unavailable` and the replica stays down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+
+from expertmesh.placement.plan import Placement
+from expertmesh.workers.group import EPGroup, GroupError
+from expertmesh.workers.group_config import GroupConfig
+from expertmesh.workers.recording import StatsSink
+from expertmesh.workers.worker import StepOutput
+
+from .config import EngineConfig
+from .metrics import EngineMetrics
+from .routing_view import RoutingWindow
+from .scheduler import Limits, Scheduler, StepPlan
+from .sequence import Kind, Sequence, State
+from .types import DeadlineExceeded, EngineError, Unavailable
+
+__all__ = ["Replica"]
+
+log = logging.getLogger("expertmesh.cluster.serve")
+
+
+class Replica:
+    def __init__(self, index: int, group_config: GroupConfig, engine_config: EngineConfig, plan: Placement | None,
+                 make_sink: Callable[[int, int], StatsSink | None], metrics: EngineMetrics) -> None:
+        self.index, self.config, self.engine_config = index, group_config, engine_config
+        self.plan, self._make_sink, self.metrics = plan, make_sink, metrics
+        self.group: EPGroup | None = None
+        self.scheduler: Scheduler | None = None
+        self.incarnation = 0
+        self.ready = False
+        self.failed: str | None = None  # why the replica gave up
+        self.steps = 0
+        self.preemptions = 0
+        self.routing = RoutingWindow()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self._to_free: list[int] = []
+        self._ids = itertools.count()
+
+    # ---- life cycle ----------------------------------------------------------------------------
+    def _create(self) -> EPGroup:
+        """Start the group (blocking: runs in a thread)."""
+        return EPGroup.create(self.config, plan=self.plan, sink=self._make_sink(self.index, self.incarnation))
+
+    async def start(self) -> None:
+        self.group = await asyncio.to_thread(self._create)
+        self.plan = self.group.plan  # a re-created group serves the same plan
+        g, cfg = self.group, self.engine_config
+        budget = min(cfg.max_batch_tokens, g.max_tokens) if g.max_tokens else cfg.max_batch_tokens
+        self.scheduler = Scheduler(Limits(workers=g.num_workers, block_size=g.ledger.block_size,
+                                          max_batch_tokens=budget, max_running=cfg.max_running))
+        self.ready = True
+        self._task = asyncio.create_task(self._loop(), name=f"replica-{self.index}")
+
+    async def stop(self) -> None:
+        """End every request with Unavailable and shut the group down."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        self.end_all(Unavailable("the engine stopped"))
+        if self.group is not None and self.group.usable:
+            await asyncio.to_thread(self.group.shutdown)
+        self.ready = False
+
+    # ---- requests ------------------------------------------------------------------------------
+    @property
+    def sequences(self) -> list[Sequence]:
+        return [*self.scheduler.running, *self.scheduler.waiting]
+
+    @property
+    def outstanding(self) -> int:
+        return sum(seq.outstanding for seq in self.sequences)
+
+    def submit(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+        self._wake.set()
+
+    def wake(self) -> None:
+        """A consumer gave up on a sequence: free it at the next boundary."""
+        self._wake.set()
+
+    def end_all(self, error: EngineError) -> None:
+        for seq in self.sequences:
+            self._end(seq, ("error", error, None), error.code)
+
+    def _end(self, seq: Sequence, event: tuple, status: str) -> None:
+        seq.state = State.DONE
+        self.scheduler.remove(seq)
+        if seq.seq_id is not None:
+            self._to_free.append(seq.seq_id)
+            seq.seq_id = None
+        seq.events.put_nowait(event)
+        self.metrics.requests.labels(kind=seq.kind.value, status=status).inc()
+        self.metrics.e2e.observe(time.monotonic() - seq.submitted)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while not self._stopping and self.failed is None:
+            try:
+                await self._iteration()
+            except GroupError as err:
+                await self._recover(err)
+            except Exception as exc:  # noqa: BLE001 - a bug must end the streams, never hang them
+                log.exception("replica %d: step failed", self.index)
+                self.end_all(EngineError(f"internal error: {type(exc).__name__}: {exc}"))
+                if self.group is not None and not self.group.usable:
+                    await self._recover(exc)
+
+    def _reap(self) -> None:
+        """End the sequences a consumer gave up on or whose deadline passed."""
+        now = time.monotonic()
+        for seq in self.sequences:
+            if seq.ending is not None:
+                self._end(seq, ("error", seq.ending, None), seq.ending.code)
+            elif seq.expired(now):
+                error = DeadlineExceeded(f"deadline_s: the request's deadline passed after {seq.generated} tokens")
+                self._end(seq, ("error", error, None), error.code)
+
+    async def _iteration(self) -> None:
+        self._wake.clear()
+        self._reap()
+        group = self.group
+        # Sequences that ended leave the ledger before the plan is made, so their blocks count as free.
+        frees = [group.free_async(self._to_free)] if self._to_free else []
+        plan = self.scheduler.schedule([group.ledger.free_blocks(r) for r in range(group.num_workers)],
+                                       lambda: next(self._ids))
+        self.preemptions += len(plan.freed)
+        self.metrics.preemptions.inc(len(plan.freed))
+        if plan.freed:
+            frees.append(group.free_async(plan.freed))
+        self._to_free = []
+        if frees and group.compiled_steps:  # a graph's step runs beside actor calls: free before it starts
+            await asyncio.gather(*frees)
+            frees = []
+        if not plan.chunks:
+            await asyncio.gather(*frees)
+            if not self.sequences:
+                await self._wake.wait()
+            return
+        inputs, sampling, score = self._inputs(plan, group.num_workers)
+        routed = bool(self.engine_config.routing_every) and self.steps % self.engine_config.routing_every == 0
+        start = time.perf_counter()
+        calls = [group.step_async(inputs, sampling=sampling, return_logits=False,
+                                  score=score if any(score) else None, routed=routed)]
+        results = await asyncio.gather(*calls, *frees, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        self.metrics.step.observe(time.perf_counter() - start)
+        self.steps += 1
+        outs: list[StepOutput] = results[0]
+        if routed:
+            self.routing.add([o.routed for o in outs])
+        self._apply(plan, outs)
+
+    @staticmethod
+    def _inputs(plan: StepPlan, workers: int) -> tuple[list, list, list[dict[int, int]]]:
+        """Each worker's (sequence id, new tokens), sampling parameters, and scored sequences."""
+        inputs: list[list] = [[] for _ in range(workers)]
+        sampling: list[list] = [[] for _ in range(workers)]
+        score: list[dict[int, int]] = [{} for _ in range(workers)]
+        for seq, n in plan.chunks.items():
+            end = seq.computed + n
+            inputs[seq.home].append((seq.seq_id, seq.tokens[seq.computed:end]))
+            sampling[seq.home].append(seq.sampling)
+            if seq.kind is Kind.SCORE:
+                score[seq.home][seq.seq_id] = seq.tokens[end] if end < len(seq.tokens) else -1
+        return inputs, sampling, score
+
+    def _apply(self, plan: StepPlan, outs: list[StepOutput]) -> None:
+        """Advance every sequence of the step; stream the tokens sampled for those whose prompt is done."""
+        tokens = {s: t for o in outs for s, t in zip(o.seq_ids, o.tokens, strict=True)}
+        logprobs = {s: v for o in outs for s, v in o.token_logprobs.items()}
+        now = time.monotonic()
+        for seq, n in plan.chunks.items():
+            if seq.done:
+                continue
+            start, seq.computed = seq.computed, seq.computed + n
+            if seq.kind is Kind.SCORE:
+                lp = logprobs[seq.seq_id]
+                # lp[j]: the token at start + 1 + j given everything before it
+                seq.logprobs.extend(float(lp[j]) for j in range(n) if seq.prompt_len <= start + 1 + j < len(seq.tokens))
+                if seq.computed == len(seq.tokens):
+                    self._end(seq, ("score", list(seq.logprobs), None), "OK")
+                continue
+            if seq.computed < len(seq.tokens):
+                continue  # a prompt chunk: the token sampled after it is not the sequence's
+            token = tokens[seq.seq_id]
+            seq.tokens.append(token)
+            self.metrics.generated_tokens.inc()
+            if seq.last_token_at is None:
+                self.metrics.ttft.observe(now - seq.submitted)
+            else:
+                self.metrics.inter_token.observe(now - seq.last_token_at)
+            seq.last_token_at = now
+            reason = seq.finish_reason()
+            if reason is not None:
+                self._end(seq, ("finish", [token], reason), "OK")
+            else:
+                seq.events.put_nowait(("tokens", [token], None))
+
+    # ---- recovery ------------------------------------------------------------------------------
+    async def _recover(self, error: BaseException) -> None:
+        """Re-create the group; running sequences are queued again to be prefilled from their tokens."""
+        self.ready = False
+        self.metrics.recoveries.inc()
+        log.warning("replica %d: group failed (%s); re-creating it", self.index, error)
+        for seq in list(self.scheduler.running):
+            self.scheduler.running.remove(seq)
+            seq.reset()
+            self.scheduler.add(seq)
+        self._to_free = []
+        self.routing = RoutingWindow()
+        rec = self.engine_config.recovery
+        for attempt in range(rec.attempts):
+            if self._stopping:
+                return
+            self.incarnation += 1
+            try:
+                self.group = await asyncio.to_thread(self._create)
+            except Exception as exc:  # noqa: BLE001 - every cause is retried the same way
+                log.warning("replica %d: re-creation %d/%d failed: %s", self.index, attempt + 1, rec.attempts, exc)
+                error = exc
+                await asyncio.sleep(rec.backoff_s)
+                continue
+            self.ready = True
+            log.warning("replica %d: group re-created (incarnation %d)", self.index, self.incarnation)
+            return
+        self.failed = f"its group failed and {rec.attempts} re-creations failed too (last: {error})"
+        self.end_all(Unavailable(f"replica {self.index}: {self.failed}"))

@@ -1,0 +1,1 @@
+"""Generated from protos/expertmesh/v1/*.proto by `make protos`; do not edit."""
