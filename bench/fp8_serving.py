@@ -51,7 +51,7 @@ def _greedy(model, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     for _ in range(GREEDY_STEPS - 1):
         logits, _ = run_step(model, [(s, [t]) for s, t in zip(ids, tokens[-1], strict=True)])
         tokens.append(logits.argmax(-1).tolist())
-    model.arena.free(ids)
+    model.cache.free(ids)
     return first, np.array(tokens).T
 
 

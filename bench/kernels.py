@@ -1,16 +1,18 @@
-"""Kernel benchmarks: permute/unpermute, FP8 quantise, grouped GEMM, dispatch/combine on 1-2 GPUs.
+"""Kernel benchmarks: permute/unpermute, FP8 quantise, grouped GEMM, paged decode attention, dispatch/combine.
 
 Writes `<out>/kernels.md` and `<out>/kernels.json`. Every row names the baseline measured in the same run
 and the ratio to it. Bandwidths count bytes read + bytes written (a copy of n bytes moves 2n), in GB/s
 (1e9 B/s); exchange rates count the bytes that leave each GPU (payload + FP8 scales + routing metadata to
 the other rank; the local copy is excluded) per second, slowest rank's time.
 
-Run: python bench/kernels.py [--out bench/results] [--quick]
+Run: python bench/kernels.py [--out bench/results] [--quick] [--only attention]
+     python bench/kernels.py --quick --only attention --out /tmp/k   # on a CPU: checks the script itself
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -47,6 +49,7 @@ from expertmesh.kernels import (  # noqa: E402
     scaled_grouped_mm_blockwise,
     unpermute_combine,
 )
+from expertmesh.kernels.paged_attention import decode_attention, decode_splits  # noqa: E402
 from expertmesh.kernels.symm_exchange import symmetric_buffer  # noqa: E402
 
 ROWS: list[dict] = []
@@ -68,7 +71,15 @@ def row(section: str, name: str, value: float, unit: str, baseline: str = "", ba
 
 
 def do_bench(fn) -> float:
-    """Median seconds per call, L2 flushed between calls (triton.testing.do_bench)."""
+    """Median seconds per call, L2 flushed between calls (triton.testing.do_bench); on a CPU (`--quick`
+    checks the script there) the median wall time of a few calls."""
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times[1:]))
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median") / 1e3
@@ -207,6 +218,58 @@ def _time_blockwise(xq, xs, wb, offs, cfg) -> float:
     except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: that launch is simply not a candidate
         print(f"blockwise {_cfg_name(cfg)} failed: {exc}", flush=True)
         return float("inf")
+
+
+# ---- paged decode attention ---------------------------------------------------------------------------
+ATTENTION_SHAPES = {"mixtral": (32, 8, 128), "qwen3_30b": (32, 4, 128)}  # query heads, KV heads, head dim
+ATTENTION_CASES = [(1, 128), (1, 4096), (1, 32768), (8, 4096), (8, 32768), (64, 4096), (256, 2048)]  # (B, keys)
+
+
+def bench_read(nbytes: int) -> float:
+    """GB/s of a max() over `nbytes` of bf16 (reads only): the roofline of a kernel that only reads."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    return nbytes / do_bench(lambda: src.max()) / 1e9
+
+
+def paged_attention(quick: bool) -> None:
+    """Decode attention (one query token per row, every row `keys` long) through the paged kernel, blocks of 16
+    scattered at random as a long-running cache leaves them, against SDPA over the same keys stored
+    contiguously [B, KVH, keys, D] (its best case: no mask, the G query heads of a KV head as G query rows).
+    GB/s = K and V bytes read / time, against this run's read rate (a max() over 4 GiB)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    cases = [(1, 128), (2, 300)] if quick and dev == "cpu" else ATTENTION_CASES
+    read = bench_read(4 << 30) if dev == "cuda" else None
+    if read:
+        row("attention", "read baseline: max() over 4 GiB bf16", read, "GB/s")
+    bs = 16
+    gen = torch.Generator().manual_seed(0)
+    for name, (QH, KVH, D) in ATTENTION_SHAPES.items():
+        for B, keys in cases:
+            W = -(-keys // bs)
+            q = torch.randn(B, QH, D, generator=gen).to(dtype).to(dev)
+            kc = torch.randn(B * W + 1, KVH, bs, D, generator=gen).to(dtype).to(dev)
+            vc = torch.randn_like(kc)
+            table = torch.randperm(B * W, generator=gen).view(B, W).to(torch.int32).to(dev)
+            lengths = torch.full((B,), keys, dtype=torch.int32, device=dev)
+            k = kc[table.long()].permute(0, 2, 1, 3, 4).reshape(B, KVH, W * bs, D)[:, :, :keys].contiguous()
+            v = vc[table.long()].permute(0, 2, 1, 3, 4).reshape(B, KVH, W * bs, D)[:, :, :keys].contiguous()
+            moved = 2 * B * KVH * keys * D * k.element_size()
+            label = f"{name} {QH}/{KVH} heads, D {D}, B {B} x {keys} keys"
+            t_sdpa = do_bench(functools.partial(torch.nn.functional.scaled_dot_product_attention,
+                                                q.view(B, KVH, QH // KVH, D), k, v))
+            sdpa = moved / t_sdpa / 1e9
+            row("attention", f"decode SDPA, contiguous cache: {label}", sdpa, "GB/s", "read" if read else "", read,
+                note=f"{t_sdpa * 1e6:.1f} us")
+            splits = decode_splits(B, KVH, keys, q.device)
+            t_paged = do_bench(functools.partial(decode_attention, q, kc, vc, table, lengths, splits=splits))
+            paged = moved / t_paged / 1e9
+            of_read = f", x{paged / read:.2f} of read" if read else ""
+            impl = "Triton" if read else "torch reference"
+            row("attention", f"decode paged {impl}: {label}", paged, "GB/s", "SDPA contiguous", sdpa,
+                ">= 0.8x read at >= 4096 keys" if keys >= 4096 else "",
+                note=f"{t_paged * 1e6:.1f} us, {splits} splits{of_read}")
+            del q, kc, vc, k, v
 
 
 # ---- two GPUs -----------------------------------------------------------------------------------------
@@ -425,23 +488,27 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
     ap.add_argument("--skip-single", action="store_true")
     ap.add_argument("--skip-exchange", action="store_true")
+    ap.add_argument("--only", choices=("attention",), help="run only this part")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs CUDA")
+    if not torch.cuda.is_available() and not (args.quick and args.only == "attention"):
+        sys.exit("bench/kernels.py needs CUDA (on a CPU only `--quick --only attention`, to check the script)")
     t0 = time.time()
     env = environment("torch", "triton")
     command = "python " + " ".join(sys.argv)
     # Each part runs on even if an earlier one fails, so one device call always yields a table.
-    parts = [] if args.skip_single else [single_gpu, grouped_gemm]
+    parts = [] if args.skip_single else [single_gpu, grouped_gemm, paged_attention]
     if not args.skip_exchange and torch.cuda.device_count() >= 2:
         parts.append(two_gpu)
+    if args.only:
+        parts = [paged_attention]
     for part in parts:
         try:
             part(args.quick)
         except Exception as exc:  # noqa: BLE001 - reported in the table, then the next part runs
             row(part.__name__, f"FAILED: {type(exc).__name__}: {str(exc)[:300]}", float("nan"), "")
             traceback.print_exc()
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         write(Path(args.out), env, command, time.time() - t0)
 
 

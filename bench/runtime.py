@@ -11,7 +11,11 @@ safetensors, per-expert tensors), real layer dimensions with fewer layers:
              vocab 151936, 2 layers
 
 Rows: prefill tokens/s (batches of 2048-token sequences, 4k-32k tokens in one step) and decode tokens/s
-(batch 1-256, 128-token prompts, 16 timed steps). Variants, all in the same run on the same checkpoint:
+(batch 1-256, 128-token prompts, 16 timed steps). Every 1-GPU decode row is also read against the memory
+roofline (issue 16): the bytes one step must read (`decode_step_bytes`) over the step time, as a share of
+the read bandwidth a max() over 4 GiB reaches in the variant's own process.
+
+Variants, all in the same run on the same checkpoint:
 ours on 1 GPU and on 2 GPUs (EPGroup: Ray actors, NCCL, data-parallel attention, sequences dealt round
 robin), and `transformers` on 1 GPU with its default experts implementation and with
 `experts_implementation="grouped_mm"` (if the default already is grouped_mm, the eager loop is measured as
@@ -31,8 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 from report import describe, environment, write_report  # noqa: E402
+
+# Then off the path: bench/kernels.py would shadow Hugging Face's `kernels`, which transformers imports.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -45,7 +53,7 @@ QUICK = {name: dict(s, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=96, voca
                     top_k=min(s["top_k"], 4)) for name, s in SHAPES.items()}
 SEQ_LEN = 2048
 PREFILL_TOKENS = [4096, 8192, 16384, 32768]
-DECODE_BATCH = [1, 16, 64, 256]
+DECODE_BATCH = [1, 8, 16, 64, 256]
 PROMPT_LEN = 128
 DECODE_STEPS = 16
 REPS = 3
@@ -192,7 +200,7 @@ def local_prefill(model, total: int, seq_len: int, vocab: int, rng) -> float:
         run_step(model, list(zip(ids, prompts, strict=True)))
         _sync()
         times.append(time.perf_counter() - t0)
-        model.arena.free(ids)
+        model.cache.free(ids)
     return n * seq_len / float(np.median(times[1:]))
 
 
@@ -212,7 +220,7 @@ def local_decode(model, batch: int, vocab: int, rng) -> float:
         _sync()
         if step >= 2:
             times.append(time.perf_counter() - t0)
-    model.arena.free(ids)
+    model.cache.free(ids)
     return batch * len(times) / float(np.sum(times))
 
 
@@ -263,6 +271,42 @@ def hf_decode(model, batch: int, vocab: int, rng, device: str) -> float:
     return batch * len(times) / float(np.sum(times))
 
 
+# ---------------------------------------------------------------------------------------------- roofline
+ONE_GPU = ("ours-local", "ours-1gpu", "hf-default", "hf-grouped_mm", "hf-eager")
+
+
+def decode_step_bytes(shape: dict, batch: int, context: int, itemsize: int) -> float:
+    """Bytes one decode step of `batch` sequences of `context` cached positions must read: every non-expert
+    weight once (attention, router, norms, lm_head, the batch's embedding rows), the routed experts its tokens
+    reach (expected distinct count, E * (1 - (1 - k/E)^batch), under uniform routing) and each sequence's
+    keys and values."""
+    H, Q, KV, D, L = shape["hidden"], shape["heads"], shape["kv_heads"], shape["head_dim"], shape["layers"]
+    E, k = shape["experts"], shape["top_k"]
+    attention = 2 * H * Q * D + 2 * H * KV * D + 2 * H + 2 * D  # q, o; k, v; the layer's norms; q/k norms
+    experts = E * (1 - (1 - k / E) ** batch) * 3 * H * shape["ffn"]
+    weights = L * (attention + H * E + experts) + shape["vocab"] * H + batch * H + H
+    cache = batch * context * L * 2 * KV * D
+    return (weights + cache) * itemsize
+
+
+def read_bandwidth(device: str, nbytes: int) -> float:
+    """GB/s of a max() over `nbytes` of bf16 (a kernel that only reads), median of 10 after a warm-up."""
+    import torch
+
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    times = []
+    for _ in range(11):
+        _sync()
+        t0 = time.perf_counter()
+        x.max()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    del x
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return nbytes / float(np.median(times[1:])) / 1e9
+
+
 # ---------------------------------------------------------------------------------------------- measure
 VARIANTS = ("ours-local", "ours-1gpu", "ours-2gpu", "ours-2gpu-symm", "hf-default", "hf-grouped_mm", "hf-eager")
 HF_KWARGS = {"hf-default": {}, "hf-grouped_mm": {"experts_implementation": "grouped_mm"},
@@ -284,16 +328,28 @@ def measure_variant(name: str, variant: str, args, rows: list, notes: list) -> N
     vocab = shape["vocab"]
     rng = np.random.default_rng(0)
 
+    # The memory roofline of this process's GPU, before anything else holds memory (1-GPU variants only;
+    # --quick on a CPU reads 256 MiB of host memory, to check the script).
+    read_gbs = read_bandwidth(device, 256 << 20 if args.quick else 4 << 30) if variant in ONE_GPU else None
+    itemsize = torch.tensor([], dtype=torch_dtype).element_size()
+
     def record(mode, size, value, extra=None):
-        rows.append({"shape": name, "variant": variant, "mode": mode, "size": size, "tokens_per_s": value,
-                     **(extra or {})})
-        print(f"{name} {variant} {mode} {size}: {value:,.0f} tok/s {extra or ''}", file=sys.stderr, flush=True)
+        extra = dict(extra or {})
+        if mode == "decode" and read_gbs:
+            context = PROMPT_LEN + 2 + DECODE_STEPS / 2  # the timed steps' mean cached length
+            step_bytes = decode_step_bytes(shape, size, context, itemsize)
+            extra.update(step_bytes=step_bytes, read_gbs=read_gbs,
+                         roofline=step_bytes * value / size / 1e9 / read_gbs)
+        rows.append({"shape": name, "variant": variant, "mode": mode, "size": size, "tokens_per_s": value, **extra})
+        print(f"{name} {variant} {mode} {size}: {value:,.0f} tok/s {extra}", file=sys.stderr, flush=True)
 
     if variant == "ours-local":
         from expertmesh.workers.local import load_local_model
 
         t0 = time.perf_counter()
-        model = load_local_model(ckpt, torch_dtype, device)
+        # A KV budget for the largest step of the run (its default, 4096 blocks of 16, holds 64k tokens).
+        blocks = max(max(prefill, default=0) // 16 + 16, max(args.decode) * -(-(PROMPT_LEN + DECODE_STEPS + 4) // 16))
+        model = load_local_model(ckpt, torch_dtype, device, kv_blocks=blocks)
         notes.append(f"{name}: ours-local loaded in {time.perf_counter() - t0:.0f} s")
         for total in prefill:
             record("prefill", total, local_prefill(model, total, seq_len, vocab, rng))
@@ -478,6 +534,7 @@ def cmd_report(args) -> None:
                 summary[f"{name}/{mode}/{size}"] = {"vs_best_hf": o1 / best_hf, "local_vs_best_hf": loc / best_hf,
                                                    "vs_hf_default": o1 / default, "two_over_one": o2 / o1,
                                                    "two_at_twice_over_one": scaled}
+        lines += roofline_section(mine)
         timed = [r for r in mine if "step_ms" in r]
         if timed:
             lines += ["", "Where a Ray step's time goes (medians): `step` = the driver's `group.step` call, "
@@ -494,6 +551,26 @@ def cmd_report(args) -> None:
     if args.replay:
         lines += replay_section(json.loads(Path(args.replay).read_text()))
     print(write_report(args.results, "runtime", lines, {"measured": measured, "summary": summary}).read_text())
+
+
+def roofline_section(rows: list[dict]) -> list[str]:
+    """Each 1-GPU decode row against the memory roofline measured in its own process."""
+    mine = sorted((r for r in rows if "roofline" in r), key=lambda r: (VARIANTS.index(r["variant"]), r["size"]))
+    if not mine:
+        return []
+    lines = ["", "Decode against the memory roofline (issue 16, target >= 50% at batch 1 and 8): bytes one step must "
+             "read (every non-expert weight, the experts the batch reaches at their expected distinct count under "
+             "uniform routing, each sequence's keys and values at the timed steps' mean length) / step time "
+             "(batch / tokens/s), against the read rate of a max() over 4 GiB (256 MiB with --quick) in the variant's "
+             "own process.", "",
+             "| variant | batch | MB one step must read | step ms | GB/s | read GB/s (same process) "
+             "| share of roofline |",
+             "|---|---|---|---|---|---|---|"]
+    for r in mine:
+        step = r["size"] / r["tokens_per_s"]
+        lines.append(f"| {r['variant']} | {r['size']} | {r['step_bytes'] / 1e6:,.0f} | {step * 1e3:.2f} "
+                     f"| {r['step_bytes'] / step / 1e9:,.0f} | {r['read_gbs']:,.0f} | {r['roofline']:.0%} |")
+    return lines
 
 
 def _two_gpu_rates(rows: list[dict]) -> dict[tuple[str, int], float]:

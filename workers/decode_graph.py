@@ -10,24 +10,34 @@ Elsewhere the same fixed-shape call runs eagerly.
 Several ranks: every MoE layer is a collective, so all ranks of a step must run the same exchanges. The
 driver decides for the whole group that a step is a fixed-shape decode step and passes the group's
 largest batch (`batch`): every rank pads to the same B (a rank without sequences runs B padding rows) and
-the executor bounds each rank's expert rows by G * B * k. Capture is not a group decision (a rank's
-arena grows on its own), so a capturing step must not run the layers more often than a replay does: the
-step that captures returns its eager warm-up's outputs and the graph is first replayed at the next step.
+the executor bounds each rank's expert rows by G * B * k. Capture is not a group decision (each rank
+captures a size the first time it meets it), so a capturing step must not run the layers more often than
+a replay does: the step that captures returns its eager warm-up's outputs and the graph is first replayed
+at the next step.
 
-    inputs  int64 [3, B]   token ids, cache positions, arena slots (padding: token 0, position 0, scratch slot)
+    inputs  int32 [4 + W, B]   row 0 token ids, 1 positions, 2 flat cache slots of the new keys
+                               (block * block_size + offset), 3 lengths (position + 1), then the block
+                               table transposed: row 4 + i holds every row's i-th block
+            padding rows: token 0, position 0, the scratch block's first slot, length 1, table all scratch
     outputs final hidden states [B, H], routed ids int64 [B, L_moe, k]; the first n rows are the step's
             (the logits of those n rows are computed after the replay, outside the graph)
 
-A graph bakes in the addresses of the cache arena, the weights and the expert shard. Graphs are dropped
-and captured again when the arena is reallocated (it grows by doubling) or the executor's `version`
-changes (a new plan's shard, another exchange). The first step at a new size runs eagerly (kernels
-compile and pick their configurations outside the graph), is captured, and answers with the eager run.
+The paged cache is allocated once, so a graph's addresses stay valid as sequences grow: a size is captured
+once and replayed until the executor's `version` changes (a new plan's shard, another exchange). The table
+has W = min(cache blocks, GRAPH_KEYS / block_size) columns in every graph: a row never reads past its
+length, so W costs only the input buffer, (4 + W) x 512 int32 shared by every size (33.5 MB at W = 16k),
+and each step copies just its first 4 + w rows (w = blocks of its longest sequence; contiguous because the
+table is stored transposed). A step with a sequence longer than GRAPH_KEYS runs the same computation
+eagerly at its own width: its attention reads gigabytes per row, which dwarfs the launches a graph saves.
+The first step at a new size runs eagerly (kernels compile outside the graph), is captured, and answers
+with the eager run.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,11 +49,13 @@ from .moe import StepContext
 if TYPE_CHECKING:
     from .model import MoEModel
 
-__all__ = ["DecodeGraphs", "BATCH_SIZES", "padded_batch"]
+__all__ = ["DecodeGraphs", "BATCH_SIZES", "GRAPH_KEYS", "padded_batch"]
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 2, 4, *range(8, 513, 8))
+GRAPH_KEYS = 262_144  # longest sequence a captured step serves; longer ones run the step eagerly
+HEADER = 4  # input rows before the block table
 
 
 def padded_batch(n: int) -> int:
@@ -55,8 +67,9 @@ def padded_batch(n: int) -> int:
 
 @dataclass
 class _Entry:
-    inputs: torch.Tensor  # int64 [3, B] on the device
-    host: torch.Tensor  # int64 [3, B], pinned on a GPU: the one copy per step
+    inputs: torch.Tensor  # int32 [4 + W, B] on the device (a view of the shared buffer)
+    host: np.ndarray  # int32 [4 + W, B] (a view of the shared pinned buffer): the one copy per step
+    host_tensor: torch.Tensor  # the same memory as a tensor, for the copy
     graph: torch.cuda.CUDAGraph | None = None
     hidden: torch.Tensor | None = None
     routed: torch.Tensor | None = None
@@ -68,49 +81,59 @@ class DecodeGraphs:
     def __init__(self, model: MoEModel, capture: bool) -> None:
         self.model = model
         self.capture = capture
+        cache = model.cache
+        self.width = min(cache.num_blocks, cache.blocks_for(GRAPH_KEYS))  # W: block-table columns of a graph
+        pin = capture and torch.cuda.is_available()
+        size = (HEADER + self.width) * self.max_batch
+        self._device_buffer = torch.zeros(size, dtype=torch.int32, device=model.device)  # valid ids
+        self._host_buffer = torch.zeros(size, dtype=torch.int32, pin_memory=pin)
         self.entries: dict[int, _Entry] = {}
         self.captures = 0  # graphs captured so far (tests and benchmarks read it)
         self.steps = 0  # steps run at fixed shapes, captured or not
-        self._key: tuple | None = None
+        self.long_steps = 0  # of those, steps with a sequence past the graphs' table, run eagerly at its width
+        self._version: int | None = None
         self._pool = None
-
-    def _current_key(self) -> tuple:
-        arena = self.model.arena
-        return (arena.k[0].data_ptr(), arena.slots, arena.capacity, self.model.executor.version)
 
     def invalidate(self) -> None:
         self.entries.clear()
         self._pool = None
 
-    def run(self, tokens: np.ndarray, positions: list[int], slots: list[int],
+    def _entry(self, B: int) -> _Entry:
+        entry = self.entries.get(B)
+        if entry is None:
+            shape, n = (HEADER + self.width, B), (HEADER + self.width) * B
+            host = self._host_buffer[:n].view(shape)
+            entry = _Entry(self._device_buffer[:n].view(shape), host.numpy(), host)
+            self.entries[B] = entry
+        return entry
+
+    def run(self, tokens: np.ndarray, seq_ids: Sequence[int], positions: Sequence[int],
             batch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [n, V], routed ids [n, L_moe, k]) of n one-token rows; cache room must be admitted.
+        """(logits [n, V], routed ids [n, L_moe, k]) of n one-token rows, their cache blocks admitted.
 
         batch: the group's largest row count this step (several ranks; every rank pads to the same size,
         n may be 0), else 0.
         """
-        n = len(slots)
+        n = len(seq_ids)
         B = padded_batch(max(n, batch))
         self.steps += 1
-        key = self._current_key()
-        if key != self._key:
+        if self.model.executor.version != self._version:
             self.invalidate()
-            self._key = key
-        entry = self.entries.get(B)
-        if entry is None:
-            pin = self.capture and torch.cuda.is_available()
-            entry = _Entry(torch.empty((3, B), dtype=torch.int64, device=self.model.device),
-                           torch.empty((3, B), dtype=torch.int64, pin_memory=pin))
-            self.entries[B] = entry
-        host = entry.host.numpy()
-        host[0, :n] = tokens
-        host[1, :n] = positions
-        host[2, :n] = slots
-        host[:2, n:] = 0
-        host[2, n:] = self.model.arena.scratch_slot
-        entry.inputs.copy_(entry.host, non_blocking=True)
+            self._version = self.model.executor.version
+        cache = self.model.cache
+        w = cache.blocks_for(max(positions, default=0) + 1)  # table columns this step reads
+        if w > self.width:  # longer than any graph serves: the same step, eagerly, at its own width
+            self.long_steps += 1
+            inputs = np.empty((HEADER + w, B), dtype=np.int32)
+            self._fill(inputs, tokens, seq_ids, positions, w)
+            hidden, routed = self._forward(torch.from_numpy(inputs).to(self.model.device))
+            return self.model.logits(hidden[:n]), routed[:n]
+        entry = self._entry(B)
+        self._fill(entry.host, tokens, seq_ids, positions, w)
+        rows = (HEADER + w) * B  # only the rows this step reads: contiguous, the table being transposed
+        entry.inputs.view(-1)[:rows].copy_(entry.host_tensor.view(-1)[:rows], non_blocking=True)
         if not (self.capture and self.model.executor.capturable):
-            hidden, routed = self._forward(entry.inputs)
+            hidden, routed = self._forward(entry.inputs[: HEADER + w])
             return self.model.logits(hidden[:n]), routed[:n]
         if entry.graph is None:
             hidden, routed = self._record(entry)
@@ -119,9 +142,24 @@ class DecodeGraphs:
         # The outputs live in the graph's pool and the next replay (of any size) may overwrite them.
         return self.model.logits(entry.hidden[:n]), entry.routed[:n].clone()
 
+    def _fill(self, host: np.ndarray, tokens: np.ndarray, seq_ids: Sequence[int], positions: Sequence[int],
+              w: int) -> None:
+        """Rows 0..4+w of the step's inputs: n real rows, then padding rows on the scratch block."""
+        cache, n = self.model.cache, len(seq_ids)
+        pos = np.asarray(positions, dtype=np.int64)
+        host[0, :n] = tokens
+        host[1, :n] = pos
+        host[2, :n] = cache.slots(seq_ids, pos)
+        host[3, :n] = pos + 1
+        host[HEADER : HEADER + w, :n] = cache.table(seq_ids, w).T
+        host[:2, n:] = 0
+        host[2, n:] = cache.scratch_block * cache.block_size
+        host[3, n:] = 1
+        host[HEADER : HEADER + w, n:] = cache.scratch_block  # (the torch path gathers every column)
+
     def _forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`decode_forward` of a step of B = inputs.shape[1] rows on every rank (B bounds the expert rows)."""
-        return self.model.decode_forward(*inputs, StepContext(fixed_batch=inputs.shape[1]))
+        return self.model.decode_forward(inputs, StepContext(fixed_batch=inputs.shape[1]))
 
     def _record(self, entry: _Entry) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the step eagerly, then capture it; returns the eager run's outputs."""

@@ -12,6 +12,7 @@ from expertmesh.kernels.moe import Precision
 from .checkpoint import CheckpointReader
 from .config import read_model_config
 from .group_config import resolve_precision
+from .kvcache import DEFAULT_KV_BLOCKS
 from .model import MoEModel
 from .moe import EPExecutor
 from .plans import contiguous_plan
@@ -22,11 +23,13 @@ __all__ = ["load_local_model", "run_step"]
 
 def load_local_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
                      device: str | torch.device = "cpu", decode_graphs: bool | None = None,
-                     precision: Precision | str | None = None) -> MoEModel:
+                     precision: Precision | str | None = None, kv_blocks: int = DEFAULT_KV_BLOCKS,
+                     kv_block_size: int = 16) -> MoEModel:
     """A `MoEModel` holding all experts of `model_dir` (the contiguous plan on one GPU).
 
     decode_graphs: decode steps at fixed shapes (`DecodeGraphs`; CUDA graphs on a GPU); default on for CUDA.
     precision: of the routed experts (`expertmesh.kernels.Precision`); default: fp8 for an FP8 checkpoint.
+    kv_blocks, kv_block_size: the KV cache, allocated once (`PagedKVCache`).
     """
     device = torch.device(device)
     cfg = read_model_config(model_dir)
@@ -36,7 +39,8 @@ def load_local_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
     executor.load(plan, load_expert_shard(reader, cfg, plan.phy2log, 1, 0, dtype, device))
     if decode_graphs is None:
         decode_graphs = device.type == "cuda"
-    return MoEModel(cfg, load_model_weights(reader, cfg, dtype, device), executor, dtype, device, decode_graphs)
+    return MoEModel(cfg, load_model_weights(reader, cfg, dtype, device), executor, dtype, device, decode_graphs,
+                    kv_blocks, kv_block_size)
 
 
 def run_step(model: MoEModel, inputs: Sequence[tuple[int, Sequence[int]]],

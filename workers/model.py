@@ -3,14 +3,16 @@
 One worker runs the whole stack for its own sequences (data-parallel attention); only the routed experts
 of MoE layers leave the worker, through an `ExpertExecutor` (dispatch -> grouped GEMM -> combine). The
 family's math is `families.MoECausalLM` (the module training runs too); this file adds what serving needs
-around it: attention over the KV arena, fixed-shape decode steps, routing replay and measurement.
+around it: attention over the paged KV cache, fixed-shape decode steps, routing replay and measurement.
 
 Notation: T tokens of this step on this worker (all sequences, flattened in input order), N sequences,
 H hidden, Q heads, KV key/value heads, D head dim, k experts per token, V vocabulary.
 
 A step is a list of (sequence, new tokens); a sequence seen for the first time is a prefill, one with a
-cache continues (decode when it brings one token). Attention runs once per group of sequences with the
-same number of new tokens, padded over their cached lengths.
+cache continues (decode when it brings one token). The step's new keys and values go into the cache first
+(`kernels.paged_attention.write_kv`), then attention runs once per group of sequences with the same number
+of new tokens n: prefills without a past over their own keys (SDPA, causal), one-token rows through the
+paged decode kernel, chunks over a past through `prefill_attention` (the past gathered, then SDPA).
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from expertmesh.kernels.paged_attention import decode_attention, prefill_attention, write_kv
+
 from .config import ModelConfig
+from .decode_graph import HEADER
 from .families import MoECausalLM
-from .kvcache import KVArena, SequenceError
+from .kvcache import DEFAULT_KV_BLOCKS, PagedKVCache, SequenceError
 from .moe import PLAIN_STEP, LayerMeasure, StepContext
 
 __all__ = ["MoEModel", "StepBatch", "StepResult", "ExpertExecutor", "build_batch"]
@@ -57,16 +62,22 @@ class ExpertExecutor(Protocol):
 
 @dataclass
 class AttentionGroup:
-    """Sequences of one step with the same number of new tokens n."""
+    """The B sequences of one step with the same number of new tokens n."""
 
     n: int
     token_index: torch.Tensor  # int64 [B * n]: rows of the flat batch, sequence-major
     row_range: tuple[int, int] | None  # (first, end) when those rows are consecutive: a slice, no gather
-    slots: torch.Tensor  # int64 [B]
-    slot_range: tuple[int, int] | None  # (first, B) when the slots are consecutive: the cache is a view
-    pasts: list[int]
-    mask: torch.Tensor | None  # bool [B, 1, n, K] (True = attend), None when plain causal or no mask
-    keys: int  # K = max(past) + n
+    table: torch.Tensor | None  # int32 [B, W] block tables; None: prefills without a past (attend to the new keys)
+    lengths: torch.Tensor | None  # int32 [B]: past + n, the keys each sequence attends over
+    keys: int  # max(past) + n
+
+    @property
+    def size(self) -> int:
+        return self.token_index.shape[0] // self.n
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The group's rows of a flat-batch tensor t [T, ...]."""
+        return t[self.row_range[0] : self.row_range[1]] if self.row_range else t.index_select(0, self.token_index)
 
 
 @dataclass
@@ -75,7 +86,7 @@ class StepBatch:
     new_tokens: list[int]
     token_ids: torch.Tensor  # int64 [T]
     positions: torch.Tensor  # int64 [T]
-    token_slots: torch.Tensor  # int64 [T]
+    slots: torch.Tensor  # int64 [T]: flat cache slot (block * block_size + offset) of each new token
     last_index: torch.Tensor  # int64 [N]: row of each sequence's last new token
     groups: list[AttentionGroup]
 
@@ -119,12 +130,12 @@ def _check_step(packed: PackedTokens) -> tuple[list[int], list[int]]:
     return seq_ids, new
 
 
-def build_batch(arena: KVArena, inputs: Sequence[tuple[int, Sequence[int]]] | PackedTokens,
+def build_batch(cache: PagedKVCache, inputs: Sequence[tuple[int, Sequence[int]]] | PackedTokens,
                 device: torch.device) -> StepBatch:
-    """Check a step's (sequence id, new token ids) list, reserve cache room, lay out the attention groups."""
+    """Check a step's (sequence id, new token ids) list, admit its cache blocks, lay out the attention groups."""
     packed = _as_packed(inputs)
     seq_ids, new = _check_step(packed)
-    slots, pasts = arena.admit(seq_ids, new)
+    pasts = cache.admit(seq_ids, new)
     # Per-token index maps, vectorised: a 32k-token prefill must not cost Python loops per token.
     counts = packed.lengths
     starts = np.concatenate([[0], np.cumsum(counts)])
@@ -132,36 +143,32 @@ def build_batch(arena: KVArena, inputs: Sequence[tuple[int, Sequence[int]]] | Pa
     flat = packed.tokens.astype(np.int64)
     seq_of = np.repeat(np.arange(len(new)), counts)
     positions = np.asarray(pasts, dtype=np.int64)[seq_of] + np.arange(T) - starts[:-1][seq_of]
-    token_slots = np.asarray(slots, dtype=np.int64)[seq_of]
+    slots = cache.slots(seq_ids, positions, counts)
 
     by_n: dict[int, list[int]] = {}
     for i, n in enumerate(new):
         by_n.setdefault(n, []).append(i)
     groups = []
     for n, members in sorted(by_n.items()):
-        g_slots = [slots[i] for i in members]
         g_pasts = [pasts[i] for i in members]
         rows = (starts[members][:, None] + np.arange(n)[None, :]).ravel()
         keys = max(g_pasts) + n
-        consecutive = g_slots == list(range(g_slots[0], g_slots[0] + len(g_slots)))
-        mask = None
-        if len(set(g_pasts)) > 1 or (n > 1 and g_pasts[0] > 0):
-            q_pos = torch.tensor(g_pasts, device=device)[:, None] + torch.arange(n, device=device)[None, :]
-            mask = (torch.arange(keys, device=device)[None, None, :] <= q_pos[:, :, None])[:, None]
+        table = lengths = None
+        if n == 1 or keys > n:  # a past to read (one-token rows always take the decode kernel)
+            table = torch.from_numpy(cache.table([seq_ids[i] for i in members], cache.blocks_for(keys))).to(device)
+            lengths = torch.tensor([p + n for p in g_pasts], dtype=torch.int32, device=device)
         in_order = bool(np.all(np.diff(rows) == 1))
         groups.append(AttentionGroup(
             n=n,
             token_index=torch.from_numpy(rows).to(device),
             row_range=(int(rows[0]), int(rows[-1]) + 1) if in_order else None,
-            slots=torch.tensor(g_slots, dtype=torch.int64, device=device),
-            slot_range=(g_slots[0], len(g_slots)) if consecutive else None,
-            pasts=g_pasts, mask=mask, keys=keys,
+            table=table, lengths=lengths, keys=keys,
         ))
     return StepBatch(
         seq_ids=seq_ids, new_tokens=new,
         token_ids=torch.from_numpy(flat).to(device),
         positions=torch.from_numpy(positions).to(device),
-        token_slots=torch.from_numpy(token_slots).to(device),
+        slots=torch.from_numpy(slots).to(device),
         last_index=torch.from_numpy(starts[1:] - 1).to(device),
         groups=groups,
     )
@@ -191,13 +198,16 @@ class MoEModel:
     `decode_graphs` runs steps where every sequence brings one token through `DecodeGraphs`: fixed shapes,
     captured as CUDA graphs on a GPU when the executor allows it (a decode step is launch-bound: hundreds
     of small kernels for ~1 ms of GPU work), the same computation run eagerly elsewhere.
+    `kv_blocks` blocks of `kv_block_size` tokens are the worker's KV budget, allocated here once (`cache`).
     """
 
     def __init__(self, cfg: ModelConfig, module: MoECausalLM, executor: ExpertExecutor,
-                 dtype: torch.dtype, device: torch.device, decode_graphs: bool = False) -> None:
+                 dtype: torch.dtype, device: torch.device, decode_graphs: bool = False,
+                 kv_blocks: int = DEFAULT_KV_BLOCKS, kv_block_size: int = 16) -> None:
         self.cfg, self.module, self.executor = cfg, module.eval().requires_grad_(False), executor
         self.dtype, self.device = dtype, device
-        self.arena = KVArena(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+        self.cache = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_block_size, kv_blocks, dtype,
+                                  device)
         module.rope(torch.zeros(1, dtype=torch.int64, device=device), dtype)  # caches the frequencies before any graph
         self.decoder = None
         if decode_graphs:
@@ -205,33 +215,30 @@ class MoEModel:
 
             self.decoder = DecodeGraphs(self, capture=device.type == "cuda")
 
-    # ---- attention over the KV arena (the cores the family's attention runs) ---------------------------
+    # ---- attention over the paged cache (the cores the family's attention runs) ------------------------
     def _attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    batch: StepBatch) -> torch.Tensor:
-        """[T, Q, D]: each group of sequences attends over its cached keys and the new ones."""
+        """[T, Q, D]: the step's keys into the cache, then each group over its past and new keys."""
         T, Q, D = q.shape
         if T == 0:  # a worker without sequences this step still takes part in the MoE collectives
             return q
-        k_cache, v_cache = self.arena.k[layer], self.arena.v[layer]
-        k_cache[batch.token_slots, :, batch.positions] = k
-        v_cache[batch.token_slots, :, batch.positions] = v
-
+        KV = k.shape[1]
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        write_kv(k_cache, v_cache, k, v, batch.slots)
         out = torch.empty((T, Q, D), dtype=q.dtype, device=q.device)
         for g in batch.groups:
-            B = g.slots.shape[0]
-            rows = q[g.row_range[0] : g.row_range[1]] if g.row_range else q.index_select(0, g.token_index)
-            qg = rows.view(B, g.n, Q, D).transpose(1, 2)  # [B, Q, n, D]
-            if g.slot_range is not None:
-                first, count = g.slot_range
-                kg = k_cache[first : first + count, :, : g.keys]
-                vg = v_cache[first : first + count, :, : g.keys]
+            B, n = g.size, g.n
+            rows = g.rows(q)
+            if g.table is None:  # prefills without a past: causal over their own new keys
+                kg, vg = (g.rows(t).reshape(B, n, KV, D).transpose(1, 2) for t in (k, v))
+                og = F.scaled_dot_product_attention(rows.reshape(B, n, Q, D).transpose(1, 2), kg, vg,
+                                                    is_causal=n > 1, enable_gqa=KV != Q)
+                og = og.transpose(1, 2).reshape(B * n, Q, D)
+            elif n == 1:
+                og = decode_attention(rows, k_cache, v_cache, g.table, g.lengths)
             else:
-                kg, vg = k_cache[g.slots, :, : g.keys], v_cache[g.slots, :, : g.keys]
-            causal = g.mask is None and g.n > 1  # all pasts 0: plain causal over the new tokens
-            og = F.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=g.mask, is_causal=causal, enable_gqa=k.shape[1] != Q
-            )
-            og = og.transpose(1, 2).reshape(B * g.n, Q, D)
+                og = prefill_attention(rows.reshape(B, n, Q, D), k_cache, v_cache, g.table, g.lengths,
+                                       g.keys).reshape(B * n, Q, D)
             if g.row_range:
                 out[g.row_range[0] : g.row_range[1]] = og
             else:
@@ -239,24 +246,12 @@ class MoEModel:
         return out
 
     def _decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          slots: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[B, Q, D]: attention of B one-token rows over the whole arena, shapes fixed by (B, slots, capacity).
-
-        Queries are scattered into their slots and every slot attends over the full capacity under `mask`;
-        rows of other slots compute garbage nobody reads. Grouped-query attention runs as a batch of KV
-        heads with Q/KV query rows each (one new token: those rows share keys and mask), so no key is
-        repeated per query head and the masked memory-efficient kernel applies.
-        """
-        _, Q, D = q.shape
-        KV = k.shape[1]
-        k_cache, v_cache = self.arena.k[layer], self.arena.v[layer]
-        k_cache[slots, :, positions] = k
-        v_cache[slots, :, positions] = v
-        S = k_cache.shape[0]
-        qs = q.new_zeros((S, Q, D))
-        qs[slots] = q  # padding rows all land in the scratch slot
-        o = F.scaled_dot_product_attention(qs.view(S, KV, Q // KV, D), k_cache, v_cache, attn_mask=mask)
-        return o.reshape(S, Q, D).index_select(0, slots)
+                          slots: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """[B, Q, D]: B one-token rows, their keys written to `slots`, each over its `lengths` keys through its
+        block table row; shapes fixed by (B, table columns), what the decode kernel reads fixed by lengths."""
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        write_kv(k_cache, v_cache, k, v, slots)
+        return decode_attention(q, k_cache, v_cache, table, lengths)
 
     def _stack(self, token_ids: torch.Tensor, positions: torch.Tensor, attend, override_ids: torch.Tensor | None,
                ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,7 +288,7 @@ class MoEModel:
             raise ValueError(f"topk_ids: expected shape {list(want)}, got {list(override_ids.shape)}")
         x, routed = self._stack(batch.token_ids, batch.positions,
                                 lambda layer, q, k, v: self._attention(layer, q, k, v, batch), override_ids, ctx)
-        self.arena.commit(batch.seq_ids, batch.new_tokens)
+        self.cache.commit(batch.seq_ids, batch.new_tokens)
         scored = self._token_logprobs(x, batch, score) if score else {}
         return self.logits(x.index_select(0, batch.last_index)), routed, scored
 
@@ -337,24 +332,22 @@ class MoEModel:
         return True
 
     @torch.inference_mode()
-    def decode_forward(self, token_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                       ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """One new token for each of B rows (token id, cache position, arena slot; int64 [B] each), every
-        shape fixed by B and the arena's size, nothing read back to the host: what a CUDA graph captures.
+    def decode_forward(self, inputs: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """One new token for each of B rows, every shape fixed by inputs int32 [4 + W, B] (token ids,
+        positions, flat cache slots, lengths, then the block table transposed: `DecodeGraphs` lays it out),
+        nothing read back to the host: what a CUDA graph captures.
 
-        Padding rows point at the arena's scratch slot; `ctx.fixed_batch` is B (every rank of the group pads
-        to it). Does not commit: the caller advances the lengths.
+        Padding rows write to the cache's scratch block and attend over it; `ctx.fixed_batch` is B (every
+        rank of the group pads to it). Does not commit: the caller advances the lengths.
         Returns (final hidden states [B, H], routed ids int64 [B, L_moe, k]); `logits` maps the real rows'
         states to logits outside the graph, whose outputs stay allocated per batch size ([B, V] float32
         logits at every size up to 512 would hold ~10 GB for a 152k vocabulary).
         """
-        S, C = self.arena.slots, self.arena.capacity
-        # Each slot attends to its keys up to the position its row writes; slots without a row see key 0.
-        slot_pos = torch.zeros(S, dtype=torch.int64, device=self.device).index_put_((slots,), positions)
-        mask = (torch.arange(C, device=self.device)[None, :] <= slot_pos[:, None])[:, None, None, :]
+        tokens, positions, slots, lengths = inputs[:HEADER]
+        table = inputs[HEADER:].t()  # [B, W], strides (1, B)
         return self._stack(
-            token_ids, positions,
-            lambda layer, q, k, v: self._decode_attention(layer, q, k, v, slots, positions, mask), None, ctx)
+            tokens, positions,
+            lambda layer, q, k, v: self._decode_attention(layer, q, k, v, slots, table, lengths), None, ctx)
 
     def step(self, inputs: Sequence[tuple[int, Sequence[int]]] | PackedTokens,
              override_ids: torch.Tensor | None = None, group_batch: int = 0, measure: bool = False,
@@ -370,11 +363,11 @@ class MoEModel:
         n = len(packed.seq_ids)
         if not score and self._fixed_decode(packed, override_ids, group_batch, measure):
             seq_ids, new = _check_step(packed)
-            slots, pasts = self.arena.admit(seq_ids, new)
-            logits, routed = self.decoder.run(packed.tokens, pasts, slots, group_batch)
-            self.arena.commit(seq_ids, new)
+            pasts = self.cache.admit(seq_ids, new)
+            logits, routed = self.decoder.run(packed.tokens, seq_ids, pasts, group_batch)
+            self.cache.commit(seq_ids, new)
             return StepResult(seq_ids, n, logits, routed)
-        batch = build_batch(self.arena, packed, self.device)
+        batch = build_batch(self.cache, packed, self.device)
         ctx = StepContext(measures=[] if measure else None)
         logits, routed, scored = self.forward(batch, override_ids, ctx, score)
         return StepResult(batch.seq_ids, batch.num_tokens, logits, routed, ctx.measures or [], scored)

@@ -28,6 +28,7 @@ from .checkpoint import CheckpointReader, RandomReader, open_weights
 from .config import read_model_config
 from .decode_graph import DecodeGraphs
 from .group_config import GroupConfig
+from .kvcache import DEFAULT_KV_BLOCKS
 from .model import MoEModel, PackedTokens
 from .moe import EPExecutor, LayerMeasure, make_exchange
 from .recording import StatsSink, StepRecorder
@@ -69,7 +70,6 @@ class StepOutput:
 
 
 NOSET_CVD = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
-CPU_KV_BLOCKS = 4096  # a CPU worker's default budget (GroupConfig.kv_blocks): 64k tokens at 16 per block
 
 
 def _local_gpu_index() -> int:
@@ -152,9 +152,10 @@ class ExpertWorker:
         self.fixed_decode = config.decode_graphs if config.decode_graphs is not None else self.device.type == "cuda"
         self.set_exchange(config.exchange, config.max_tokens)
         self._load_experts(spec.plan)
+        self.kv_blocks = self._kv_budget(config)  # from the memory the weights and experts leave
         self.model = MoEModel(self.cfg, weights, self.executor, self.dtype, self.device,
-                              decode_graphs=self.fixed_decode)
-        self.kv_blocks = self._kv_budget(config)
+                              decode_graphs=self.fixed_decode, kv_blocks=self.kv_blocks,
+                              kv_block_size=config.kv_block_size)
         stats = config.stats
         self.recorder = StepRecorder(spec.sink, f"{stats.run}/worker-{self.rank}", stats.flush_every,
                                      (self.cfg.num_moe_layers, self.cfg.num_experts, self.cfg.top_k), self.device,
@@ -165,19 +166,20 @@ class ExpertWorker:
         return {**self.info(), "load_s": time.perf_counter() - start}
 
     def _kv_budget(self, config: GroupConfig) -> int:
-        """KV-cache blocks this worker may hold: the config's number, else what the memory share leaves."""
+        """KV-cache blocks this worker may hold: the config's number, else what the memory share leaves (the
+        cache allocates them, plus its scratch block, once, when the model is built)."""
         if config.kv_blocks is not None:
             return config.kv_blocks
         if self.device.type != "cuda":
-            return CPU_KV_BLOCKS
+            return DEFAULT_KV_BLOCKS
         free, total = torch.cuda.mem_get_info(self.device)
         cfg = self.cfg
         per_block = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * config.kv_block_size * self.dtype.itemsize
         room = free - (1 - config.kv_memory_fraction) * total
-        if room < per_block:
+        if room < 2 * per_block:
             raise RuntimeError(f"kv_memory_fraction: {config.kv_memory_fraction} of the GPU leaves no room for one "
                                f"KV block after the weights ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free)")
-        return int(room // per_block)
+        return int(room // per_block) - 1  # the scratch block
 
     def _load_experts(self, plan: Placement) -> None:
         # The experts this rank holds already are copied on the device instead of read; FP8 experts keep no
@@ -232,7 +234,7 @@ class ExpertWorker:
             "slot_expert": [e.tolist() for e in self.executor.slot_expert],
             "expert_bytes": self.executor.expert_bytes(),
             "tensors_read": sorted(self.reader.names_read),
-            "live_sequences": 0 if self.model is None else self.model.arena.live,
+            "live_sequences": 0 if self.model is None else self.model.cache.live,
             "kv_blocks": self.kv_blocks,
             # decode steps run at fixed shapes, and the CUDA graphs captured for them
             "decode_steps": 0 if decoder is None else decoder.steps,
@@ -296,7 +298,7 @@ class ExpertWorker:
         try:
             return self._run(packed, ids, None, False, measure, 0.0, record=False)
         finally:
-            self.model.arena.free(packed.seq_ids.tolist())
+            self.model.cache.free(packed.seq_ids.tolist())
 
     def _run(self, inputs, override, sampling, return_logits, measure, pause_s, record,
              group_batch: int = 0, score: Mapping[int, int] | None = None,
@@ -309,7 +311,7 @@ class ExpertWorker:
         result = model.step(inputs, override, group_batch, measure, score)
         tokens = None
         if sampling is not None:
-            positions = [model.arena.length[s] for s in result.seq_ids]
+            positions = [model.cache.length[s] for s in result.seq_ids]
             params = [sampling] * len(positions) if isinstance(sampling, SamplingParams) else list(sampling)
             tokens = sample(result.logits, params, positions, self.generator).tolist()
         if self.device.type == "cuda":
@@ -332,7 +334,7 @@ class ExpertWorker:
 
     def free(self, seq_ids: Sequence[int]) -> list[int]:
         """Drop sequences and their caches; returns the ids this worker did not hold."""
-        return self.model.arena.free([int(s) for s in seq_ids])
+        return self.model.cache.free([int(s) for s in seq_ids])
 
     def flush_stats(self) -> None:
         self.recorder.flush()

@@ -20,12 +20,14 @@ HERE = Path(__file__).parent
 
 
 @pytest.mark.slow
-def test_triton_kernels_under_the_interpreter():
+@pytest.mark.parametrize("checks", [("interpret_checks.py", "interpret_checks_bwd.py"), ("paged_interpret_checks.py",)],
+                         ids=["pipeline", "paged"])
+def test_triton_kernels_under_the_interpreter(checks):
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-         str(HERE / "interpret_checks.py"), str(HERE / "interpret_checks_bwd.py")],
+         *(str(HERE / name) for name in checks)],
         cwd=HERE, env=env, capture_output=True, text=True, timeout=600,
     )
     tail = proc.stdout[-6000:] + proc.stderr[-3000:]

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from expertmesh.placement.plan import Placement
 from expertmesh.workers.checkpoint import CheckpointError, CheckpointReader, expert_keys
 from expertmesh.workers.config import ModelConfigError, read_model_config
-from expertmesh.workers.kvcache import KVArena, SequenceError
+from expertmesh.workers.kvcache import KVCacheFull, SequenceError
 from expertmesh.workers.local import load_local_model, run_step
 from expertmesh.workers.sampling import SamplingParams, sample
 from expertmesh.workers.weights import load_expert_shard
@@ -93,11 +93,12 @@ def test_logits_match_reference_through_prefill_decode_and_chunks(tiny_models, r
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fixed_shape_decode_matches_reference_with_padding_and_arena_growth(tiny_models, reference, family):
+def test_fixed_shape_decode_matches_reference_with_padding_and_growing_sequences(tiny_models, reference, family):
     """Decode-only steps through `DecodeGraphs` (run eagerly on the CPU): padded batches (3 rows -> 4, 5 ->
-    8), a sequence joining with a one-token prompt (a decode-shaped prefill), the arena growing under it
-    (capacity 16 -> 32, slots 4 -> 8), and rows in another order than their slots."""
-    model = load_local_model(tiny_models[family].path, decode_graphs=True)
+    8), a sequence joining with a one-token prompt (a decode-shaped prefill), sequences crossing block
+    boundaries (blocks of 4 tokens), and rows in another order than their cache rows."""
+    model = load_local_model(tiny_models[family].path, decode_graphs=True, kv_blocks=64, kv_block_size=4)
+    storage = model.cache.storage.data_ptr()
     ref = reference(family)
     history = {0: [5, 17, 3, 44, 9], 1: [2, 8], 2: [61, 7, 7, 30, 12, 90, 1]}
     run_step(model, list(history.items()))  # prefill: the general path
@@ -110,14 +111,62 @@ def test_fixed_shape_decode_matches_reference_with_padding_and_arena_growth(tiny
         for row, seq in enumerate(order):
             history[seq] += new[seq]
             torch.testing.assert_close(logits[row], hf_last_logits(ref, history[seq]), atol=ATOL, rtol=RTOL)
-    # Growing (slots at step 4, capacity at step 9) dropped the shapes made before: only 5 rows -> 8 remain.
-    assert sorted(model.decoder.entries) == [8]
-    assert (model.arena.slots, model.arena.capacity) == (8, 32)
+    # Growing sequences and more of them drop nothing: both sizes stay, the cache is the one made at setup.
+    assert sorted(model.decoder.entries) == [4, 8]
+    assert model.cache.storage.data_ptr() == storage and model.cache.used_blocks == sum(
+        model.cache.blocks_for(n) for n in model.cache.length.values())
     # A new shard or exchange (the executor's version) makes the recorded steps stale too.
     before = model.decoder.entries[8]
     model.executor.exchange = model.executor.exchange
     run_step(model, [(s, [1]) for s in sorted(history)])
     assert model.decoder.entries[8] is not before
+
+
+def test_decode_past_the_graphs_table_runs_eagerly_with_the_same_logits(tiny_models, reference, monkeypatch):
+    """A decode step whose longest sequence needs more table columns than the graphs hold runs the same
+    fixed-shape step eagerly at its own width; the other steps keep their shapes."""
+    from expertmesh.workers import decode_graph
+
+    monkeypatch.setattr(decode_graph, "GRAPH_KEYS", 8)  # the graphs' tables: 2 blocks of 4 tokens
+    model = load_local_model(tiny_models["qwen3_moe"].path, decode_graphs=True, kv_blocks=16, kv_block_size=4)
+    assert model.decoder.width == 2
+    ref = reference("qwen3_moe")
+    history = {0: [5, 17, 3, 44, 9, 3], 1: [2]}
+    run_step(model, list(history.items()))
+    for step in range(4):  # sequence 0 writes positions 6 .. 9: the last two need a third block
+        new = {s: [(3 * step + s) % 96] for s in history}
+        logits, _ = run_step(model, list(new.items()))
+        for row, seq in enumerate(new):
+            history[seq] += new[seq]
+            torch.testing.assert_close(logits[row], hf_last_logits(ref, history[seq]), atol=ATOL, rtol=RTOL)
+    assert (model.decoder.steps, model.decoder.long_steps) == (4, 2) and sorted(model.decoder.entries) == [2]
+
+
+@pytest.mark.parametrize("decode_graphs", [False, True])
+def test_freed_blocks_are_reused_without_their_old_keys_and_the_cache_never_grows(tiny_models, reference,
+                                                                                   decode_graphs):
+    """Blocks of 4 tokens, 6 in all: sequences that fill them are freed, new ones take the same blocks (their
+    old keys still there, past the new lengths) and match the reference; a step past the budget is refused
+    whole and the storage is the one allocated at setup."""
+    model = load_local_model(tiny_models["olmoe"].path, decode_graphs=decode_graphs, kv_blocks=6, kv_block_size=4)
+    ref = reference("olmoe")
+    storage = model.cache.storage.data_ptr()
+    run_step(model, [(0, [5, 17, 3, 44, 9, 2, 8, 1, 7]), (1, [61, 7, 7, 30, 12, 90])])  # 3 + 2 blocks
+    old = model.cache.blocks(0) + model.cache.blocks(1)
+    with pytest.raises(KVCacheFull, match="needs 2 more KV blocks of 4 tokens, 1 of the worker's 6"):
+        run_step(model, [(1, [4, 4, 4]), (2, [3])])  # 9 tokens -> a third block for 1, one for 2
+    assert 2 not in model.cache and model.cache.length[1] == 6
+    model.cache.free([0, 1])
+    history = {3: [9, 9, 4], 4: [33]}
+    run_step(model, list(history.items()))
+    for step in range(6):
+        new = {s: [(11 * step + s) % 96] for s in history}
+        logits, _ = run_step(model, list(new.items()))
+        for row, seq in enumerate(new):
+            history[seq] += new[seq]
+            torch.testing.assert_close(logits[row], hf_last_logits(ref, history[seq]), atol=ATOL, rtol=RTOL)
+    assert set(model.cache.blocks(3) + model.cache.blocks(4)) <= set(old)  # the freed blocks, lowest first
+    assert model.cache.storage.data_ptr() == storage
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -223,22 +272,6 @@ def test_missing_tensor_is_named(tmp_path, tiny_models):
     (tmp_path / "config.json").write_text((src / "config.json").read_text())
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.k_norm\.weight"):
         load_local_model(tmp_path)
-
-
-# ---- KV arena ------------------------------------------------------------------------------------------
-def test_kv_arena_reuses_slots_keeps_contents_when_growing_and_releases_memory():
-    arena = KVArena(1, 2, 4, torch.float32, torch.device("cpu"))
-    slots, pasts = arena.admit([10, 11], [3, 3])
-    assert slots == [0, 1] and pasts == [0, 0]
-    arena.k[0][0, :, :3] = 1.0
-    arena.commit([10, 11], [3, 3])
-    arena.admit([10, 12, 13], [40, 1, 1])  # grows capacity and slots
-    assert arena.k[0].shape[2] >= 43 and arena.k[0].shape[0] >= 4
-    assert torch.all(arena.k[0][0, :, :3] == 1.0)
-    assert arena.free([11, 99]) == [99]
-    assert arena.admit([14], [1])[0] == [1]  # the freed slot comes back first
-    arena.free([10, 12, 13, 14])
-    assert arena.k == [] and arena.live == 0
 
 
 # ---- sampling ------------------------------------------------------------------------------------------
