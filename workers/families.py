@@ -21,7 +21,7 @@ rows; `transformers` holds them by expert ([E, 2F, H]). A serving module holds n
 worker's `EPExecutor` owns them, possibly in FP8, and replaces them when the plan changes.
 
 The stack runs over a flat batch x [T, H]. What differs between serving and training comes in as two functions:
-`attend(layer, q [T, Q, D], k [T, KV, D], v [T, KV, D]) -> [T, Q, D]` (rotated q/k in: the KV arena when
+`attend(layer, q [T, Q, D], k [T, KV, D], v [T, KV, D]) -> [T, Q, D]` (rotated q/k in: the paged KV cache when
 serving, causal over whole sequences when training) and `routed(moe_layer, x [T, H], ids [T, k], weights [T, k])
 -> [T, H]` (the routed experts' weighted sum: `EPExecutor` when serving, the differentiable pipeline when
 training). Notation: T tokens, H hidden, Q heads, KV key/value heads, D head dim, E experts, k top-k, V vocabulary.

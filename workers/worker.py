@@ -270,7 +270,7 @@ class ExpertWorker:
         sequences to drop first (one call instead of a `free` call before the step).
         """
         if len(free):
-            self.model.arena.free([int(s) for s in free])
+            self.model.cache.free([int(s) for s in free])
         return self._run(inputs, None, sampling, return_logits, measure, pause_s, record=True,
                          group_batch=group_batch, score=score, return_routed=return_routed)
 
