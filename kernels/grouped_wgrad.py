@@ -174,9 +174,10 @@ def scaled_grouped_wgrad_rowwise(dyT_q: torch.Tensor, dy_s: torch.Tensor, xT_q: 
     if dyT_q.shape[1] == 0 or S == 0:
         return torch.zeros((S, N, K), dtype=out_dtype, device=dyT_q.device)
     if impl != "torch" and hasattr(torch, "_scaled_grouped_mm") and _cuda_sm90(dyT_q):
+        # torch's grouped FP8 GEMM writes bf16 only
         return torch._scaled_grouped_mm(dyT_q, xT_q.T, dy_s.float().contiguous().view(-1),
-                                        x_s.float().contiguous().view(-1), offs=offsets, out_dtype=out_dtype,
-                                        use_fast_accum=fast_accum)
+                                        x_s.float().contiguous().view(-1), offs=offsets, out_dtype=torch.bfloat16,
+                                        use_fast_accum=fast_accum).to(out_dtype)
     if impl == "triton":
         raise RuntimeError(f"scaled_grouped_wgrad_rowwise: needs CUDA SM90+ (torch._scaled_grouped_mm), "
                            f"got {dyT_q.device}")
