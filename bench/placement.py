@@ -103,7 +103,8 @@ def _cases(quick: bool) -> list[Case]:
 def _row(case: Case, strategy: str, dataflow: str, decompose: bool | None = None) -> dict:
     topo = Topology(case.gpus, case.nodes)
     stats = case.source if not isinstance(case.source, Trace) else stats_from_trace(case.source)
-    options = IlpOptions(dataflow=dataflow, time_limit=case.time_limit, params=case.params, decompose=decompose)
+    options = (IlpOptions(dataflow=dataflow, time_limit=case.time_limit, params=case.params, decompose=decompose)
+               if strategy == "ilp" else None)
     start = time.perf_counter()
     try:
         plan = place(strategy, stats, topo, case.redundant, options)
@@ -111,8 +112,9 @@ def _row(case: Case, strategy: str, dataflow: str, decompose: bool | None = None
         return {"strategy": strategy, "infeasible": str(exc)}
     solve_s = time.perf_counter() - start
     metrics = evaluate(case.source, plan, topo, case.params, dataflow).summary()
-    return {"strategy": strategy, **metrics, "solve_s": solve_s, "gap": plan.solver.get("gap", float("nan")),
-            "status": plan.solver.get("status"), "layers_kept_eplb": plan.solver.get("layers_kept_eplb"),
+    solver = plan.solver
+    return {"strategy": strategy, **metrics, "solve_s": solve_s, "gap": solver.gap if solver else float("nan"),
+            "status": solver and solver.status, "layers_kept_eplb": solver and solver.layers_kept_eplb,
             "decompose": plan.options.get("decompose")}
 
 

@@ -176,7 +176,7 @@ def _exact_rows() -> list[dict]:
     stats, params, rows = stats_from_trace(trace), CostParams(4096, 14336), []
     for gpus in (8, 4):
         topo = Topology(gpus)
-        plans = {"contiguous": place("contiguous", stats, topo, 0, IlpOptions(params=params))}
+        plans = {"contiguous": place("contiguous", stats, topo, 0)}
         if gpus == 8:
             plans["exact optimum"] = exact_follow_plan(trace, gpus)
         else:
@@ -220,11 +220,11 @@ def main() -> None:
         for dataflow in ("home", "follow") if shape.nodes > 1 else ("follow",):
             if dataflow == "home":
                 base_name = "eplb"
-                plans = {"eplb": place("eplb", stats, topo, 0, IlpOptions(params=shape.params)),
+                plans = {"eplb": place("eplb", stats, topo, 0),
                          "cluster oracle": cluster_oracle(clusters, stats.counts, shape.gpus, shape.nodes)}
             else:
                 base_name = "contiguous"
-                plans = {"contiguous": place("contiguous", stats, topo, 0, IlpOptions(params=shape.params)),
+                plans = {"contiguous": place("contiguous", stats, topo, 0),
                          "domain oracle": domain_oracle(clusters, stats.counts, shape.gpus, shape.nodes)}
             start = time.perf_counter()
             plans["ilp"] = place("ilp", stats, topo, 0,

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .cost import CostParams, Metrics, evaluate
+from .eplb import EplbOptions
 from .export import EXPORT_FORMATS, export_plan
 from .ilp import IlpOptions
 from .placers import STRATEGIES, InfeasibleError, place
@@ -176,9 +177,16 @@ def _table(rows: dict[str, dict], title: str) -> Table:
     return table
 
 
+def _placer_options(strategy: str, options: IlpOptions) -> IlpOptions | EplbOptions | None:
+    if strategy == "ilp":
+        return options
+    return EplbOptions(policy=options.eplb_policy) if strategy == "eplb" else None
+
+
 def _plan_row(plan: Placement, metrics: Metrics, solve_s: float) -> dict:
-    return {**metrics.summary(), "solve_s": solve_s, "gap": plan.solver.get("gap", float("nan")),
-            "status": plan.solver.get("status", "n/a"), "version": plan.version}
+    solver = plan.solver
+    return {**metrics.summary(), "solve_s": solve_s, "gap": solver.gap if solver else float("nan"),
+            "status": solver.status if solver else "n/a", "version": plan.version}
 
 
 def _jsonable(value):
@@ -225,10 +233,11 @@ def plan(
                              params=params)
         start = time.perf_counter()
         with _layer_progress(f"planning ({strategy.value})", strategy == Strategy.ilp) as progress:
-            result = place(strategy.value, _as_stats(source), topo, redundant, options, progress)
+            result = place(strategy.value, _as_stats(source), topo, redundant, _placer_options(strategy.value, options),
+                           progress)
         solve_s = time.perf_counter() - start
         metrics = evaluate(source, result, topo, params, dataflow.value, prev)
-        result = result.with_report(solver={"time_s": solve_s}, metrics=metrics.summary())
+        result = result.with_report(metrics=metrics.summary())
         save_plan(result, out)
         if plot:
             load_heatmaps({strategy.value: metrics}, plot)
@@ -267,7 +276,7 @@ def evaluate_cmd(
                          "per_layer": {"balancedness": metrics.balancedness.tolist(),
                                        "copies": metrics.copies.tolist()}})
         else:
-            err.print(_table({p.strategy: {**summary, "gap": p.solver.get("gap", float("nan"))}},
+            err.print(_table({p.strategy: {**summary, "gap": p.solver.gap if p.solver else float("nan")}},
                              f"plan {p.version}"))
             for key, value in summary.items():
                 print(f"{key}\t{_fmt(value, 4)}")
@@ -309,7 +318,7 @@ def _compare(source, topo: Topology, names: list[str], redundant: int, options: 
     for name in names:
         start = time.perf_counter()
         with _layer_progress(f"planning ({name})", name == "ilp") as progress:
-            p = place(name, stats, topo, redundant, options, progress)
+            p = place(name, stats, topo, redundant, _placer_options(name, options), progress)
         solve_s = time.perf_counter() - start
         metrics = evaluate(source, p, topo, options.params, options.dataflow)
         rows[name], panels[name] = _plan_row(p, metrics, solve_s), metrics

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .solver_report import ReportError, SolverReport
+
 __all__ = ["Placement", "PlanError", "load_plan", "save_plan", "FORMAT"]
 
 FORMAT = "expertmesh.plan/v1"
@@ -34,7 +36,7 @@ class Placement:
     num_nodes: int = 1
     num_experts: int | None = None  # defaults to max(phy2log) + 1
     strategy: str = "unknown"
-    solver: dict = field(default_factory=dict, compare=False)  # status, objective, bound, gap, time_s
+    solver: SolverReport | None = field(default=None, compare=False)  # ilp's report; None for the others
     metrics: dict = field(default_factory=dict, compare=False)
     options: dict = field(default_factory=dict, compare=False)
 
@@ -117,10 +119,11 @@ class Placement:
         h.update(np.ascontiguousarray(self.phy2log, dtype="<i8").tobytes())
         return h.hexdigest()[:16]
 
-    def with_report(self, *, solver: dict | None = None, metrics: dict | None = None) -> Placement:
+    def with_report(self, *, solver: SolverReport | None = None, metrics: dict | None = None) -> Placement:
+        """The same plan with `solver` replacing its report (when given) and `metrics` merged into its own."""
         return Placement(
             self.phy2log, self.num_gpus, self.num_nodes, self.num_experts, self.strategy,
-            {**self.solver, **(solver or {})}, {**self.metrics, **(metrics or {})}, dict(self.options),
+            solver or self.solver, {**self.metrics, **(metrics or {})}, dict(self.options),
         )
 
     def to_json(self) -> dict:
@@ -134,7 +137,7 @@ class Placement:
             "num_gpus": self.num_gpus,
             "num_nodes": self.num_nodes,
             "phy2log": self.phy2log.tolist(),
-            "solver": _jsonable(self.solver),
+            "solver": {} if self.solver is None else self.solver.to_json(),
             "metrics": _jsonable(self.metrics),
             "options": _jsonable(self.options),
         }
@@ -155,9 +158,13 @@ class Placement:
         for name in ("num_gpus", "num_nodes", "num_experts"):
             if not isinstance(doc[name], int) or isinstance(doc[name], bool):
                 raise PlanError(f"{name}: expected an integer, got {doc[name]!r}")
+        try:
+            solver = SolverReport.from_json(doc["solver"]) if doc.get("solver") else None
+        except ReportError as exc:
+            raise PlanError(str(exc)) from None
         plan = cls(
             phy2log, doc["num_gpus"], doc["num_nodes"], doc["num_experts"], str(doc.get("strategy", "unknown")),
-            dict(doc.get("solver", {})), dict(doc.get("metrics", {})), dict(doc.get("options", {})),
+            solver, dict(doc.get("metrics", {})), dict(doc.get("options", {})),
         )
         for name in ("num_layers", "num_slots"):
             want = getattr(plan, name)
