@@ -379,3 +379,13 @@ def test_ilp_follow_starts_never_lose_to_the_first_and_repeat_under_the_seed(red
     values = a.solver.follow_starts.values
     assert len(values) == 3 and values[a.solver.follow_starts.best] == max(values)
 
+
+def test_contiguous_plan_needs_no_statistics_and_is_the_contiguous_placer():
+    from expertmesh.placement.baselines import contiguous, contiguous_plan
+
+    plan = contiguous_plan(3, 8, 4)
+    assert plan.phy2log.tolist() == [list(range(8))] * 3 and plan.num_gpus == 4 and plan.strategy == "contiguous"
+    stats = RoutingStats(np.ones((3, 8)), 2, 4)
+    assert np.array_equal(contiguous(stats, Topology(4), 8).phy2log, plan.phy2log)
+    with pytest.raises(ValueError, match="num_gpus"):
+        contiguous_plan(3, 8, 3)  # 8 experts do not divide over 3 GPUs
