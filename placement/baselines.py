@@ -1,7 +1,8 @@
 """Baseline placements: what Megatron/DeepSpeed (contiguous) and vLLM (round robin) do without statistics.
 
 With redundant slots (R > E), both fill the extra slots as vLLM's initial layout does: physical slot p
-holds logical expert p mod E, i.e. experts 0..R-E-1 get a second copy regardless of load.
+holds logical expert p mod E, i.e. experts 0..R-E-1 get a second copy regardless of load. Round robin then
+moves apart the copies its dealing puts on one GPU (spread.py): a second copy there would serve no token.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .plan import Placement
+from .spread import spread_replicas
 from .stats import RoutingStats
 from .topology import Topology
 
@@ -39,12 +41,13 @@ def contiguous(stats: RoutingStats, topology: Topology, num_slots: int) -> Place
 
 
 def round_robin(stats: RoutingStats, topology: Topology, num_slots: int) -> Placement:
-    """The i-th logical copy (expert i mod E) goes to GPU i mod G (vLLM's round_robin strategy)."""
+    """The i-th logical copy (expert i mod E) goes to GPU i mod G (vLLM's round_robin strategy), then
+    copies dealt to a GPU that holds their expert already are swapped apart."""
     S = topology.slots_per_gpu(num_slots)
     G = topology.num_gpus
     logical = np.arange(num_slots) % stats.num_experts
     # Physical slot g*S + j holds the copy dealt to GPU g in round j.
-    row = logical.reshape(S, G).T.reshape(-1)
+    row = spread_replicas(logical.reshape(S, G).T.reshape(1, -1), G)[0]
     return Placement(
         np.tile(row, (stats.num_layers, 1)), G, topology.num_nodes, stats.num_experts, "round_robin"
     )

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .plan import Placement
+from .spread import spread_replicas
 from .stats import RoutingStats
 from .topology import Topology, TopologyError
 
@@ -33,9 +34,12 @@ EPLB_POLICIES = ("auto", "global", "hierarchical")
 @dataclass(frozen=True, kw_only=True)
 class EplbOptions:
     """`policy`: "global", "hierarchical" (every expert its own group, so experts are balanced over nodes
-    first and replicated within their node), or "auto" (hierarchical on several nodes, global on one)."""
+    first and replicated within their node), or "auto" (hierarchical on several nodes, global on one).
+    `spread_replicas`: never two copies of an expert on one GPU (while it has no more copies than GPUs in
+    its node); DeepSeek's packing may put them there, and the default keeps its behaviour."""
 
     policy: str = "auto"
+    spread_replicas: bool = False
 
     def __post_init__(self) -> None:
         if self.policy not in EPLB_POLICIES:
@@ -164,7 +168,8 @@ def eplb(
     options: EplbOptions | None = None,
 ) -> Placement:
     """EPLB on routing statistics, with the policy of `options` (see `EplbOptions`)."""
-    policy = (options or EplbOptions()).policy
+    options = options or EplbOptions()
+    policy = options.policy
     topology.slots_per_gpu(num_slots)
     N, G, E = topology.num_nodes, topology.num_gpus, stats.num_experts
     hierarchical = policy == "hierarchical" or (policy == "auto" and N > 1)
@@ -173,7 +178,9 @@ def eplb(
             raise TopologyError(f"nodes: hierarchical EPLB needs {E} experts divisible by {N} nodes")
         hierarchical = False
     groups, nodes = (E, N) if hierarchical else (1, 1)
-    phy2log, _, _ = rebalance_experts(stats.counts, num_slots, groups, nodes, G)
+    phy2log, _, logcnt = rebalance_experts(stats.counts, num_slots, groups, nodes, G)
+    if options.spread_replicas:
+        phy2log = spread_replicas(phy2log, G, G // nodes, stats.counts / logcnt)
     return Placement(
         phy2log, G, N, E, "eplb", options={"policy": "hierarchical" if hierarchical else "global"}
     )

@@ -51,15 +51,16 @@ def migration_reward(stats: RoutingStats, topology: Topology, options: IlpOption
     return int(round(weight)) * (previous.replicas[layer] > 0).astype(np.int64)
 
 
-def stage1_jobs(stats: RoutingStats, topology: Topology, hint: Placement, options: IlpOptions, *, follow: bool,
-                budget: float, decompose: bool) -> tuple[list[LayerJob], list[float]]:
-    """Every layer's stage-1 job from EPLB's plan `hint` (its replica counts, its arrangement as the start
-    and the cap), and every layer's pair scale (tokens to pair units). `budget` is CP-SAT's per layer."""
+def stage1_jobs(stats: RoutingStats, topology: Topology, hint: Placement, start: Placement, options: IlpOptions, *,
+                follow: bool, budget: float, decompose: bool) -> tuple[list[LayerJob], list[float]]:
+    """Every layer's stage-1 job from EPLB's plan `hint` (its replica counts; its arrangement sets the cap)
+    and `start` (the arrangement to beat: the same plan with no expert twice on a GPU), and every layer's
+    pair scale (tokens to pair units). `budget` is CP-SAT's per layer."""
     N = topology.num_nodes
     replicas = hint.logcnt  # EPLB's apportionment: it minimises the heaviest replica
     counts = stats.counts.astype(np.float64)
     node_penalty = int(round(topology.intra_node_gbps / topology.inter_node_gbps)) if N > 1 else 0
-    per_gpu = hint.replicas
+    per_gpu, start_per_gpu = hint.replicas, start.replicas
     jobs, pair_scales = [], []
     for layer in range(stats.num_layers):
         coact = None if stats.coact is None else stats.coact[layer]
@@ -69,7 +70,7 @@ def stage1_jobs(stats: RoutingStats, topology: Topology, hint: Placement, option
         replicated = (replicas[layer] > 1).any()
         jobs.append(LayerJob(
             layer=layer, load=counts[layer] / replicas[layer], replicas=replicas[layer], pairs=pairs,
-            pair_weight=weight, eplb=per_gpu[layer], start=per_gpu[layer].copy(),
+            pair_weight=weight, eplb=per_gpu[layer], start=start_per_gpu[layer],
             reward=migration_reward(stats, topology, options, layer, pair_scale, len(pairs) > 0),
             num_nodes=N, slots_per_gpu=topology.slots_per_gpu(hint.num_slots),
             slack=options.replica_balance_slack if from_home and replicated else options.balance_slack,
