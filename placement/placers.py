@@ -1,4 +1,4 @@
-"""One entry point for every placer: `place(strategy, stats, topology, redundant, options) -> Placement`.
+"""One entry point for every placer: `place(strategy, data, topology, redundant, options) -> Placement`.
 
 Each placer takes its own options: `IlpOptions` for ilp, `EplbOptions` for eplb, none for contiguous and
 round_robin; `place` refuses options of another placer, so a setting is never silently ignored.
@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 from .baselines import contiguous, round_robin
 from .eplb import EplbOptions, eplb
 from .ilp import IlpOptions, ilp
 from .plan import Placement
-from .stats import RoutingStats
+from .stats import RoutingStats, stats_from_trace
 from .topology import Topology, TopologyError
+from .trace import Trace
 
 __all__ = ["STRATEGIES", "InfeasibleError", "place", "options_type"]
 
@@ -34,20 +37,24 @@ def options_type(strategy: str) -> type | None:
 
 def place(
     strategy: str,
-    stats: RoutingStats,
+    data: RoutingStats | Trace,
     topology: Topology,
     redundant: int = 0,
     options: IlpOptions | EplbOptions | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Placement:
-    """Plan `stats` onto `topology` with E + `redundant` slots per layer. `options`: the placer's own
-    (`options_type(strategy)`), or None for its defaults. `progress(done, total)`: ilp's layers as they finish."""
+    """Plan `data` (statistics, or a trace: ilp then also scores its layers on it) onto `topology` with
+    E + `redundant` slots per layer. `options`: the placer's own (`options_type(strategy)`), or None for its
+    defaults. `progress(done, total)`: ilp's layers as they finish."""
     expected = options_type(strategy)
     if options is not None and not (expected and isinstance(options, expected)):
         takes = f"{expected.__name__} or None" if expected else "no options (None)"
         raise ValueError(f"options: {strategy} takes {takes}, got {type(options).__name__}")
-    if redundant < 0:
-        raise InfeasibleError(f"redundant: expected >= 0 extra slots, got {redundant}")
+    if isinstance(redundant, bool) or not isinstance(redundant, int | np.integer) or redundant < 0:
+        raise ValueError(f"redundant: expected a whole number of extra slots >= 0, got {redundant!r}")
+    stats = data if isinstance(data, RoutingStats) else stats_from_trace(data)
+    if stats.is_empty:
+        raise ValueError("data: holds no tokens (empty trace or statistics); there is nothing to plan from")
     num_slots = stats.num_experts + redundant
     try:
         topology.slots_per_gpu(num_slots)
@@ -59,4 +66,4 @@ def place(
         return round_robin(stats, topology, num_slots)
     if strategy == "eplb":
         return eplb(stats, topology, num_slots, options)
-    return ilp(stats, topology, num_slots, options, progress)
+    return ilp(data, topology, num_slots, options, progress)

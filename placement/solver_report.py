@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
-__all__ = ["FollowStarts", "SolverReport", "ReportError"]
+__all__ = ["FollowStarts", "StepChoice", "SolverReport", "ReportError"]
 
 
 class ReportError(ValueError):
@@ -30,6 +30,20 @@ class FollowStarts:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StepChoice:
+    """`ilp`'s default objective: the layers taken from EPLB's plan because the cost model predicts them
+    faster there, and the predicted step times of the plan returned, of the solver's own and of EPLB's."""
+
+    layers_from_eplb: tuple[int, ...]
+    step_ms: float
+    solver_step_ms: float
+    eplb_step_ms: float
+
+
+_NESTED = {"follow_starts": FollowStarts, "step_choice": StepChoice}
+
+
+@dataclass(frozen=True, kw_only=True)
 class SolverReport:
     status: str  # OPTIMAL when every subproblem is; FEASIBLE when all have an answer; else NO_SOLUTION
     objective: float  # sum of the subproblems' objectives, each in its own integer units
@@ -46,6 +60,7 @@ class SolverReport:
     layers_kept_eplb: int | None = None  # layers where no solver answer beat EPLB's arrangement
     follow_starts: FollowStarts | None = None
     staying_tokens: float | None = None  # exact token-follow: tokens kept on their GPU between layers
+    step_choice: StepChoice | None = None  # None: the solver's own plan (objective "traffic", or no trace)
 
     def to_json(self) -> dict:
         """JSON-ready dict: every set field, non-finite numbers as null."""
@@ -54,7 +69,7 @@ class SolverReport:
             value = getattr(self, f.name)
             if value is None:
                 continue
-            if isinstance(value, FollowStarts):
+            if isinstance(value, FollowStarts | StepChoice):
                 value = {g.name: list(v) if isinstance(v := getattr(value, g.name), tuple) else v
                          for g in fields(value)}
             elif isinstance(value, float) and not math.isfinite(value):
@@ -72,10 +87,13 @@ class SolverReport:
             raise ReportError(f"solver: unknown field(s) {unknown}; expected some of {sorted(known)}")
         values = {k: (float("nan") if v is None and k in ("objective", "bound", "gap") else v)
                   for k, v in doc.items()}
-        follow = values.get("follow_starts")
         try:
-            if follow is not None:
-                values["follow_starts"] = FollowStarts(**{**follow, "values": tuple(follow.get("values", ()))})
+            for name, kind in _NESTED.items():
+                if values.get(name) is not None:
+                    nested = values[name]
+                    if not isinstance(nested, dict):
+                        raise ReportError(f"solver: {name}: expected a JSON object, got {nested!r}")
+                    values[name] = kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in nested.items()})
             return cls(**values)
         except TypeError as exc:
             raise ReportError(f"solver: {exc}") from None

@@ -9,6 +9,7 @@ and a token-follow refinement.
     follow      token-follow stage 3: per-layer assignments against the neighbours, from several starts
     exact       token-follow with one expert per GPU, solved exactly
     report      the plan's SolverReport from its subproblems;  planner: `ilp()`, the stages in order
+    selection   the default objective: per layer the solver's arrangement or EPLB's, the faster by the cost model
 
 Stage 1, per layer (layers run in parallel processes): group the layer's expert replicas into one group
 per GPU. Every group holds exactly S replicas and at most `cap` load, where `cap` keeps the layer's
@@ -50,10 +51,16 @@ labelled by the previous plan's GPUs, so stage 1 decides what moves.
 
 Every subproblem starts from the best of local search from EPLB's plan, an affinity greedy and LPT packing,
 runs CP-SAT on a deterministic time budget with a fixed seed, and a layer keeps its starting arrangement
-whenever the solver's is not better on the same whole-layer objective.
+whenever the solver's is not better on the same whole-layer objective. That start is EPLB's plan with its
+copies spread apart, so no GPU ever holds two copies of an expert that has no more copies than GPUs.
+
+Objective: the solver minimises traffic under the balance cap; on a compute-bound layer EPLB's arrangement
+can still be predicted faster. By default (objective "step", given a trace) each layer is the solver's or
+EPLB's arrangement, whichever the cost model predicts faster, so the plan's predicted step time is never
+above EPLB's (spread apart where DeepSeek's EPLB co-locates copies); "traffic" returns the solver's own.
 """
 
 from .options import IlpOptions
-from .planner import ilp
+from .planner import ilp, with_step_objective
 
-__all__ = ["IlpOptions", "ilp"]
+__all__ = ["IlpOptions", "ilp", "with_step_objective"]

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..cost import DATAFLOWS, CostParams
 from ..eplb import EPLB_POLICIES
 from ..plan import Placement
 
-__all__ = ["IlpOptions"]
+__all__ = ["IlpOptions", "OBJECTIVES"]
+
+# "step": per layer the solver's arrangement or EPLB's, whichever the cost model predicts faster (needs a
+# trace; selection.py). "traffic": the solver's own plan, the least traffic under the balance cap.
+OBJECTIVES = ("step", "traffic")
 
 
 @dataclass(frozen=True, kw_only=True)
 class IlpOptions:
     dataflow: str = "home"
+    objective: str = "step"
     time_limit: float = 10.0  # wall-clock seconds the whole plan may take (approximately)
     seed: int = 0
     workers: int = 0  # processes solving layers in parallel; 0 = one per CPU core
@@ -37,11 +43,17 @@ class IlpOptions:
     def __post_init__(self) -> None:
         if self.dataflow not in DATAFLOWS:
             raise ValueError(f"dataflow: expected one of {DATAFLOWS}, got {self.dataflow!r}")
-        if not self.time_limit > 0:
-            raise ValueError(f"time_limit: expected a positive number of seconds, got {self.time_limit}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective: expected one of {OBJECTIVES}, got {self.objective!r}")
+        if not (math.isfinite(self.time_limit) and self.time_limit > 0):
+            raise ValueError(f"time_limit: expected a positive, finite number of seconds, got {self.time_limit}")
+        if self.interval_tokens is not None and not (math.isfinite(self.interval_tokens) and self.interval_tokens > 0):
+            raise ValueError(f"interval_tokens: expected a positive, finite number, got {self.interval_tokens}")
         for name in ("balance_slack", "replica_balance_slack"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a value in [0, 1), got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"seed: expected an integer >= 0, got {self.seed}")
         if self.workers < 0:
             raise ValueError(f"workers: expected >= 0, got {self.workers}")
         if self.follow_starts is not None and self.follow_starts < 1:

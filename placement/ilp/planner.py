@@ -5,36 +5,63 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
 from ..eplb import EplbOptions, eplb
 from ..plan import Placement
 from ..solver_report import SolverReport
-from ..stats import RoutingStats
+from ..spread import spread_replicas
+from ..stats import RoutingStats, stats_from_trace
 from ..topology import Topology
+from ..trace import Trace
 from .exact import one_expert_per_gpu_follow
 from .follow import FollowSetup, auto_follow_starts, stage3
 from .layer import run_layers
 from .options import IlpOptions
 from .report import summarise
+from .selection import choose_by_step
 from .stage1 import stage1_jobs
 from .stage2 import map_groups
 
-__all__ = ["ilp"]
+__all__ = ["ilp", "with_step_objective"]
 
 _DECOMPOSE_ABOVE_GPUS = 16  # stage 1 over nodes, then GPUs, above this many GPUs on several nodes
 
 
 def ilp(
-    stats: RoutingStats,
+    data: RoutingStats | Trace,
     topology: Topology,
     num_slots: int,
     options: IlpOptions | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Placement:
-    """Plan with CP-SAT (see the package docstring). `progress(done, total)` is called as layers finish."""
+    """Plan with CP-SAT (see the package docstring). `progress(done, total)` is called as layers finish.
+
+    With a trace and the "step" objective (the default), each layer is the solver's or EPLB's arrangement,
+    whichever the cost model predicts faster (selection.py); statistics alone plan by the solver only."""
     options = options or IlpOptions()
+    stats = data if isinstance(data, RoutingStats) else stats_from_trace(data)
+    plan = _solve(stats, topology, num_slots, options, progress)
+    if options.objective == "step" and isinstance(data, Trace):
+        plan = with_step_objective(data, plan, topology, options)
+    return plan
+
+
+def with_step_objective(trace: Trace, plan: Placement, topology: Topology, options: IlpOptions) -> Placement:
+    """The solver's own `plan` (objective "traffic") with each layer replaced by EPLB's where the cost model
+    predicts EPLB's faster on `trace` (selection.py): what the default objective "step" returns."""
+    _, eplb_plan = _eplb_plans(stats_from_trace(trace), topology, plan.num_slots, options)
+    rows, choice = choose_by_step(trace, plan, eplb_plan, topology, options.params, options.dataflow)
+    solver = replace(plan.solver, step_choice=choice)
+    return Placement(rows, plan.num_gpus, plan.num_nodes, plan.num_experts, "ilp", solver=solver,
+                     options={**plan.options, "objective": "step"})
+
+
+def _solve(stats: RoutingStats, topology: Topology, num_slots: int, options: IlpOptions,
+           progress: Callable[[int, int], None] | None) -> Placement:
+    """The solver's own plan (objective "traffic")."""
     start_time = time.perf_counter()
     L, E = stats.num_layers, stats.num_experts
     G, N = topology.num_gpus, topology.num_nodes
@@ -44,7 +71,7 @@ def ilp(
             f"previous: plan has {previous.num_layers} layers x {previous.num_experts} experts on "
             f"{previous.num_gpus} GPUs, expected {L} x {E} on {G}"
         )
-    hint = eplb(stats, topology, num_slots, EplbOptions(policy=options.eplb_policy))
+    hint, spread = _eplb_plans(stats, topology, num_slots, options)
     workers = max(1, min(options.workers or os.cpu_count() or 1, L))
     follow = options.dataflow == "follow" and stats.trans is not None and L > 1
     if follow and G == E == num_slots and N == 1 and previous is None:
@@ -54,7 +81,7 @@ def ilp(
     solver_time = 0.2 * options.time_limit * workers
     # In token-follow, stage 1 only gives stage 3 its start: stage 3 gets most of the time.
     decompose = options.decompose if options.decompose is not None else (N > 1 and G > _DECOMPOSE_ABOVE_GPUS)
-    jobs, pair_scales = stage1_jobs(stats, topology, hint, options, follow=follow, decompose=decompose,
+    jobs, pair_scales = stage1_jobs(stats, topology, hint, spread, options, follow=follow, decompose=decompose,
                                     budget=solver_time * (0.1 if follow else 1.0) / L)
     results = run_layers(jobs, workers, progress)
     stage_s = {"stage1": time.perf_counter() - start_time}
@@ -84,9 +111,21 @@ def ilp(
     return Placement(phy2log, G, N, E, "ilp", solver=solver, options=_options_record(options, decompose))
 
 
+def _eplb_plans(stats: RoutingStats, topology: Topology, num_slots: int, options: IlpOptions
+                ) -> tuple[Placement, Placement]:
+    """EPLB's plan, which sets the cap, and the same with no expert twice on a GPU, every layer's start and
+    the "step" objective's alternative. An expert with more copies than a node has GPUs may span nodes in
+    ilp, so the copies EPLB's node cannot spread are spread over all GPUs."""
+    G = topology.num_gpus
+    hint = eplb(stats, topology, num_slots, EplbOptions(policy=options.eplb_policy))
+    spread = eplb(stats, topology, num_slots, EplbOptions(policy=options.eplb_policy, spread_replicas=True))
+    rows = spread_replicas(spread.phy2log, G, None, stats.counts / hint.logcnt)
+    return hint, Placement(rows, G, topology.num_nodes, stats.num_experts, "eplb", options=dict(spread.options))
+
+
 def _options_record(options: IlpOptions, decompose: bool) -> dict:
-    return {"dataflow": options.dataflow, "seed": options.seed, "time_limit": options.time_limit,
-            "balance_slack": options.balance_slack, "decompose": decompose}
+    return {"dataflow": options.dataflow, "objective": options.objective, "seed": options.seed,
+            "time_limit": options.time_limit, "balance_slack": options.balance_slack, "decompose": decompose}
 
 
 def _exact_follow(stats: RoutingStats, topology: Topology, options: IlpOptions, start_time: float) -> Placement:

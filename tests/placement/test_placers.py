@@ -66,8 +66,10 @@ def test_infeasible_requests_are_refused():
         place("eplb", stats, Topology(16), 0)  # 8 slots cannot fill 16 GPUs evenly
     with pytest.raises(InfeasibleError, match="max_slots_per_gpu"):
         place("ilp", stats, Topology(2, max_slots_per_gpu=3), 0)  # 4 experts per GPU do not fit in 3 slots
-    with pytest.raises(InfeasibleError, match="redundant"):
+    # A negative slot count is invalid input (exit 2 in the CLI), not an infeasible request (exit 3).
+    with pytest.raises(ValueError, match="redundant") as refused:
         place("contiguous", stats, Topology(2), -2)
+    assert not isinstance(refused.value, InfeasibleError)
 
 
 def _pair_stats(coact_pairs: dict[tuple[int, int], int], counts: list[int], L: int = 1) -> RoutingStats:
@@ -389,3 +391,111 @@ def test_contiguous_plan_needs_no_statistics_and_is_the_contiguous_placer():
     assert np.array_equal(contiguous(stats, Topology(4), 8).phy2log, plan.phy2log)
     with pytest.raises(ValueError, match="num_gpus"):
         contiguous_plan(3, 8, 3)  # 8 experts do not divide over 3 GPUs
+
+
+def _colocated_layers(plan) -> int:
+    """GPU-layers where a GPU holds an expert twice."""
+    return int((plan.replicas > 1).any(1).sum())
+
+
+def test_spread_replicas_moves_second_copies_apart_and_keeps_every_slot():
+    from expertmesh.placement.spread import spread_replicas
+
+    # 4 GPUs x 3 slots: expert 0 twice on GPU 0, expert 1 twice on GPU 1; expert 5 has 5 copies (> 4 GPUs:
+    # some must share a GPU, so its copies may absorb a swap).
+    row = np.array([0, 0, 2, 1, 1, 3, 4, 5, 5, 5, 5, 5])
+    out = spread_replicas(row[None], 4)[0]
+    assert sorted(out.tolist()) == sorted(row.tolist())  # every copy kept, slots per GPU unchanged
+    held = np.zeros((6, 4), int)
+    np.add.at(held, (out, np.arange(12) // 3), 1)
+    assert (held[:5] <= 1).all() and held[5].sum() == 5  # only the crowded expert shares a GPU
+    # Within groups of 2 GPUs (nodes of 2 x 2 slots), copies stay in their group.
+    grouped = spread_replicas(np.array([[0, 0, 1, 2, 3, 3, 4, 5]]), 4, gpus_per_group=2)[0]
+    assert sorted(grouped[:4].tolist()) == [0, 0, 1, 2] and sorted(grouped[4:].tolist()) == [3, 3, 4, 5]
+    assert all(len(set(grouped[g * 2:g * 2 + 2])) == 2 for g in range(4))
+
+
+def test_round_robin_never_puts_two_copies_of_an_expert_on_one_gpu():
+    stats = RoutingStats(np.ones((2, 8), int) * 4, 2, 16)
+    plan = place("round_robin", stats, Topology(4), 4)  # vLLM's dealing puts experts 0-3 twice on GPUs 0-3
+    assert plan.colocated_replicas == 0 and _colocated_layers(plan) == 0
+    assert (plan.logcnt[:, :4] == 2).all() and (plan.logcnt[:, 4:] == 1).all()  # the same experts replicated
+    assert (plan.replicas.sum(1) == 3).all()
+
+
+def test_eplb_keeps_deepseeks_co_located_copies_by_default_and_spreads_them_on_request():
+    from expertmesh.placement.eplb import EplbOptions
+
+    # DeepSeek's packing gives expert 0 (the heaviest) three copies, two of them on GPU 3.
+    stats = RoutingStats(np.array([[170, 128, 102, 54, 62, 10, 16, 4]]), 2, 273)
+    deepseek = place("eplb", stats, Topology(4), 4)
+    assert deepseek.colocated_replicas == 1  # fidelity to the reference
+    spread = place("eplb", stats, Topology(4), 4, EplbOptions(spread_replicas=True))
+    assert spread.colocated_replicas == 0
+    assert np.array_equal(spread.logcnt, deepseek.logcnt)  # the same replicas, moved apart
+    with pytest.raises(ValueError, match="options: eplb takes EplbOptions"):
+        place("eplb", stats, Topology(4), 4, QUICK)  # another placer's options are refused, not ignored
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ilp_never_co_locates_replicas(seed):
+    rng = np.random.default_rng(seed)
+    counts = (rng.zipf(1.5, size=(3, 12)).clip(max=400) * 2).astype(int)  # a few very hot experts
+    counts[:, 0] = counts.max() * 3  # one expert hot enough for EPLB to give it several copies
+    stats = RoutingStats(counts, 2, int(counts[0].sum()) // 2)
+    for gpus, nodes, redundant in ((4, 1, 4), (4, 2, 8), (6, 1, 6)):
+        plan = place("ilp", stats, Topology(gpus, nodes), redundant, QUICK)
+        capped = plan.logcnt <= gpus  # only an expert with more copies than GPUs may share one
+        assert (plan.replicas[capped] <= 1).all(), (gpus, nodes, redundant)
+
+
+def test_real_qwen_counts_plan_no_co_located_replicas_with_ilp_and_round_robin(qwen_dir):
+    from expertmesh.placement.eplb import EplbOptions
+    from expertmesh.placement.sources import load_count_matrix
+
+    stats = load_count_matrix(qwen_dir / "counts57b.json", top_k=8)
+    topo = Topology(16, 2)
+    assert _colocated_layers(place("eplb", stats, topo, 16)) == 21  # DeepSeek's behaviour, kept by default
+    assert place("eplb", stats, topo, 16, EplbOptions(spread_replicas=True)).colocated_replicas == 0
+    assert place("round_robin", stats, topo, 16).colocated_replicas == 0  # was every GPU-layer
+    assert place("ilp", stats, topo, 16, replace(QUICK, time_limit=4.0)).colocated_replicas == 0  # was 3
+
+
+def test_empty_routing_data_is_refused():
+    empty = RoutingStats(np.zeros((2, 8), int), 2, 0)
+    for strategy in STRATEGIES:
+        with pytest.raises(ValueError, match="no tokens"):
+            place(strategy, empty, Topology(4))
+
+
+def test_ilp_step_objective_is_never_predicted_slower_than_eplb(small_trace):
+    """Compute-bound sizes make some of the solver's layers slower than EPLB's: the default objective
+    takes those layers from EPLB, so the predicted step time never exceeds EPLB's; "traffic" keeps the
+    solver's plan, with fewer copies."""
+    from expertmesh.placement.cost import CostParams
+    from expertmesh.placement.eplb import EplbOptions
+
+    params = CostParams(hidden=4096, ffn=14336)
+    slower = []  # instances where the solver's own plan is predicted slower than EPLB's
+    for gpus, nodes, dataflow in ((8, 1, "home"), (8, 2, "home"), (4, 1, "follow")):
+        topo = Topology(gpus, nodes)
+        options = replace(QUICK, params=params, dataflow=dataflow, time_limit=1.0)
+        own = place("ilp", small_trace, topo, 0, replace(options, objective="traffic"))
+        chosen = place("ilp", small_trace, topo, 0, options)
+        eplb = place("eplb", small_trace, topo, 0, EplbOptions(spread_replicas=True))
+        step = {name: evaluate(small_trace, p, topo, params, dataflow).step_s
+                for name, p in (("own", own), ("chosen", chosen), ("eplb", eplb))}
+        assert step["chosen"] <= min(step["own"], step["eplb"]) * (1 + 1e-12), (gpus, nodes, dataflow)
+        slower.append(step["own"] > step["eplb"])
+        choice = chosen.solver.step_choice
+        assert choice.step_ms == pytest.approx(step["chosen"] * 1e3)
+        assert choice.eplb_step_ms == pytest.approx(step["eplb"] * 1e3)
+        assert own.solver.step_choice is None and chosen.options["objective"] == "step"
+        layers = set(choice.layers_from_eplb)
+        for layer in range(small_trace.num_layers):  # every layer is one of the two arrangements
+            source = eplb if layer in layers else own
+            assert np.array_equal(chosen.phy2log[layer], source.phy2log[layer])
+    assert any(slower)  # the selection matters here
+    # From statistics alone there is no per-token traffic to predict a step with: the solver's plan.
+    from_stats = place("ilp", stats_from_trace(small_trace), Topology(8), 0, QUICK)
+    assert from_stats.solver.step_choice is None
