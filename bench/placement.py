@@ -64,7 +64,7 @@ def _cases(quick: bool) -> list[Case]:
     mix_dir = TRACES / "mixtral-8x7b-decode"
     if mix_dir.exists():
         for name in ("humaneval", "gsm8k"):
-            trace = load_routing(mix_dir / f"{name}_2_routing.jsonl")
+            trace = load_routing(mix_dir / f"{name}_2_routing.jsonl", num_experts=8)
             # No redundant slots here: each file holds 2 sequences (batch-1 decode), so home GPUs are 2 of
             # 4 or 8 and the locality-first replica rule would pile replicated experts' tokens onto them.
             for gpus in (4, 8):
