@@ -240,7 +240,11 @@ def load_count_matrix(path: str | Path, top_k: int | None = None) -> RoutingStat
         raise TraceError(f"{path}: not valid JSON ({exc})") from None
     except UnicodeDecodeError:
         raise TraceError(f"{path}: not a text (UTF-8 JSON) file") from None
-    if not isinstance(doc, dict) or "counts" not in doc:
+    if isinstance(doc, dict) and str(doc.get("format", "")).startswith("expertmesh.plan"):
+        raise TraceError(f"{path}: an expertmesh plan file, not routing data (pass it where a PLAN goes)")
+    if not isinstance(doc, dict):
+        raise TraceError(f"{path}: expected a JSON object {{\"counts\": [[...]], ...}}, got a {type(doc).__name__}")
+    if "counts" not in doc:
         raise TraceError(f"{path}: missing field 'counts'")
     try:
         counts = np.asarray(doc["counts"], dtype=np.float64)
