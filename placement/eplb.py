@@ -181,6 +181,5 @@ def eplb(
     phy2log, _, logcnt = rebalance_experts(stats.counts, num_slots, groups, nodes, G)
     if options.spread_replicas:
         phy2log = spread_replicas(phy2log, G, G // nodes, stats.counts / logcnt)
-    return Placement(
-        phy2log, G, N, E, "eplb", options={"policy": "hierarchical" if hierarchical else "global"}
-    )
+    record = {"policy": "hierarchical" if hierarchical else "global", "spread_replicas": options.spread_replicas}
+    return Placement(phy2log, G, N, E, "eplb", options=record)

@@ -89,11 +89,20 @@ def _layer_progress(label: str, enabled: bool = True) -> Iterator[Callable[[int,
             bar.stop()
 
 
+# ilp's solver knobs change how it searches, not what a plan must satisfy: another placer notes and ignores
+# them (scripts pass one set of flags to every strategy); the options that change the plan are refused.
+_SOLVER_KNOBS = ("--time-limit", "--seed", "--workers")
+
+
 def _refuse_unused(strategy: str, **given) -> None:
-    """Options another placer takes are refused, not ignored."""
+    """Options of another placer: refused where they would change the plan, noted where they would not."""
     for flag, value in given.items():
         owner = "eplb" if flag == "--spread-replicas" else "ilp"
-        if value is not None and strategy != owner:
+        if value is None or strategy == owner:
+            continue
+        if flag in _SOLVER_KNOBS:
+            note(f"{flag} applies to --strategy ilp only; {strategy} ignores it")
+        else:
             raise ValueError(f"{flag}: applies to --strategy {owner} only, not {strategy}")
 
 

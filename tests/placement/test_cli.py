@@ -130,7 +130,7 @@ def _one_error_line(result, code: int) -> str:
     (["--top-k", "0"], 2, "--top-k"),
     (["--strategy", "magic"], 2, "--strategy"),
     (["--gpus", "64"], 3, "infeasible"),
-    (["--strategy", "eplb", "--seed", "3"], 2, "--seed: applies to --strategy ilp only"),
+    (["--strategy", "eplb", "--objective", "traffic"], 2, "--objective: applies to --strategy ilp only"),
     (["--strategy", "ilp", "--spread-replicas"], 2, "--spread-replicas: applies to --strategy eplb only"),
 ])
 def test_bad_plan_options_get_one_error_line_and_the_documented_exit_code(tmp_path, trace_file, args, code, says):
@@ -138,6 +138,11 @@ def test_bad_plan_options_get_one_error_line_and_the_documented_exit_code(tmp_pa
     r = run("plan", trace_file, *base, *args, "--out", tmp_path / "p.json")
     assert says in _one_error_line(r, code)
     assert not (tmp_path / "p.json").exists()
+
+
+def test_solver_knobs_of_another_placer_are_noted_not_refused(tmp_path, trace_file):
+    r = run("plan", trace_file, "--gpus", 4, "--strategy", "eplb", "--seed", 3, "--out", tmp_path / "p.json")
+    assert r.exit_code == 0 and "note: --seed applies to --strategy ilp only; eplb ignores it" in r.stderr
 
 
 def test_outputs_are_checked_before_the_solve(tmp_path, trace_file, monkeypatch):
