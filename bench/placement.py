@@ -14,11 +14,12 @@ Cases (issue 2):
 Baselines named per row: `eplb` for copies, internode copies and balance (ratio ilp / eplb), `contiguous`
 for follow_cross (ratio ilp / contiguous). Solve times are wall-clock on this machine.
 
-`ilp` is what users get (objective "step": per layer the solver's arrangement or EPLB's, the faster by the
-cost model); `ilp traffic` is the solver's own plan, from the same solve. Each row gets a verdict on the
-restated targets (issue 13): copies x0.80 and, on several nodes, internode copies x0.70 of eplb's, at mean
-balancedness within 0.02 of eplb's; met, missed, or infeasible where bench/placement_oracle.py proves that
-no plan can (its copies lower bounds in bench/results/placement-oracle.json: run it first).
+`ilp` is what users get (objective "step": the solver's plan with EPLB's layers where the cost model needs
+them to predict a step time no slower than EPLB's); `ilp traffic` is the solver's own plan, same solve.
+Each row gets a verdict on the restated targets (issue 13): copies x0.80 and, on several nodes, internode
+copies x0.70 of eplb's, at mean balancedness within 0.02 of eplb's; met, missed, or infeasible where
+bench/placement_oracle.py proves that no plan can (its copies lower bounds in
+bench/results/placement-oracle.json: run it first).
 
     .venv/bin/python bench/placement.py            # writes bench/results/placement.md and placement.json
     .venv/bin/python bench/placement.py --quick    # small shapes only, prints, writes nothing
@@ -238,10 +239,10 @@ def write_markdown(result: dict, env: dict, path: Path) -> None:
              "layer, `step ms` = predicted compute + dispatch + combine over all layers with the whole trace as "
              "one batch, `colocated_replicas` = copies of an expert on a GPU that already holds it, `gap` = the "
              "solver's (objective - bound) / objective summed over its subproblems (0 proves each optimal; it "
-             "measures the solve, not the plan). `ilp` is the default objective (step: per layer the solver's "
-             "arrangement or EPLB's, the faster by the cost model), `ilp traffic` the solver's own plan from the "
-             "same solve. Ratios compare `ilp` with the baseline named in the column, in the same run. Qwen rows "
-             "are count matrices: balance only.", ""]
+             "measures the solve, not the plan). `ilp` is the default objective (step: the solver's plan with "
+             "EPLB's layers where needed to predict a step time no slower than EPLB's), `ilp traffic` the "
+             "solver's own plan from the same solve. Ratios compare `ilp` with the baseline named in the "
+             "column, in the same run. Qwen rows are count matrices: balance only.", ""]
     head = "| case | strategy | " + " | ".join(COLUMNS) + " | status |"
     lines += ["## Targets (issue 13, restated)", "",
               f"ilp against eplb: copies x{COPIES_TARGET:.2f} and, on several nodes, internode copies "

@@ -31,8 +31,8 @@ class FollowStarts:
 
 @dataclass(frozen=True, kw_only=True)
 class StepChoice:
-    """`ilp`'s default objective: the layers taken from EPLB's plan because the cost model predicts them
-    faster there, and the predicted step times of the plan returned, of the solver's own and of EPLB's."""
+    """`ilp`'s default objective: the layers taken from EPLB's plan so that the cost model predicts a step
+    time no slower than EPLB's, and the predicted step times of the plan returned, the solver's and EPLB's."""
 
     layers_from_eplb: tuple[int, ...]
     step_ms: float

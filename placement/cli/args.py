@@ -70,8 +70,8 @@ DataflowOpt = Annotated[Dataflow, typer.Option(
     "--dataflow", help="Traffic to minimise and report: home (every layer from the token's GPU) or follow.")]
 ObjectiveOpt = Annotated[Objective | None, typer.Option(
     "--objective", show_default=False,
-    help="ilp: step (default): per layer its arrangement or EPLB's, whichever the cost model predicts faster; "
-         "traffic: its own, the least traffic under the balance cap.")]
+    help="ilp: step (default): its plan, with EPLB's layers where needed to predict a step time no slower than "
+         "EPLB's; traffic: its own plan, the least traffic under the balance cap.")]
 TimeOpt = Annotated[float | None, typer.Option(
     "--time-limit", metavar="SECONDS", show_default=False,
     help="ilp: seconds the solve may take, about (default: 10).")]

@@ -9,7 +9,7 @@ and a token-follow refinement.
     follow      token-follow stage 3: per-layer assignments against the neighbours, from several starts
     exact       token-follow with one expert per GPU, solved exactly
     report      the plan's SolverReport from its subproblems;  planner: `ilp()`, the stages in order
-    selection   the default objective: per layer the solver's arrangement or EPLB's, the faster by the cost model
+    selection   the default objective: EPLB's layers where needed for a step time no slower than EPLB's
 
 Stage 1, per layer (layers run in parallel processes): group the layer's expert replicas into one group
 per GPU. Every group holds exactly S replicas and at most `cap` load, where `cap` keeps the layer's
@@ -55,9 +55,9 @@ whenever the solver's is not better on the same whole-layer objective. That star
 copies spread apart, so no GPU ever holds two copies of an expert that has no more copies than GPUs.
 
 Objective: the solver minimises traffic under the balance cap; on a compute-bound layer EPLB's arrangement
-can still be predicted faster. By default (objective "step", given a trace) each layer is the solver's or
-EPLB's arrangement, whichever the cost model predicts faster, so the plan's predicted step time is never
-above EPLB's (spread apart where DeepSeek's EPLB co-locates copies); "traffic" returns the solver's own.
+can still be predicted faster. By default (objective "step", given a trace) the solver's plan takes as few
+of EPLB's layers as the cost model needs to predict a step time no slower than EPLB's (spread apart where
+DeepSeek's EPLB co-locates copies); "traffic" returns the solver's own plan.
 """
 
 from .options import IlpOptions

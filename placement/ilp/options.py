@@ -11,8 +11,8 @@ from ..plan import Placement
 
 __all__ = ["IlpOptions", "OBJECTIVES"]
 
-# "step": per layer the solver's arrangement or EPLB's, whichever the cost model predicts faster (needs a
-# trace; selection.py). "traffic": the solver's own plan, the least traffic under the balance cap.
+# "step": the solver's plan with as few of EPLB's layers as the cost model needs to predict a step time no
+# slower than EPLB's (needs a trace; selection.py). "traffic": the solver's own plan, the least traffic.
 OBJECTIVES = ("step", "traffic")
 
 

@@ -39,8 +39,9 @@ def ilp(
 ) -> Placement:
     """Plan with CP-SAT (see the package docstring). `progress(done, total)` is called as layers finish.
 
-    With a trace and the "step" objective (the default), each layer is the solver's or EPLB's arrangement,
-    whichever the cost model predicts faster (selection.py); statistics alone plan by the solver only."""
+    With a trace and the "step" objective (the default), the solver's plan takes as few of EPLB's layers as
+    the cost model needs to predict a step time no slower than EPLB's (selection.py); statistics alone plan
+    by the solver only."""
     options = options or IlpOptions()
     stats = data if isinstance(data, RoutingStats) else stats_from_trace(data)
     plan = _solve(stats, topology, num_slots, options, progress)
@@ -50,8 +51,9 @@ def ilp(
 
 
 def with_step_objective(trace: Trace, plan: Placement, topology: Topology, options: IlpOptions) -> Placement:
-    """The solver's own `plan` (objective "traffic") with each layer replaced by EPLB's where the cost model
-    predicts EPLB's faster on `trace` (selection.py): what the default objective "step" returns."""
+    """The solver's own `plan` (objective "traffic") with as few layers replaced by EPLB's as it takes for
+    the cost model to predict, on `trace`, a step time no slower than EPLB's (selection.py): what the
+    default objective "step" returns."""
     _, eplb_plan = _eplb_plans(stats_from_trace(trace), topology, plan.num_slots, options)
     rows, choice = choose_by_step(trace, plan, eplb_plan, topology, options.params, options.dataflow)
     solver = replace(plan.solver, step_choice=choice)

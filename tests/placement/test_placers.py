@@ -469,9 +469,9 @@ def test_empty_routing_data_is_refused():
 
 
 def test_ilp_step_objective_is_never_predicted_slower_than_eplb(small_trace):
-    """Compute-bound sizes make some of the solver's layers slower than EPLB's: the default objective
-    takes those layers from EPLB, so the predicted step time never exceeds EPLB's; "traffic" keeps the
-    solver's plan, with fewer copies."""
+    """Compute-bound sizes can make the solver's plan slower than EPLB's: the default objective then takes
+    the fewest layers from EPLB that bring the predicted step time down to EPLB's, and otherwise keeps the
+    solver's plan as it is; "traffic" always keeps it."""
     from expertmesh.placement.cost import CostParams
     from expertmesh.placement.eplb import EplbOptions
 
@@ -485,8 +485,7 @@ def test_ilp_step_objective_is_never_predicted_slower_than_eplb(small_trace):
         eplb = place("eplb", small_trace, topo, 0, EplbOptions(spread_replicas=True))
         step = {name: evaluate(small_trace, p, topo, params, dataflow).step_s
                 for name, p in (("own", own), ("chosen", chosen), ("eplb", eplb))}
-        assert step["chosen"] <= min(step["own"], step["eplb"]) * (1 + 1e-12), (gpus, nodes, dataflow)
-        slower.append(step["own"] > step["eplb"])
+        assert step["chosen"] <= step["eplb"] * (1 + 1e-12), (gpus, nodes, dataflow)
         choice = chosen.solver.step_choice
         assert choice.step_ms == pytest.approx(step["chosen"] * 1e3)
         assert choice.eplb_step_ms == pytest.approx(step["eplb"] * 1e3)
@@ -495,6 +494,9 @@ def test_ilp_step_objective_is_never_predicted_slower_than_eplb(small_trace):
         for layer in range(small_trace.num_layers):  # every layer is one of the two arrangements
             source = eplb if layer in layers else own
             assert np.array_equal(chosen.phy2log[layer], source.phy2log[layer])
+        slower.append(step["own"] > step["eplb"])
+        if not slower[-1]:
+            assert not layers  # no slower than EPLB: the solver's plan, untouched
     assert any(slower)  # the selection matters here
     # From statistics alone there is no per-token traffic to predict a step with: the solver's plan.
     from_stats = place("ilp", stats_from_trace(small_trace), Topology(8), 0, QUICK)
