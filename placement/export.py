@@ -41,12 +41,12 @@ def export_document(plan: Placement, fmt: str, first_moe_layer: int = 0) -> dict
     return {"phy2log": plan.phy2log.tolist(), "log2phy": plan.log2phy.tolist(), "logcnt": plan.logcnt.tolist()}
 
 
-def check_export_path(fmt: str, path: str | Path) -> None:
-    """Refuse a file name the target engine would not read as a file."""
+def check_export_path(fmt: str, path: str | Path, field: str = "path") -> None:
+    """Refuse a file name the target engine would not read as a file (`field` names it in the message)."""
     suffix = Path(path).suffix.lower()
     if fmt == "sglang" and suffix != ".json":
         raise ValueError(
-            f"out: SGLang reads --init-expert-location as a file only when the path ends in .json or .pt "
+            f"{field}: SGLang reads --init-expert-location as a file only when the path ends in .json or .pt "
             f"(otherwise as inline JSON); this export writes JSON, so name it *.json, got {str(path)!r}"
         )
 

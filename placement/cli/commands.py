@@ -54,7 +54,7 @@ from .args import (
     WorkersOpt,
 )
 from .inputs import as_stats, check_output, check_plot, ilp_options, load_source, placer_options, topology_from
-from .report import err, legend, plan_row, print_json, table, tsv_lines
+from .report import err, fmt, legend, plan_row, print_json, table, tsv_lines
 
 __all__ = ["app"]
 
@@ -207,7 +207,7 @@ def evaluate_cmd(
         metrics = evaluate(source, p, topo, CostParams(hidden=hidden, ffn=ffn), dataflow.value, prev)
         if plot:
             load_heatmaps({p.strategy: metrics}, plot, gpus_per_node=topo.gpus_per_node)
-        row = {**plan_row(p, metrics, float("nan")), "migration_gb": metrics.summary()["migration_gb"]}
+        row = {key: value for key, value in plan_row(p, metrics, float("nan")).items() if key != "solve_s"}
         if json_out:
             print_json({"plan": str(plan_file), "strategy": p.strategy, **row,
                         "per_layer": {"balancedness": metrics.balancedness.tolist(),
@@ -215,7 +215,7 @@ def evaluate_cmd(
         else:
             _show({p.strategy: row}, f"plan {p.version}")
             for key, value in row.items():
-                print(f"{key}\t{value if isinstance(value, str) else f'{value:.4f}'}")
+                print(f"{key}\t{fmt(value, 4)}")
 
 
 @app.command(cls=PlainCommand)
@@ -272,7 +272,7 @@ def export(
         for name, value in (("PLAN", plan_file), ("--format", fmt), ("--out", out)):
             if value is None:
                 raise ValueError(f"{name}: missing; usage: expertmesh export PLAN --format FORMAT --out FILE")
-        check_export_path(fmt.value, out)
+        check_export_path(fmt.value, out, "--out")
         check_output(out, "--out")
         p = load_plan(plan_file)
         export_plan(p, fmt.value, out, first_moe_layer)

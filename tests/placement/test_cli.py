@@ -45,6 +45,9 @@ def test_plan_evaluate_export_round_trip(tmp_path, trace_file):
     r = run("evaluate", trace_file, out, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["copies"] == pytest.approx(doc["copies"])
+    r = run("evaluate", trace_file, out)  # key<TAB>value lines, also for fields a plan may lack
+    assert r.exit_code == 0, r.output
+    assert f"copies\t{doc['copies']:.4f}" in r.stdout.splitlines()
 
     r = run("export", out, "--format", "sglang", "--out", tmp_path / "sg.json")
     assert r.exit_code == 0
@@ -223,7 +226,7 @@ def test_export_to_sglang_needs_a_json_name_and_covers_dense_layers(tmp_path, tr
     plan = tmp_path / "plan.json"
     assert run("plan", trace_file, "--gpus", 4, "--strategy", "eplb", "--out", plan).exit_code == 0
     line = _one_error_line(run("export", plan, "--format", "sglang", "--out", tmp_path / "loc.txt"), 2)
-    assert ".json or .pt" in line
+    assert line.startswith("error: --out: ") and ".json or .pt" in line
     r = run("export", plan, "--format", "sglang", "--out", tmp_path / "loc.json", "--first-moe-layer", 1)
     assert r.exit_code == 0 and r.stdout == f"export\t{tmp_path / 'loc.json'}\n"
     assert "--init-expert-location" in r.stderr
