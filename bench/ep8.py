@@ -62,7 +62,7 @@ def make_traces(quick: bool):
     from expertmesh.placement.trace import Trace
 
     files = sorted(MIXTRAL_TRACE.glob("*_routing.jsonl"))
-    real = load_router_jsonl(files)
+    real = load_router_jsonl(files, num_experts=8)  # Mixtral-8x7B
     copies = 2 if quick else math.ceil(MIN_TOKENS / real.num_tokens)
     n_seq = int(real.seq_ids.max()) + 1
     tiled = Trace(np.tile(real.topk_ids, (copies, 1, 1)),

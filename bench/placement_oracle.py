@@ -24,6 +24,16 @@ E / (D x slots) GPUs, or slots x D / E domains per GPU), experts by LPT inside t
 then find its next cluster where they sit. It ignores balance. Rows: contiguous (the baseline of the -30%
 follow_cross target), the oracle and ilp (follow dataflow).
 
+The *copies lower bounds* are proofs for bench/placement.py's rows with 8 experts and no redundant slots
+(the 8x32 top-2 synthetic trace and the real Mixtral logs, 4 and 8 GPUs, home and follow): no plan of any
+placer sends fewer copies per token while keeping its mean balancedness within 0.02 of eplb's (the
+restated target's condition). With one expert per GPU (8 GPUs) balance is fixed and a layer's (home) or a
+layer pair's (follow) copies are a linear assignment, so the bound is the exact optimum. With two experts
+per GPU (4 GPUs) every layer's 2520 labelled partitions are enumerated; the balance condition is dualised
+(Lagrangian: for any lambda >= 0, min sum(copies - lambda x balance) + lambda x L x floor is a lower
+bound), minimised per layer (home) or by a shortest path over consecutive layers (follow), best lambda
+kept. A row whose bound is above x0.80 of eplb's copies cannot meet the -20% target.
+
     .venv/bin/python bench/placement_oracle.py    # writes bench/results/placement-oracle.md and .json
 """
 
@@ -32,6 +42,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from report import environment, write_report  # bench/report.py: this folder is on sys.path
@@ -176,7 +187,7 @@ def _exact_rows() -> list[dict]:
     stats, params, rows = stats_from_trace(trace), CostParams(4096, 14336), []
     for gpus in (8, 4):
         topo = Topology(gpus)
-        plans = {"contiguous": place("contiguous", stats, topo, 0, IlpOptions(params=params))}
+        plans = {"contiguous": place("contiguous", stats, topo, 0)}
         if gpus == 8:
             plans["exact optimum"] = exact_follow_plan(trace, gpus)
         else:
@@ -186,6 +197,143 @@ def _exact_rows() -> list[dict]:
         plans["ilp"] = place("ilp", stats, topo, 0, IlpOptions(dataflow="follow", time_limit=10, params=params))
         rows += _metric_rows(f"synthetic-8x32-top2, {gpus} GPUs / 1 node, follow", trace, topo, params, "follow",
                              plans, "contiguous", time.perf_counter() - start)
+    return rows
+
+
+def _assignments(E: int, G: int) -> np.ndarray:
+    """int [S, E]: every way to give each of G GPUs E / G of the E experts (the GPU of every expert)."""
+    import itertools
+
+    per = E // G
+    return np.array(sorted({tuple(p[i] // per for i in range(E)) for p in itertools.permutations(range(E))}))
+
+
+def _copies_per_state(states: np.ndarray, sets: np.ndarray, source: np.ndarray | None, weight: np.ndarray
+                      ) -> np.ndarray:
+    """float [S]: copies of the token types (expert sets [U, k] with `weight` [U], from GPU `source` [U], or
+    without the source term when None) under every state (expert -> GPU) [S, E]."""
+    gpus = states[:, sets]  # [S, U, k]
+    distinct = np.ones(gpus.shape[:2])
+    for j in range(1, sets.shape[1]):
+        distinct += (gpus[:, :, j:j + 1] != gpus[:, :, :j]).all(-1)
+    if source is not None:
+        distinct -= (gpus == source[None, :, None]).any(-1)
+    return distinct @ weight
+
+
+def _balance_per_state(states: np.ndarray, counts: np.ndarray, G: int) -> np.ndarray:
+    load = np.stack([(counts[None, :] * (states == g)).sum(1) for g in range(G)], 1)  # [S, G]
+    return load.mean(1) / np.maximum(load.max(1), 1e-12)
+
+
+def _token_types(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique rows of `keys` [T, m] and their multiplicities."""
+    unique, counts = np.unique(keys, axis=0, return_counts=True)
+    return unique, counts.astype(np.float64)
+
+
+def _exact_one_expert_per_gpu(trace, dataflow: str) -> float:
+    """Mean copies per token of the best plan with one expert per GPU (E == G, no replicas): per layer (home)
+    or layer pair (follow) a max-weight assignment of experts to the GPUs tokens come from."""
+    from ortools.graph.python import linear_sum_assignment
+
+    def max_assignment(weight: np.ndarray) -> int:
+        solver = linear_sum_assignment.SimpleLinearSumAssignment()
+        for a in range(weight.shape[0]):
+            for b in range(weight.shape[1]):
+                solver.add_arc_with_cost(a, b, -int(weight[a, b]))
+        assert solver.solve() == solver.OPTIMAL
+        return -solver.optimal_cost()
+
+    ids, E = trace.topk_ids, trace.num_experts
+    T, L, k = ids.shape
+    home = trace.home_gpus(E)
+    total = 0.0
+    for layer in range(L):
+        sources = home if dataflow == "home" or layer == 0 else ids[:, layer - 1, 0]  # follow: top-1 expert's GPU
+        stay = np.zeros((E, E), dtype=np.int64)  # [where the token is (a GPU, or its expert's GPU), expert]
+        np.add.at(stay, (np.repeat(sources, k), ids[:, layer].reshape(-1)), 1)
+        total += (T * k - max_assignment(stay)) / T
+    return total / L
+
+
+def _layer_costs(trace, G: int, dataflow: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]:
+    """For E / G experts per GPU, no replicas: every state (expert -> GPU) [S, E]; every layer's copies per
+    token from the home GPU [L, S] and balancedness [L, S]; in follow, every layer l >= 1's copies per token
+    given the previous layer's state and its own [S, S] (copies = distinct GPUs of the token's experts, minus
+    one where its previous top-1 expert's GPU is among them)."""
+    ids, E = trace.topk_ids, trace.num_experts
+    T, L, k = ids.shape
+    states = _assignments(E, G)
+    S = len(states)
+    home = trace.home_gpus(G)
+    counts = np.stack([np.bincount(ids[:, layer].ravel(), minlength=E) for layer in range(L)])
+    balance = np.stack([_balance_per_state(states, counts[layer], G) for layer in range(L)])
+    home_copies, pair_costs = [], []
+    for layer in range(L):
+        sets, weight = _token_types(np.concatenate([home[:, None], np.sort(ids[:, layer], 1)], 1))
+        home_copies.append(_copies_per_state(states, sets[:, 1:], sets[:, 0], weight) / T)
+        if dataflow == "follow" and layer:
+            sets, weight = _token_types(np.concatenate([ids[:, layer - 1, :1], np.sort(ids[:, layer], 1)], 1))
+            distinct = _copies_per_state(states, sets[:, 1:], None, weight) / T
+            prev = np.zeros((S, E * G))  # one-hot: expert c on GPU g under the previous layer's state
+            prev[np.arange(S)[:, None], np.arange(E)[None, :] * G + states] = 1
+            member = (states[:, sets[:, 1:]][:, :, :, None] == np.arange(G)).any(2)  # [S, U, G]
+            hit = np.zeros((S, E, G))  # tokens whose previous top-1 is c that find an expert on g
+            np.add.at(hit.transpose(1, 0, 2), sets[:, 0], (member * weight[None, :, None]).transpose(1, 0, 2))
+            pair_costs.append(distinct[None, :] - prev @ hit.reshape(S, -1).T / T)
+    return states, np.stack(home_copies), pair_costs, balance
+
+
+def _lagrangian_bound(trace, G: int, dataflow: str, floor: float) -> tuple[float, float]:
+    """(lower bound on mean copies per token over plans with mean balancedness >= floor, best lambda) for
+    E / G > 1 experts per GPU and no replicas (docstring)."""
+    _, home_copies, pair_costs, balance = _layer_costs(trace, G, dataflow)
+    L = len(home_copies)
+    best, best_lambda = -np.inf, 0.0
+    for lam in np.concatenate([[0.0], np.geomspace(0.01, 100, 61)]):
+        if dataflow == "home":
+            value = float((home_copies - lam * balance).min(1).sum())
+        else:
+            value_s = home_copies[0] - lam * balance[0]
+            for layer in range(1, L):
+                value_s = (value_s[:, None] + pair_costs[layer - 1]).min(0) - lam * balance[layer]
+            value = float(value_s.min())
+        bound = (value + lam * L * floor) / L
+        if bound > best:
+            best, best_lambda = bound, float(lam)
+    return best, best_lambda
+
+
+def copies_bound_rows() -> list[dict]:
+    """Proven lower bounds on copies per token for bench/placement.py's 8-expert rows without replicas,
+    each with eplb's copies and balancedness on the same data (the target's baseline and its 0.02 floor)."""
+    from expertmesh.placement.sources import load_routing
+
+    mixtral = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "mixtral-8x7b-decode"
+    traces = {"synthetic-8x32-top2": synthetic_trace(SyntheticSpec(num_experts=8, top_k=2, num_layers=32,
+                                                                   num_tokens=4096, num_domains=4, seed=0))}
+    for name in ("humaneval", "gsm8k"):
+        if (mixtral / f"{name}_2_routing.jsonl").exists():
+            traces[f"mixtral-{name}"] = load_routing(mixtral / f"{name}_2_routing.jsonl", num_experts=8)
+    rows = []
+    for name, trace in traces.items():
+        for gpus in (4, 8):
+            for dataflow in ("home", "follow"):
+                topo = Topology(gpus)
+                eplb = evaluate(trace, place("eplb", trace, topo), topo, CostParams(), dataflow).summary()
+                floor = eplb["balancedness"] - 0.02
+                start = time.perf_counter()
+                if gpus == trace.num_experts:
+                    bound, lam = _exact_one_expert_per_gpu(trace, dataflow), None
+                else:
+                    bound, lam = _lagrangian_bound(trace, gpus, dataflow, floor)
+                rows.append({"case": f"{name}, {gpus} GPUs / 1 node, +0 redundant, {dataflow}", "dataflow": dataflow,
+                             "plan": "copies lower bound", "copies": bound, "eplb_copies": eplb["copies"],
+                             "copies_vs_eplb": bound / eplb["copies"], "balance_floor": floor, "lambda": lam,
+                             "exact": lam is None, "solve_s": time.perf_counter() - start})
+                print(f"{rows[-1]['case']}: copies >= {bound:.4f} = x{bound / eplb['copies']:.3f} of eplb",
+                      file=sys.stderr)
     return rows
 
 
@@ -220,11 +368,11 @@ def main() -> None:
         for dataflow in ("home", "follow") if shape.nodes > 1 else ("follow",):
             if dataflow == "home":
                 base_name = "eplb"
-                plans = {"eplb": place("eplb", stats, topo, 0, IlpOptions(params=shape.params)),
+                plans = {"eplb": place("eplb", stats, topo, 0),
                          "cluster oracle": cluster_oracle(clusters, stats.counts, shape.gpus, shape.nodes)}
             else:
                 base_name = "contiguous"
-                plans = {"contiguous": place("contiguous", stats, topo, 0, IlpOptions(params=shape.params)),
+                plans = {"contiguous": place("contiguous", stats, topo, 0),
                          "domain oracle": domain_oracle(clusters, stats.counts, shape.gpus, shape.nodes)}
             start = time.perf_counter()
             plans["ilp"] = place("ilp", stats, topo, 0,
@@ -253,7 +401,19 @@ def main() -> None:
         cells = " | ".join(f"{r[k]:.3f} | {r[k + '_vs_base']:.3f}" for k in ("internode_copies", "copies",
                                                                             "follow_cross"))
         lines.append(f"| {r['case']} | {r['plan']} | {cells} | {r['balancedness']:.3f} | {solve} |")
-    md = write_report(RESULTS, "placement-oracle", lines, {"environment": env, "rows": rows})
+    bounds = copies_bound_rows()
+    lines += ["", "## Copies lower bounds (proofs for the -20% copies target)", "",
+              "No plan keeps its mean balancedness within 0.02 of eplb's (the floor) and sends fewer copies per "
+              "token than the bound. 8 GPUs: exact (one expert per GPU); 4 GPUs: Lagrangian bound with the "
+              "multiplier shown. A bound above x0.80 of eplb proves the row's target infeasible.", "",
+              "| case | copies lower bound | eplb copies | bound / eplb | balance floor | proof | -20% target |",
+              "|---|---:|---:|---:|---:|---|---|"]
+    for r in bounds:
+        proof = "exact (assignment)" if r["exact"] else f"Lagrangian, lambda {r['lambda']:.3g}"
+        verdict = "infeasible" if r["copies_vs_eplb"] > 0.8 else "not excluded"
+        lines.append(f"| {r['case']} | {r['copies']:.4f} | {r['eplb_copies']:.4f} | {r['copies_vs_eplb']:.3f} | "
+                     f"{r['balance_floor']:.4f} | {proof} | {verdict} |")
+    md = write_report(RESULTS, "placement-oracle", lines, {"environment": env, "rows": rows, "copies_bounds": bounds})
     print(f"wrote {md}", file=sys.stderr)
 
 

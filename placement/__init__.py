@@ -7,12 +7,16 @@
     topology   Topology: GPUs, nodes, bandwidths, slots
     routing    the replica-choice rule shared with the kernels and the runtime
     cost       the cost model: balancedness, copies, internode copies, busiest port, step time
-    baselines, eplb, ilp (cpsat_models, local_search), placers: the placers behind `place`
-    plan       Placement: phy2log [L, R] and the plan file; export: vLLM / SGLang / EPLB files
-    cli        `expertmesh plan | evaluate | compare | export | trace | demo`
+    baselines, eplb, ilp/, placers: the placers behind `place`, each with its own options
+    partition  the partition subproblem (local_search: greedy and swaps; cpsat_models: CP-SAT; assignment)
+    spread     co-located replicas moved apart (round_robin, ilp; eplb on request)
+    plan       Placement: phy2log [L, R] and the plan file (solver_report: ilp's typed report)
+    export     vLLM / SGLang / EPLB files;  plot: load heatmaps on one fixed scale
+    cli/       `expertmesh plan | evaluate | compare | export | trace | demo`; exits: errors and exit codes
 """
 
 from .cost import CostParams, Metrics, evaluate
+from .eplb import EplbOptions
 from .plan import Placement, PlanError, load_plan, save_plan
 from .sources import load_routing
 from .stats import RoutingStats, stats_from_trace
@@ -24,7 +28,7 @@ __all__ = [
     "Trace", "TraceError", "load_trace", "save_trace", "load_routing",
     "RoutingStats", "stats_from_trace", "SyntheticSpec", "synthetic_trace",
     "Topology", "TopologyError", "Placement", "PlanError", "load_plan", "save_plan",
-    "STRATEGIES", "InfeasibleError", "IlpOptions", "place", "CostParams", "Metrics", "evaluate",
+    "STRATEGIES", "InfeasibleError", "IlpOptions", "EplbOptions", "place", "CostParams", "Metrics", "evaluate",
 ]
 
 # The placers need OR-Tools; the runtime reads plans and traces on machines that may not have it (a GPU

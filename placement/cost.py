@@ -30,6 +30,7 @@ across GPUs); traffic needs per-token data, so those fields are NaN there.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,16 @@ class CostParams:
     dispatch_bytes: float = 2.0  # per element on the wire: 2 for BF16, 1 + 4/128 for FP8 with 1x128 scales
     combine_bytes: float = 2.0
     weight_bytes: float = 2.0  # per expert weight element, for migration
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "ffn"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        for name in ("dispatch_bytes", "combine_bytes", "weight_bytes"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: expected a positive, finite number of bytes, got {value!r}")
 
     @property
     def expert_bytes(self) -> float:

@@ -12,12 +12,12 @@ search worker (so a plan is reproducible for a given seed), and report status, o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from ortools.sat.python import cp_model
 
-__all__ = ["SolveReport", "PartitionProblem", "partition", "assign", "assignment_objective"]
+from .partition import PartitionProblem, SolveReport
+
+__all__ = ["partition", "assign", "assignment_objective"]
 
 _STATUS = {
     cp_model.OPTIMAL: "OPTIMAL",
@@ -26,19 +26,6 @@ _STATUS = {
     cp_model.MODEL_INVALID: "MODEL_INVALID",
     cp_model.UNKNOWN: "UNKNOWN",
 }
-
-
-@dataclass(frozen=True)
-class SolveReport:
-    status: str
-    objective: float
-    bound: float
-    hint_objective: float
-    wall_s: float
-
-    @property
-    def has_solution(self) -> bool:
-        return self.status in ("OPTIMAL", "FEASIBLE")
 
 
 def _solve(model: cp_model.CpModel, seed: int, budget: float) -> tuple[cp_model.CpSolver, int]:
@@ -51,95 +38,6 @@ def _solve(model: cp_model.CpModel, seed: int, budget: float) -> tuple[cp_model.
     # Generous: hitting it would make the plan depend on machine load (seen on a busy 2-core box).
     solver.parameters.max_time_in_seconds = 60 * budget + 10.0
     return solver, solver.solve(model)
-
-
-@dataclass(frozen=True)
-class PartitionProblem:
-    """Place every replica of n experts into P parts (GPUs, or nodes of several GPUs).
-
-    replicas [n] copies of each expert to place; load [n] integer load of one copy. Every part takes exactly
-    `slots` copies, at most `max_per_part` copies of one expert (its distinct GPUs) and at most `cap` load.
-    pairs [m, 2] expert index pairs with integer weights pair_weight [m]: a pair whose experts share no part
-    costs its weight. node_of_part [P] (optional) groups parts into nodes; a pair sharing no node costs
-    `node_penalty` times its weight on top. reward [n, P] (optional) is subtracted for every part that holds
-    the expert: a previous plan's placement (migration saved) or the GPUs a layer's tokens arrive from
-    (token-follow). `peak_weight` > 0 adds the heaviest part's load (used when there are no pairs).
-    replica_group [P] (optional) groups parts (a node's GPUs; or each node by itself when parts are nodes):
-    the copies of an expert that fit in one group must all lie in one group. The replica rule sends a token
-    to a replica on its own node first, so copies spread unevenly over nodes would not share the expert's
-    load evenly; kept in one node, they do (EPLB's hierarchical policy does the same).
-    load_at [n, P] (optional) replaces `load` where a copy's load depends on its part: in the token-follow
-    dataflow a replica serves the tokens already on its GPU first, so it carries more where they arrive.
-    """
-
-    replicas: np.ndarray
-    load: np.ndarray
-    num_parts: int
-    slots: int
-    max_per_part: int
-    cap: int
-    pairs: np.ndarray
-    pair_weight: np.ndarray
-    node_of_part: np.ndarray | None = None
-    node_penalty: int = 0
-    reward: np.ndarray | None = None
-    peak_weight: int = 0
-    replica_group: np.ndarray | None = None
-    load_at: np.ndarray | None = None
-
-    def copy_load(self) -> np.ndarray:
-        """int [n, P]: the load one copy of each expert adds to each part."""
-        if self.load_at is not None:
-            return self.load_at
-        return np.broadcast_to(self.load[:, None], (len(self.load), self.num_parts))
-
-    def bound_experts(self) -> np.ndarray:
-        """bool [n]: experts whose copies must share one replica group."""
-        if self.replica_group is None:
-            return np.zeros(len(self.replicas), dtype=bool)
-        group_size = np.bincount(self.replica_group).min() * self.max_per_part
-        return (self.replicas > 1) & (self.replicas <= group_size)
-
-    def part_loads(self, x: np.ndarray) -> np.ndarray:
-        return (self.copy_load() * x).sum(0)
-
-    def feasible(self, x: np.ndarray) -> bool:
-        ok = bool(
-            (x.sum(1) == self.replicas).all() and (x.sum(0) == self.slots).all()
-            and (x <= self.max_per_part).all() and (self.part_loads(x) <= self.cap).all()
-        )
-        bound = self.bound_experts()
-        if ok and bound.any():
-            groups = int(self.replica_group.max()) + 1
-            held = np.stack([(x[bound][:, self.replica_group == k] > 0).any(1) for k in range(groups)], 1)
-            ok = bool((held.sum(1) == 1).all())
-        return ok
-
-    def objective(self, x: np.ndarray) -> float:
-        """The objective of an assignment [n, P], computed directly (for hints and checks)."""
-        held = x > 0
-        total = float(self.peak_weight * self.part_loads(x).max()) if self.peak_weight else 0.0
-        if len(self.pairs):
-            a, b = self.pairs[:, 0], self.pairs[:, 1]
-            shared = (held[a] & held[b]).sum(1)
-            if self.max_per_part == 1:
-                # GPUs: an expert's tokens split evenly over its replicas, so a pair meets with probability
-                # shared GPUs / (replicas of e x replicas of f); 0 or 1 when neither is replicated.
-                total += float(np.sum(self.pair_weight - self._shared_weight() * shared))
-            else:  # nodes: a token reaches a replica on its own node first, so any shared node counts
-                total += float(self.pair_weight @ (shared == 0))
-            if self.node_of_part is not None and self.node_penalty:
-                nodes = int(self.node_of_part.max()) + 1
-                on = np.stack([held[:, self.node_of_part == k].any(1) for k in range(nodes)], 1)
-                total += self.node_penalty * float(self.pair_weight @ ~(on[a] & on[b]).any(1))
-        if self.reward is not None:
-            total -= float((self.reward * held).sum())
-        return total
-
-    def _shared_weight(self) -> np.ndarray:
-        """int [m]: what each GPU shared by a pair saves, w / (replicas of e x replicas of f)."""
-        copies = self.replicas[self.pairs[:, 0]] * self.replicas[self.pairs[:, 1]]
-        return np.round(self.pair_weight / copies).astype(np.int64)
 
 
 def _split_indicator(model, name: str, e: int, f: int, holds, single: bool, hint_held):
@@ -168,6 +66,7 @@ def partition(
     problem: PartitionProblem, hint: np.ndarray, seed: int = 0, budget: float = 1.0
 ) -> tuple[np.ndarray, SolveReport]:
     """Solve `problem` with CP-SAT from a complete hint [n, P]. Returns counts [n, P] and the report."""
+    # Data: n experts with their copies and loads, P parts of `slots` slots under `cap` (see PartitionProblem).
     pb = problem
     n, P = len(pb.replicas), pb.num_parts
     model = cp_model.CpModel()
@@ -203,6 +102,7 @@ def partition(
         for k in range(groups):
             model.add_hint(chosen[k], int((hint[e, pb.replica_group == k] > 0).any()))
 
+    # Objective: split pairs (their GPU and node terms), rewards and the peak, in the order below.
     objective = []
     single = pb.replicas == 1
     hint_held = hint > 0
@@ -217,7 +117,7 @@ def partition(
                 members = [holds[e][p] for p in np.flatnonzero(pb.node_of_part == k)]
                 model.add_max_equality(node_holds[e][k], members)
                 model.add_hint(node_holds[e][k], int(hint_node[e, k]))
-    shared_weight = pb._shared_weight() if len(pb.pairs) else np.zeros(0, np.int64)
+    shared_weight = pb.shared_weight() if len(pb.pairs) else np.zeros(0, np.int64)
     for (e, f), w, w_shared in zip(pb.pairs.tolist(), pb.pair_weight.tolist(), shared_weight.tolist(), strict=True):
         if w <= 0:
             continue
@@ -256,6 +156,7 @@ def partition(
             model.add_hint(count[e][p], int(hint[e, p]))
             model.add_hint(holds[e][p], int(hint[e, p] > 0))
 
+    # Solve from the hint; an answer is kept only when CP-SAT has one (OPTIMAL or FEASIBLE).
     solver, status = _solve(model, seed, budget)
     report = SolveReport(
         _STATUS.get(status, str(status)),

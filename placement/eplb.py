@@ -17,13 +17,33 @@ Ties break toward the lower index, as in the reference.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .plan import Placement
+from .spread import spread_replicas
 from .stats import RoutingStats
 from .topology import Topology, TopologyError
 
-__all__ = ["rebalance_experts", "eplb", "balanced_packing", "replicate_experts"]
+__all__ = ["EPLB_POLICIES", "EplbOptions", "rebalance_experts", "eplb", "balanced_packing", "replicate_experts"]
+
+EPLB_POLICIES = ("auto", "global", "hierarchical")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EplbOptions:
+    """`policy`: "global", "hierarchical" (every expert its own group, so experts are balanced over nodes
+    first and replicated within their node), or "auto" (hierarchical on several nodes, global on one).
+    `spread_replicas`: never two copies of an expert on one GPU (while it has no more copies than GPUs in
+    its node); DeepSeek's packing may put them there, and the default keeps its behaviour."""
+
+    policy: str = "auto"
+    spread_replicas: bool = False
+
+    def __post_init__(self) -> None:
+        if self.policy not in EPLB_POLICIES:
+            raise ValueError(f"policy: expected one of {EPLB_POLICIES}, got {self.policy!r}")
 
 
 def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,13 +165,11 @@ def eplb(
     stats: RoutingStats,
     topology: Topology,
     num_slots: int,
-    policy: str = "auto",
+    options: EplbOptions | None = None,
 ) -> Placement:
-    """EPLB on routing statistics. `policy`: "global", "hierarchical" (every expert its own group, so
-    experts are balanced over nodes first and replicated within their node), or "auto" (hierarchical on
-    several nodes, global on one)."""
-    if policy not in ("auto", "global", "hierarchical"):
-        raise ValueError(f"policy: expected auto, global or hierarchical, got {policy!r}")
+    """EPLB on routing statistics, with the policy of `options` (see `EplbOptions`)."""
+    options = options or EplbOptions()
+    policy = options.policy
     topology.slots_per_gpu(num_slots)
     N, G, E = topology.num_nodes, topology.num_gpus, stats.num_experts
     hierarchical = policy == "hierarchical" or (policy == "auto" and N > 1)
@@ -160,7 +178,8 @@ def eplb(
             raise TopologyError(f"nodes: hierarchical EPLB needs {E} experts divisible by {N} nodes")
         hierarchical = False
     groups, nodes = (E, N) if hierarchical else (1, 1)
-    phy2log, _, _ = rebalance_experts(stats.counts, num_slots, groups, nodes, G)
-    return Placement(
-        phy2log, G, N, E, "eplb", options={"policy": "hierarchical" if hierarchical else "global"}
-    )
+    phy2log, _, logcnt = rebalance_experts(stats.counts, num_slots, groups, nodes, G)
+    if options.spread_replicas:
+        phy2log = spread_replicas(phy2log, G, G // nodes, stats.counts / logcnt)
+    record = {"policy": "hierarchical" if hierarchical else "global", "spread_replicas": options.spread_replicas}
+    return Placement(phy2log, G, N, E, "eplb", options=record)

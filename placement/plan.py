@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .solver_report import ReportError, SolverReport
+
 __all__ = ["Placement", "PlanError", "load_plan", "save_plan", "FORMAT"]
 
 FORMAT = "expertmesh.plan/v1"
@@ -34,7 +36,7 @@ class Placement:
     num_nodes: int = 1
     num_experts: int | None = None  # defaults to max(phy2log) + 1
     strategy: str = "unknown"
-    solver: dict = field(default_factory=dict, compare=False)  # status, objective, bound, gap, time_s
+    solver: SolverReport | None = field(default=None, compare=False)  # ilp's report; None for the others
     metrics: dict = field(default_factory=dict, compare=False)
     options: dict = field(default_factory=dict, compare=False)
 
@@ -110,6 +112,11 @@ class Placement:
         return out
 
     @property
+    def colocated_replicas(self) -> int:
+        """Copies of an expert on a GPU that already holds one, over all layers: they serve no token."""
+        return int(np.maximum(self.replicas - 1, 0).sum())
+
+    @property
     def version(self) -> str:
         """Content hash of what the runtime acts on: the slot map and the GPU/node counts."""
         h = hashlib.sha256()
@@ -117,10 +124,11 @@ class Placement:
         h.update(np.ascontiguousarray(self.phy2log, dtype="<i8").tobytes())
         return h.hexdigest()[:16]
 
-    def with_report(self, *, solver: dict | None = None, metrics: dict | None = None) -> Placement:
+    def with_report(self, *, solver: SolverReport | None = None, metrics: dict | None = None) -> Placement:
+        """The same plan with `solver` replacing its report (when given) and `metrics` merged into its own."""
         return Placement(
             self.phy2log, self.num_gpus, self.num_nodes, self.num_experts, self.strategy,
-            {**self.solver, **(solver or {})}, {**self.metrics, **(metrics or {})}, dict(self.options),
+            solver or self.solver, {**self.metrics, **(metrics or {})}, dict(self.options),
         )
 
     def to_json(self) -> dict:
@@ -134,7 +142,7 @@ class Placement:
             "num_gpus": self.num_gpus,
             "num_nodes": self.num_nodes,
             "phy2log": self.phy2log.tolist(),
-            "solver": _jsonable(self.solver),
+            "solver": {} if self.solver is None else self.solver.to_json(),
             "metrics": _jsonable(self.metrics),
             "options": _jsonable(self.options),
         }
@@ -148,16 +156,17 @@ class Placement:
         for name in ("phy2log", "num_gpus", "num_nodes", "num_experts", "version"):
             if name not in doc:
                 raise PlanError(f"plan: missing field {name!r}")
-        try:
-            phy2log = np.asarray(doc["phy2log"], dtype=np.int64)
-        except (TypeError, ValueError) as exc:
-            raise PlanError(f"phy2log: expected a rectangular list of integer lists ({exc})") from None
-        for name in ("num_gpus", "num_nodes", "num_experts"):
-            if not isinstance(doc[name], int) or isinstance(doc[name], bool):
+        for name in ("num_gpus", "num_nodes", "num_experts", "num_layers", "num_slots"):
+            if name in doc and (not isinstance(doc[name], int) or isinstance(doc[name], bool)):
                 raise PlanError(f"{name}: expected an integer, got {doc[name]!r}")
+        phy2log = _phy2log_rows(doc["phy2log"], doc.get("num_slots"))
+        try:
+            solver = SolverReport.from_json(doc["solver"]) if doc.get("solver") else None
+        except ReportError as exc:
+            raise PlanError(str(exc)) from None
         plan = cls(
             phy2log, doc["num_gpus"], doc["num_nodes"], doc["num_experts"], str(doc.get("strategy", "unknown")),
-            dict(doc.get("solver", {})), dict(doc.get("metrics", {})), dict(doc.get("options", {})),
+            solver, dict(doc.get("metrics", {})), dict(doc.get("options", {})),
         )
         for name in ("num_layers", "num_slots"):
             want = getattr(plan, name)
@@ -169,6 +178,24 @@ class Placement:
                 "(edited or corrupted plan)"
             )
         return plan
+
+
+def _phy2log_rows(rows, num_slots: int | None) -> np.ndarray:
+    """The file's phy2log as int64 [L, R]: every row a list of `num_slots` integers (no coercion of 1.5 or
+    "7"), or a PlanError naming the first row that is not."""
+    if not isinstance(rows, list) or not rows or not all(isinstance(row, list) for row in rows):
+        raise PlanError("phy2log: expected a non-empty list of rows, each a list of expert ids")
+    width, what = (num_slots, "num_slots") if num_slots is not None else (len(rows[0]), "row 0")
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise PlanError(f"phy2log: row {i} has {len(row)} slots, expected {width} (as {what})")
+        for value in row:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise PlanError(f"phy2log: row {i} holds {value!r}; expected integer expert ids")
+    try:
+        return np.array(rows, dtype=np.int64)
+    except OverflowError:
+        raise PlanError("phy2log: an expert id does not fit in 64 bits") from None
 
 
 def _jsonable(obj):
@@ -190,10 +217,16 @@ def save_plan(plan: Placement, path: str | Path) -> None:
 
 
 def load_plan(path: str | Path) -> Placement:
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"{path}: no such plan file" if not path.exists() else f"{path}: not a file")
     try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise PlanError(f"{path}: no such plan file") from None
+        doc = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise PlanError(f"{path}: not valid JSON ({exc})") from None
-    return Placement.from_json(doc)
+    except UnicodeDecodeError:
+        raise PlanError(f"{path}: not a text (UTF-8 JSON) file") from None
+    try:
+        return Placement.from_json(doc)
+    except PlanError as exc:
+        raise PlanError(f"{path}: {exc}") from None

@@ -20,9 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .trace import Trace, TraceError
+from .trace import Trace, TraceError, open_npz, read_array
 
 __all__ = ["RoutingStats", "stats_from_trace", "load_stats", "save_stats"]
+
+
+def _is_real(a: np.ndarray) -> bool:
+    return a.dtype != bool and (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating))
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class RoutingStats:
 
     def __post_init__(self) -> None:
         counts = np.asarray(self.counts)
+        if not _is_real(counts):
+            raise TraceError(f"counts: expected numbers, got dtype {counts.dtype}")
         if counts.ndim != 2 or counts.shape[0] < 1 or counts.shape[1] < 1:
             raise TraceError(f"counts: expected shape [L, E] with L, E >= 1, got {counts.shape}")
         if not np.all(np.isfinite(counts)) or (counts < 0).any():
@@ -54,6 +60,8 @@ class RoutingStats:
             if arr is None:
                 continue
             arr = np.asarray(arr)
+            if not _is_real(arr):
+                raise TraceError(f"{name}: expected numbers, got dtype {arr.dtype}")
             if arr.shape != expect:
                 raise TraceError(f"{name}: expected shape {list(expect)}, got {list(arr.shape)}")
             if (arr < 0).any():
@@ -72,6 +80,11 @@ class RoutingStats:
     @property
     def num_experts(self) -> int:
         return self.counts.shape[1]
+
+    @property
+    def is_empty(self) -> bool:
+        """No token recorded: nothing to plan from or to score."""
+        return self.tokens == 0 or not np.any(self.counts)
 
     @property
     def has_pairs(self) -> bool:
@@ -165,22 +178,16 @@ def save_stats(stats: RoutingStats, path: str | Path) -> None:
 
 def load_stats(path: str | Path) -> RoutingStats:
     path = Path(path)
-    try:
-        data = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise TraceError(f"{path}: no such statistics file") from None
-    except Exception as exc:
-        raise TraceError(f"{path}: not a readable .npz statistics file ({exc})") from exc
-    with data:
+    with open_npz(path, "statistics") as data:
         for name in ("counts", "top_k", "tokens"):
             if name not in data.files:
                 raise TraceError(f"{path}: missing field {name!r} (have {sorted(data.files)})")
-        return RoutingStats(
-            data["counts"],
-            int(data["top_k"]),
-            int(data["tokens"]),
-            data["coact"] if "coact" in data.files else None,
-            data["trans"] if "trans" in data.files else None,
-            {"source": str(path)},
-            data["trans_top1"] if "trans_top1" in data.files else None,
-        )
+        arrays = {name: read_array(data, name, path) if name in data.files else None
+                  for name in ("counts", "top_k", "tokens", "coact", "trans", "trans_top1")}
+    for name in ("top_k", "tokens"):
+        if arrays[name].shape != () or not np.issubdtype(arrays[name].dtype, np.integer):
+            raise TraceError(f"{path}: {name}: expected an integer scalar, got {arrays[name]!r}")
+    return RoutingStats(
+        arrays["counts"], int(arrays["top_k"]), int(arrays["tokens"]), arrays["coact"], arrays["trans"],
+        {"source": str(path)}, arrays["trans_top1"],
+    )

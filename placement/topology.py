@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,10 @@ class Topology:
     max_slots_per_gpu: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("num_gpus", "num_nodes", "max_slots_per_gpu"):  # (a YAML `gpus: 8.5` must not pass)
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer)):
+                raise TopologyError(f"{_YAML_NAME.get(name, name)}: expected an integer, got {value!r}")
         if self.num_gpus < 1:
             raise TopologyError(f"gpus: expected >= 1, got {self.num_gpus}")
         if self.num_nodes < 1 or self.num_gpus % self.num_nodes:
@@ -36,8 +41,10 @@ class Topology:
                 f"nodes: expected a divisor of gpus={self.num_gpus}, got {self.num_nodes}"
             )
         for name in ("intra_node_gbps", "inter_node_gbps", "gpu_tflops"):
-            if not getattr(self, name) > 0:
-                raise TopologyError(f"{name}: expected a positive number, got {getattr(self, name)}")
+            value = getattr(self, name)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value > 0):
+                raise TopologyError(f"{name}: expected a positive, finite number, got {value!r}")
         if self.max_slots_per_gpu is not None and self.max_slots_per_gpu < 1:
             raise TopologyError(f"max_slots_per_gpu: expected >= 1, got {self.max_slots_per_gpu}")
 
@@ -73,6 +80,8 @@ class Topology:
         return per_gpu
 
 
+_YAML_NAME = {"num_gpus": "gpus", "num_nodes": "nodes"}
+
 _FIELDS = {
     "gpus": "num_gpus",
     "nodes": "num_nodes",
@@ -88,8 +97,8 @@ def load_topology(path: str | Path) -> Topology:
     `max_slots_per_gpu`. Unknown keys are refused so typos do not pass silently."""
     try:
         doc = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise TopologyError(f"{path}: cannot read topology YAML ({exc})") from exc
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise TopologyError(f"{path}: cannot read topology YAML ({exc})") from None
     if not isinstance(doc, dict):
         raise TopologyError(f"{path}: expected a mapping at the top level")
     unknown = sorted(set(doc) - set(_FIELDS))
@@ -97,4 +106,7 @@ def load_topology(path: str | Path) -> Topology:
         raise TopologyError(f"{path}: unknown field(s) {unknown}; expected some of {sorted(_FIELDS)}")
     if "gpus" not in doc:
         raise TopologyError(f"{path}: missing field 'gpus'")
-    return Topology(**{_FIELDS[k]: v for k, v in doc.items()})
+    try:
+        return Topology(**{_FIELDS[k]: v for k, v in doc.items()})
+    except TopologyError as exc:
+        raise TopologyError(f"{path}: {exc}") from None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Trace", "TraceError", "load_trace", "save_trace"]
+__all__ = ["Trace", "TraceError", "load_trace", "save_trace", "open_npz", "read_array"]
 
 
 class TraceError(ValueError):
@@ -63,6 +63,8 @@ class Trace:
             raise TraceError(f"seq_ids: expected an integer array, got dtype {seq.dtype}")
         if self.topk_weights is not None:
             w = np.asarray(self.topk_weights)
+            if w.dtype == bool or not (np.issubdtype(w.dtype, np.integer) or np.issubdtype(w.dtype, np.floating)):
+                raise TraceError(f"topk_weights: expected numeric gate weights, got dtype {w.dtype}")
             if w.shape != ids.shape:
                 raise TraceError(f"topk_weights: expected shape {ids.shape} like topk_ids, got {w.shape}")
             if not np.all(np.isfinite(w)):
@@ -109,23 +111,43 @@ def save_trace(trace: Trace, path: str | Path) -> None:
     np.savez_compressed(path, **arrays)
 
 
+def open_npz(path: str | Path, what: str) -> np.lib.npyio.NpzFile:
+    """Open an `.npz` archive of plain arrays, or a TraceError that names the file and says what is wrong
+    (never numpy's advice to unpickle: these files hold no objects). `what`: "trace", "statistics"..."""
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"{path}: no such {what} file" if not path.exists() else f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise TraceError(f"{path}: empty file; expected a {what} .npz")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception:  # random bytes, a truncated zip, a pickle: none of them is ours
+        raise TraceError(f"{path}: not a readable {what} .npz (not a zip archive of numpy arrays)") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise TraceError(f"{path}: holds a single numpy array (.npy data), not a {what} .npz archive")
+    return data
+
+
+def read_array(data: np.lib.npyio.NpzFile, name: str, path: str | Path) -> np.ndarray:
+    """One array of an open archive, or a TraceError naming the file and the field."""
+    try:
+        return data[name]
+    except Exception:  # a corrupt member, or an object array
+        raise TraceError(f"{path}: {name}: cannot be read as a plain numeric array") from None
+
+
 def load_trace(path: str | Path) -> Trace:
     """Load a canonical `.npz` trace, refusing missing or malformed fields by name."""
     path = Path(path)
-    if not path.exists():
-        raise TraceError(f"{path}: no such trace file")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as exc:  # zipfile/pickle errors: not an npz at all
-        raise TraceError(f"{path}: not a readable .npz trace ({exc})") from exc
-    with data:
+    with open_npz(path, "trace") as data:
         for name in ("topk_ids", "seq_ids", "num_experts"):
             if name not in data.files:
                 raise TraceError(f"{path}: missing field {name!r} (have {sorted(data.files)})")
-        num_experts = data["num_experts"]
-        if num_experts.shape != ():
-            raise TraceError(f"num_experts: expected a scalar, got shape {num_experts.shape}")
-        weights = data["topk_weights"] if "topk_weights" in data.files else None
+        num_experts = read_array(data, "num_experts", path)
+        if num_experts.shape != () or not np.issubdtype(num_experts.dtype, np.integer):
+            raise TraceError(f"{path}: num_experts: expected an integer scalar, got {num_experts!r}")
+        weights = read_array(data, "topk_weights", path) if "topk_weights" in data.files else None
         return Trace(
-            data["topk_ids"], data["seq_ids"], int(num_experts), weights, {"source": str(path)}
+            read_array(data, "topk_ids", path), read_array(data, "seq_ids", path), int(num_experts), weights,
+            {"source": str(path)},
         )

@@ -133,3 +133,70 @@ def test_exporters_write_what_engines_read():
     assert eplb["logcnt"] == [[1, 2, 1]] and eplb["log2phy"] == [[[1, -1], [0, 2], [3, -1]]]
     with pytest.raises(ValueError, match="format"):
         export_document(plan, "trt")
+
+
+def _plan_doc(tmp_path):
+    plan = Placement(np.tile(np.arange(8), (3, 1)), 4)
+    save_plan(plan, tmp_path / "p.json")
+    return json.loads((tmp_path / "p.json").read_text())
+
+
+def test_plan_files_name_the_row_that_is_short_and_refuse_non_integers(tmp_path):
+    doc = _plan_doc(tmp_path)
+    short = {**doc, "phy2log": [row[:-1] for row in doc["phy2log"]]}
+    with pytest.raises(PlanError, match=r"phy2log: row 0 has 7 slots, expected 8"):
+        Placement.from_json(short)  # not "num_gpus", which is right
+    ragged = json.loads(json.dumps(doc))
+    ragged["phy2log"][2].pop()
+    with pytest.raises(PlanError, match="row 2 has 7 slots"):
+        Placement.from_json(ragged)
+    for bad in (1.5, "7", True, 7.0):
+        edited = json.loads(json.dumps(doc))
+        edited["phy2log"][1][3] = bad
+        with pytest.raises(PlanError, match=r"phy2log: row 1 holds .*expected integer expert ids"):
+            Placement.from_json(edited)  # never coerced to an integer
+    (tmp_path / "short.json").write_text(json.dumps(short))
+    with pytest.raises(PlanError, match=r"short\.json: phy2log: row 0"):
+        load_plan(tmp_path / "short.json")  # the file is named too
+
+
+def test_sglang_export_covers_dense_layers_and_needs_a_json_name(tmp_path):
+    from expertmesh.placement.export import export_plan
+
+    plan = Placement(np.array([[1, 0, 1, 2], [2, 2, 0, 1]]), 2)
+    doc = export_document(plan, "sglang", first_moe_layer=3)
+    rows = doc["physical_to_logical_map"]
+    assert rows[:3] == [[0, 1, 2, 0]] * 3  # dense layers: SGLang's own trivial map, slot s -> s mod E
+    assert rows[3:] == plan.phy2log.tolist()
+    with pytest.raises(ValueError, match="only the sglang format counts dense layers"):
+        export_document(plan, "vllm", first_moe_layer=3)
+    with pytest.raises(ValueError, match=r"SGLang reads --init-expert-location as a file only when the path ends"):
+        export_plan(plan, "sglang", tmp_path / "plan.txt")  # SGLang would parse the name as inline JSON
+    assert not (tmp_path / "plan.txt").exists()
+    export_plan(plan, "sglang", tmp_path / "plan.json")
+    assert json.loads((tmp_path / "plan.json").read_text())["physical_to_logical_map"] == plan.phy2log.tolist()
+
+
+def test_heatmaps_share_one_fixed_scale_mark_nodes_and_skip_figures_statistics_lack():
+    import matplotlib.pyplot as plt
+
+    from expertmesh.placement.plot import LOAD_SCALE, heatmap_figure
+
+    trace = Trace(np.array([[[0, 1]], [[0, 2]], [[0, 3]], [[1, 2]]]), np.arange(4), 4)
+    topo = Topology(4, 2)
+    even, skewed = Placement(np.array([[0, 1, 2, 3]]), 4, 2), Placement(np.array([[1, 0, 3, 2]]), 4, 2)
+    panels = {"a": evaluate(trace, even, topo), "b": evaluate(stats_from_trace(trace), skewed, topo)}
+    fig = heatmap_figure(panels, "t", gpus_per_node=2)
+    try:
+        images = [ax.images[0] for ax in fig.axes if ax.images]
+        assert len(images) == 2
+        for image in images:  # the same scale whatever the data: load / mean, centred at 1.0
+            norm = image.norm
+            assert (norm.vmin, norm.vcenter, norm.vmax) == LOAD_SCALE
+        panel_axes = [ax for ax in fig.axes if ax.images]
+        assert all([line.get_xdata()[0] for line in ax.lines] == [1.5] for ax in panel_axes)  # node boundary
+        titles = [ax.get_title() for ax in panel_axes]
+        assert "copies" in titles[0] and "nan" not in titles[1]  # statistics have no copies to show
+        assert "mean / max" in fig._suptitle.get_text()
+    finally:
+        plt.close(fig)

@@ -136,14 +136,14 @@ def test_synthetic_trace_is_seeded_and_structured():
 
 
 def test_real_mixtral_trace_imports(mixtral_dir):
-    trace = load_routing(mixtral_dir)
+    trace = load_routing(mixtral_dir, num_experts=8)
     # README: 333 + 244 tokens carry all 32 layers; 5 + 3 incomplete ones are dropped.
     assert trace.topk_ids.shape == (577, 32, 2)
     assert trace.num_experts == 8 and trace.meta["dropped_incomplete_tokens"] == 8
     assert len(np.unique(trace.seq_ids)) == 4
     assert np.allclose(trace.topk_weights.sum(-1), 1.0, atol=1e-4)  # renormalised top-2 gates
     assert (trace.topk_weights[..., 0] >= trace.topk_weights[..., 1]).all()  # highest gate first
-    one = load_routing(mixtral_dir / "gsm8k_2_routing.jsonl")
+    one = load_routing(mixtral_dir / "gsm8k_2_routing.jsonl", num_experts=8)
     assert one.num_tokens == 244
 
 
@@ -183,7 +183,7 @@ def test_count_matrix_and_deepspeed_errors_name_the_field(tmp_path):
     bad = tmp_path / "r.jsonl"
     bad.write_text(json.dumps({"layer": 0, "token_idx": 0, "experts": [0, "x"]}) + "\n")
     with pytest.raises(TraceError, match="experts"):
-        load_routing(bad)
+        load_routing(bad, num_experts=2)
 
 
 def test_synthetic_model_seed_separates_the_router_from_the_sample():
@@ -197,3 +197,67 @@ def test_synthetic_model_seed_separates_the_router_from_the_sample():
         c = s.coact[0].astype(float)
         return set(zip(*np.unravel_index(np.argsort(-c, axis=None)[:24], c.shape), strict=True))
     assert len(top_pairs(a) & top_pairs(b)) > 2 * len(top_pairs(a) & top_pairs(other))
+
+
+def _router_log(path, records):
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def _records(tokens=6, layers=2, E=4):
+    return [{"dataset": "d", "problem_id": 0, "token_idx": t, "layer": layer,
+             "experts": [(t + layer) % E, (t + layer + 1) % E]} for t in range(tokens) for layer in range(layers)]
+
+
+def test_router_logs_take_the_number_of_experts_from_the_caller_or_the_records_never_from_the_ids(tmp_path):
+    records = _records()
+    records[7]["experts"] = [99, 1]  # one bad id (line 8)
+    log = _router_log(tmp_path / "r.jsonl", records)
+    with pytest.raises(TraceError, match=r"r\.jsonl:8: experts: id 99 is out of range for num_experts=4"):
+        load_routing(log, num_experts=4)
+    with pytest.raises(TraceError, match="num_experts: router logs do not record"):
+        load_routing(_router_log(tmp_path / "ok.jsonl", _records()))  # no guess from the largest id
+    trace = load_routing(tmp_path / "ok.jsonl", num_experts=6)  # the model may have experts nobody chose
+    assert trace.num_experts == 6 and trace.num_tokens == 6
+    declared = [{**r, "num_experts": 4} for r in _records()]
+    assert load_routing(_router_log(tmp_path / "d.jsonl", declared)).num_experts == 4
+    with pytest.raises(TraceError, match="num_experts"):
+        load_routing(tmp_path / "d.jsonl", num_experts=8)  # the caller and the file disagree
+    twice = _records() + [_records()[0]]
+    with pytest.raises(TraceError, match=r"t\.jsonl:13: a second record for token"):
+        load_routing(_router_log(tmp_path / "t.jsonl", twice), num_experts=4)
+
+
+def test_router_logs_count_the_tokens_they_drop(tmp_path):
+    records = _records(tokens=5)
+    del records[3]  # token 1 lacks layer 1
+    trace = load_routing(_router_log(tmp_path / "r.jsonl", records), num_experts=4)
+    assert trace.num_tokens == 4
+    assert trace.meta["dropped_incomplete_tokens"] == 1 and trace.meta["tokens_read"] == 5
+
+
+@pytest.mark.parametrize("content, message", [
+    (bytes(range(256)) * 8, "not a readable trace or statistics .npz"),  # numpy would advise unpickling
+    (b"", "empty file"),
+])
+def test_unreadable_npz_files_get_one_line_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "junk.npz"
+    path.write_bytes(content)
+    with pytest.raises(TraceError, match=message) as refused:
+        load_routing(path)
+    text = str(refused.value)
+    assert str(path) in text and "\n" not in text and "pickle" not in text
+
+
+def test_count_matrices_refuse_a_top_k_of_zero_without_numpy_warnings(tmp_path):
+    import warnings
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"counts": [[1, 2], [2, 1]]}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a numpy division warning would fail here
+        with pytest.raises(TraceError, match="top_k: expected a positive integer"):
+            load_count_matrix(path, top_k=0)
+    path.write_text(json.dumps({"counts": [[1, 2], [2, 1]], "top_k": 1}))
+    with pytest.raises(TraceError, match="top_k: the file records 1, but 3 was passed"):
+        load_count_matrix(path, top_k=3)
