@@ -16,7 +16,6 @@
 """
 
 from .cost import CostParams, Metrics, evaluate
-from .eplb import EplbOptions
 from .plan import Placement, PlanError, load_plan, save_plan
 from .sources import load_routing
 from .stats import RoutingStats, stats_from_trace
@@ -31,9 +30,10 @@ __all__ = [
     "STRATEGIES", "InfeasibleError", "IlpOptions", "EplbOptions", "place", "CostParams", "Metrics", "evaluate",
 ]
 
-# The placers need OR-Tools; the runtime reads plans and traces on machines that may not have it (a GPU
-# box), so they load on first use.
-_LAZY = {"STRATEGIES": "placers", "InfeasibleError": "placers", "place": "placers", "IlpOptions": "ilp"}
+# The placers load on first use: they need OR-Tools, which the runtime's machines may not have (a GPU box),
+# and the runtime, which reads plans and traces, must not pull a placer in (tests/test_layering.py).
+_LAZY = {"STRATEGIES": "placers", "InfeasibleError": "placers", "place": "placers", "IlpOptions": "ilp",
+         "EplbOptions": "eplb"}
 
 
 def __getattr__(name: str):

@@ -27,6 +27,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperCommand, TyperGroup
 
+from expertmesh.placement.cli.args import NumExpertsOpt, TopKOpt
 from expertmesh.placement.sources import load_routing
 from expertmesh.placement.stats import save_stats
 from expertmesh.placement.trace import TraceError
@@ -142,8 +143,8 @@ def push(
     decay: Annotated[float | None, typer.Option(
         min=0.0, max=1.0, metavar="FACTOR",
         help=f"Per-window decay of the aggregate, when this creates the store (default: {DEFAULT_DECAY}).")] = None,
-    top_k: Annotated[int | None, typer.Option(
-        "--top-k", min=1, metavar="K", help="k, for count matrices that do not record it.")] = None,
+    top_k: TopKOpt = None,
+    num_experts: NumExpertsOpt = None,
     replace: Annotated[bool, typer.Option(
         "--replace", metavar="", help="Take this file's earlier push out, then push it again.")] = False,
     append: Annotated[bool, typer.Option(
@@ -157,11 +158,9 @@ def push(
             raise ValueError("--replace and --append: give at most one")
         store, target = _store(redis, model, run)
         try:
-            routing = load_routing(trace, top_k)
+            routing = load_routing(trace, top_k, num_experts)
         except EOFError:  # numpy on an empty .npz/.npy (typer would print a bare "Aborted.")
             raise ValueError(f"{trace}: empty file, not a routing trace or statistics") from None
-        if top_k is not None and routing.top_k != top_k:
-            raise ValueError(f"--top-k: {trace} records k={routing.top_k}; --top-k {top_k} contradicts it")
         mode = "replace" if replace else "append" if append else "once"
         done = [0, 0]
 

@@ -19,7 +19,7 @@ from expertmesh.cluster.stats.store import load_stats_url
 from expertmesh.placement.stats import load_stats, save_stats, stats_from_trace
 from expertmesh.placement.trace import Trace, save_trace
 
-MIXTRAL = Path("/work/shared/data/traces/mixtral-8x7b-decode")
+MIXTRAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces" / "mixtral-8x7b-decode"
 
 
 def make_trace(T=95, L=4, E=16, k=2, seed=0):
@@ -166,7 +166,8 @@ def test_usage_and_unreachable_errors(redis_url, trace_file):
 def test_real_mixtral_router_logs_round_trip(redis_url):
     from expertmesh.placement.sources import load_routing
 
-    trace = load_routing(MIXTRAL)
-    result = run("push", MIXTRAL, "--redis", redis_url, "--model", "mixtral-8x7b", "--window-tokens", 128)
+    trace = load_routing(MIXTRAL, num_experts=8)
+    result = run("push", MIXTRAL, "--redis", redis_url, "--model", "mixtral-8x7b", "--window-tokens", 128,
+                 "--num-experts", 8)
     assert result.exit_code == 0, result.output
     assert same(load_stats_url(f"{redis_url}?model=mixtral-8x7b"), stats_from_trace(trace))

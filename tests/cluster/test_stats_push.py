@@ -188,4 +188,4 @@ def test_options_that_cannot_apply_are_named(redis_url, trace_file, tmp_path):
     assert "warning: --keep 9 applies when a push creates the store; this one was created before with --keep 5" \
         in later.stderr and "--decay 0.5" in later.stderr
     k = run("push", path, "--redis", redis_url, "--model", "m", "--top-k", 3)
-    assert k.exit_code == 2 and "records k=2; --top-k 3 contradicts it" in k.stderr
+    assert k.exit_code == 2 and "top_k: the file records 2, but 3 was passed" in k.stderr
