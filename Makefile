@@ -33,11 +33,11 @@ protos: venv
 # The service end to end: the tiny model on 2 CPU workers, a burst of requests over gRPC, then placements
 # planned from the routing its workers recorded in a private redis-server.
 demo: venv redis-server
-	$(VENV)/bin/expertmesh serve-demo
+	$(VENV)/bin/expertmesh demo
 
 # The placement comparison on a synthetic trace (heatmaps under $(DEMO_OUT)).
 plan-demo: venv
-	$(VENV)/bin/expertmesh demo --out $(DEMO_OUT)
+	$(VENV)/bin/expertmesh plan-demo --out $(DEMO_OUT)
 
 lint: venv
 	$(VENV)/bin/ruff check .

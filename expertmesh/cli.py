@@ -1,5 +1,5 @@
 """The `expertmesh` command: planning commands from `expertmesh.placement`, `stats` from `expertmesh.cluster`,
-`serve`, `infer` and `serve-demo` from `expertmesh.cluster.serve`.
+`serve`, `infer` and `demo` from `expertmesh.cluster.serve`.
 
 The control plane's pieces are mounted here, not imported by placement, so the planner stays free of
 Redis; without the `stats` extra installed, `expertmesh stats` says how to get it.

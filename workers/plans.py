@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
-
+from expertmesh.placement import baselines
 from expertmesh.placement.plan import Placement
 
 from .config import ModelConfig
@@ -16,14 +15,14 @@ class PlanMismatchError(ValueError):
 
 
 def contiguous_plan(num_layers: int, num_experts: int, num_gpus: int) -> Placement:
-    """Experts 0..E-1 in order, E / G per GPU, every MoE layer (the Megatron/DeepSpeed default)."""
-    if num_gpus < 1 or num_experts % num_gpus:
-        raise PlanMismatchError(
-            f"num_workers: the contiguous default plan needs a divisor of the {num_experts} experts, got "
-            f"{num_gpus}; pass a plan with redundant slots instead"
-        )
-    phy2log = np.tile(np.arange(num_experts, dtype=np.int64), (num_layers, 1))
-    return Placement(phy2log, num_gpus, 1, num_experts, "contiguous")
+    """The group's default plan: `expertmesh.placement.baselines.contiguous_plan` (experts 0..E-1 in
+    order, E / G per GPU), its error restated for the group's `num_workers`."""
+    if num_gpus >= 1 and num_experts % num_gpus == 0:
+        return baselines.contiguous_plan(num_layers, num_experts, num_gpus)
+    raise PlanMismatchError(
+        f"num_workers: the contiguous default plan needs a divisor of the {num_experts} experts, got "
+        f"{num_gpus}; pass a plan with redundant slots instead"
+    )
 
 
 def check_plan(plan: Placement, cfg: ModelConfig, num_workers: int, where: str) -> None:

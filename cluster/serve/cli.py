@@ -1,10 +1,10 @@
-"""`expertmesh serve`, `expertmesh infer` and `expertmesh serve-demo`: the serving commands.
+"""`expertmesh serve`, `expertmesh infer` and `expertmesh demo`: the serving commands.
 
     expertmesh serve --config engine.yaml --port 50051        # the engine on a local Ray, behind gRPC
     expertmesh serve                                           # no model: a tiny random one, on CPU workers
     expertmesh infer "Hello" --max-new-tokens 32 --temperature 0.8 --seed 1
     expertmesh infer --prompt-ids 1,2,3 --ids --json
-    expertmesh serve-demo                                      # serve, a burst of requests, a placement from them
+    expertmesh demo                                            # serve, a burst of requests, a placement from them
 
 `serve` reads `ServeConfig` (the engine's settings and a `server:` section); flags override the file.
 Results go to stdout, progress and errors to stderr. Exit codes: 0 ok, 1 failure, 2 usage or invalid input
@@ -219,7 +219,7 @@ def infer(
                       f"{rate:.1f} tokens/s[/]")
 
 
-# ---- serve-demo --------------------------------------------------------------------------------------
+# ---- demo --------------------------------------------------------------------------------------------
 def serve_demo(
     requests: Annotated[int, typer.Option("--requests", help="Requests in the burst.")] = 64,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens per request.")] = 32,
@@ -240,4 +240,4 @@ def register(app: typer.Typer) -> None:
     """Mount the serving commands on the `expertmesh` app."""
     app.command("serve")(serve)
     app.command("infer")(infer)
-    app.command("serve-demo")(serve_demo)
+    app.command("demo")(serve_demo)

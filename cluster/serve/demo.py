@@ -1,4 +1,4 @@
-"""`expertmesh serve-demo` (`make demo`): the service end to end on this machine, in under a minute.
+"""`expertmesh demo` (`make demo`): the service end to end on this machine, in under a minute.
 
 1. A private `redis-server` on a free loopback port (when one is installed) for the routing statistics.
 2. The tiny random model (`tiny.py`) on 2 CPU workers (gloo) of a local Ray, behind the gRPC server on

@@ -1,4 +1,4 @@
-"""Planning commands of the `expertmesh` CLI: plan, evaluate, compare, export, trace info|convert, demo.
+"""Planning commands of the `expertmesh` CLI: plan, evaluate, compare, export, trace info|convert, plan-demo.
 
     args      the arguments and options, declared once
     inputs    routing data, topology, placer options and output paths, checked before any solve

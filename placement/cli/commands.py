@@ -1,4 +1,4 @@
-"""The planning commands: plan, evaluate, compare, export, trace info|convert, demo.
+"""The planning commands: plan, evaluate, compare, export, trace info|convert, plan-demo.
 
 Results go to stdout (labelled `key<TAB>value` lines, or `--json`), tables, notes, progress and errors to
 stderr. Exit codes (exits.py): 0 ok, 1 failure, 2 usage or invalid input, 3 infeasible request.
@@ -330,8 +330,8 @@ def trace_convert(
             print(f"stats\t{out}")
 
 
-@app.command(cls=PlainCommand)
-def demo(out: Annotated[Path, typer.Option("--out", metavar="FOLDER", help="Folder for the demo's files.")
+@app.command("plan-demo", cls=PlainCommand)
+def plan_demo(out: Annotated[Path, typer.Option("--out", metavar="FOLDER", help="Folder for the demo's files.")
                         ] = Path("out/demo"),
          time_limit: TimeOpt = None) -> None:
     """Generate a structured trace (64 experts, top-8, 16 layers), compare every placer on 8 GPUs, and on
@@ -345,7 +345,7 @@ def demo(out: Annotated[Path, typer.Option("--out", metavar="FOLDER", help="Fold
         spec = SyntheticSpec(num_experts=64, top_k=8, num_layers=16, num_tokens=4096, num_domains=4, seed=0)
         source = synthetic_trace(spec)
         save_trace(source, out / "trace.npz")
-        err.print(f"[bold]expertmesh demo[/]: synthetic trace {out / 'trace.npz'} "
+        err.print(f"[bold]expertmesh plan-demo[/]: synthetic trace {out / 'trace.npz'} "
                   f"({spec.num_tokens} tokens, {spec.num_layers} layers, {spec.num_experts} experts, top-{spec.top_k})")
         for gpus, nodes in ((8, 1), (16, 2)):
             _demo_topology(source, Topology(gpus, nodes), options, out)
