@@ -79,6 +79,11 @@ def test_fp8(N, H, tile):
     tc.check_fp8(DEV, N, H, tile)
 
 
+@pytest.mark.parametrize("M,F", [(33, 384), (8192, 768), (100, 14336)])
+def test_silu_mul_quantize(M, F):
+    tc.check_silu_mul_quantize(DEV, M, F)
+
+
 @pytest.mark.parametrize("counts,N,K", [([0, 5, 70, 1], 256, 256), ([300] * 16, 512, 1024),
                                          ([0, 1, 2000, 129, 0, 64], 2048, 7168)])
 def test_grouped_fp8_blockwise(counts, N, K):
