@@ -50,6 +50,9 @@ QUICK_PROMPT_LEN, QUICK_OUTPUT_LEN = 16, 8
 REQUESTS_PER_CLIENT = 4  # requests per level: concurrency x this (at least MIN_REQUESTS)
 MIN_REQUESTS = 16
 QUICK_MIN_REQUESTS = 8
+VARIANTS = ("engine", "static", "transformers")
+PHASES = ("schedule", "inputs", "prepare", "call", "worker", "forward", "ray", "resume", "apply", "other",
+          "iteration")
 
 
 # ---------------------------------------------------------------------------------------------- workload
@@ -92,18 +95,18 @@ async def engine_level(engine, requests, concurrency: int) -> dict:
                 count += len(chunk.token_ids)
             records.append((first - t0, (last - first) / (count - 1) if count > 1 else math.nan, count))
 
-    registry = engine.metrics.registry
-
-    def steps() -> tuple[float, float]:
-        return (registry.get_sample_value("expertmesh_step_seconds_sum"),
-                registry.get_sample_value("expertmesh_step_seconds_count"))
-
-    before = steps()
+    replica = engine.replicas[0]
+    fixed = lambda: sum(i["decode_steps"] for i in replica.group.worker_info())  # noqa: E731
+    before, fixed_before, captured = replica.times.snapshot(), fixed(), replica.group.worker_info()[0]["decode_graphs"]
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     wall = time.perf_counter() - start
-    after = steps()
-    return {**summary(records, wall), "step_ms": (after[0] - before[0]) / max(after[1] - before[1], 1) * 1e3}
+    phases = replica.times.since(before).per_step()
+    info = replica.group.worker_info()
+    phases["fixed_share"] = (fixed() - fixed_before) / max(phases["steps"] * len(info), 1)
+    phases["graphs_captured"] = info[0]["decode_graphs"] - captured
+    return {**summary(records, wall), "step_ms": phases["call"] + phases["prepare"] + phases["resume"],
+            "phases": phases}
 
 
 async def settle(engine, group) -> None:
@@ -172,6 +175,11 @@ def measure_shape(name: str, shape: dict, ckpt: Path, args, device: str, rows: l
         print(f"{name} {variant} c={c}: {figures['output_tok_s']:,.0f} tok/s, TTFT p50 {figures['ttft_p50_ms']:.1f} "
               f"ms, TPOT p50 {figures['tpot_p50_ms']:.2f} p99 {figures['tpot_p99_ms']:.2f} ms", file=sys.stderr,
               flush=True)
+        if "phases" in figures:
+            ph = figures["phases"]
+            print("  per step (ms): " + ", ".join(f"{k} {ph[k]:.3f}" for k in PHASES) +
+                  f"; {ph['tokens']:.1f} tokens/step, {ph['fixed_share']:.0%} fixed-shape steps, "
+                  f"{ph['graphs_captured']} graphs captured", file=sys.stderr, flush=True)
 
     ray.init(num_cpus=max(4, args.workers + 2), num_gpus=args.workers if device == "cuda" else 0,
              include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -184,7 +192,7 @@ def measure_shape(name: str, shape: dict, ckpt: Path, args, device: str, rows: l
                             compiled_steps=device == "cuda" and not args.actor_calls,
                             timeouts={"step_s": 600, "collective_s": 600})
         config = EngineConfig(group=group, max_batch_tokens=args.max_batch_tokens, max_running=512,
-                              max_waiting=4096, routing_every=0)
+                              max_waiting=4096, routing_every=0, decode_prefill_tokens=args.decode_prefill_tokens)
         engine = loop.run_until_complete(Engine.start(config))
         notes.append(f"{name}: engine on {args.workers} {device} worker(s) started in {time.perf_counter() - t0:.0f} s")
         ep_group = engine.replicas[0].group
@@ -193,6 +201,8 @@ def measure_shape(name: str, shape: dict, ckpt: Path, args, device: str, rows: l
             loop.run_until_complete(engine_level(engine, requests(c, 1000 + c)[:c], c))  # warm-up
             record("engine", c, loop.run_until_complete(engine_level(engine, requests(c, c), c)))
             loop.run_until_complete(settle(engine, ep_group))
+            if "static" not in args.variants:
+                continue
             static = lambda prompts, n: ep_group.generate(prompts, n, first_seq_id=next(ids))  # noqa: E731
             static_level(static, requests(c, 1000 + c)[:c], c)
             record("static", c, static_level(static, requests(c, c), c))
@@ -201,6 +211,8 @@ def measure_shape(name: str, shape: dict, ckpt: Path, args, device: str, rows: l
         loop.close()
         ray.shutdown()
 
+    if "transformers" not in args.variants:
+        return
     import torch
     import transformers
 
@@ -232,6 +244,23 @@ def targets(rows: list[dict], shape: str) -> list[str]:
     return out
 
 
+def phase_table(rows: list[dict], shape: str) -> list[str]:
+    """The engine's mean milliseconds per step by phase (`cluster/serve/step_times.py`) at each level."""
+    rows = sorted((r for r in rows if r["shape"] == shape and "phases" in r), key=lambda r: r["concurrency"])
+    if not rows:
+        return []
+    out = ["Engine step breakdown, mean ms per step (`cluster/serve/step_times.py`: `ray` = call - worker; "
+           "`worker` includes `forward`; `iteration` is the sum of schedule .. other); fixed: steps run at "
+           "fixed shapes (CUDA graphs), captured: graphs captured during the measured level:", "",
+           "| concurrency | tokens/step | " + " | ".join(PHASES) + " | fixed | captured |",
+           "|---:|---:|" + "---:|" * len(PHASES) + "---:|---:|"]
+    for r in rows:
+        ph = r["phases"]
+        out.append(f"| {r['concurrency']} | {ph['tokens']:.1f} | " + " | ".join(f"{ph[k]:.3f}" for k in PHASES)
+                   + f" | {ph['fixed_share']:.0%} | {ph['graphs_captured']} |")
+    return out
+
+
 def report(result: dict, results_dir: Path) -> Path:
     rows = result["rows"]
     lines = ["# Serving: continuous batching vs static batches vs transformers", "",
@@ -253,7 +282,7 @@ def report(result: dict, results_dir: Path) -> Path:
             lines.append(f"| {r['concurrency']} | {r['variant']} | {r['requests']} | {r['output_tok_s']:,.0f} | "
                          f"{r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['tpot_p50_ms']:.2f} | "
                          f"{r['tpot_p99_ms']:.2f} | {step} |")
-        lines += ["", *targets(rows, shape), ""]
+        lines += ["", *targets(rows, shape), "", *phase_table(rows, shape), ""]
     lines += ["Notes:", *[f"- {n}" for n in result["notes"]]]
     return write_report(results_dir, result["name"], lines, result)
 
@@ -265,6 +294,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1, help="workers (GPUs) of the engine's EP group")
     parser.add_argument("--concurrency", type=int, nargs="+", default=None)
     parser.add_argument("--max-batch-tokens", type=int, default=2048, help="new tokens per worker and step")
+    parser.add_argument("--decode-prefill-tokens", type=int, default=256,
+                        help="EngineConfig.decode_prefill_tokens: prompt tokens per step beside decodes")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--output-range-ratio", type=float, default=1.0,
                         help="output lengths uniform in [1 - r, 1 + r] x the mean")
     parser.add_argument("--actor-calls", action="store_true",
@@ -285,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
               "settings": {"prompt_len": prompt_len, "output_len": output_len, "workers": args.workers,
                            "compiled_steps": device == "cuda" and not args.actor_calls,
                            "max_batch_tokens": args.max_batch_tokens,
+                           "decode_prefill_tokens": args.decode_prefill_tokens,
                            "requests_per_client": 2 if args.quick else REQUESTS_PER_CLIENT,
                            "output_range_ratio": args.output_range_ratio},
               "rows": [], "notes": []}

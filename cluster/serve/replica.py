@@ -32,6 +32,7 @@ from .metrics import EngineMetrics
 from .routing_view import RoutingWindow
 from .scheduler import Limits, Scheduler, StepPlan
 from .sequence import Kind, Sequence, State
+from .step_times import StepTimes
 from .types import DeadlineExceeded, EngineError, Unavailable
 
 __all__ = ["Replica"]
@@ -52,6 +53,7 @@ class Replica:
         self.steps = 0
         self.preemptions = 0
         self.routing = RoutingWindow()
+        self.times = StepTimes()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -61,7 +63,10 @@ class Replica:
     # ---- life cycle ----------------------------------------------------------------------------
     def _create(self) -> EPGroup:
         """Start the group (blocking: runs in a thread)."""
-        return EPGroup.create(self.config, plan=self.plan, sink=self._make_sink(self.index, self.incarnation))
+        group = EPGroup.create(self.config, plan=self.plan, sink=self._make_sink(self.index, self.incarnation))
+        group.flat_tokens = self.engine_config.decode_prefill_tokens  # steps mixing in short prompts: graphs
+        self.times.instrument(group)
+        return group
 
     async def start(self) -> None:
         self.group = await asyncio.to_thread(self._create)
@@ -69,7 +74,8 @@ class Replica:
         g, cfg = self.group, self.engine_config
         budget = min(cfg.max_batch_tokens, g.max_tokens) if g.max_tokens else cfg.max_batch_tokens
         self.scheduler = Scheduler(Limits(workers=g.num_workers, block_size=g.ledger.block_size,
-                                          max_batch_tokens=budget, max_running=cfg.max_running))
+                                          max_batch_tokens=budget, max_running=cfg.max_running,
+                                          decode_prefill_tokens=cfg.decode_prefill_tokens or None))
         self.ready = True
         self._task = asyncio.create_task(self._loop(), name=f"replica-{self.index}")
 
@@ -140,6 +146,7 @@ class Replica:
 
     async def _iteration(self) -> None:
         self._wake.clear()
+        times, began = self.times, time.perf_counter()
         self._reap()
         group = self.group
         # The blocks of sequences that ended count as free for the plan; the workers drop those sequences
@@ -161,16 +168,26 @@ class Replica:
             else:
                 await self._wake.wait()
             return
+        scheduled = time.perf_counter()
         inputs, sampling, score = self._inputs(plan, group.num_workers)
         routed = bool(self.engine_config.routing_every) and self.steps % self.engine_config.routing_every == 0
-        start = time.perf_counter()
+        start, waited = time.perf_counter(), times.prepare + times.call
         outs = await group.step_async(inputs, sampling=sampling, return_logits=False,
                                       score=score if any(score) else None, routed=routed, free=free)
-        self.metrics.step.observe(time.perf_counter() - start)
+        done = time.perf_counter()
+        self.metrics.step.observe(done - start)
         self.steps += 1
         if routed:
             self.routing.add([o.routed for o in outs])
         self._apply(plan, outs)
+        end = time.perf_counter()
+        times.steps += 1
+        times.add_outputs(outs)
+        times.schedule += scheduled - began
+        times.inputs += start - scheduled
+        times.resume += (done - start) - (times.prepare + times.call - waited)
+        times.apply += end - done
+        times.iteration += end - began
 
     @staticmethod
     def _inputs(plan: StepPlan, workers: int) -> tuple[list, list, list[dict[int, int]]]:
