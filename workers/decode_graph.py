@@ -131,6 +131,7 @@ class DecodeGraphs:
         self.entries: dict[int, _Entry] = {}
         self.captures = 0  # graphs captured so far (tests and benchmarks read it)
         self.steps = 0  # steps run at fixed shapes, captured or not
+        self.flat_steps = 0  # of those, steps that took prompt chunks as one-token rows
         self.long_steps = 0  # of those, steps with a sequence past the graphs' table, run eagerly at its width
         self._version: int | None = None
         self._pool = None
@@ -161,6 +162,7 @@ class DecodeGraphs:
         if counts is not None and n and int(counts.max()) > 1:
             ends = np.cumsum(counts)
             last = ends - 1
+            self.flat_steps += 1
             positions = np.repeat(np.asarray(positions, dtype=np.int64), counts) + np.arange(ends[-1]) - np.repeat(
                 ends - counts, counts)
         else:

@@ -239,6 +239,7 @@ class ExpertWorker:
             # decode steps run at fixed shapes, and the CUDA graphs captured for them
             "decode_steps": 0 if decoder is None else decoder.steps,
             "decode_graphs": 0 if decoder is None else decoder.captures,
+            "flat_steps": 0 if decoder is None else decoder.flat_steps,  # of the decode steps, with prompt rows
         }
 
     def shutdown(self) -> None:
