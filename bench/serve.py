@@ -8,6 +8,7 @@ the same run, each swept over client concurrency 1-256 (closed loop: every clien
 when the last one ended) on the same requests:
 
   engine       `cluster/serve/Engine`: continuous batching, chunked prefill, tokens streamed as sampled
+  grpc         the same engine behind its gRPC server, clients in another process (bench/serve_grpc.py)
   static       today's `EPGroup.generate` on the engine's own group: batches of `concurrency` requests,
                each run to its longest output; a batch's tokens arrive together at its end
   transformers `generate` of the same checkpoint on one device, the same static batches (left-padded)
@@ -19,7 +20,9 @@ concurrency. Figures per level: output
 tokens/s (all generated tokens / wall time), TTFT (submission to first token) and TPOT ((last - first token)
 / (tokens - 1)) as p50 and p99 over requests, and the engine's mean step time. Each level is run once
 unmeasured first (CUDA graphs of new batch sizes are captured then).
-Targets (issue 14, at concurrency 64): engine output tok/s >= 2x static, p99 TPOT <= 1.5x batch-1 TPOT.
+Targets (issue 14, at concurrency 64): engine output tok/s >= 2x static, p99 TPOT <= 1.5x batch-1 TPOT;
+gRPC TPOT within 5% of the engine's step time. Engine rows also break each step down by phase
+(`cluster/serve/step_times.py`), so a run explains itself.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ import numpy as np
 _BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(_BENCH))
 from report import describe, environment, write_report  # noqa: E402
-from runtime import QUICK, SHAPES, write_checkpoint  # noqa: E402
+from runtime import QUICK, SHAPES, write_checkpoint  # noqa: E402  (takes bench/ off the path)
+from serve_grpc import GrpcClients  # noqa: E402
 
 # Off the path again: bench/kernels.py would shadow Hugging Face's `kernels` package, which transformers imports.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
@@ -50,7 +54,7 @@ QUICK_PROMPT_LEN, QUICK_OUTPUT_LEN = 16, 8
 REQUESTS_PER_CLIENT = 4  # requests per level: concurrency x this (at least MIN_REQUESTS)
 MIN_REQUESTS = 16
 QUICK_MIN_REQUESTS = 8
-VARIANTS = ("engine", "static", "transformers")
+VARIANTS = ("engine", "grpc", "static", "transformers")
 PHASES = ("schedule", "inputs", "prepare", "call", "worker", "forward", "ray", "resume", "apply", "other",
           "iteration")
 
@@ -76,7 +80,8 @@ def summary(records: list[tuple[float, float, int]], wall: float) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- variants
-async def engine_level(engine, requests, concurrency: int) -> dict:
+async def in_process(engine, requests, concurrency: int) -> list[tuple[float, float, int]]:
+    """Closed-loop clients on the engine's own loop, through `Engine.generate`."""
     from expertmesh.cluster.serve.types import GenerateRequest, Prompt
 
     pending = list(reversed(requests))
@@ -95,12 +100,22 @@ async def engine_level(engine, requests, concurrency: int) -> dict:
                 count += len(chunk.token_ids)
             records.append((first - t0, (last - first) / (count - 1) if count > 1 else math.nan, count))
 
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return records
+
+
+async def engine_level(engine, requests, concurrency: int, grpc=None) -> dict:
+    """One level through the engine (in-process clients, or `grpc`'s clients over the server), with the
+    replica's per-phase step times and the share of its steps that ran at fixed shapes."""
     replica = engine.replicas[0]
     fixed = lambda: sum(i["decode_steps"] for i in replica.group.worker_info())  # noqa: E731
     before, fixed_before, captured = replica.times.snapshot(), fixed(), replica.group.worker_info()[0]["decode_graphs"]
     start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    wall = time.perf_counter() - start
+    if grpc is None:
+        records = await in_process(engine, requests, concurrency)
+        wall = time.perf_counter() - start
+    else:
+        records, wall = await grpc.level(requests, concurrency)
     phases = replica.times.since(before).per_step()
     info = replica.group.worker_info()
     phases["fixed_share"] = (fixed() - fixed_before) / max(phases["steps"] * len(info), 1)
@@ -196,16 +211,24 @@ def measure_shape(name: str, shape: dict, ckpt: Path, args, device: str, rows: l
         engine = loop.run_until_complete(Engine.start(config))
         notes.append(f"{name}: engine on {args.workers} {device} worker(s) started in {time.perf_counter() - t0:.0f} s")
         ep_group = engine.replicas[0].group
+        grpc = GrpcClients(engine) if "grpc" in args.variants else None
+        if grpc is not None:
+            loop.run_until_complete(grpc.start())
         ids = iter(range(10**9, 2 * 10**9, 10**6))  # static batches' sequence ids, apart from the engine's
         for c in levels:
             loop.run_until_complete(engine_level(engine, requests(c, 1000 + c)[:c], c))  # warm-up
             record("engine", c, loop.run_until_complete(engine_level(engine, requests(c, c), c)))
+            if grpc is not None:
+                loop.run_until_complete(engine_level(engine, requests(c, 1000 + c)[:c], c, grpc))
+                record("grpc", c, loop.run_until_complete(engine_level(engine, requests(c, c), c, grpc)))
             loop.run_until_complete(settle(engine, ep_group))
             if "static" not in args.variants:
                 continue
             static = lambda prompts, n: ep_group.generate(prompts, n, first_seq_id=next(ids))  # noqa: E731
             static_level(static, requests(c, 1000 + c)[:c], c)
             record("static", c, static_level(static, requests(c, c), c))
+        if grpc is not None:
+            loop.run_until_complete(grpc.stop())
         loop.run_until_complete(engine.stop())
     finally:
         loop.close()
@@ -241,6 +264,11 @@ def targets(rows: list[dict], shape: str) -> list[str]:
     if ("engine", 64) in by and ("engine", 1) in by:
         ratio = by[("engine", 64)]["tpot_p99_ms"] / by[("engine", 1)]["tpot_p50_ms"]
         out.append(f"- {shape}: engine p99 TPOT at 64 / batch-1 TPOT = {ratio:.2f}x (target <= 1.5x)")
+    for c in sorted({c for v, c in by if v == "grpc"}):
+        g = by[("grpc", c)]
+        ratio = g["tpot_p50_ms"] / g["step_ms"]
+        out.append(f"- {shape}: gRPC TPOT p50 / the engine's step time at concurrency {c} = {g['tpot_p50_ms']:.2f} / "
+                   f"{g['step_ms']:.2f} ms = {ratio:.2f}x (target <= 1.05x)")
     return out
 
 

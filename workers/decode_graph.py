@@ -198,10 +198,7 @@ class DecodeGraphs:
     def _outputs(self, hidden: torch.Tensor, routed: torch.Tensor, rows: int, last: np.ndarray | None,
                  copy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits of the sequences' last rows (every row of a decode step) and the real rows' routed ids."""
-        if last is None:
-            states = hidden[:rows]
-        else:
-            states = hidden.index_select(0, torch.from_numpy(last).to(hidden.device))
+        states = hidden[:rows] if last is None else hidden.index_select(0, torch.from_numpy(last).to(hidden.device))
         routed = routed[:rows]
         return self.model.logits(states), routed.clone() if copy else routed
 

@@ -162,7 +162,9 @@ class Replica:
         free, self._to_free = [*self._to_free, *plan.freed], []
         if not plan.chunks:
             if free:
+                call = times.call
                 await group.free_async(free)
+                times.call = call  # a free call is no step's
             if self.sequences:
                 await asyncio.sleep(0)  # e.g. only sequences preempted this step wait: admitted next time
             else:
