@@ -195,6 +195,25 @@ class DecodeGraphs:
         # The outputs live in the graph's pool and the next replay (of any size) may overwrite them.
         return self._outputs(entry.hidden, entry.routed, rows, last, copy=True)
 
+    def capture_sizes(self, rows: int) -> int:
+        """Capture the graph of every batch size up to `rows` now (steps of padding rows only: they write
+        and read just the scratch block), so that no served step pays for a capture (an eager step and a
+        capture: tens of ms). Returns the graphs captured. Several ranks: every rank calls it with the same
+        rows (the steps' MoE layers are collectives)."""
+        if not (self.capture and self.model.executor.capturable):
+            return 0
+        if self.model.executor.version != self._version:
+            self.invalidate()
+            self._version = self.model.executor.version
+        before = self.captures
+        for B in BATCH_SIZES[: BATCH_SIZES.index(padded_batch(rows)) + 1]:
+            entry = self._entry(B)
+            if entry.graph is None and self.capture:
+                self._fill(entry.host, np.zeros(0, np.int32), [], [], 1)
+                entry.inputs.copy_(entry.host_tensor)
+                self._record(entry)
+        return self.captures - before
+
     def _outputs(self, hidden: torch.Tensor, routed: torch.Tensor, rows: int, last: np.ndarray | None,
                  copy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits of the sequences' last rows (every row of a decode step) and the real rows' routed ids."""

@@ -337,6 +337,15 @@ class ExpertWorker:
         """Drop sequences and their caches; returns the ids this worker did not hold."""
         return self.model.cache.free([int(s) for s in seq_ids])
 
+    def capture_decode_graphs(self, rows: int) -> int:
+        """Capture the fixed-shape steps' CUDA graphs up to `rows` rows before serving (`DecodeGraphs.
+        capture_sizes`; the engine calls it on every worker at once); returns the graphs captured."""
+        if self.model.decoder is None:
+            return 0
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        return self.model.decoder.capture_sizes(rows)
+
     def flush_stats(self) -> None:
         self.recorder.flush()
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from expertmesh.placement.plan import Placement
+from expertmesh.workers.decode_graph import DecodeGraphs
 from expertmesh.workers.group import EPGroup, GroupError
 from expertmesh.workers.group_config import GroupConfig
 from expertmesh.workers.recording import StatsSink
@@ -64,7 +65,13 @@ class Replica:
     def _create(self) -> EPGroup:
         """Start the group (blocking: runs in a thread)."""
         group = EPGroup.create(self.config, plan=self.plan, sink=self._make_sink(self.index, self.incarnation))
-        group.flat_tokens = self.engine_config.decode_prefill_tokens  # steps mixing in short prompts: graphs
+        cfg = self.engine_config
+        group.flat_tokens = cfg.decode_prefill_tokens  # steps mixing in short prompts: graphs
+        # Every graph the steps can need, before serving: a capture inside a served step stalls every stream.
+        # (The group has no public call for it; its failure handling applies as to any call.)
+        rows = min(cfg.max_running + cfg.decode_prefill_tokens, DecodeGraphs.max_batch)
+        group._call([a.capture_decode_graphs.remote(rows) for a in group._actors], self.config.timeouts.setup_s,
+                    "capture_decode_graphs")
         self.times.instrument(group)
         return group
 

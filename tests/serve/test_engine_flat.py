@@ -51,6 +51,8 @@ def test_flat_steps_stream_the_transformers_greedy_tokens(runner, served_model):
     after = engine.replicas[0].group.worker_info()
     flat = [a["flat_steps"] - b["flat_steps"] for a, b in zip(after, before, strict=True)]
     fixed = [a["decode_steps"] - b["decode_steps"] for a, b in zip(after, before, strict=True)]
-    assert flat[0] == flat[1] > 0 and fixed[0] == fixed[1] > flat[0]  # both ranks take every fixed step
+    # Both ranks take every fixed-shape step (each MoE layer is a collective); a rank counts a step as flat
+    # when its own rows hold a prompt chunk.
+    assert fixed[0] == fixed[1] > max(flat) and sum(flat) > 0
     times = engine.replicas[0].times
     assert times.steps > fixed[0] and times.tokens >= sum(map(len, prompts)) + sum(lengths) - len(prompts)
