@@ -41,8 +41,10 @@ import numpy as np
 _BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(_BENCH))
 from report import describe, environment, write_report  # noqa: E402
-from runtime import QUICK, SHAPES, write_checkpoint  # noqa: E402  (takes bench/ off the path)
 from serve_grpc import GrpcClients  # noqa: E402
+
+# isort: split
+from runtime import QUICK, SHAPES, write_checkpoint  # noqa: E402  (it takes bench/ off the path)
 
 # Off the path again: bench/kernels.py would shadow Hugging Face's `kernels` package, which transformers imports.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
