@@ -18,7 +18,8 @@ Requests: random prompt ids, lengths uniform in [0.5, 1.5] x PROMPT_LEN, outputs
 does to lengths), EOS ignored; REQUESTS_PER_CLIENT requests per client, so most of a level runs at its
 concurrency. Figures per level: output
 tokens/s (all generated tokens / wall time), TTFT (submission to first token) and TPOT ((last - first token)
-/ (tokens - 1)) as p50 and p99 over requests, and the engine's mean step time. Each level is run once
+/ (tokens - 1)) as p50 and p99 over requests, and the engine's mean step time (its loop's iteration: one
+step and the host's work around it). Each level is run once
 unmeasured first (CUDA graphs of new batch sizes are captured then).
 Targets (issue 14, at concurrency 64): engine output tok/s >= 2x static, p99 TPOT <= 1.5x batch-1 TPOT;
 gRPC TPOT within 5% of the engine's step time. Engine rows also break each step down by phase
@@ -122,8 +123,7 @@ async def engine_level(engine, requests, concurrency: int, grpc=None) -> dict:
     info = replica.group.worker_info()
     phases["fixed_share"] = (fixed() - fixed_before) / max(phases["steps"] * len(info), 1)
     phases["graphs_captured"] = info[0]["decode_graphs"] - captured
-    return {**summary(records, wall), "step_ms": phases["call"] + phases["prepare"] + phases["resume"],
-            "phases": phases}
+    return {**summary(records, wall), "step_ms": phases["iteration"], "phases": phases}
 
 
 async def settle(engine, group) -> None:
@@ -209,7 +209,8 @@ def measure_shape(name: str, shape: dict, ckpt: Path, args, device: str, rows: l
                             compiled_steps=device == "cuda" and not args.actor_calls,
                             timeouts={"step_s": 600, "collective_s": 600})
         config = EngineConfig(group=group, max_batch_tokens=args.max_batch_tokens, max_running=512,
-                              max_waiting=4096, routing_every=0, decode_prefill_tokens=args.decode_prefill_tokens)
+                              max_waiting=4096, routing_every=0, decode_prefill_tokens=args.decode_prefill_tokens,
+                              overlap_steps=args.overlap)
         engine = loop.run_until_complete(Engine.start(config))
         notes.append(f"{name}: engine on {args.workers} {device} worker(s) started in {time.perf_counter() - t0:.0f} s")
         ep_group = engine.replicas[0].group
@@ -281,18 +282,20 @@ def targets(rows: list[dict], shape: str) -> list[str]:
 
 def phase_table(rows: list[dict], shape: str) -> list[str]:
     """The engine's mean milliseconds per step by phase (`cluster/serve/step_times.py`) at each level."""
-    rows = sorted((r for r in rows if r["shape"] == shape and "phases" in r), key=lambda r: r["concurrency"])
+    rows = sorted((r for r in rows if r["shape"] == shape and "phases" in r),
+                  key=lambda r: (r["concurrency"], r["variant"]))
     if not rows:
         return []
     out = ["Engine step breakdown, mean ms per step (`cluster/serve/step_times.py`: `ray` = call - worker; "
            "`worker` includes `forward`; `iteration` is the sum of schedule .. other); fixed: steps run at "
            "fixed shapes (CUDA graphs), captured: graphs captured during the measured level:", "",
-           "| concurrency | tokens/step | " + " | ".join(PHASES) + " | fixed | captured |",
-           "|---:|---:|" + "---:|" * len(PHASES) + "---:|---:|"]
+           "| concurrency | variant | tokens/step | " + " | ".join(PHASES) + " | fixed | captured |",
+           "|---:|---|---:|" + "---:|" * len(PHASES) + "---:|---:|"]
     for r in rows:
         ph = r["phases"]
-        out.append(f"| {r['concurrency']} | {ph['tokens']:.1f} | " + " | ".join(f"{ph[k]:.3f}" for k in PHASES)
-                   + f" | {ph['fixed_share']:.0%} | {ph['graphs_captured']} |")
+        cells = [f"{ph['tokens']:.1f}", *(f"{ph[k]:.3f}" for k in PHASES), f"{ph['fixed_share']:.0%}",
+                 str(ph["graphs_captured"])]
+        out.append(f"| {r['concurrency']} | {r['variant']} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -306,7 +309,10 @@ def report(result: dict, results_dir: Path) -> Path:
              f"ignored; closed-loop clients, {result['settings']['requests_per_client']} requests each. Static and "
              "transformers: "
              "batches of `concurrency` requests run to their longest output, tokens delivered at the batch's end "
-             "(TTFT = batch time). TPOT = (last - first token) / (tokens - 1).", ""]
+             "(TTFT = batch time). TPOT = (last - first token) / (tokens - 1). Engine: max_batch_tokens "
+             f"{result['settings']['max_batch_tokens']}, decode_prefill_tokens "
+             f"{result['settings']['decode_prefill_tokens']}, overlap_steps {result['settings']['overlap_steps']}.",
+             ""]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         lines += [f"## {shape}", "",
                   "| concurrency | variant | requests | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | "
@@ -331,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=2048, help="new tokens per worker and step")
     parser.add_argument("--decode-prefill-tokens", type=int, default=256,
                         help="EngineConfig.decode_prefill_tokens: prompt tokens per step beside decodes")
+    parser.add_argument("--overlap", action="store_true", help="EngineConfig.overlap_steps: send each step "
+                        "before the previous one's tokens are back")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--output-range-ratio", type=float, default=1.0,
                         help="output lengths uniform in [1 - r, 1 + r] x the mean")
@@ -352,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
               "settings": {"prompt_len": prompt_len, "output_len": output_len, "workers": args.workers,
                            "compiled_steps": device == "cuda" and not args.actor_calls,
                            "max_batch_tokens": args.max_batch_tokens,
-                           "decode_prefill_tokens": args.decode_prefill_tokens,
+                           "decode_prefill_tokens": args.decode_prefill_tokens, "overlap_steps": args.overlap,
                            "requests_per_client": 2 if args.quick else REQUESTS_PER_CLIENT,
                            "output_range_ratio": args.output_range_ratio},
               "rows": [], "notes": []}

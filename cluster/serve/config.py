@@ -45,6 +45,10 @@ class EngineConfig(Config):
     running stream then waits for short steps only. Steps of up to 512 tokens whose prompt chunks are this
     short (ending within 4096 tokens) run at the fixed shapes of decode steps, as CUDA graphs on a GPU
     (0: prompts never join those, and take max_batch_tokens per step)."""
+    overlap_steps: bool = False
+    """Send each step before the previous one's tokens are back (`cluster/serve/overlap.py`): the host's
+    work per step (planning, packing, Ray, streaming) then runs while the GPU computes. A sequence that
+    stops on a stop token costs one dropped row."""
     max_running: int = Field(256, ge=1)
     """Sequences one replica runs at once."""
     max_waiting: int = Field(1024, ge=0)

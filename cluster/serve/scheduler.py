@@ -114,7 +114,7 @@ class Scheduler:
                 for seq in plan.chunks:
                     budget[seq.home] = min(budget[seq.home], lim.decode_prefill_tokens)
             for seq in list(self.running):
-                if seq.state is not State.RUNNING or (seq.remaining == 1) != decode:
+                if seq.state is not State.RUNNING or (seq.remaining == 1) != decode or seq.exhausted:
                     continue
                 n = min(seq.remaining, budget[seq.home])
                 if n > 0:

@@ -15,6 +15,8 @@ Sums of seconds over the iterations that ran a step; `per_step()` gives the mean
   other     the rest of the iteration (metrics, routing statistics)
 
 `call - worker` is Ray's share: the arguments and outputs through the channels, and the wakeups.
+Overlapped steps (`overlap.py`): `call` is the wait for the step in flight, which ran while the host
+planned and sent the next one, so `other` (the iteration's remainder) comes out negative by the overlap.
 """
 
 from __future__ import annotations
