@@ -210,7 +210,8 @@ class DecodeGraphs:
             entry = self._entry(B)
             if entry.graph is None and self.capture:
                 self._fill(entry.host, np.zeros(0, np.int32), [], [], 1)
-                entry.inputs.copy_(entry.host_tensor)
+                size = (HEADER + 1) * B  # as `run` copies: the rows a step of one table column reads
+                entry.inputs.view(-1)[:size].copy_(entry.host_tensor.view(-1)[:size])
                 self._record(entry)
         return self.captures - before
 
