@@ -171,6 +171,27 @@ def hf_generate(model, device: str):
 
 
 # ---------------------------------------------------------------------------------------------- measure
+def show(label: str, figures: dict) -> None:
+    print(f"{label}: {figures['output_tok_s']:,.0f} tok/s, TTFT p50 {figures['ttft_p50_ms']:.1f} ms, TPOT p50 "
+          f"{figures['tpot_p50_ms']:.2f} p99 {figures['tpot_p99_ms']:.2f} ms", file=sys.stderr, flush=True)
+    if "phases" in figures:
+        ph = figures["phases"]
+        print("  per step (ms): " + ", ".join(f"{k} {ph[k]:.3f}" for k in PHASES) +
+              f"; {ph['tokens']:.1f} tokens/step, {ph['fixed_share']:.0%} fixed-shape steps, "
+              f"{ph['graphs_captured']} graphs captured", file=sys.stderr, flush=True)
+
+
+def start_grpc(engine, loop, notes: list, name: str) -> GrpcClients | None:
+    """The engine's gRPC server and a client process, or None (noted) when they cannot start."""
+    try:
+        grpc = GrpcClients(engine)
+        loop.run_until_complete(grpc.start())
+        return grpc
+    except Exception as exc:  # noqa: BLE001 - e.g. grpcio missing: the other variants still run
+        notes.append(f"{name}: no grpc variant ({type(exc).__name__}: {exc})")
+        return None
+
+
 def measure_shape(name: str, shape: dict, ckpt: Path, args, device: str, rows: list, notes: list) -> None:
     import ray
 
@@ -189,14 +210,7 @@ def measure_shape(name: str, shape: dict, ckpt: Path, args, device: str, rows: l
 
     def record(variant: str, c: int, figures: dict) -> None:
         rows.append({"shape": name, "variant": variant, "concurrency": c, **figures})
-        print(f"{name} {variant} c={c}: {figures['output_tok_s']:,.0f} tok/s, TTFT p50 {figures['ttft_p50_ms']:.1f} "
-              f"ms, TPOT p50 {figures['tpot_p50_ms']:.2f} p99 {figures['tpot_p99_ms']:.2f} ms", file=sys.stderr,
-              flush=True)
-        if "phases" in figures:
-            ph = figures["phases"]
-            print("  per step (ms): " + ", ".join(f"{k} {ph[k]:.3f}" for k in PHASES) +
-                  f"; {ph['tokens']:.1f} tokens/step, {ph['fixed_share']:.0%} fixed-shape steps, "
-                  f"{ph['graphs_captured']} graphs captured", file=sys.stderr, flush=True)
+        show(f"{name} {variant} c={c}", figures)
 
     ray.init(num_cpus=max(4, args.workers + 2), num_gpus=args.workers if device == "cuda" else 0,
              include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -214,14 +228,7 @@ def measure_shape(name: str, shape: dict, ckpt: Path, args, device: str, rows: l
         engine = loop.run_until_complete(Engine.start(config))
         notes.append(f"{name}: engine on {args.workers} {device} worker(s) started in {time.perf_counter() - t0:.0f} s")
         ep_group = engine.replicas[0].group
-        grpc = None
-        if "grpc" in args.variants:
-            try:
-                grpc = GrpcClients(engine)
-                loop.run_until_complete(grpc.start())
-            except Exception as exc:  # noqa: BLE001 - e.g. grpcio missing: the other variants still run
-                notes.append(f"{name}: no grpc variant ({type(exc).__name__}: {exc})")
-                grpc = None
+        grpc = start_grpc(engine, loop, notes, name) if "grpc" in args.variants else None
         ids = iter(range(10**9, 2 * 10**9, 10**6))  # static batches' sequence ids, apart from the engine's
         for c in levels:
             loop.run_until_complete(engine_level(engine, requests(c, 1000 + c)[:c], c))  # warm-up
