@@ -8,6 +8,7 @@ the same run, each swept over client concurrency 1-256 (closed loop: every clien
 when the last one ended) on the same requests:
 
   engine       `cluster/serve/Engine`: continuous batching, chunked prefill, tokens streamed as sampled
+  grpc         the same engine behind its gRPC server, clients in another process (bench/serve_grpc.py)
   static       today's `EPGroup.generate` on the engine's own group: batches of `concurrency` requests,
                each run to its longest output; a batch's tokens arrive together at its end
   transformers `generate` of the same checkpoint on one device, the same static batches (left-padded)
@@ -17,9 +18,12 @@ Requests: random prompt ids, lengths uniform in [0.5, 1.5] x PROMPT_LEN, outputs
 does to lengths), EOS ignored; REQUESTS_PER_CLIENT requests per client, so most of a level runs at its
 concurrency. Figures per level: output
 tokens/s (all generated tokens / wall time), TTFT (submission to first token) and TPOT ((last - first token)
-/ (tokens - 1)) as p50 and p99 over requests, and the engine's mean step time. Each level is run once
+/ (tokens - 1)) as p50 and p99 over requests, and the engine's mean step time (its loop's iteration: one
+step and the host's work around it). Each level is run once
 unmeasured first (CUDA graphs of new batch sizes are captured then).
-Targets (issue 14, at concurrency 64): engine output tok/s >= 2x static, p99 TPOT <= 1.5x batch-1 TPOT.
+Targets (issue 14, at concurrency 64): engine output tok/s >= 2x static, p99 TPOT <= 1.5x batch-1 TPOT;
+gRPC TPOT within 5% of the engine's step time. Engine rows also break each step down by phase
+(`cluster/serve/step_times.py`), so a run explains itself.
 """
 
 from __future__ import annotations
@@ -38,7 +42,10 @@ import numpy as np
 _BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(_BENCH))
 from report import describe, environment, write_report  # noqa: E402
-from runtime import QUICK, SHAPES, write_checkpoint  # noqa: E402
+from serve_grpc import GrpcClients  # noqa: E402
+
+# isort: split
+from runtime import QUICK, SHAPES, write_checkpoint  # noqa: E402  (it takes bench/ off the path)
 
 # Off the path again: bench/kernels.py would shadow Hugging Face's `kernels` package, which transformers imports.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
@@ -50,6 +57,9 @@ QUICK_PROMPT_LEN, QUICK_OUTPUT_LEN = 16, 8
 REQUESTS_PER_CLIENT = 4  # requests per level: concurrency x this (at least MIN_REQUESTS)
 MIN_REQUESTS = 16
 QUICK_MIN_REQUESTS = 8
+VARIANTS = ("engine", "grpc", "static", "transformers")
+PHASES = ("schedule", "inputs", "prepare", "call", "worker", "forward", "ray", "resume", "apply", "other",
+          "iteration")
 
 
 # ---------------------------------------------------------------------------------------------- workload
@@ -73,7 +83,8 @@ def summary(records: list[tuple[float, float, int]], wall: float) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- variants
-async def engine_level(engine, requests, concurrency: int) -> dict:
+async def in_process(engine, requests, concurrency: int) -> list[tuple[float, float, int]]:
+    """Closed-loop clients on the engine's own loop, through `Engine.generate`."""
     from expertmesh.cluster.serve.types import GenerateRequest, Prompt
 
     pending = list(reversed(requests))
@@ -92,18 +103,27 @@ async def engine_level(engine, requests, concurrency: int) -> dict:
                 count += len(chunk.token_ids)
             records.append((first - t0, (last - first) / (count - 1) if count > 1 else math.nan, count))
 
-    registry = engine.metrics.registry
-
-    def steps() -> tuple[float, float]:
-        return (registry.get_sample_value("expertmesh_step_seconds_sum"),
-                registry.get_sample_value("expertmesh_step_seconds_count"))
-
-    before = steps()
-    start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    wall = time.perf_counter() - start
-    after = steps()
-    return {**summary(records, wall), "step_ms": (after[0] - before[0]) / max(after[1] - before[1], 1) * 1e3}
+    return records
+
+
+async def engine_level(engine, requests, concurrency: int, grpc=None) -> dict:
+    """One level through the engine (in-process clients, or `grpc`'s clients over the server), with the
+    replica's per-phase step times and the share of its steps that ran at fixed shapes."""
+    replica = engine.replicas[0]
+    fixed = lambda: sum(i["decode_steps"] for i in replica.group.worker_info())  # noqa: E731
+    before, fixed_before, captured = replica.times.snapshot(), fixed(), replica.group.worker_info()[0]["decode_graphs"]
+    start = time.perf_counter()
+    if grpc is None:
+        records = await in_process(engine, requests, concurrency)
+        wall = time.perf_counter() - start
+    else:
+        records, wall = await grpc.level(requests, concurrency)
+    phases = replica.times.since(before).per_step()
+    info = replica.group.worker_info()
+    phases["fixed_share"] = (fixed() - fixed_before) / max(phases["steps"] * len(info), 1)
+    phases["graphs_captured"] = info[0]["decode_graphs"] - captured
+    return {**summary(records, wall), "step_ms": phases["iteration"], "phases": phases}
 
 
 async def settle(engine, group) -> None:
@@ -151,6 +171,27 @@ def hf_generate(model, device: str):
 
 
 # ---------------------------------------------------------------------------------------------- measure
+def show(label: str, figures: dict) -> None:
+    print(f"{label}: {figures['output_tok_s']:,.0f} tok/s, TTFT p50 {figures['ttft_p50_ms']:.1f} ms, TPOT p50 "
+          f"{figures['tpot_p50_ms']:.2f} p99 {figures['tpot_p99_ms']:.2f} ms", file=sys.stderr, flush=True)
+    if "phases" in figures:
+        ph = figures["phases"]
+        print("  per step (ms): " + ", ".join(f"{k} {ph[k]:.3f}" for k in PHASES) +
+              f"; {ph['tokens']:.1f} tokens/step, {ph['fixed_share']:.0%} fixed-shape steps, "
+              f"{ph['graphs_captured']} graphs captured", file=sys.stderr, flush=True)
+
+
+def start_grpc(engine, loop, notes: list, name: str) -> GrpcClients | None:
+    """The engine's gRPC server and a client process, or None (noted) when they cannot start."""
+    try:
+        grpc = GrpcClients(engine)
+        loop.run_until_complete(grpc.start())
+        return grpc
+    except Exception as exc:  # noqa: BLE001 - e.g. grpcio missing: the other variants still run
+        notes.append(f"{name}: no grpc variant ({type(exc).__name__}: {exc})")
+        return None
+
+
 def measure_shape(name: str, shape: dict, ckpt: Path, args, device: str, rows: list, notes: list) -> None:
     import ray
 
@@ -169,9 +210,7 @@ def measure_shape(name: str, shape: dict, ckpt: Path, args, device: str, rows: l
 
     def record(variant: str, c: int, figures: dict) -> None:
         rows.append({"shape": name, "variant": variant, "concurrency": c, **figures})
-        print(f"{name} {variant} c={c}: {figures['output_tok_s']:,.0f} tok/s, TTFT p50 {figures['ttft_p50_ms']:.1f} "
-              f"ms, TPOT p50 {figures['tpot_p50_ms']:.2f} p99 {figures['tpot_p99_ms']:.2f} ms", file=sys.stderr,
-              flush=True)
+        show(f"{name} {variant} c={c}", figures)
 
     ray.init(num_cpus=max(4, args.workers + 2), num_gpus=args.workers if device == "cuda" else 0,
              include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -184,23 +223,34 @@ def measure_shape(name: str, shape: dict, ckpt: Path, args, device: str, rows: l
                             compiled_steps=device == "cuda" and not args.actor_calls,
                             timeouts={"step_s": 600, "collective_s": 600})
         config = EngineConfig(group=group, max_batch_tokens=args.max_batch_tokens, max_running=512,
-                              max_waiting=4096, routing_every=0)
+                              max_waiting=4096, routing_every=0, decode_prefill_tokens=args.decode_prefill_tokens,
+                              overlap_steps=args.overlap)
         engine = loop.run_until_complete(Engine.start(config))
         notes.append(f"{name}: engine on {args.workers} {device} worker(s) started in {time.perf_counter() - t0:.0f} s")
         ep_group = engine.replicas[0].group
+        grpc = start_grpc(engine, loop, notes, name) if "grpc" in args.variants else None
         ids = iter(range(10**9, 2 * 10**9, 10**6))  # static batches' sequence ids, apart from the engine's
         for c in levels:
             loop.run_until_complete(engine_level(engine, requests(c, 1000 + c)[:c], c))  # warm-up
             record("engine", c, loop.run_until_complete(engine_level(engine, requests(c, c), c)))
+            if grpc is not None:
+                loop.run_until_complete(engine_level(engine, requests(c, 1000 + c)[:c], c, grpc))
+                record("grpc", c, loop.run_until_complete(engine_level(engine, requests(c, c), c, grpc)))
             loop.run_until_complete(settle(engine, ep_group))
+            if "static" not in args.variants:
+                continue
             static = lambda prompts, n: ep_group.generate(prompts, n, first_seq_id=next(ids))  # noqa: E731
             static_level(static, requests(c, 1000 + c)[:c], c)
             record("static", c, static_level(static, requests(c, c), c))
+        if grpc is not None:
+            loop.run_until_complete(grpc.stop())
         loop.run_until_complete(engine.stop())
     finally:
         loop.close()
         ray.shutdown()
 
+    if "transformers" not in args.variants:
+        return
     import torch
     import transformers
 
@@ -229,6 +279,30 @@ def targets(rows: list[dict], shape: str) -> list[str]:
     if ("engine", 64) in by and ("engine", 1) in by:
         ratio = by[("engine", 64)]["tpot_p99_ms"] / by[("engine", 1)]["tpot_p50_ms"]
         out.append(f"- {shape}: engine p99 TPOT at 64 / batch-1 TPOT = {ratio:.2f}x (target <= 1.5x)")
+    for c in sorted({c for v, c in by if v == "grpc"}):
+        g = by[("grpc", c)]
+        ratio = g["tpot_p50_ms"] / g["step_ms"]
+        out.append(f"- {shape}: gRPC TPOT p50 / the engine's step time at concurrency {c} = {g['tpot_p50_ms']:.2f} / "
+                   f"{g['step_ms']:.2f} ms = {ratio:.2f}x (target <= 1.05x)")
+    return out
+
+
+def phase_table(rows: list[dict], shape: str) -> list[str]:
+    """The engine's mean milliseconds per step by phase (`cluster/serve/step_times.py`) at each level."""
+    rows = sorted((r for r in rows if r["shape"] == shape and "phases" in r),
+                  key=lambda r: (r["concurrency"], r["variant"]))
+    if not rows:
+        return []
+    out = ["Engine step breakdown, mean ms per step (`cluster/serve/step_times.py`: `ray` = call - worker; "
+           "`worker` includes `forward`; `iteration` is the sum of schedule .. other); fixed: steps run at "
+           "fixed shapes (CUDA graphs), captured: graphs captured during the measured level:", "",
+           "| concurrency | variant | tokens/step | " + " | ".join(PHASES) + " | fixed | captured |",
+           "|---:|---|---:|" + "---:|" * len(PHASES) + "---:|---:|"]
+    for r in rows:
+        ph = r["phases"]
+        cells = [f"{ph['tokens']:.1f}", *(f"{ph[k]:.3f}" for k in PHASES), f"{ph['fixed_share']:.0%}",
+                 str(ph["graphs_captured"])]
+        out.append(f"| {r['concurrency']} | {r['variant']} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -242,7 +316,10 @@ def report(result: dict, results_dir: Path) -> Path:
              f"ignored; closed-loop clients, {result['settings']['requests_per_client']} requests each. Static and "
              "transformers: "
              "batches of `concurrency` requests run to their longest output, tokens delivered at the batch's end "
-             "(TTFT = batch time). TPOT = (last - first token) / (tokens - 1).", ""]
+             "(TTFT = batch time). TPOT = (last - first token) / (tokens - 1). Engine: max_batch_tokens "
+             f"{result['settings']['max_batch_tokens']}, decode_prefill_tokens "
+             f"{result['settings']['decode_prefill_tokens']}, overlap_steps {result['settings']['overlap_steps']}.",
+             ""]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         lines += [f"## {shape}", "",
                   "| concurrency | variant | requests | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | "
@@ -253,7 +330,7 @@ def report(result: dict, results_dir: Path) -> Path:
             lines.append(f"| {r['concurrency']} | {r['variant']} | {r['requests']} | {r['output_tok_s']:,.0f} | "
                          f"{r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['tpot_p50_ms']:.2f} | "
                          f"{r['tpot_p99_ms']:.2f} | {step} |")
-        lines += ["", *targets(rows, shape), ""]
+        lines += ["", *targets(rows, shape), "", *phase_table(rows, shape), ""]
     lines += ["Notes:", *[f"- {n}" for n in result["notes"]]]
     return write_report(results_dir, result["name"], lines, result)
 
@@ -265,6 +342,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1, help="workers (GPUs) of the engine's EP group")
     parser.add_argument("--concurrency", type=int, nargs="+", default=None)
     parser.add_argument("--max-batch-tokens", type=int, default=2048, help="new tokens per worker and step")
+    parser.add_argument("--decode-prefill-tokens", type=int, default=256,
+                        help="EngineConfig.decode_prefill_tokens: prompt tokens per step beside decodes")
+    parser.add_argument("--overlap", action="store_true", help="EngineConfig.overlap_steps: send each step "
+                        "before the previous one's tokens are back")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--output-range-ratio", type=float, default=1.0,
                         help="output lengths uniform in [1 - r, 1 + r] x the mean")
     parser.add_argument("--actor-calls", action="store_true",
@@ -285,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
               "settings": {"prompt_len": prompt_len, "output_len": output_len, "workers": args.workers,
                            "compiled_steps": device == "cuda" and not args.actor_calls,
                            "max_batch_tokens": args.max_batch_tokens,
+                           "decode_prefill_tokens": args.decode_prefill_tokens, "overlap_steps": args.overlap,
                            "requests_per_client": 2 if args.quick else REQUESTS_PER_CLIENT,
                            "output_range_ratio": args.output_range_ratio},
               "rows": [], "notes": []}

@@ -22,6 +22,14 @@ at the next step.
     outputs final hidden states [B, H], routed ids int64 [B, L_moe, k]; the first n rows are the step's
             (the logits of those n rows are computed after the replay, outside the graph)
 
+Mixed steps ("flat" steps, opt-in per step): a prefill chunk is n rows of one token each, row j at
+position past + j attending over its first past + j + 1 keys through the sequence's block table. The
+step's keys are all written before any row attends, so the decode kernel computes causal prefill
+attention; such a step then runs at the same fixed shapes (and graphs) as a decode step, where a mixed
+step would otherwise run eagerly (launch-bound, ~2x a graph's time on the benchmark shapes). Each row
+reads its whole past, so only short chunks over short pasts qualify (`fixed_rows`); the logits are those
+of each sequence's last row.
+
 The paged cache is allocated once, so a graph's addresses stay valid as sequences grow: a size is captured
 once and replayed until the executor's `version` changes (a new plan's shard, another exchange). The table
 has W = min(cache blocks, GRAPH_KEYS / block_size) columns in every graph: a row never reads past its
@@ -37,7 +45,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,13 +57,16 @@ from .moe import StepContext
 if TYPE_CHECKING:
     from .model import MoEModel
 
-__all__ = ["DecodeGraphs", "BATCH_SIZES", "GRAPH_KEYS", "padded_batch"]
+__all__ = ["DecodeGraphs", "BATCH_SIZES", "GRAPH_KEYS", "FLAT_KEYS", "padded_batch", "fixed_rows", "group_rows"]
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 2, 4, *range(8, 513, 8))
 GRAPH_KEYS = 262_144  # longest sequence a captured step serves; longer ones run the step eagerly
 HEADER = 4  # input rows before the block table
+# Longest sequence (past + chunk) whose prefill chunk a flat step takes: its rows each read up to this many
+# keys through the decode kernel (prefill attention reads them once per chunk instead).
+FLAT_KEYS = 4096
 
 
 def padded_batch(n: int) -> int:
@@ -63,6 +74,36 @@ def padded_batch(n: int) -> int:
     if not 1 <= n <= BATCH_SIZES[-1]:
         raise ValueError(f"n: expected 1 <= rows <= {BATCH_SIZES[-1]}, got {n}")
     return BATCH_SIZES[bisect.bisect_left(BATCH_SIZES, n)]
+
+
+def fixed_rows(lengths: np.ndarray, pasts: Sequence[int], prefill_tokens: int) -> int:
+    """Rows of a fixed-shape step for one rank's sequences bringing `lengths` new tokens over `pasts`
+    cached ones, or 0 when the step must take the variable path: decode-only steps always fit (up to
+    `max_batch` rows); sequences bringing several tokens only in flat steps, up to `prefill_tokens` of
+    them per step, each ending within FLAT_KEYS."""
+    rows = int(lengths.sum())
+    if not 0 < rows <= DecodeGraphs.max_batch:
+        return 0
+    multi = lengths > 1
+    if not multi.any():
+        return rows
+    if int(lengths[multi].sum()) > prefill_tokens:
+        return 0
+    ends = np.asarray(pasts, dtype=np.int64)[multi] + lengths[multi]
+    return rows if int(ends.max()) <= FLAT_KEYS else 0
+
+
+def group_rows(packed: Sequence, lengths: Mapping[int, int], prefill_tokens: int) -> int:
+    """The most rows of a rank when every rank's step (`PackedTokens`, pasts from `lengths`) fits
+    `fixed_rows` (a rank without sequences always does), else 0."""
+    most = 0
+    for p in packed:
+        if len(p.seq_ids):
+            rows = fixed_rows(p.lengths, [lengths.get(s, 0) for s in p.seq_ids.tolist()], prefill_tokens)
+            if not rows:
+                return 0
+            most = max(most, rows)
+    return most
 
 
 @dataclass
@@ -90,6 +131,7 @@ class DecodeGraphs:
         self.entries: dict[int, _Entry] = {}
         self.captures = 0  # graphs captured so far (tests and benchmarks read it)
         self.steps = 0  # steps run at fixed shapes, captured or not
+        self.flat_steps = 0  # of those, steps that took prompt chunks as one-token rows
         self.long_steps = 0  # of those, steps with a sequence past the graphs' table, run eagerly at its width
         self._version: int | None = None
         self._pool = None
@@ -108,14 +150,25 @@ class DecodeGraphs:
         return entry
 
     def run(self, tokens: np.ndarray, seq_ids: Sequence[int], positions: Sequence[int],
-            batch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [n, V], routed ids [n, L_moe, k]) of n one-token rows, their cache blocks admitted.
+            batch: int = 0, counts: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [n, V], routed ids [rows, L_moe, k]) of n sequences, their cache blocks admitted.
 
-        batch: the group's largest row count this step (several ranks; every rank pads to the same size,
-        n may be 0), else 0.
+        positions: each sequence's past length; counts: its new tokens (default one each; more: a flat
+        step, one row per token); batch: the group's largest row count this step (several ranks; every
+        rank pads to the same size, n may be 0), else 0.
         """
         n = len(seq_ids)
-        B = padded_batch(max(n, batch))
+        last = None  # rows whose logits are the sequences' (None: every row, a decode step)
+        if counts is not None and n and int(counts.max()) > 1:
+            ends = np.cumsum(counts)
+            last = ends - 1
+            self.flat_steps += 1
+            positions = np.repeat(np.asarray(positions, dtype=np.int64), counts) + np.arange(ends[-1]) - np.repeat(
+                ends - counts, counts)
+        else:
+            counts = None
+        rows = len(positions)
+        B = padded_batch(max(rows, batch))
         self.steps += 1
         if self.model.executor.version != self._version:
             self.invalidate()
@@ -125,33 +178,63 @@ class DecodeGraphs:
         if w > self.width:  # longer than any graph serves: the same step, eagerly, at its own width
             self.long_steps += 1
             inputs = np.empty((HEADER + w, B), dtype=np.int32)
-            self._fill(inputs, tokens, seq_ids, positions, w)
+            self._fill(inputs, tokens, seq_ids, positions, w, counts)
             hidden, routed = self._forward(torch.from_numpy(inputs).to(self.model.device))
-            return self.model.logits(hidden[:n]), routed[:n]
+            return self._outputs(hidden, routed, rows, last)
         entry = self._entry(B)
-        self._fill(entry.host, tokens, seq_ids, positions, w)
-        rows = (HEADER + w) * B  # only the rows this step reads: contiguous, the table being transposed
-        entry.inputs.view(-1)[:rows].copy_(entry.host_tensor.view(-1)[:rows], non_blocking=True)
+        self._fill(entry.host, tokens, seq_ids, positions, w, counts)
+        size = (HEADER + w) * B  # only the rows this step reads: contiguous, the table being transposed
+        entry.inputs.view(-1)[:size].copy_(entry.host_tensor.view(-1)[:size], non_blocking=True)
         if not (self.capture and self.model.executor.capturable):
             hidden, routed = self._forward(entry.inputs[: HEADER + w])
-            return self.model.logits(hidden[:n]), routed[:n]
+            return self._outputs(hidden, routed, rows, last)
         if entry.graph is None:
             hidden, routed = self._record(entry)
-            return self.model.logits(hidden[:n]), routed[:n]
+            return self._outputs(hidden, routed, rows, last)
         entry.graph.replay()
         # The outputs live in the graph's pool and the next replay (of any size) may overwrite them.
-        return self.model.logits(entry.hidden[:n]), entry.routed[:n].clone()
+        return self._outputs(entry.hidden, entry.routed, rows, last, copy=True)
+
+    def capture_sizes(self, rows: int) -> int:
+        """Capture the graph of every batch size up to `rows` now (steps of padding rows only: they write
+        and read just the scratch block), so that no served step pays for a capture (an eager step and a
+        capture: tens of ms). Returns the graphs captured. Several ranks: every rank calls it with the same
+        rows (the steps' MoE layers are collectives)."""
+        if not (self.capture and self.model.executor.capturable):
+            return 0
+        if self.model.executor.version != self._version:
+            self.invalidate()
+            self._version = self.model.executor.version
+        before = self.captures
+        for B in BATCH_SIZES[: BATCH_SIZES.index(padded_batch(rows)) + 1]:
+            entry = self._entry(B)
+            if entry.graph is None and self.capture:
+                self._fill(entry.host, np.zeros(0, np.int32), [], [], 1)
+                size = (HEADER + 1) * B  # as `run` copies: the rows a step of one table column reads
+                entry.inputs.view(-1)[:size].copy_(entry.host_tensor.view(-1)[:size])
+                self._record(entry)
+        return self.captures - before
+
+    def _outputs(self, hidden: torch.Tensor, routed: torch.Tensor, rows: int, last: np.ndarray | None,
+                 copy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the sequences' last rows (every row of a decode step) and the real rows' routed ids."""
+        states = hidden[:rows] if last is None else hidden.index_select(0, torch.from_numpy(last).to(hidden.device))
+        routed = routed[:rows]
+        return self.model.logits(states), routed.clone() if copy else routed
 
     def _fill(self, host: np.ndarray, tokens: np.ndarray, seq_ids: Sequence[int], positions: Sequence[int],
-              w: int) -> None:
-        """Rows 0..4+w of the step's inputs: n real rows, then padding rows on the scratch block."""
-        cache, n = self.model.cache, len(seq_ids)
+              w: int, counts: np.ndarray | None = None) -> None:
+        """Rows 0..4+w of the step's inputs: the real rows (one per new token), then padding rows on the
+        scratch block."""
+        cache = self.model.cache
         pos = np.asarray(positions, dtype=np.int64)
+        n = len(pos)
         host[0, :n] = tokens
         host[1, :n] = pos
-        host[2, :n] = cache.slots(seq_ids, pos)
+        host[2, :n] = cache.slots(seq_ids, pos, counts)
         host[3, :n] = pos + 1
-        host[HEADER : HEADER + w, :n] = cache.table(seq_ids, w).T
+        table = cache.table(seq_ids, w)
+        host[HEADER : HEADER + w, :n] = (table if counts is None else np.repeat(table, counts, axis=0)).T
         host[:2, n:] = 0
         host[2, n:] = cache.scratch_block * cache.block_size
         host[3, n:] = 1

@@ -30,7 +30,7 @@ from expertmesh.placement.plan import Placement, load_plan
 from .actors import GroupError, StepTimeout, WorkerActors, WorkerFailure
 from .checkpoint import CheckpointReader
 from .config import ModelConfig, read_model_config
-from .decode_graph import DecodeGraphs
+from .decode_graph import group_rows
 from .group_config import GroupConfig
 from .ledger import SequenceLedger, StepInputs, pack_inputs
 from .model import PackedTokens
@@ -51,6 +51,7 @@ class EPGroup:
         self.step_timeout_s = config.timeouts.step_s
         self.max_tokens = config.max_tokens if config.exchange == "symm_mem" else 0  # per worker and step
         self.compiled_steps = config.compiled_steps  # steps through a Ray compiled graph (compiled_steps.py)
+        self.flat_tokens = 0  # prompt tokens a fixed-shape (flat) step may take per worker (decode_graph.py)
         self.infos: list[dict] = []
         self.ledger = SequenceLedger(config.kv_block_size, [])  # budgets arrive with the workers' setup
         self.steps = 0
@@ -229,14 +230,13 @@ class EPGroup:
             await asyncio.to_thread(self._workers.failed, what, self._workers.rank_of(err), err)
 
     def _group_batch(self, checked: list[PackedTokens], measure: bool) -> int:
-        """The largest worker batch when every worker's step is decode-only (else 0): the workers then run
-        fixed-shape decode steps padded to it (CUDA graphs across the ranks where the exchange allows). The
+        """`decode_graph.group_rows`: the most rows of a worker when every worker's step fits fixed shapes
+        (decode-only; flat, with up to `flat_tokens` prompt tokens, when the engine sets it), else 0. The
         decision is the driver's because every worker must take the same path: each MoE layer is a
         collective, and the fixed-shape steps exchange through buffers of their own."""
-        if self.num_workers == 1 or measure or not all(bool(np.all(p.lengths == 1)) for p in checked):
+        if measure or (self.num_workers == 1 and not self.flat_tokens):
             return 0
-        most = max(len(p.seq_ids) for p in checked)
-        return most if most <= DecodeGraphs.max_batch else 0
+        return group_rows(checked, self.ledger.length, self.flat_tokens)
 
     def replay(
         self,

@@ -322,13 +322,18 @@ class MoEModel:
             return False  # a measured step must count only real tokens, not padding
         decode = bool(np.all(packed.lengths == 1))
         if ex.world_size == 1:
-            return decode and 0 < len(packed.seq_ids) <= self.decoder.max_batch
+            if decode:
+                return 0 < len(packed.seq_ids) <= self.decoder.max_batch
+            # A flat step (prefill chunks as one-token rows) only when the driver found it short enough
+            # (`decode_graph.fixed_rows` over its ledger, which holds this cache's lengths).
+            return 0 < int(packed.lengths.sum()) <= group_batch
         if not group_batch or not ex.fixed_decode:
             return False
-        if not decode or not len(packed.seq_ids) <= group_batch <= self.decoder.max_batch:
-            raise ValueError(f"group_batch: a fixed-shape decode step of {group_batch} rows per rank needs "
-                             f"<= {group_batch} one-token rows on every rank, this one got "
-                             f"{len(packed.seq_ids)} rows of {packed.lengths.tolist()[:8]} tokens")
+        rows = int(packed.lengths.sum())
+        if not rows <= group_batch <= self.decoder.max_batch:
+            raise ValueError(f"group_batch: a fixed-shape step of {group_batch} rows per rank needs "
+                             f"<= {group_batch} rows on every rank, this one got "
+                             f"{len(packed.seq_ids)} sequences of {packed.lengths.tolist()[:8]} tokens")
         return True
 
     @torch.inference_mode()
@@ -354,19 +359,20 @@ class MoEModel:
              score: Mapping[int, int] | None = None) -> StepResult:
         """Prefill or decode one step of (sequence id, new token ids); decode-only steps take the decoder.
 
-        group_batch: on several ranks, > 0 when the driver found every rank's step decode-only: the
-        group's largest batch, to which every rank pads (the ranks must take the same path, since each MoE
-        layer is a collective). One rank decides alone. measure: time every MoE layer (`StepResult.measures`).
+        group_batch: > 0 when the driver found every rank's step fit for fixed shapes (decode-only, or flat:
+        `decode_graph.fixed_rows`): the group's most rows, to which several ranks pad (the ranks must take
+        the same path, since each MoE layer is a collective). One rank takes decode-only steps there
+        alone, flat ones only when allowed. measure: time every MoE layer (`StepResult.measures`).
         score: token log-probabilities of these sequences (see `forward`); such a step takes the variable path.
         """
         packed = _as_packed(inputs)
-        n = len(packed.seq_ids)
         if not score and self._fixed_decode(packed, override_ids, group_batch, measure):
             seq_ids, new = _check_step(packed)
             pasts = self.cache.admit(seq_ids, new)
-            logits, routed = self.decoder.run(packed.tokens, seq_ids, pasts, group_batch)
+            batch = group_batch if self.executor.world_size > 1 else 0  # one rank pads to its own rows
+            logits, routed = self.decoder.run(packed.tokens, seq_ids, pasts, batch, packed.lengths)
             self.cache.commit(seq_ids, new)
-            return StepResult(seq_ids, n, logits, routed)
+            return StepResult(seq_ids, int(packed.lengths.sum()), logits, routed)
         batch = build_batch(self.cache, packed, self.device)
         ctx = StepContext(measures=[] if measure else None)
         logits, routed, scored = self.forward(batch, override_ids, ctx, score)

@@ -163,6 +163,7 @@ class ExpertWorker:
                                      reduce=dist.all_reduce)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed * 1009 + self.rank)
+        self._last: dict[int, int] = {}  # sequence -> the token last sampled for it (`step`'s feed)
         return {**self.info(), "load_s": time.perf_counter() - start}
 
     def _kv_budget(self, config: GroupConfig) -> int:
@@ -239,6 +240,7 @@ class ExpertWorker:
             # decode steps run at fixed shapes, and the CUDA graphs captured for them
             "decode_steps": 0 if decoder is None else decoder.steps,
             "decode_graphs": 0 if decoder is None else decoder.captures,
+            "flat_steps": 0 if decoder is None else decoder.flat_steps,  # of the decode steps, with prompt rows
         }
 
     def shutdown(self) -> None:
@@ -258,6 +260,7 @@ class ExpertWorker:
         score: Mapping[int, int] | None = None,
         return_routed: bool = False,
         free: Sequence[int] = (),
+        feed: Sequence[int] = (),
     ) -> StepOutput:
         """Prefill or decode `inputs` (sequence id, new token ids) in lockstep with the group.
 
@@ -267,12 +270,30 @@ class ExpertWorker:
         group's step decode-only, with at most that many sequences per worker (see `MoEModel.step`);
         `score` (sequence -> the token after its new ones, -1: none) asks for those sequences' token
         log-probabilities (`StepOutput.token_logprobs`); `return_routed` for the gate's expert ids; `free`:
-        sequences to drop first (one call instead of a `free` call before the step).
+        sequences to drop first (one call instead of a `free` call before the step); `feed`: sequences
+        whose one new token is the one this worker sampled for them last (the driver sent this step before
+        it knew that token: overlapped steps, `cluster/serve/overlap.py`; their token in `inputs` is ignored).
         """
         if len(free):
             self.model.cache.free([int(s) for s in free])
+            for s in free:
+                self._last.pop(int(s), None)
+        if len(feed):
+            inputs = self._fed(inputs, feed)
         return self._run(inputs, None, sampling, return_logits, measure, pause_s, record=True,
                          group_batch=group_batch, score=score, return_routed=return_routed)
+
+    def _fed(self, inputs, feed: Sequence[int]) -> PackedTokens:
+        """`inputs` with each fed sequence's (single) new token replaced by the one last sampled for it."""
+        packed = inputs if isinstance(inputs, PackedTokens) else PackedTokens.pack(inputs)
+        row = {s: i for i, s in enumerate(packed.seq_ids.tolist())}
+        starts = np.cumsum(packed.lengths) - packed.lengths
+        tokens = packed.tokens.copy()
+        for s in feed:
+            if packed.lengths[row[int(s)]] != 1:
+                raise ValueError(f"feed: sequence {s} must bring exactly one new token")
+            tokens[starts[row[int(s)]]] = self._last[int(s)]
+        return PackedTokens(packed.seq_ids, packed.lengths, tokens)
 
     def step_packed(self, args: tuple) -> StepOutput:
         """`step(*args)`: the entry point of the group's compiled graph (one argument per worker)."""
@@ -314,6 +335,7 @@ class ExpertWorker:
             positions = [model.cache.length[s] for s in result.seq_ids]
             params = [sampling] * len(positions) if isinstance(sampling, SamplingParams) else list(sampling)
             tokens = sample(result.logits, params, positions, self.generator).tolist()
+            self._last.update(zip(result.seq_ids, tokens, strict=True))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -334,7 +356,18 @@ class ExpertWorker:
 
     def free(self, seq_ids: Sequence[int]) -> list[int]:
         """Drop sequences and their caches; returns the ids this worker did not hold."""
+        for s in seq_ids:
+            self._last.pop(int(s), None)
         return self.model.cache.free([int(s) for s in seq_ids])
+
+    def capture_decode_graphs(self, rows: int) -> int:
+        """Capture the fixed-shape steps' CUDA graphs up to `rows` rows before serving (`DecodeGraphs.
+        capture_sizes`; the engine calls it on every worker at once); returns the graphs captured."""
+        if self.model.decoder is None:
+            return 0
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        return self.model.decoder.capture_sizes(rows)
 
     def flush_stats(self) -> None:
         self.recorder.flush()

@@ -40,6 +40,15 @@ class EngineConfig(Config):
     """Data-parallel EP groups; a request goes to the one with the fewest outstanding tokens."""
     max_batch_tokens: int = Field(2048, ge=1)
     """New tokens one worker takes per step: every decode token first, then prefill chunks."""
+    decode_prefill_tokens: int = Field(256, ge=0)
+    """Prompt tokens one worker takes per step while it also runs decodes (at most max_batch_tokens): a
+    running stream then waits for short steps only. Steps of up to 512 tokens whose prompt chunks are this
+    short (ending within 4096 tokens) run at the fixed shapes of decode steps, as CUDA graphs on a GPU
+    (0: prompts never join those, and take max_batch_tokens per step)."""
+    overlap_steps: bool = False
+    """Send each step before the previous one's tokens are back (`cluster/serve/overlap.py`): the host's
+    work per step (planning, packing, Ray, streaming) then runs while the GPU computes. A sequence that
+    stops on a stop token costs one dropped row."""
     max_running: int = Field(256, ge=1)
     """Sequences one replica runs at once."""
     max_waiting: int = Field(1024, ge=0)

@@ -16,23 +16,27 @@ undisturbed run. When `recovery.attempts` re-creations fail, every request of th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
 from collections.abc import Callable
 
 from expertmesh.placement.plan import Placement
+from expertmesh.workers.decode_graph import DecodeGraphs
 from expertmesh.workers.group import EPGroup, GroupError
 from expertmesh.workers.group_config import GroupConfig
 from expertmesh.workers.recording import StatsSink
 from expertmesh.workers.worker import StepOutput
 
+from . import overlap
 from .config import EngineConfig
 from .metrics import EngineMetrics
 from .routing_view import RoutingWindow
 from .scheduler import Limits, Scheduler, StepPlan
 from .sequence import Kind, Sequence, State
-from .types import DeadlineExceeded, EngineError, Unavailable
+from .step_times import StepTimes
+from .types import DeadlineExceeded, EngineError, FinishReason, Unavailable
 
 __all__ = ["Replica"]
 
@@ -52,6 +56,9 @@ class Replica:
         self.steps = 0
         self.preemptions = 0
         self.routing = RoutingWindow()
+        self.times = StepTimes()
+        self._inflight: overlap.InFlight | None = None  # a step sent and not landed (overlap_steps)
+        self.overlapped = 0  # steps sent while another was in flight
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -61,7 +68,16 @@ class Replica:
     # ---- life cycle ----------------------------------------------------------------------------
     def _create(self) -> EPGroup:
         """Start the group (blocking: runs in a thread)."""
-        return EPGroup.create(self.config, plan=self.plan, sink=self._make_sink(self.index, self.incarnation))
+        group = EPGroup.create(self.config, plan=self.plan, sink=self._make_sink(self.index, self.incarnation))
+        cfg = self.engine_config
+        group.flat_tokens = cfg.decode_prefill_tokens  # steps mixing in short prompts: graphs
+        # Every graph the steps can need, before serving: a capture inside a served step stalls every stream.
+        # (The group has no public call for it; its failure handling applies as to any call.)
+        rows = min(cfg.max_running + cfg.decode_prefill_tokens, DecodeGraphs.max_batch)
+        group._call([a.capture_decode_graphs.remote(rows) for a in group._actors], self.config.timeouts.setup_s,
+                    "capture_decode_graphs")
+        self.times.instrument(group)
+        return group
 
     async def start(self) -> None:
         self.group = await asyncio.to_thread(self._create)
@@ -69,7 +85,8 @@ class Replica:
         g, cfg = self.group, self.engine_config
         budget = min(cfg.max_batch_tokens, g.max_tokens) if g.max_tokens else cfg.max_batch_tokens
         self.scheduler = Scheduler(Limits(workers=g.num_workers, block_size=g.ledger.block_size,
-                                          max_batch_tokens=budget, max_running=cfg.max_running))
+                                          max_batch_tokens=budget, max_running=cfg.max_running,
+                                          decode_prefill_tokens=cfg.decode_prefill_tokens or None))
         self.ready = True
         self._task = asyncio.create_task(self._loop(), name=f"replica-{self.index}")
 
@@ -79,6 +96,9 @@ class Replica:
         self._wake.set()
         if self._task is not None:
             await self._task
+        if self._inflight is not None and self.group.usable:
+            with contextlib.suppress(Exception):  # its streams end Unavailable below either way
+                await self._land()
         self.end_all(Unavailable("the engine stopped"))
         if self.group is not None and self.group.usable:
             await asyncio.to_thread(self.group.shutdown)
@@ -138,53 +158,125 @@ class Replica:
                 error = DeadlineExceeded(f"deadline_s: the request's deadline passed after {seq.generated} tokens")
                 self._end(seq, ("error", error, None), error.code)
 
-    async def _iteration(self) -> None:
-        self._wake.clear()
-        self._reap()
-        group = self.group
-        # The blocks of sequences that ended count as free for the plan; the workers drop those sequences
-        # (and the preempted) at the start of the step, or by a call of their own when no step runs.
-        ledger = group.ledger
-        free_blocks = [ledger.free_blocks(r) for r in range(group.num_workers)]
+    def _free_blocks(self) -> list[int]:
+        """Each worker's free blocks, counting those of sequences that ended as free: the workers drop them
+        (and the preempted) at the start of the next step, or by a call of their own when no step runs."""
+        ledger = self.group.ledger
+        free_blocks = [ledger.free_blocks(r) for r in range(self.group.num_workers)]
         for seq_id in self._to_free:
             if seq_id in ledger.home:
                 free_blocks[ledger.home[seq_id]] += ledger.blocks_for(ledger.length[seq_id])
-        plan = self.scheduler.schedule(free_blocks, lambda: next(self._ids))
+        return free_blocks
+
+    async def _iteration(self) -> None:
+        self._wake.clear()
+        began = time.perf_counter()
+        self._reap()
+        group = self.group
+        if self._inflight is not None and not overlap.safe(self.scheduler.running, self._free_blocks(),
+                                                           group.ledger.blocks_for):
+            await self._land()  # the plan may preempt: never a sequence with a step in flight
+        plan = self.scheduler.schedule(self._free_blocks(), lambda: next(self._ids))
         self.preemptions += len(plan.freed)
         self.metrics.preemptions.inc(len(plan.freed))
+        scores = any(seq.kind is Kind.SCORE for seq in plan.chunks)
+        if self._inflight is not None and (scores or not plan.chunks):
+            await self._land()
+            plan.chunks = {seq: n for seq, n in plan.chunks.items() if not seq.done}
         free, self._to_free = [*self._to_free, *plan.freed], []
         if not plan.chunks:
             if free:
+                call = self.times.call
                 await group.free_async(free)
+                self.times.call = call  # a free call is no step's
             if self.sequences:
                 await asyncio.sleep(0)  # e.g. only sequences preempted this step wait: admitted next time
             else:
                 await self._wake.wait()
             return
-        inputs, sampling, score = self._inputs(plan, group.num_workers)
-        routed = bool(self.engine_config.routing_every) and self.steps % self.engine_config.routing_every == 0
-        start = time.perf_counter()
-        outs = await group.step_async(inputs, sampling=sampling, return_logits=False,
-                                      score=score if any(score) else None, routed=routed, free=free)
-        self.metrics.step.observe(time.perf_counter() - start)
+        if self.engine_config.overlap_steps and not scores:
+            await self._send(plan, free, began)
+        else:
+            await self._step(plan, free, began)
+
+    def _routed(self) -> bool:
+        return bool(self.engine_config.routing_every) and self.steps % self.engine_config.routing_every == 0
+
+    async def _step(self, plan: StepPlan, free: list[int], began: float) -> None:
+        """Run the plan's step and apply its outputs."""
+        times, scheduled = self.times, time.perf_counter()
+        inputs, sampling, score, _ = self._inputs(plan, self.group.num_workers)
+        routed = self._routed()
+        start, waited = time.perf_counter(), times.prepare + times.call
+        outs = await self.group.step_async(inputs, sampling=sampling, return_logits=False,
+                                           score=score if any(score) else None, routed=routed, free=free)
+        done = time.perf_counter()
+        self.metrics.step.observe(done - start)
         self.steps += 1
         if routed:
             self.routing.add([o.routed for o in outs])
         self._apply(plan, outs)
+        end = time.perf_counter()
+        times.steps += 1
+        times.add_outputs(outs)
+        times.schedule += scheduled - began
+        times.inputs += start - scheduled
+        times.resume += (done - start) - (times.prepare + times.call - waited)
+        times.apply += end - done
+        times.iteration += end - began
+
+    async def _send(self, plan: StepPlan, free: list[int], began: float) -> None:
+        """Send the plan's step, then land the one in flight (overlap.py)."""
+        times, scheduled = self.times, time.perf_counter()
+        inputs, sampling, _, feed = self._inputs(plan, self.group.num_workers)
+        routed = self._routed()
+        start = time.perf_counter()
+        refs, compiled, what = overlap.submit(self.group, inputs, sampling, feed, routed, free)
+        step = overlap.InFlight(plan, refs, compiled, what, routed)
+        overlap.advance(step)
+        previous, self._inflight = self._inflight, step
+        times.schedule += scheduled - began
+        times.inputs += start - scheduled
+        if previous is not None:
+            self.overlapped += 1
+            await self._land(previous)
+        times.iteration += time.perf_counter() - began
+
+    async def _land(self, step: overlap.InFlight | None = None) -> None:
+        """Wait for a step in flight (the latest by default) and stream its tokens."""
+        if step is None or step is self._inflight:
+            step, self._inflight = self._inflight, None
+        times, start, call = self.times, time.perf_counter(), self.times.call
+        outs = await overlap.outputs(self.group, step)
+        done = time.perf_counter()
+        times.call = call  # counted here once (the actor path's wait is instrumented too)
+        self.metrics.step.observe(done - start)
+        self.steps += 1
+        if step.routed:
+            self.routing.add([o.routed for o in outs])
+        self._apply_landed(step, outs)
+        times.steps += 1
+        times.add_outputs(outs)
+        times.call += done - start
+        times.apply += time.perf_counter() - done
 
     @staticmethod
-    def _inputs(plan: StepPlan, workers: int) -> tuple[list, list, list[dict[int, int]]]:
-        """Each worker's (sequence id, new tokens), sampling parameters, and scored sequences."""
+    def _inputs(plan: StepPlan, workers: int) -> tuple[list, list, list[dict[int, int]], list[list[int]]]:
+        """Each worker's (sequence id, new tokens), sampling parameters, scored sequences, and the sequences
+        whose new token is a placeholder the worker fills (`overlap.py`)."""
         inputs: list[list] = [[] for _ in range(workers)]
         sampling: list[list] = [[] for _ in range(workers)]
         score: list[dict[int, int]] = [{} for _ in range(workers)]
+        feed: list[list[int]] = [[] for _ in range(workers)]
         for seq, n in plan.chunks.items():
             end = seq.computed + n
             inputs[seq.home].append((seq.seq_id, seq.tokens[seq.computed:end]))
             sampling[seq.home].append(seq.sampling)
             if seq.kind is Kind.SCORE:
                 score[seq.home][seq.seq_id] = seq.tokens[end] if end < len(seq.tokens) else -1
-        return inputs, sampling, score
+            elif seq.unknown and end > len(seq.tokens) - seq.unknown:
+                feed[seq.home].append(seq.seq_id)
+        return inputs, sampling, score, feed
 
     def _apply(self, plan: StepPlan, outs: list[StepOutput]) -> None:
         """Advance every sequence of the step; stream the tokens sampled for those whose prompt is done."""
@@ -206,17 +298,41 @@ class Replica:
                 continue  # a prompt chunk: the token sampled after it is not the sequence's
             token = tokens[seq.seq_id]
             seq.tokens.append(token)
-            self.metrics.generated_tokens.inc()
-            if seq.last_token_at is None:
-                self.metrics.ttft.observe(now - seq.submitted)
-            else:
-                self.metrics.inter_token.observe(now - seq.last_token_at)
-            seq.last_token_at = now
+            self._observe(seq, now)
             reason = seq.finish_reason()
             if reason is not None:
                 self._end(seq, ("finish", [token], reason), "OK")
             else:
                 seq.events.put_nowait(("tokens", [token], None))
+
+    def _apply_landed(self, step: overlap.InFlight, outs: list[StepOutput]) -> None:
+        """An overlapped step's tokens: each replaces its placeholder and is streamed. A sequence that stops
+        here loses the placeholder a later step in flight holds (that step's row is dropped)."""
+        tokens = {s: t for o in outs for s, t in zip(o.seq_ids, o.tokens, strict=True)}
+        now = time.monotonic()
+        for seq, index in step.samples.items():
+            if seq.done or seq.seq_id != step.ids[seq]:  # ended, or reset by a recovery, since it was sent
+                continue
+            token = tokens[step.ids[seq]]
+            seq.tokens[index] = token
+            seq.unknown -= 1
+            self._observe(seq, now)
+            reason = (FinishReason.STOP if token in seq.stop_ids else
+                      FinishReason.LENGTH if index + 1 - seq.prompt_len >= seq.max_new_tokens else None)
+            if reason is not None:
+                del seq.tokens[index + 1:]
+                seq.unknown = 0
+                self._end(seq, ("finish", [token], reason), "OK")
+            else:
+                seq.events.put_nowait(("tokens", [token], None))
+
+    def _observe(self, seq: Sequence, now: float) -> None:
+        self.metrics.generated_tokens.inc()
+        if seq.last_token_at is None:
+            self.metrics.ttft.observe(now - seq.submitted)
+        else:
+            self.metrics.inter_token.observe(now - seq.last_token_at)
+        seq.last_token_at = now
 
     # ---- recovery ------------------------------------------------------------------------------
     async def _recover(self, error: BaseException) -> None:
@@ -229,6 +345,7 @@ class Replica:
             seq.reset()
             self.scheduler.add(seq)
         self._to_free = []
+        self._inflight = None  # lost with the group; reset() dropped its placeholders
         self.routing = RoutingWindow()
         rec = self.engine_config.recovery
         for attempt in range(rec.attempts):

@@ -5,7 +5,9 @@ blocks its ledger has free; a sequence's blocks live on its home worker):
 
 1. Decode: every running sequence that waits for one token gets it, oldest first.
 2. Prefill: running sequences part-way through their prompt get the next chunk, as much as the home's
-   budget leaves, oldest first.
+   budget leaves, oldest first. A home that runs decodes in this step has at most `decode_prefill_tokens`
+   of its budget left for prompts (rules 2 and 3): a long prompt then costs each running stream many
+   short steps instead of one long one.
 3. Admission: waiting sequences, oldest first, join while the replica runs fewer than `max_running`.
    A sequence goes to the worker with the most blocks left after what running prompts still need (fewest
    sequences on ties), and only when those blocks hold its whole prompt and one generated token; else it
@@ -38,6 +40,8 @@ class Limits:
     block_size: int
     max_batch_tokens: int  # new tokens per worker and step
     max_running: int
+    decode_prefill_tokens: int | None = None  # prompt tokens per worker and step while it runs decodes
+
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -105,8 +109,12 @@ class Scheduler:
             plan.chunks[seq] = n
 
         for decode in (True, False):
+            if not decode and lim.decode_prefill_tokens is not None:
+                # A worker running decodes takes fewer prompt tokens: its decodes wait for the whole step.
+                for seq in plan.chunks:
+                    budget[seq.home] = min(budget[seq.home], lim.decode_prefill_tokens)
             for seq in list(self.running):
-                if seq.state is not State.RUNNING or (seq.remaining == 1) != decode:
+                if seq.state is not State.RUNNING or (seq.remaining == 1) != decode or seq.exhausted:
                     continue
                 n = min(seq.remaining, budget[seq.home])
                 if n > 0:

@@ -57,6 +57,7 @@ class Sequence:
     submitted: float = field(default_factory=time.monotonic)
     last_token_at: float | None = None
     preemptions: int = 0
+    unknown: int = 0  # placeholder tokens at the end of `tokens`: sampled by steps still in flight (overlap.py)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     @property
@@ -75,6 +76,11 @@ class Sequence:
         return self.remaining + new
 
     @property
+    def exhausted(self) -> bool:
+        """Its last token to generate is sampled, or will be by a step in flight: nothing more to feed."""
+        return self.kind is Kind.GENERATE and self.generated >= self.max_new_tokens
+
+    @property
     def done(self) -> bool:
         return self.state is State.DONE
 
@@ -82,7 +88,11 @@ class Sequence:
         return now >= self.deadline
 
     def reset(self) -> None:
-        """Forget the cache (preempted, or its group failed): everything is prefilled again."""
+        """Forget the cache (preempted, or its group failed): everything is prefilled again (without the
+        placeholders of tokens that steps in flight would have sampled: they are lost with the cache)."""
+        if self.unknown:
+            del self.tokens[-self.unknown:]
+            self.unknown = 0
         self.seq_id, self.home, self.computed = None, None, 0
         self.state = State.WAITING
         if self.kind is Kind.SCORE:

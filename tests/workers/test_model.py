@@ -301,3 +301,28 @@ def test_sampling_greedy_top_p_seed_and_distribution():
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match="top_k: expected an integer >= 0"):
         SamplingParams(top_k=-1)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_flat_steps_mix_prompt_chunks_into_fixed_shape_decode_steps_with_the_reference_logits(
+        tiny_models, reference, family):
+    """Steps where the driver allows prompt rows at fixed shapes (`group_batch`): a new prompt, a prompt's
+    second chunk over its past and decodes in one padded step (blocks of 4 tokens crossed), each sequence's
+    logits those of its last token; a step beyond the driver's rows takes the general path."""
+    model = load_local_model(tiny_models[family].path, decode_graphs=True, kv_blocks=64, kv_block_size=4)
+    ref = reference(family)
+    history = {0: [5, 17, 3, 44, 9], 1: [2, 8, 61]}
+    run_step(model, list(history.items()))  # the general path
+    steps = [{0: [7], 1: [30], 2: [12, 90, 1, 4, 4, 70]},  # decodes and a new prompt: 8 rows
+             {2: [33, 8, 6], 0: [11], 3: [1]},  # a second chunk over a past of 6, a one-token prompt
+             {3: [9, 9, 2, 5, 5], 1: [3], 2: [40]}]
+    for new in steps:
+        rows = sum(map(len, new.values()))
+        result = model.step(list(new.items()), group_batch=rows)
+        for row, (seq, tokens) in enumerate(new.items()):
+            history[seq] = history.get(seq, []) + tokens
+            torch.testing.assert_close(result.logits[row], hf_last_logits(ref, history[seq]), atol=ATOL, rtol=RTOL)
+        assert result.num_tokens == rows and result.routed.shape[0] == rows
+    assert (model.decoder.steps, model.decoder.flat_steps) == (3, 3) and sorted(model.decoder.entries) == [8]
+    model.step([(0, [2, 3]), (1, [4])], group_batch=2)  # 3 rows > 2: the general path
+    assert model.decoder.steps == 3
