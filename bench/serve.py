@@ -58,7 +58,7 @@ REQUESTS_PER_CLIENT = 4  # requests per level: concurrency x this (at least MIN_
 MIN_REQUESTS = 16
 QUICK_MIN_REQUESTS = 8
 VARIANTS = ("engine", "grpc", "static", "transformers")
-PHASES = ("schedule", "inputs", "prepare", "call", "worker", "forward", "ray", "resume", "apply", "other",
+PHASES = ("schedule", "inputs", "prepare", "call", "worker", "forward", "ray", "apply", "other",
           "iteration")
 
 

@@ -140,7 +140,10 @@ class WorkerActors:
         raise WorkerFailure(f"{what}: worker {rank} raised {type(cause).__name__}: {cause}") from err
 
     def graph_call(self, args: list[tuple], timeout_s: float, what: str) -> list:
-        refs = self.compiled.execute(args)
+        return self.graph_get(self.compiled.execute(args), timeout_s, what)
+
+    def graph_get(self, refs: list, timeout_s: float, what: str) -> list:
+        """The outputs of one execution of the compiled graph (blocks on its channels)."""
         try:
             # All at once: a worker that dies or raises fails the whole get at once, even while the
             # others still wait for it inside a collective.

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,16 @@ from .recording import StatsSink
 from .sampling import GREEDY, SamplingParams
 from .worker import NOSET_CVD, StepOutput, WorkerSpec
 
-__all__ = ["EPGroup", "GroupError", "WorkerFailure", "StepTimeout", "PlanMismatchError", "contiguous_plan"]
+__all__ = ["EPGroup", "SentStep", "GroupError", "WorkerFailure", "StepTimeout", "PlanMismatchError", "contiguous_plan"]
+
+
+@dataclass(frozen=True)
+class SentStep:
+    """A step sent to the workers and not yet awaited (`EPGroup.send_step`, `EPGroup.step_outputs`)."""
+
+    refs: list
+    compiled: bool  # through the compiled graph (its outputs are read from channels)
+    what: str  # "step N", for errors
 
 
 class EPGroup:
@@ -191,6 +201,43 @@ class EPGroup:
         self.steps += 1
         return outputs
 
+    def send_step(
+        self,
+        inputs: StepInputs,
+        sampling: SamplingParams | Sequence[Sequence[SamplingParams]] | None = None,
+        return_logits: bool = True,
+        score: Sequence[Mapping[int, int]] | None = None,
+        routed: bool = False,
+        free: Sequence[int] = (),
+        feed: Sequence[Sequence[int]] | None = None,
+    ) -> SentStep:
+        """Check and send one step without waiting for it; `step_outputs` awaits it.
+
+        Every worker runs the steps it is sent in order, so a caller may send step N+1 before awaiting step
+        N (the engine's overlapped steps). `feed[w]`: sequences of worker w whose new token is a placeholder
+        for the token the worker sampled for them last. `routed`: each worker's output carries its tokens'
+        expert ids (`StepOutput.routed`). `free`: finished sequences, dropped by their workers before this
+        step's tokens (no call of their own). Other arguments as in `step`.
+        """
+        args = self._prepare(inputs, sampling, return_logits, False, None, score, routed, free)
+        if feed is not None:
+            args = [(*a, list(f)) for a, f in zip(args, feed, strict=True)]
+        what = f"step {self.steps}"
+        if self.compiled_steps:
+            refs = self._compiled.execute(args)
+        else:
+            refs = [a.step.remote(*x) for a, x in zip(self._actors, args, strict=True)]
+        self.ledger.commit(inputs)
+        self.steps += 1
+        return SentStep(refs, self.compiled_steps, what)
+
+    async def step_outputs(self, sent: SentStep) -> list[StepOutput]:
+        """A sent step's outputs, awaited without blocking the loop (a compiled graph's channels are read in a
+        thread). Failures are handled as in `step`: the group is torn down, `WorkerFailure` / `StepTimeout`."""
+        if sent.compiled:
+            return await asyncio.to_thread(self._workers.graph_get, sent.refs, self.step_timeout_s, sent.what)
+        return await self._gather(sent.refs, sent.what)
+
     async def step_async(
         self,
         inputs: StepInputs,
@@ -200,23 +247,8 @@ class EPGroup:
         routed: bool = False,
         free: Sequence[int] = (),
     ) -> list[StepOutput]:
-        """`step` for an asyncio loop: awaits the workers' results instead of blocking the loop.
-
-        Failures are handled as in `step` (the group is torn down, `WorkerFailure` / `StepTimeout` raised).
-        With compiled steps the graph's call runs in a thread (it blocks on shared-memory channels).
-        `routed`: each worker's output carries its tokens' expert ids (`StepOutput.routed`). `free`: finished
-        sequences, dropped by their workers before this step's tokens (no call of their own).
-        """
-        args = self._prepare(inputs, sampling, return_logits, False, None, score, routed, free)
-        what = f"step {self.steps}"
-        if self.compiled_steps:
-            outputs = await asyncio.to_thread(self._workers.graph_call, args, self.step_timeout_s, what)
-        else:
-            outputs = await self._gather([a.step.remote(*x) for a, x in zip(self._actors, args, strict=True)],
-                                         what)
-        self.ledger.commit(inputs)
-        self.steps += 1
-        return outputs
+        """`step` for an asyncio loop: `send_step`, then `step_outputs`."""
+        return await self.step_outputs(self.send_step(inputs, sampling, return_logits, score, routed, free))
 
     async def _gather(self, refs: list, what: str) -> list:
         """`_call` for an asyncio loop: await one call per worker, with the same failure handling."""
@@ -320,6 +352,13 @@ class EPGroup:
                    "set_exchange")
         self.config = config
         self.max_tokens = max_tokens if kind == "symm_mem" else 0
+
+    def capture_decode_graphs(self, rows: int) -> None:
+        """Capture now every fixed-shape step's CUDA graph up to `rows` rows per worker (a capture inside a
+        served step stalls every stream); nothing where steps run eagerly."""
+        self._workers.check_usable()
+        self._workers.call([a.capture_decode_graphs.remote(rows) for a in self._actors], self.config.timeouts.setup_s,
+                           "capture_decode_graphs")
 
     def worker_info(self) -> list[dict]:
         self._workers.check_usable()

@@ -20,65 +20,26 @@ Greedy output is unchanged: every step computes what it would have computed, one
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
-import ray
-from ray.exceptions import RayActorError, RayTaskError
-
-from expertmesh.workers.group import EPGroup
-from expertmesh.workers.worker import StepOutput
+from expertmesh.workers.group import SentStep
 
 from .scheduler import StepPlan
 from .sequence import Kind, Sequence
 
-__all__ = ["InFlight", "submit", "outputs", "safe", "advance"]
+__all__ = ["InFlight", "safe", "advance"]
 
 
 @dataclass
 class InFlight:
-    """A step sent and not yet landed: its plan, the group ids it was sent with, and where each sequence's
-    sampled token goes in `Sequence.tokens`."""
+    """A step sent and not yet landed: its plan, the group's handle on it, and where each sequence's sampled
+    token goes in `Sequence.tokens`."""
 
     plan: StepPlan
-    refs: list
-    compiled: bool
-    what: str
+    sent: SentStep
     routed: bool = False
     ids: dict[Sequence, int] = field(default_factory=dict)
     samples: dict[Sequence, int] = field(default_factory=dict)
-
-
-def submit(group: EPGroup, inputs: list, sampling: list, feed: list[list[int]], routed: bool,
-           free: list[int]) -> tuple[list, bool, str]:
-    """Send one step without waiting for it (the group's own `step_async` waits): its packing and
-    checks, then the compiled graph's execution or the actor calls, which each worker runs in order."""
-    args = group._prepare(inputs, sampling, False, False, None, None, routed, free)
-    args = [(*a, f) for a, f in zip(args, feed, strict=True)]
-    what = f"step {group.steps}"
-    if group.compiled_steps:
-        refs = group._compiled.execute(args)
-    else:
-        refs = [a.step.remote(*x) for a, x in zip(group._actors, args, strict=True)]
-    group.ledger.commit(inputs)
-    group.steps += 1
-    return refs, group.compiled_steps, what
-
-
-async def outputs(group: EPGroup, step: InFlight) -> list[StepOutput]:
-    """The step's outputs, with the group's failure handling (torn down; `WorkerFailure`/`StepTimeout`)."""
-    if not step.compiled:
-        return await group._gather(step.refs, step.what)
-    return await asyncio.to_thread(_get, group, step)
-
-
-def _get(group: EPGroup, step: InFlight) -> list[StepOutput]:
-    try:
-        return ray.get(step.refs, timeout=group.step_timeout_s)
-    except TimeoutError:  # RayChannelTimeoutError
-        group._timed_out(step.what, list(range(len(step.refs))), group.step_timeout_s)
-    except (RayActorError, RayTaskError) as err:
-        group._failed(step.what, group._rank_of(err), err)
 
 
 def safe(running: list[Sequence], free_blocks: list[int], blocks_for) -> bool:

@@ -72,11 +72,7 @@ class Replica:
         cfg = self.engine_config
         group.flat_tokens = cfg.decode_prefill_tokens  # steps mixing in short prompts: graphs
         # Every graph the steps can need, before serving: a capture inside a served step stalls every stream.
-        # (The group has no public call for it; its failure handling applies as to any call.)
-        rows = min(cfg.max_running + cfg.decode_prefill_tokens, DecodeGraphs.max_batch)
-        group._call([a.capture_decode_graphs.remote(rows) for a in group._actors], self.config.timeouts.setup_s,
-                    "capture_decode_graphs")
-        self.times.instrument(group)
+        group.capture_decode_graphs(min(cfg.max_running + cfg.decode_prefill_tokens, DecodeGraphs.max_batch))
         return group
 
     async def start(self) -> None:
@@ -186,9 +182,7 @@ class Replica:
         free, self._to_free = [*self._to_free, *plan.freed], []
         if not plan.chunks:
             if free:
-                call = self.times.call
                 await group.free_async(free)
-                self.times.call = call  # a free call is no step's
             if self.sequences:
                 await asyncio.sleep(0)  # e.g. only sequences preempted this step wait: admitted next time
             else:
@@ -207,9 +201,11 @@ class Replica:
         times, scheduled = self.times, time.perf_counter()
         inputs, sampling, score, _ = self._inputs(plan, self.group.num_workers)
         routed = self._routed()
-        start, waited = time.perf_counter(), times.prepare + times.call
-        outs = await self.group.step_async(inputs, sampling=sampling, return_logits=False,
-                                           score=score if any(score) else None, routed=routed, free=free)
+        start = time.perf_counter()
+        sent = self.group.send_step(inputs, sampling=sampling, return_logits=False,
+                                    score=score if any(score) else None, routed=routed, free=free)
+        sent_at = time.perf_counter()
+        outs = await self.group.step_outputs(sent)
         done = time.perf_counter()
         self.metrics.step.observe(done - start)
         self.steps += 1
@@ -217,13 +213,8 @@ class Replica:
             self.routing.add([o.routed for o in outs])
         self._apply(plan, outs)
         end = time.perf_counter()
-        times.steps += 1
-        times.add_outputs(outs)
-        times.schedule += scheduled - began
-        times.inputs += start - scheduled
-        times.resume += (done - start) - (times.prepare + times.call - waited)
-        times.apply += end - done
-        times.iteration += end - began
+        times.add_step(outs, schedule=scheduled - began, inputs=start - scheduled, prepare=sent_at - start,
+                       call=done - sent_at, apply=end - done, iteration=end - began)
 
     async def _send(self, plan: StepPlan, free: list[int], began: float) -> None:
         """Send the plan's step, then land the one in flight (overlap.py)."""
@@ -231,34 +222,30 @@ class Replica:
         inputs, sampling, _, feed = self._inputs(plan, self.group.num_workers)
         routed = self._routed()
         start = time.perf_counter()
-        refs, compiled, what = overlap.submit(self.group, inputs, sampling, feed, routed, free)
-        step = overlap.InFlight(plan, refs, compiled, what, routed)
+        step = overlap.InFlight(plan, self.group.send_step(inputs, sampling=sampling, return_logits=False,
+                                                           routed=routed, free=free, feed=feed), routed)
+        sent_at = time.perf_counter()
         overlap.advance(step)
         previous, self._inflight = self._inflight, step
-        times.schedule += scheduled - began
-        times.inputs += start - scheduled
+        times.add(schedule=scheduled - began, inputs=start - scheduled, prepare=sent_at - start)
         if previous is not None:
             self.overlapped += 1
             await self._land(previous)
-        times.iteration += time.perf_counter() - began
+        times.add(iteration=time.perf_counter() - began)
 
     async def _land(self, step: overlap.InFlight | None = None) -> None:
         """Wait for a step in flight (the latest by default) and stream its tokens."""
         if step is None or step is self._inflight:
             step, self._inflight = self._inflight, None
-        times, start, call = self.times, time.perf_counter(), self.times.call
-        outs = await overlap.outputs(self.group, step)
+        start = time.perf_counter()
+        outs = await self.group.step_outputs(step.sent)
         done = time.perf_counter()
-        times.call = call  # counted here once (the actor path's wait is instrumented too)
         self.metrics.step.observe(done - start)
         self.steps += 1
         if step.routed:
             self.routing.add([o.routed for o in outs])
         self._apply_landed(step, outs)
-        times.steps += 1
-        times.add_outputs(outs)
-        times.call += done - start
-        times.apply += time.perf_counter() - done
+        self.times.add_step(outs, call=done - start, apply=time.perf_counter() - done)
 
     @staticmethod
     def _inputs(plan: StepPlan, workers: int) -> tuple[list, list, list[dict[int, int]], list[list[int]]]:

@@ -4,24 +4,21 @@ Sums of seconds over the iterations that ran a step; `per_step()` gives the mean
 
   schedule  reaping ended sequences and planning the step (`Scheduler.schedule`)
   inputs    building each worker's (sequence, tokens) lists and sampling parameters
-  prepare   the group's checks and packing (`EPGroup._prepare`)
-  call      sending the step and waiting for every worker's output (a compiled graph's call in its
-            thread; actor calls: the await itself)
+  prepare   the group's checks, packing and sending (`EPGroup.send_step`)
+  call      awaiting every worker's output (`EPGroup.step_outputs`), until the replica's loop has its
+            turn again: other tasks of the event loop (the streams' consumers) run within it
   worker    inside the slowest worker's `step` call (`StepOutput.call_s`); `forward` of it: the model,
             sampling and the device sync (`StepOutput.seconds`)
-  resume    the rest of the step's await: the thread hop back, and other tasks of the event loop (the
-            streams' consumers) that ran before the replica's loop got its turn
   apply     advancing the sequences and queueing their tokens to the streams
   other     the rest of the iteration (metrics, routing statistics)
 
-`call - worker` is Ray's share: the arguments and outputs through the channels, and the wakeups.
+`call - worker` is Ray's share (the arguments and outputs through the channels, the wakeups) and the loop's.
 Overlapped steps (`overlap.py`): `call` is the wait for the step in flight, which ran while the host
 planned and sent the next one, so `other` (the iteration's remainder) comes out negative by the overlap.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, fields
 
 __all__ = ["StepTimes"]
@@ -38,38 +35,18 @@ class StepTimes:
     call: float = 0.0
     worker: float = 0.0
     forward: float = 0.0
-    resume: float = 0.0
     apply: float = 0.0
 
-    def instrument(self, group) -> None:
-        """Time `group`'s packing and its calls (instance attributes wrapping the methods step_async uses:
-        the group's code stays as it is, and an uninstrumented group pays nothing)."""
-        for name in ("_prepare", "_graph_call", "_gather"):
-            method = getattr(group, name)
-            wrapper = self._timed_async(method) if name == "_gather" else self._timed(method, name)
-            setattr(group, name, wrapper)
+    def add(self, **seconds: float) -> None:
+        """Add seconds to the named phases."""
+        for name, value in seconds.items():
+            setattr(self, name, getattr(self, name) + value)
 
-    def _timed(self, method, name: str):
-        field = "prepare" if name == "_prepare" else "call"
-
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                setattr(self, field, getattr(self, field) + time.perf_counter() - start)
-
-        return timed
-
-    def _timed_async(self, method):
-        async def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return await method(*args, **kwargs)
-            finally:
-                self.call += time.perf_counter() - start
-
-        return timed
+    def add_step(self, outs, **seconds: float) -> None:
+        """One step landed: its workers' figures, and seconds of the named phases."""
+        self.steps += 1
+        self.add_outputs(outs)
+        self.add(**seconds)
 
     def add_outputs(self, outs) -> None:
         self.worker += max(o.call_s for o in outs)
@@ -87,7 +64,7 @@ class StepTimes:
         (call - worker); `tokens`: mean new tokens per step."""
         n = max(self.steps, 1)
         ms = {f.name: getattr(self, f.name) / n * 1e3 for f in fields(self) if f.name not in ("steps", "tokens")}
-        parts = ("schedule", "inputs", "prepare", "call", "resume", "apply")
+        parts = ("schedule", "inputs", "prepare", "call", "apply")
         ms["other"] = ms["iteration"] - sum(ms[p] for p in parts)
         ms["ray"] = ms["call"] - ms["worker"]
         return {"steps": self.steps, "tokens": self.tokens / n, **ms}
