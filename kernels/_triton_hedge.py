@@ -1,10 +1,10 @@
 """Triton kernel of the balanced replica rule's split (kernels/replicas.py `balanced_split`).
 
 The split is sequential over the replicated experts (each water-fills over its hosts on top of the levels
-the experts before it left), so it runs as ONE program: the experts' totals and host rows are loaded once
-as an [R, G] tile, and each step of the loop picks its row out of registers, so the loop never waits on
-memory. The water level is found by bisection (the largest integer level the total pays for), 32 halvings of
-the range [lowest host level, that + total], enough for any total below 2^32. The torch reference is
+the others left, `passes` rounds), so it runs as ONE program: the experts' totals and host rows are loaded
+once as an [R, G] tile, their current shares live in another, and each step of the loop picks its row out of
+registers, so the loop never waits on memory. The water level comes from the hosts' sorted levels (the
+largest integer level the total pays for), as in numpy. The torch reference is
 `replicas.balanced_split_reference`; tests hold the two equal (on the GPU and under TRITON_INTERPRET=1).
 """
 
@@ -16,9 +16,6 @@ import triton.language as tl
 
 __all__ = ["split_kernel", "balanced_split_triton"]
 
-_BITS = 32
-
-
 @triton.jit
 def split_kernel(
     totals_ptr,  # int64 [E] pairs per expert
@@ -27,7 +24,7 @@ def split_kernel(
     level_ptr,  # int64 [G] starting level: the single-host experts' loads
     split_ptr,  # int64 [E, G] out: rows of the replicated experts (the rest is written by the caller)
     R, G,
-    RP: tl.constexpr, GP: tl.constexpr, BITS: tl.constexpr, FAR: tl.constexpr,
+    RP: tl.constexpr, GP: tl.constexpr, PASSES: tl.constexpr, FAR: tl.constexpr,
 ):
     rows = tl.arange(0, RP)
     cols = tl.arange(0, GP)
@@ -35,40 +32,44 @@ def split_kernel(
     c_ok = cols < G
     e_all = tl.load(order_ptr + rows, mask=r_ok, other=0)
     n_all = tl.load(totals_ptr + e_all, mask=r_ok, other=0)
-    h_all = tl.load(hosts_ptr + e_all[:, None] * G + cols[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0)
+    tile = r_ok[:, None] & c_ok[None, :]
+    h_all = tl.load(hosts_ptr + e_all[:, None] * G + cols[None, :], mask=tile, other=0)
     level = tl.load(level_ptr + cols, mask=c_ok, other=0)
-    for i in range(R):
+    alloc = tl.zeros((RP, GP), dtype=tl.int64)  # the replicated experts' current shares, in registers
+    j = cols.to(tl.int64) + 1
+    for step in range(R * PASSES):
+        i = step % R
         sel = rows == i
-        e = tl.sum(tl.where(sel, e_all, 0), axis=0)
         n = tl.sum(tl.where(sel, n_all, 0), axis=0)
         h = tl.sum(tl.where(sel[:, None], h_all, 0).to(tl.int32), axis=0) > 0
-        lo = tl.min(tl.where(h, level, FAR), axis=0)
-        hi = lo + n
-        for _ in tl.static_range(BITS):  # largest level whose water costs at most n
-            mid = (lo + hi + 1) // 2
-            cost = tl.sum(tl.where(h, tl.maximum(mid - level, 0), 0), axis=0)
-            ok = cost <= n
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-        a = tl.where(h, tl.maximum(lo - level, 0), 0)
-        eligible = h & (level <= lo)
-        rank_in = tl.cumsum(eligible.to(tl.int64), axis=0)
+        level -= tl.sum(tl.where(sel[:, None], alloc, 0), axis=0)  # refill on top of the others' shares
+        # Largest level L with sum over hosts of max(L - level, 0) <= n, from the hosts' sorted levels.
+        low = tl.sort(tl.where(h, level, FAR), 0)
+        need = j * low - tl.cumsum(low, 0)
+        fits = need <= n
+        J = tl.sum(fits.to(tl.int64), axis=0)
+        last = cols == J - 1
+        lam = tl.sum(tl.where(last, low, 0), axis=0) + (n - tl.sum(tl.where(last, need, 0), axis=0)) // J
+        a = tl.where(h, tl.maximum(lam - level, 0), 0)
+        eligible = h & (level <= lam)
+        rank_in = tl.cumsum(eligible.to(tl.int64), 0)
         a += tl.where(eligible & (rank_in <= n - tl.sum(a, axis=0)), 1, 0)
-        tl.store(split_ptr + e * G + cols, a, mask=c_ok)
+        alloc = tl.where(sel[:, None], a[None, :], alloc)
         level += a
+    tl.store(split_ptr + e_all[:, None] * G + cols[None, :], alloc, mask=tile)
 
 
 def _pow2(n: int) -> int:
     return max(1, 1 << (n - 1).bit_length())
 
 
-def balanced_split_triton(totals: torch.Tensor, hosts: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """int64 [E, G]: `replicas.balanced_split_reference(totals, hosts, order)` in one program."""
+def balanced_split_triton(totals: torch.Tensor, hosts: torch.Tensor, order: torch.Tensor, passes: int) -> torch.Tensor:
+    """int64 [E, G]: `replicas.balanced_split_reference(totals, hosts, order, passes)` in one program."""
     G = hosts.shape[1]
     single = hosts & (hosts.sum(1) == 1)[:, None]
     split = torch.where(single, totals[:, None], 0)
     level = split.sum(0)
     R = order.numel()
     split_kernel[(1,)](totals.contiguous(), hosts.to(torch.int8).contiguous(), order.contiguous(), level, split,
-                       R, G, RP=_pow2(R), GP=_pow2(G), BITS=_BITS, FAR=1 << 40, num_warps=4)
+                       R, G, RP=_pow2(R), GP=_pow2(G), PASSES=passes, FAR=1 << 40, num_warps=4)
     return split
