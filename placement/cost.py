@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .plan import Placement
-from .routing import check_rule, dispatch_counts, expected_load, local_token_index, serve_gpus
+from .routing import DEFAULT_REPLICA_RULE, check_rule, dispatch_counts, expected_load, local_token_index, serve_gpus
 from .stats import RoutingStats, stats_from_trace
 from .topology import Topology
 from .trace import Trace
@@ -192,7 +192,7 @@ def evaluate(
     dataflow: str = "home",
     previous: Placement | None = None,
     keep_pairs: bool = False,
-    replica_rule: str = "fixed",
+    replica_rule: str = DEFAULT_REPLICA_RULE,
 ) -> Metrics:
     """Score `plan` on `source`. `dataflow` picks which traffic the time and copy figures describe;
     `replica_rule` which replica serves a pair ("fixed" | "balanced", routing.py): the runtime's rule."""
@@ -220,7 +220,7 @@ def evaluate(
 
 def _evaluate_trace(
     trace: Trace, plan: Placement, topo: Topology, params: CostParams, dataflow: str, keep_pairs: bool,
-    rule: str = "fixed",
+    rule: str = DEFAULT_REPLICA_RULE,
 ) -> Metrics:
     L, G = trace.num_layers, plan.num_gpus
     node = topo.node_of_gpu
@@ -291,7 +291,7 @@ def _pair_cuts(stats: RoutingStats, replicas: np.ndarray) -> tuple[float, float]
 
 
 def _evaluate_stats(stats: RoutingStats, plan: Placement, topo: Topology, params: CostParams,
-                    rule: str = "fixed") -> Metrics:
+                    rule: str = DEFAULT_REPLICA_RULE) -> Metrics:
     L = stats.num_layers
     load = np.stack([expected_load(stats.counts[layer], plan.replicas[layer], rule) for layer in range(L)])
     nan = np.full(L, np.nan)

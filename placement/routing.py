@@ -55,10 +55,14 @@ import numpy as np
 __all__ = [
     "REPLICA_RULES", "choose_replicas", "local_token_index", "dispatch_counts", "route_counts", "balanced_split",
     "balanced_flows", "balanced_destinations", "choose_balanced", "serve_gpus", "expected_load", "check_rule",
-    "SPLIT_PASSES",
+    "SPLIT_PASSES", "DEFAULT_REPLICA_RULE",
 ]
 
 REPLICA_RULES = ("fixed", "balanced")
+# The rule the cost model and a group's config take when none is named: ONE constant, so predictions and the
+# runtime agree by default. "fixed" until the balanced rule's per-layer cost is measured on a GPU (it adds an
+# all-gather and the split to every layer of a plan with replicated experts; bench/hedge.py --timing).
+DEFAULT_REPLICA_RULE = "fixed"
 # Rounds of the water-fill over the replicated experts: one greedy round is 0.03-0.05 below the fixed rule's
 # even split in-sample on eplb plans; the second and third refill each expert on top of the others' current
 # shares (coordinate descent) and end within 0.004-0.007 of the LP optimum (bench/results/hedge.md).
@@ -235,7 +239,7 @@ def serve_gpus(
     replicas: np.ndarray,
     node_of_gpu: np.ndarray,
     token_index: np.ndarray,
-    rule: str = "fixed",
+    rule: str = DEFAULT_REPLICA_RULE,
 ) -> np.ndarray:
     """int64 [T, k]: `choose_replicas` (rule "fixed") or `choose_balanced` (rule "balanced")."""
     check_rule(rule)
@@ -244,7 +248,7 @@ def serve_gpus(
     return choose_replicas(topk_ids, source, replicas, node_of_gpu, token_index)
 
 
-def expected_load(counts: np.ndarray, replicas: np.ndarray, rule: str = "fixed") -> np.ndarray:
+def expected_load(counts: np.ndarray, replicas: np.ndarray, rule: str = DEFAULT_REPLICA_RULE) -> np.ndarray:
     """float64 [G]: a layer's load from statistics (no per-token data). fixed: each expert's count split
     evenly over its replicas (the rule's expectation for uniform sources); balanced: `balanced_split`, which
     depends on the totals only, so it is exact for a batch with these counts."""
