@@ -23,8 +23,8 @@ def split_kernel(
     order_ptr,  # int64 [R] replicated experts, in the order they are filled
     level_ptr,  # int64 [G] starting level: the single-host experts' loads
     split_ptr,  # int64 [E, G] out: rows of the replicated experts (the rest is written by the caller)
-    R, G,
-    RP: tl.constexpr, GP: tl.constexpr, PASSES: tl.constexpr, FAR: tl.constexpr,
+    R, G, steps,  # steps = R x rounds
+    RP: tl.constexpr, GP: tl.constexpr, FAR: tl.constexpr,
 ):
     rows = tl.arange(0, RP)
     cols = tl.arange(0, GP)
@@ -37,7 +37,7 @@ def split_kernel(
     level = tl.load(level_ptr + cols, mask=c_ok, other=0)
     alloc = tl.zeros((RP, GP), dtype=tl.int64)  # the replicated experts' current shares, in registers
     j = cols.to(tl.int64) + 1
-    for step in range(R * PASSES):
+    for step in range(steps):
         i = step % R
         sel = rows == i
         n = tl.sum(tl.where(sel, n_all, 0), axis=0)
@@ -71,5 +71,5 @@ def balanced_split_triton(totals: torch.Tensor, hosts: torch.Tensor, order: torc
     level = split.sum(0)
     R = order.numel()
     split_kernel[(1,)](totals.contiguous(), hosts.to(torch.int8).contiguous(), order.contiguous(), level, split,
-                       R, G, RP=_pow2(R), GP=_pow2(G), PASSES=passes, FAR=1 << 40, num_warps=4)
+                       R, G, R * passes, RP=_pow2(R), GP=_pow2(G), FAR=1 << 40, num_warps=4)
     return split

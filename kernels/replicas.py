@@ -28,8 +28,9 @@ import torch
 from ._backend import use_triton
 from ._scan import cumsum_first, cumsum_last
 
-__all__ = ["REPLICA_RULES", "SPLIT_PASSES", "choose_replicas", "local_token_index", "expert_counts", "split_order",
-           "balanced_split", "balanced_split_reference", "balanced_flows", "choose_balanced"]
+__all__ = ["REPLICA_RULES", "SPLIT_PASSES", "SPLIT_STEPS", "split_passes", "choose_replicas", "local_token_index",
+           "expert_counts", "split_order", "balanced_split", "balanced_split_reference", "balanced_flows",
+           "choose_balanced"]
 
 # The names of `expertmesh.placement.routing.REPLICA_RULES` (kernels import no placement; a test holds them equal).
 REPLICA_RULES = ("fixed", "balanced")
@@ -88,7 +89,12 @@ def choose_replicas(
 # ---- the balanced rule ("hedge"): placement.routing's steps 1-3, for one rank -----------------------------
 
 _FAR = 1 << 40  # a level no GPU reaches: marks non-hosts in the water-fill
-SPLIT_PASSES = 3  # = placement.routing.SPLIT_PASSES (a test holds them equal)
+SPLIT_PASSES, SPLIT_STEPS = 3, 64  # = placement.routing's (a test holds them equal)
+
+
+def split_passes(replicated: int) -> int:
+    """Rounds of the water-fill over `replicated` experts: placement.routing.split_passes."""
+    return max(SPLIT_PASSES, -(-SPLIT_STEPS // max(replicated, 1)))
 
 
 def expert_counts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -104,8 +110,7 @@ def split_order(totals: torch.Tensor, replicated: torch.Tensor) -> torch.Tensor:
     return replicated[torch.sort(-totals[replicated], stable=True).indices]
 
 
-def balanced_split_reference(totals: torch.Tensor, hosts: torch.Tensor, order: torch.Tensor,
-                             passes: int = SPLIT_PASSES) -> torch.Tensor:
+def balanced_split_reference(totals: torch.Tensor, hosts: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """int64 [E, G]: `placement.routing.balanced_split` in torch, one replicated expert at a time (the
     reference of `_triton_hedge.split_kernel`; its Python loop reads `order` back to the host).
 
@@ -115,7 +120,7 @@ def balanced_split_reference(totals: torch.Tensor, hosts: torch.Tensor, order: t
     level = split.sum(0)
     G = hosts.shape[1]
     j = torch.arange(1, G + 1, device=totals.device)
-    for e in order.tolist() * passes:
+    for e in order.tolist() * split_passes(order.numel()):
         h, n = hosts[e], totals[e]
         level = level - split[e]  # refill on top of everyone else's current share
         low = torch.sort(torch.where(h, level, _FAR)).values
@@ -139,7 +144,7 @@ def balanced_split(totals: torch.Tensor, hosts: torch.Tensor, replicated: torch.
     if order.numel() and use_triton(impl, totals, hosts):
         from ._triton_hedge import balanced_split_triton
 
-        return balanced_split_triton(totals, hosts, order, SPLIT_PASSES)
+        return balanced_split_triton(totals, hosts, order, split_passes(order.numel()))
     return balanced_split_reference(totals, hosts, order)
 
 

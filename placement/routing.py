@@ -32,9 +32,10 @@ the same GPU adds nothing: `ExpertMap.local_slot`).
 2. Replicated experts, by decreasing total pairs (ties: lower expert id first), each water-fill their total
    over their hosts: the hosts are raised to the largest common integer level L the total pays for
    (sum over hosts of max(L - level, 0) <= total); the remainder, fewer than the hosts at or below L, is one
-   pair each to those hosts in GPU order. `SPLIT_PASSES` (3) rounds over that order: from the second on, an
-   expert's share is taken off its hosts and filled again on top of the others' current shares (coordinate
-   descent on the sum of squared loads), which the first greedy round alone leaves 0.03-0.05 short of. The
+   pair each to those hosts in GPU order. `split_passes(R)` = max(3, ceil(64 / R)) rounds over that order, R
+   replicated experts: from the second on, an expert's share is taken off its hosts and filled again on top
+   of the others' current shares (coordinate descent on the sum of squared loads), which the first greedy
+   round alone leaves 0.03-0.05 short of. The
    split [E, G] depends only on each expert's total, not on where its pairs come from. (DeepSeek's LPLB
    solves this as an LP; an integer greedy is exactly reproducible in numpy and torch.)
 3. Which pairs a host serves is then free, so locality is kept at no cost to balance: with the split fixed,
@@ -55,7 +56,7 @@ import numpy as np
 __all__ = [
     "REPLICA_RULES", "choose_replicas", "local_token_index", "dispatch_counts", "route_counts", "balanced_split",
     "balanced_flows", "balanced_destinations", "choose_balanced", "serve_gpus", "expected_load", "check_rule",
-    "SPLIT_PASSES", "DEFAULT_REPLICA_RULE",
+    "SPLIT_PASSES", "SPLIT_STEPS", "split_passes", "DEFAULT_REPLICA_RULE",
 ]
 
 REPLICA_RULES = ("fixed", "balanced")
@@ -63,10 +64,13 @@ REPLICA_RULES = ("fixed", "balanced")
 # runtime agree by default. "fixed" until the balanced rule's per-layer cost is measured on a GPU (it adds an
 # all-gather and the split to every layer of a plan with replicated experts; bench/hedge.py --timing).
 DEFAULT_REPLICA_RULE = "fixed"
-# Rounds of the water-fill over the replicated experts: one greedy round is 0.03-0.05 below the fixed rule's
-# even split in-sample on eplb plans; the second and third refill each expert on top of the others' current
-# shares (coordinate descent) and end within 0.004-0.007 of the LP optimum (bench/results/hedge.md).
+# Rounds of the water-fill over the R replicated experts: `split_passes(R)` = max(SPLIT_PASSES, ceil(SPLIT_STEPS /
+# R)). One greedy round is 0.03-0.05 below the fixed rule's even split in-sample on eplb plans; later rounds
+# refill each expert on top of the others' current shares (coordinate descent). Three rounds end within 0.004 of
+# the LP optimum where many experts are replicated (64 and 256 experts); few replicated experts sharing GPUs in
+# chains (8 experts on 8 GPUs) converge slower, and cost little per round: 8 rounds there.
 SPLIT_PASSES = 3
+SPLIT_STEPS = 64
 
 
 def local_token_index(source: np.ndarray, num_gpus: int) -> np.ndarray:
@@ -147,10 +151,16 @@ def _water_level(levels: np.ndarray, n: int) -> int:
     return int(low[J - 1] + (n - need[J - 1]) // J)
 
 
-def balanced_split(totals: np.ndarray, replicas: np.ndarray, passes: int = SPLIT_PASSES) -> np.ndarray:
+def split_passes(replicated: int) -> int:
+    """Rounds of the water-fill over `replicated` experts (see SPLIT_PASSES)."""
+    return max(SPLIT_PASSES, -(-SPLIT_STEPS // max(replicated, 1)))
+
+
+def balanced_split(totals: np.ndarray, replicas: np.ndarray, passes: int | None = None) -> np.ndarray:
     """int64 [E, G]: how many of expert e's pairs GPU g serves under the balanced rule (steps 1-2 above).
 
-    totals [E] pairs per expert over all source GPUs; replicas [E, G] (> 0 where the expert has a replica).
+    totals [E] pairs per expert over all source GPUs; replicas [E, G] (> 0 where the expert has a replica);
+    passes: rounds over the replicated experts (None: `split_passes`, the rule's own).
     """
     totals = np.asarray(totals, dtype=np.int64)
     hosts = np.asarray(replicas) > 0
@@ -159,7 +169,7 @@ def balanced_split(totals: np.ndarray, replicas: np.ndarray, passes: int = SPLIT
     level = split.sum(0)
     multi = np.flatnonzero(nhost > 1)
     order = multi[np.argsort(-totals[multi], kind="stable")]
-    for _ in range(passes):
+    for _ in range(split_passes(multi.size) if passes is None else passes):
         for e in order:
             g = np.flatnonzero(hosts[e])
             level[g] -= split[e, g]  # refill from scratch on top of everyone else's current share

@@ -27,12 +27,14 @@ from expertmesh.kernels import (
     expert_counts,
     moe_forward,
 )
-from expertmesh.kernels.replicas import balanced_split_reference, split_order
+from expertmesh.kernels.replicas import SPLIT_PASSES, SPLIT_STEPS, balanced_split_reference, split_order, split_passes
 from expertmesh.placement import routing
 
 
-def test_rule_names_agree_with_placement():
+def test_rule_constants_agree_with_placement():
     assert REPLICA_RULES == routing.REPLICA_RULES
+    assert (SPLIT_PASSES, SPLIT_STEPS) == (routing.SPLIT_PASSES, routing.SPLIT_STEPS)
+    assert [split_passes(r) for r in range(40)] == [routing.split_passes(r) for r in range(40)]
 
 
 def _ids(rng: np.random.Generator, T: int, E: int, k: int, skew: bool) -> np.ndarray:
