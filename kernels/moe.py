@@ -8,7 +8,10 @@
     out      = exchange.combine(y, el, received, layout)                weighted sum back at home
 
 The runtime (`expertmesh.workers.moe.EPExecutor`), the kernel benchmarks and training call `moe_forward`;
-nothing else strings these steps together. Only `dispatch` and `combine` communicate.
+nothing else strings these steps together. Only `dispatch` and `combine` communicate, plus, under the
+balanced replica rule on a plan with experts replicated across GPUs (`emap.balanced`), the counts' gather
+before the layout: one [G, E] all-gather per layer on every exchange of several ranks; on one rank (the
+single-process model, `LocalExchange`) there is nothing to choose and nothing is gathered.
 
 Precision is data, not a code path of its own: the exchange carries FP8 or not (`Exchange.fp8`), and the
 experts are `DenseExperts` (the activations' dtype) or `FP8Experts` (FP8 E4M3 GEMMs over DeepSeek-V3's
