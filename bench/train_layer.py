@@ -40,7 +40,7 @@ from expertmesh.kernels.moe import TrainableExperts  # noqa: E402
 from expertmesh.workers.config import ModelConfig  # noqa: E402
 from expertmesh.workers.families import route  # noqa: E402
 from expertmesh.workers.plans import contiguous_plan  # noqa: E402
-from expertmesh.workers.train import TrainableMoE, TrainSettings  # noqa: E402
+from expertmesh.workers.train import MasterWeights, TrainableMoE, TrainSettings  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -211,12 +211,18 @@ def markov_batches(r: RunShape, device: torch.device) -> torch.Tensor:
 
 
 def train_run(r: RunShape, settings: TrainSettings, data: torch.Tensor, dtype: torch.dtype,
-              device: torch.device) -> tuple[list[float], float]:
+              device: torch.device, master: bool = True) -> tuple[list[float], float]:
+    """master: AdamW on fp32 master weights (`MasterWeights`). Without them AdamW steps the bf16 parameters and
+    keeps bf16 state: sub-ulp updates are lost and the second moment stops decaying, and two runs that differ
+    only by FP8 noise were measured 3% apart after 300 steps (bench/results/train-layer.notes.md)."""
     cfg = model_config(r)
     torch.manual_seed(0)
     model = TrainableMoE(cfg, contiguous_plan(r.layers, r.experts, 1), settings=settings, dtype=dtype, device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
+
+    def adamw(params):
+        return torch.optim.AdamW(params, lr=r.lr, weight_decay=0.0)
+    opt = MasterWeights(model.parameters(), adamw) if master else adamw(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer if master else opt, lambda s: min(1.0, (s + 1) / 20))
     losses, start = [], time.perf_counter()
     for step in range(r.steps):
         out = model(data[step])
@@ -224,17 +230,20 @@ def train_run(r: RunShape, settings: TrainSettings, data: torch.Tensor, dtype: t
         model.sum_replica_grads()
         opt.step()
         sched.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         losses.append(float(out.lm_loss))
     return losses, time.perf_counter() - start
 
 
-def bench_training(r: RunShape, dtype: torch.dtype, device: torch.device) -> dict:
+def bench_training(r: RunShape, dtype: torch.dtype, device: torch.device, master: bool = True) -> dict:
     data = markov_batches(r, device)
     curves = {}
-    for name, settings in (("bf16", TrainSettings()), ("fp8 blockwise", TrainSettings(precision="fp8")),
-                           ("fp8 rowwise", TrainSettings(precision="fp8", fp8_recipe="rowwise"))):
-        losses, wall = train_run(r, settings, data, dtype, device)
+    runs = [("bf16", TrainSettings(), dtype), ("fp8 blockwise", TrainSettings(precision="fp8"), dtype),
+            ("fp8 rowwise", TrainSettings(precision="fp8", fp8_recipe="rowwise"), dtype)]
+    if dtype != torch.float32:  # the reference the bf16 run itself should track: fp32 weights and GEMMs
+        runs.append(("fp32 (reference)", TrainSettings(), torch.float32))
+    for name, settings, run_dtype in runs:
+        losses, wall = train_run(r, settings, data, run_dtype, device, master)
         last = max(1, int(math.ceil(LAST * r.steps)))
         final = statistics.fmean(losses[-last:])
         curves[name] = losses
@@ -242,20 +251,21 @@ def bench_training(r: RunShape, dtype: torch.dtype, device: torch.device) -> dic
         diff = (final - base) / base
         ROWS.append({"part": "training", "run": name, "steps": r.steps, "tokens": r.steps * r.batch * r.seq,
                      "first_loss": losses[0], "final_loss": final, "vs_bf16": diff, "wall_s": wall,
-                     "target": "" if name == "bf16" else "within 0.5% of bf16"})
+                     "target": "within 0.5% of bf16" if name.startswith("fp8") else ""})
         print(f"training {name:14s} loss {losses[0]:.4f} -> {final:.4f} (mean of last {last} steps), "
               f"{100 * diff:+.3f}% vs bf16, {wall:.1f} s", flush=True)
     return curves
 
 
 # ---- report --------------------------------------------------------------------------------------------------
-def report(out: Path, env: dict, quick: bool, dtype: torch.dtype, run: RunShape, curves: dict, wall: float) -> None:
+def report(out: Path, env: dict, quick: bool, dtype: torch.dtype, run: RunShape, curves: dict, wall: float,
+           master: bool = True) -> None:
     layer = [r for r in ROWS if r["part"] == "layer"]
     training = [r for r in ROWS if r["part"] == "training"]
     mode = " Quick mode: tiny CPU shapes, not a measurement." if quick else ""
     lines = ["# Training one MoE layer and a small model: bf16 vs FP8 (issue 15)", "", describe(env), "",
              f"Command: `{env['command']}` ({wall:.0f} s).{mode}",
-             "", f"Activations and master weights in {str(dtype).removeprefix('torch.')}. One device, every expert "
+             "", f"Activations and parameters in {str(dtype).removeprefix('torch.')}. One device, every expert "
              "local (LocalExchange; FP8 recipes quantise the dispatched rows). A step = router + dispatch + "
              "experts + combine, forward and backward (x, router and expert weights get gradients). TFLOP/s "
              "counts the expert GEMMs only (18 x tokens x k x H x F). Ratios > 1 = faster.", "",
@@ -268,7 +278,9 @@ def report(out: Path, env: dict, quick: bool, dtype: torch.dtype, run: RunShape,
     lines += ["", f"Training run: Qwen3-MoE-shaped model, hidden {run.hidden}, {run.layers} MoE layers, "
               f"{run.experts} experts top-{run.top_k}, FFN {run.ffn}, vocabulary {run.vocab}; {run.steps} steps of "
               f"{run.batch} x {run.seq} tokens from a fixed random Markov chain (loss floor ~1.28), AdamW lr "
-              f"{run.lr} (20 warm-up steps), the same data and initial weights for every run. Final loss = mean "
+              f"{run.lr} (20 warm-up steps) on "
+              + ("fp32 master weights (`MasterWeights`)" if master else "the parameters themselves (--bf16-optimizer)")
+              + ", the same data and initial weights for every run. Final loss = mean "
               f"next-token loss of the last {max(1, int(math.ceil(LAST * run.steps)))} steps.", "",
               "| run | steps | tokens | first loss | final loss | vs bf16 | target | wall s |",
               "|---|---|---|---|---|---|---|---|"]
@@ -284,6 +296,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (about a minute)")
     ap.add_argument("--skip-layer", action="store_true")
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--bf16-optimizer", action="store_true",
+                    help="AdamW on the bf16 parameters themselves (the old runs; no fp32 master weights)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.quick
     device = torch.device("cuda" if cuda else "cpu")
@@ -297,7 +311,7 @@ def main() -> None:
     parts = [] if args.skip_layer else [lambda s=s: bench_layer(s, dtype, device, args.quick)
                                         for s in (QUICK_SHAPES if args.quick else SHAPES)]
     if not args.skip_training:
-        parts.append(lambda: curves.update(bench_training(run, dtype, device)))
+        parts.append(lambda: curves.update(bench_training(run, dtype, device, not args.bf16_optimizer)))
     for part in parts:  # each part runs on even if an earlier one fails: one device call yields a table
         try:
             part()
@@ -306,7 +320,7 @@ def main() -> None:
             traceback.print_exc()
         if cuda:
             torch.cuda.empty_cache()
-    report(Path(args.out), env, args.quick, dtype, run, curves, time.time() - t0)
+    report(Path(args.out), env, args.quick, dtype, run, curves, time.time() - t0, not args.bf16_optimizer)
 
 
 if __name__ == "__main__":

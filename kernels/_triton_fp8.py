@@ -13,7 +13,8 @@ import triton.language as tl
 
 from .fp8 import FP8_DTYPE, num_tiles
 
-__all__ = ["quantize_fp8_triton", "dequantize_fp8_triton", "round_e4m3", "quantize_tiles"]
+__all__ = ["quantize_fp8_triton", "dequantize_fp8_triton", "silu_mul_quantize_fp8_triton", "round_e4m3",
+           "quantize_tiles"]
 
 # 1.5 * 2^23: adding and subtracting it rounds |v| < 2^22 to an integer (ties to even). A constexpr, since
 # jitted code may read no other globals.
@@ -52,6 +53,22 @@ def _quant_tiles_kernel(x_ptr, q_ptr, s_ptr, H, n_tiles, stride_x, stride_q,
     m = cols < H
     x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
     codes, scale = quantize_tiles(x, TINY)
+    tl.store(q_ptr + row * stride_q + cols, codes.to(tl.float8e4nv), mask=m)
+    tl.store(s_ptr + row * n_tiles + tiles, scale, mask=tiles < n_tiles)
+
+
+@triton.jit
+def _silu_mul_quant_kernel(h_ptr, q_ptr, s_ptr, F, n_tiles, stride_h, stride_q,
+                           TILE: tl.constexpr, TPP: tl.constexpr, TINY: tl.constexpr):
+    # SwiGLU's activation straight from the gate/up GEMM output h [M, 2F] (gate columns, then up) to the
+    # down projection's FP8 operand: one read of h, no float32 intermediates in memory.
+    row = tl.program_id(0).to(tl.int64)
+    tiles = tl.program_id(1) * TPP + tl.arange(0, TPP)
+    cols = tiles[:, None] * TILE + tl.arange(0, TILE)[None, :]
+    m = cols < F
+    gate = tl.load(h_ptr + row * stride_h + cols, mask=m, other=0.0).to(tl.float32)
+    up = tl.load(h_ptr + row * stride_h + F + cols, mask=m, other=0.0).to(tl.float32)
+    codes, scale = quantize_tiles(gate / (1.0 + tl.exp(-gate)) * up, TINY)
     tl.store(q_ptr + row * stride_q + cols, codes.to(tl.float8e4nv), mask=m)
     tl.store(s_ptr + row * n_tiles + tiles, scale, mask=tiles < n_tiles)
 
@@ -107,6 +124,20 @@ def quantize_fp8_triton(x: torch.Tensor, tile: int | None) -> tuple[torch.Tensor
     grid = (N, triton.cdiv(num_tiles(H, tile), tpp))
     _quant_tiles_kernel[grid](x, q, s, H, s.shape[1], x.stride(0), q.stride(0), TILE=tile, TPP=tpp,
                               TINY=1e-30)
+    return q, s
+
+
+def silu_mul_quantize_fp8_triton(h: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if h.stride(1) != 1:
+        h = h.contiguous()
+    if tile & (tile - 1):
+        raise ValueError(f"tile: the Triton path needs a power-of-two tile, got {tile}")
+    M, F = h.shape[0], h.shape[1] // 2
+    q = torch.empty((M, F), dtype=FP8_DTYPE, device=h.device)
+    s = torch.empty((M, num_tiles(F, tile)), dtype=torch.float32, device=h.device)
+    tpp = _tiles_per_program(F, tile)
+    _silu_mul_quant_kernel[(M, triton.cdiv(num_tiles(F, tile), tpp))](h, q, s, F, s.shape[1], h.stride(0),
+                                                                       q.stride(0), TILE=tile, TPP=tpp, TINY=1e-30)
     return q, s
 
 

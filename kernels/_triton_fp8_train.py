@@ -3,7 +3,8 @@
     quantize_dual_triton(x [M, N])  -> q [M, N] with scales [M, N/128]  (1 x 128 tiles along N: forward and
                                        input-gradient GEMMs) and qT [N, M] with scales [N, M/128] (128 x 1 tiles
                                        along M, stored transposed: the weight-gradient GEMM)
-    quantize_blocks_triton(w [S, N, K]) -> q [S, N, K], scales [S, N/128, K/128]
+    quantize_blocks_triton(w [S, N, K]) -> q [S, N, K], scales [S, N/128, K/128] (and qT [S, K, N], the same
+                                           codes transposed: the input-gradient GEMM's K-major operand)
 
 One program per 128 x 128 tile: it reads the tile once, takes the amax of every row and of every column of it,
 and writes the codes of each orientation (the same rounding as `_triton_fp8.quantize_tiles`, so the codes equal
@@ -47,7 +48,8 @@ def _quant_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, N, stride_x, n_ti
 
 
 @triton.jit
-def _quant_blocks_kernel(w_ptr, q_ptr, s_ptr, N, K, nb, kb, T: tl.constexpr, TINY: tl.constexpr):
+def _quant_blocks_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, N, K, nb, kb, T: tl.constexpr, TINY: tl.constexpr,
+                         TRANS: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
     bn = tl.program_id(1)
     bk = tl.program_id(2)
@@ -56,7 +58,10 @@ def _quant_blocks_kernel(w_ptr, q_ptr, s_ptr, N, K, nb, kb, T: tl.constexpr, TIN
     offs = g * N * K + rows[:, None] * K + cols[None, :]
     w = tl.load(w_ptr + offs).to(tl.float32)
     scale = tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), TINY) / 448.0
-    tl.store(q_ptr + offs, _codes(w, scale))
+    codes = _codes(w, scale)
+    tl.store(q_ptr + offs, codes)
+    if TRANS:  # FP8 tensor cores take operands contiguous along the reduced dim: the input gradient's is N
+        tl.store(qt_ptr + g * N * K + cols[:, None] * N + rows[None, :], tl.trans(codes))
     tl.store(s_ptr + (g * nb + bn) * kb + bk, scale)
 
 
@@ -74,11 +79,12 @@ def quantize_dual_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return q, s, qt, st
 
 
-def quantize_blocks_triton(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blocks_triton(w: torch.Tensor, transposed: bool = False) -> tuple[torch.Tensor, ...]:
     w = w.contiguous()
     S, N, K = w.shape
     nb, kb = N // _T, K // _T
     q = torch.empty((S, N, K), dtype=FP8_DTYPE, device=w.device)
     s = torch.empty((S, nb, kb), dtype=torch.float32, device=w.device)
-    _quant_blocks_kernel[(S, nb, kb)](w, q, s, N, K, nb, kb, T=_T, TINY=1e-30, num_warps=8)
-    return q, s
+    qt = torch.empty((S, K, N), dtype=FP8_DTYPE, device=w.device) if transposed else q
+    _quant_blocks_kernel[(S, nb, kb)](w, q, s, qt, N, K, nb, kb, T=_T, TINY=1e-30, TRANS=transposed, num_warps=8)
+    return (q, s, qt) if transposed else (q, s)

@@ -34,6 +34,7 @@ __all__ = [
     "FP8BlockWeights",
     "quantize_weights_fp8",
     "quantize_weights_fp8_blockwise",
+    "quantize_weights_fp8_blockwise_pair",
     "scaled_grouped_mm_blockwise",
     "grouped_mm",
     "scaled_grouped_mm",
@@ -93,6 +94,19 @@ def quantize_weights_fp8_blockwise(w: torch.Tensor) -> FP8BlockWeights:
     q, scale = quantize_fp8(blocks.reshape(S * nb * kb, WEIGHT_BLOCK * WEIGHT_BLOCK), tile=None)
     q = q.view(S, nb, kb, WEIGHT_BLOCK, WEIGHT_BLOCK).permute(0, 1, 3, 2, 4).reshape(S, N, K)
     return FP8BlockWeights(q.contiguous(), scale.view(S, nb, kb))
+
+
+def quantize_weights_fp8_blockwise_pair(w: torch.Tensor) -> tuple[FP8BlockWeights, FP8BlockWeights]:
+    """(w's FP8BlockWeights, the transposed ones [S, K, N] stored contiguously): `wb.t()`'s values, but laid out
+    for the input-gradient GEMM. FP8 tensor cores take both operands contiguous along the reduced dim, and
+    reading `wb.t()` through its strides makes the GEMM transpose every weight tile on chip."""
+    if use_triton("auto", w) and w.dim() == 3 and not (w.shape[1] % WEIGHT_BLOCK or w.shape[2] % WEIGHT_BLOCK):
+        from ._triton_fp8_train import quantize_blocks_triton
+
+        q, scale, qt = quantize_blocks_triton(w, transposed=True)
+        return FP8BlockWeights(q, scale), FP8BlockWeights(qt, scale.transpose(1, 2))
+    wb = quantize_weights_fp8_blockwise(w)
+    return wb, FP8BlockWeights(wb.q.transpose(1, 2).contiguous(), wb.scale.transpose(1, 2))
 
 
 def scaled_grouped_mm_blockwise(xq: torch.Tensor, x_scale: torch.Tensor, w: FP8BlockWeights,

@@ -16,7 +16,7 @@ import torch
 
 from ._backend import use_triton
 
-__all__ = ["FP8_MAX", "FP8_DTYPE", "quantize_fp8", "dequantize_fp8", "num_tiles"]
+__all__ = ["FP8_MAX", "FP8_DTYPE", "quantize_fp8", "dequantize_fp8", "silu_mul_quantize_fp8", "num_tiles"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -65,6 +65,22 @@ def quantize_fp8(x: torch.Tensor, tile: int | None = 128,
 
         return quantize_fp8_triton(x, tile)
     return quantize_fp8_reference(x, tile)
+
+
+def silu_mul_quantize_fp8(h: torch.Tensor, tile: int = 128,
+                          impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """SwiGLU's activation of a gate/up product h [M, 2F] (gate columns first), quantised like `quantize_fp8`:
+    quantize_fp8(silu(gate) * up, tile) computed in float32, in one pass over h on the Triton path (the
+    float32 products of the reference are F-wide intermediates written and read back several times)."""
+    _check(h, tile, "h")
+    if h.shape[1] % 2 or tile is None:
+        raise ValueError(f"h: expected [M, 2F] and a tile width, got {list(h.shape)} and tile {tile}")
+    if h.numel() and use_triton(impl, h):
+        from ._triton_fp8 import silu_mul_quantize_fp8_triton
+
+        return silu_mul_quantize_fp8_triton(h, tile)
+    gate, up = h.float().chunk(2, dim=-1)
+    return quantize_fp8_reference(torch.nn.functional.silu(gate) * up, tile)
 
 
 def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor, tile: int | None = 128,

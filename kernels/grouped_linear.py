@@ -30,7 +30,7 @@ import torch
 from .experts import (
     grouped_mm,
     quantize_weights_fp8,
-    quantize_weights_fp8_blockwise,
+    quantize_weights_fp8_blockwise_pair,
     scaled_grouped_mm,
     scaled_grouped_mm_blockwise,
 )
@@ -65,8 +65,8 @@ def _forward(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, recipe: Re
         return grouped_mm(x, w, offsets), None
     if recipe is Recipe.FP8_BLOCKWISE:  # x's 128 x 1 quantisation is kept for the weight gradient, not x
         xq, xs, xTq, xTs = quantize_fp8_dual(x)
-        wb = quantize_weights_fp8_blockwise(w)
-        return scaled_grouped_mm_blockwise(xq, xs, wb, offsets, x.dtype), (wb, xTq, xTs)
+        wb, wbT = quantize_weights_fp8_blockwise_pair(w)  # backward keeps the transposed codes only
+        return scaled_grouped_mm_blockwise(xq, xs, wb, offsets, x.dtype), (wbT, xTq, xTs)
     xq, xs = quantize_fp8(x, None)
     return scaled_grouped_mm(xq, xs[:, 0], quantize_weights_fp8(w), offsets, x.dtype), None
 
@@ -80,9 +80,9 @@ def _input_grad(g: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, recipe:
 
 def _blockwise_grads(g: torch.Tensor, offsets: torch.Tensor, saved, need_x: bool, need_w: bool, dtype: torch.dtype):
     """Both gradients of the blockwise recipe from one dual quantisation of g (1 x 128 and 128 x 1 tiles)."""
-    wb, xTq, xTs = saved
+    wbT, xTq, xTs = saved
     gq, gs, gTq, gTs = quantize_fp8_dual(g)
-    dx = scaled_grouped_mm_blockwise(gq, gs, wb.t(), offsets, g.dtype) if need_x else None
+    dx = scaled_grouped_mm_blockwise(gq, gs, wbT, offsets, g.dtype) if need_x else None
     dw = scaled_grouped_wgrad_blockwise(gTq, gTs, xTq, xTs, offsets, dtype) if need_w else None
     return dx, dw
 

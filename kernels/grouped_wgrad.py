@@ -124,7 +124,11 @@ def quantize_fp8_group_cols(x: torch.Tensor, offsets: torch.Tensor) -> tuple[tor
     scales = amax[:S].clamp(min=_TINY) / FP8_MAX
     inv = torch.cat([1.0 / scales, torch.zeros((1, N), device=x.device)])  # rows past the last group -> 0
     q = (x.float() * inv[group]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q.T.contiguous(), scales
+    # torch._scaled_grouped_mm wants every row stride a multiple of 16 bytes, and M (rows padded per group to 16,
+    # plus the other groups' rows) need not be one: Mixtral's 32768 + 8 x 15 crashed. Pad the storage, not M.
+    qT = torch.zeros((N, -(-M // 16) * 16), dtype=FP8_DTYPE, device=x.device)[:, :M]
+    qT.copy_(q.T)
+    return qT, scales
 
 
 def _dequant_cols_blockwise(qT: torch.Tensor, sT: torch.Tensor) -> torch.Tensor:

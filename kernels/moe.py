@@ -37,7 +37,7 @@ from . import autograd
 from .exchange import FP8_TILE, Exchange, Received
 from .expert_map import ExpertMap
 from .experts import FP8BlockWeights, quantize_weights_fp8_blockwise, scaled_grouped_mm_blockwise, swiglu_experts
-from .fp8 import quantize_fp8
+from .fp8 import silu_mul_quantize_fp8
 from .grouped_linear import Recipe, grouped_linear
 from .layout import DispatchLayout, ExpertLayout, build_expert_layout, build_layout
 from .permute import permute, permute_dequant
@@ -125,8 +125,7 @@ class FP8Experts(Experts):
         xq = permute(received.x, el.row_index)
         xs = permute(received.scales, el.row_index)
         h = scaled_grouped_mm_blockwise(xq, xs, self.w13, el.offsets, torch.bfloat16)
-        gate, up = h.float().chunk(2, dim=-1)
-        aq, as_ = quantize_fp8(F.silu(gate) * up, FP8_TILE)
+        aq, as_ = silu_mul_quantize_fp8(h, FP8_TILE)
         return scaled_grouped_mm_blockwise(aq, as_, self.w2, el.offsets, out_dtype)
 
 

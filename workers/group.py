@@ -18,21 +18,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.exceptions import RayActorError, RayTaskError
 
 from expertmesh.placement.plan import Placement, load_plan
 
+from .actors import GroupError, StepTimeout, WorkerActors, WorkerFailure
 from .checkpoint import CheckpointReader
-from .compiled_steps import CompiledSteps
 from .config import ModelConfig, read_model_config
 from .decode_graph import DecodeGraphs
 from .group_config import GroupConfig
@@ -41,37 +37,15 @@ from .model import PackedTokens
 from .plans import PlanMismatchError, check_plan, contiguous_plan
 from .recording import StatsSink
 from .sampling import GREEDY, SamplingParams
-from .worker import NOSET_CVD, ExpertWorker, StepOutput, WorkerSpec
+from .worker import NOSET_CVD, StepOutput, WorkerSpec
 
 __all__ = ["EPGroup", "GroupError", "WorkerFailure", "StepTimeout", "PlanMismatchError", "contiguous_plan"]
 
-_RemoteWorker = ray.remote(ExpertWorker)
-
-
-class GroupError(RuntimeError):
-    """The group cannot serve (any more); create a new one."""
-
-
-class WorkerFailure(GroupError):
-    """A worker died or raised during a call; the group has been torn down."""
-
-
-class StepTimeout(GroupError):
-    """A call did not finish within its timeout; the group has been torn down."""
-
-
-def _cause(err: Exception) -> BaseException:
-    """The worker-side exception inside a RayTaskError (so callers see ValueError, not a wrapper)."""
-    if isinstance(err, RayTaskError):
-        cause = getattr(err, "cause", None)
-        if isinstance(cause, BaseException):
-            return cause
-    return err
-
 
 class EPGroup:
-    def __init__(self, actors: list, pg, config: GroupConfig, cfg: ModelConfig, plan: Placement) -> None:
-        self._actors, self._pg = actors, pg
+    def __init__(self, workers: WorkerActors, config: GroupConfig, cfg: ModelConfig, plan: Placement) -> None:
+        self._workers = workers
+        self._actors, self._compiled = workers.actors, workers.compiled
         self.config, self.model_config, self.plan = config, cfg, plan
         self.model_dir, self.device = config.model, config.device
         self.step_timeout_s = config.timeouts.step_s
@@ -80,8 +54,6 @@ class EPGroup:
         self.infos: list[dict] = []
         self.ledger = SequenceLedger(config.kv_block_size, [])  # budgets arrive with the workers' setup
         self.steps = 0
-        self._compiled = CompiledSteps(actors)
-        self._broken: str | None = None
 
     @classmethod
     def create(cls, config: GroupConfig | str | Path, *, plan: Placement | None = None,
@@ -119,34 +91,15 @@ class EPGroup:
     @classmethod
     def _start(cls, config: GroupConfig, cfg: ModelConfig, plan: Placement, num_workers: int,
                sink: StatsSink | None) -> EPGroup:
-        timeouts = config.timeouts
-        bundle = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.device == "cuda" else {})}
-        pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy=config.placement_strategy)
-        try:
-            ray.get(pg.ready(), timeout=timeouts.setup_s)
-        except GetTimeoutError:
-            remove_placement_group(pg)
-            raise GroupError(
-                f"placement group: {num_workers} bundles of {bundle} ({config.placement_strategy}) could not be "
-                f"scheduled within {timeouts.setup_s:.0f} s; cluster resources: {ray.cluster_resources()}"
-            ) from None
-        actors = [
-            _RemoteWorker.options(
-                num_cpus=config.cpus_per_worker,
-                num_gpus=1 if config.device == "cuda" else 0,
-                max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-            ).remote(rank, num_workers)
-            for rank in range(num_workers)
-        ]
-        group = cls(actors, pg, config, cfg, plan)
-        addr, port = group._call([actors[0].rendezvous_address.remote()], timeouts.setup_s, "rendezvous")[0]
+        group = cls(WorkerActors.start(config, num_workers), config, cfg, plan)
+        setup_s = config.timeouts.setup_s
+        addr, port = group._workers.call([group._actors[0].rendezvous_address.remote()], setup_s, "rendezvous")[0]
         spec = WorkerSpec(config=config, plan=plan, master_addr=addr, master_port=port, sink=sink)
-        group.infos = group._call([a.setup.remote(spec) for a in actors], timeouts.setup_s, "setup")
+        group.infos = group._workers.call([a.setup.remote(spec) for a in group._actors], setup_s, "setup")
+        group._workers.pids = [info["pid"] for info in group.infos]
         group.ledger = SequenceLedger(config.kv_block_size, [info["kv_blocks"] for info in group.infos])
         return group
 
-    # ---- calls with failure handling -----------------------------------------------------------
     @property
     def num_workers(self) -> int:
         return len(self._actors)
@@ -154,128 +107,16 @@ class EPGroup:
     @property
     def usable(self) -> bool:
         """False once a failure or `shutdown` has torn the group down."""
-        return self._broken is None
-
-    def _check_usable(self) -> None:
-        if self._broken is not None:
-            raise GroupError(f"this group is unusable ({self._broken}); create a new one with EPGroup.create")
-
-    def _call(self, refs: list, timeout_s: float, what: str) -> list:
-        """Wait for one call per worker; on the first failure or at the timeout, tear the group down.
-
-        Each result is fetched once, as it arrives (a decode step is short enough for every extra Ray
-        round trip to show); the last one outstanding is fetched without a `ray.wait` before it.
-        """
-        deadline = time.monotonic() + timeout_s
-        results: dict[int, object] = {}
-        pending = list(refs)
-        while pending:
-            left = max(deadline - time.monotonic(), 0)
-            ready = pending[:1]
-            if len(pending) > 1:
-                ready, pending = ray.wait(pending, num_returns=1, timeout=left)
-            else:
-                pending = []
-            if not ready:
-                self._timed_out(what, [refs.index(r) for r in pending], timeout_s)
-            rank = refs.index(ready[0])
-            try:
-                results[rank] = ray.get(ready[0], timeout=left)
-            except GetTimeoutError:
-                self._timed_out(what, [rank], timeout_s)
-            except (RayActorError, RayTaskError) as err:
-                self._failed(what, rank, err)
-        return [results[i] for i in range(len(refs))]
-
-    def _timed_out(self, what: str, stuck: list[int], timeout_s: float) -> NoReturn:
-        self._teardown(f"{what} timed out")
-        raise StepTimeout(f"{what}: workers {stuck} did not answer within {timeout_s:.0f} s; the group was torn down")
-
-    def _failed(self, what: str, rank: int, err: Exception) -> NoReturn:
-        """Tear down after worker `rank` died or raised; a bad-input error keeps its own type and message.
-
-        A worker's collective fails as soon as a peer's process is gone, often before Ray reports the
-        death, so a worker that raised anything but bad input is blamed only when no peer is dead.
-        """
-        cause = _cause(err)
-        if not isinstance(err, RayActorError) and not isinstance(cause, (ValueError, KeyError, TypeError)):
-            dead = self._dead_ranks()
-            if dead:
-                rank, err = dead[0]
-        if isinstance(err, RayActorError):
-            self._teardown(f"worker {rank} died during {what}")
-            raise WorkerFailure(
-                f"{what}: worker {rank} died ({type(err).__name__}); the group was torn down, "
-                f"create a new one with EPGroup.create"
-            ) from err
-        self._teardown(f"worker {rank} failed during {what}")
-        if isinstance(cause, (ValueError, KeyError, TypeError)):
-            raise cause from err  # bad input: the worker's own error names the field
-        raise WorkerFailure(f"{what}: worker {rank} raised {type(cause).__name__}: {cause}") from err
-
-    # ---- steps through a compiled graph ---------------------------------------------------------
-    def _graph_call(self, args: list[tuple], timeout_s: float, what: str) -> list:
-        refs = self._compiled.execute(args)
-        try:
-            # All at once: a worker that dies or raises fails the whole get at once, even while the
-            # others still wait for it inside a collective.
-            return ray.get(refs, timeout=timeout_s)
-        except TimeoutError:  # RayChannelTimeoutError
-            self._timed_out(what, list(range(len(refs))), timeout_s)
-        except (RayActorError, RayTaskError) as err:
-            self._failed(what, self._rank_of(err), err)
-
-    def _rank_of(self, err: Exception) -> int:
-        """The rank of the worker an error came from, by actor id or process id (-1 when Ray says neither)."""
-        actor_id = getattr(err, "actor_id", None)
-        for rank, actor in enumerate(self._actors):
-            if actor_id is not None and actor._actor_id.hex() == str(actor_id):
-                return rank
-        pid = getattr(err, "pid", None)
-        pids = self.pids()
-        return pids.index(pid) if pid in pids else -1
-
-    def _dead_ranks(self, timeout_s: float = 5.0) -> list[tuple[int, RayActorError]]:
-        """The workers found dead by a ping within `timeout_s`, each with Ray's error (first found first).
-
-        A worker busy inside a compiled graph's loop does not answer, which is not death; the wait ends
-        at the first dead worker found.
-        """
-        pings = [actor.__ray_ready__.remote() for actor in self._actors]
-        deadline = time.monotonic() + timeout_s
-        pending, dead = list(pings), []
-        while pending and not dead:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
-            if not ready:
-                break
-            try:
-                ray.get(ready[0], timeout=0)
-            except RayActorError as err:
-                dead.append((pings.index(ready[0]), err))
-            except Exception:  # noqa: BLE001 - anything else is not death
-                pass
-        return dead
-
-    def _release_graph(self) -> None:
-        self._compiled.release()
-
-    def _teardown(self, reason: str) -> None:
-        self._broken = reason
-        for actor in self._actors:
-            with contextlib.suppress(Exception):  # already gone
-                ray.kill(actor, no_restart=True)
-        self._release_graph()  # after the kill: a graph waiting on a dead or stuck worker returns at once
-        with contextlib.suppress(Exception):
-            remove_placement_group(self._pg)
+        return self._workers.broken is None
 
     def shutdown(self) -> None:
         """Flush statistics, leave the process group and stop every worker (idempotent)."""
-        if self._broken is None:
-            self._release_graph()
+        if self._workers.broken is None:
+            self._compiled.release()
             with contextlib.suppress(GroupError):
-                self._call([a.shutdown.remote() for a in self._actors], 60.0, "shutdown")
-        if self._broken is None:
-            self._teardown("shut down")
+                self._workers.call([a.shutdown.remote() for a in self._actors], 60.0, "shutdown")
+        if self._workers.broken is None:
+            self._workers.teardown("shut down")
 
     def __enter__(self) -> EPGroup:
         return self
@@ -294,7 +135,7 @@ class EPGroup:
                  routed: bool = False, free: Sequence[int] = ()) -> list[tuple]:
         """Check a step and build each worker's `step` arguments (nothing is sent or recorded, except that
         the ledger forgets `free`, whose workers drop them at the start of the step)."""
-        self._check_usable()
+        self._workers.check_usable()
         freed = self.ledger.drop(free) if len(free) else {}
         try:
             checked = pack_inputs(inputs, self.ledger, self.model_config.vocab_size, self.max_tokens)
@@ -341,9 +182,9 @@ class EPGroup:
         args = self._prepare(inputs, sampling, return_logits, measure, pause_s, score)
         what = f"step {self.steps}"
         if self.compiled_steps:
-            outputs = self._graph_call(args, self.step_timeout_s, what)
+            outputs = self._workers.graph_call(args, self.step_timeout_s, what)
         else:
-            outputs = self._call([a.step.remote(*x) for a, x in zip(self._actors, args, strict=True)],
+            outputs = self._workers.call([a.step.remote(*x) for a, x in zip(self._actors, args, strict=True)],
                                  self.step_timeout_s, what)
         self.ledger.commit(inputs)
         self.steps += 1
@@ -368,7 +209,7 @@ class EPGroup:
         args = self._prepare(inputs, sampling, return_logits, False, None, score, routed, free)
         what = f"step {self.steps}"
         if self.compiled_steps:
-            outputs = await asyncio.to_thread(self._graph_call, args, self.step_timeout_s, what)
+            outputs = await asyncio.to_thread(self._workers.graph_call, args, self.step_timeout_s, what)
         else:
             outputs = await self._gather([a.step.remote(*x) for a, x in zip(self._actors, args, strict=True)],
                                          what)
@@ -381,11 +222,11 @@ class EPGroup:
         try:
             return await asyncio.wait_for(asyncio.gather(*refs), self.step_timeout_s)
         except TimeoutError:
-            await asyncio.to_thread(self._timed_out, what, list(range(len(refs))), self.step_timeout_s)
+            await asyncio.to_thread(self._workers.timed_out, what, list(range(len(refs))), self.step_timeout_s)
         except (RayActorError, RayTaskError) as err:
             # Finding the dead worker and tearing down block on Ray for up to seconds: not on the event loop,
             # where other replicas' streams run.
-            await asyncio.to_thread(self._failed, what, self._rank_of(err), err)
+            await asyncio.to_thread(self._workers.failed, what, self._workers.rank_of(err), err)
 
     def _group_batch(self, checked: list[PackedTokens], measure: bool) -> int:
         """The largest worker batch when every worker's step is decode-only (else 0): the workers then run
@@ -407,31 +248,31 @@ class EPGroup:
 
         The sequences must be new; they are freed afterwards, and nothing is recorded as statistics.
         """
-        self._check_usable()
+        self._workers.check_usable()
         for batch in inputs:
             for seq, _ in batch:
                 if int(seq) in self.home:
                     raise ValueError(f"inputs: replay needs new sequences, {seq} is live")
         checked = pack_inputs(inputs, self.ledger, self.model_config.vocab_size, self.max_tokens)
-        self._release_graph()  # model work and collectives on the actors' own thread: not beside the graph's
+        self._compiled.release()  # model work and collectives on the actors' own thread: not beside the graph's
         refs = [
             actor.replay.remote(batch, np.asarray(ids, dtype=np.int32), measure)
             for actor, batch, ids in zip(self._actors, checked, topk_ids, strict=True)
         ]
-        return self._call(refs, self.step_timeout_s, f"replay {self.steps}")
+        return self._workers.call(refs, self.step_timeout_s, f"replay {self.steps}")
 
     def free(self, seq_ids: Sequence[int]) -> None:
         """Drop finished sequences from their home workers (unknown ids are ignored)."""
-        self._check_usable()
+        self._workers.check_usable()
         by_rank = self.ledger.drop(seq_ids)
         refs = [self._actors[r].free.remote(ids) for r, ids in by_rank.items()]
         if refs:
-            self._call(refs, self.step_timeout_s, "free")
+            self._workers.call(refs, self.step_timeout_s, "free")
 
     def free_async(self, seq_ids: Sequence[int]) -> Awaitable[None]:
         """`free` for an asyncio loop: the ledger forgets the sequences and the calls are sent now (each
         worker runs them before any later step); await the result to see a failure."""
-        self._check_usable()
+        self._workers.check_usable()
         by_rank = self.ledger.drop(seq_ids)
         return self._gather([self._actors[r].free.remote(ids) for r, ids in by_rank.items()], "free")
 
@@ -461,32 +302,32 @@ class EPGroup:
 
     def apply_plan(self, plan: Placement | str | Path) -> None:
         """Re-place experts at a step boundary: every worker reads the experts the new plan gives it."""
-        self._check_usable()
+        self._workers.check_usable()
         if isinstance(plan, (str, Path)):
             plan = load_plan(plan)
         check_plan(plan, self.model_config, self.num_workers, self.model_dir)
-        self._release_graph()
-        self.infos = self._call([a.apply_plan.remote(plan) for a in self._actors], self.step_timeout_s,
+        self._compiled.release()
+        self.infos = self._workers.call([a.apply_plan.remote(plan) for a in self._actors], self.step_timeout_s,
                                 "apply_plan")
         self.plan = plan
 
     def set_exchange(self, kind: str, max_tokens: int = 0) -> None:
         """Switch every worker's dispatch/combine implementation at a step boundary."""
-        self._check_usable()
+        self._workers.check_usable()
         config = self.config.replace(exchange=kind, max_tokens=max_tokens)  # validates the pair
-        self._release_graph()
-        self._call([a.set_exchange.remote(kind, max_tokens) for a in self._actors], self.step_timeout_s,
+        self._compiled.release()
+        self._workers.call([a.set_exchange.remote(kind, max_tokens) for a in self._actors], self.step_timeout_s,
                    "set_exchange")
         self.config = config
         self.max_tokens = max_tokens if kind == "symm_mem" else 0
 
     def worker_info(self) -> list[dict]:
-        self._check_usable()
-        return self._call([a.info.remote() for a in self._actors], self.step_timeout_s, "info")
+        self._workers.check_usable()
+        return self._workers.call([a.info.remote() for a in self._actors], self.step_timeout_s, "info")
 
     def flush_stats(self) -> None:
-        self._check_usable()
-        self._call([a.flush_stats.remote() for a in self._actors], self.step_timeout_s, "flush_stats")
+        self._workers.check_usable()
+        self._workers.call([a.flush_stats.remote() for a in self._actors], self.step_timeout_s, "flush_stats")
 
     def pids(self) -> list[int]:
         return [info["pid"] for info in self.infos]

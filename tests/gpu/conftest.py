@@ -6,8 +6,18 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# The GPU tests reuse the CPU tests' check modules (tests/kernels/*_checks.py, kernel_cases.py), and never use
+# NVLink multicast (a shared NVSwitch host): both set here, before any test module imports.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
 
 @pytest.fixture(scope="session")

@@ -8,30 +8,18 @@ Run (on a machine with GPUs): pytest tests/gpu/test_hedge_gpu.py
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from datetime import timedelta
-from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import triton_checks as tc  # tests/kernels, on the path through tests/gpu/conftest.py
+from kernel_cases import expert_weights, naive_moe, random_phy2log
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-]
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
-os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast (shared NVSwitch host)
-os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-
-import numpy as np  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-import triton_checks as tc  # noqa: E402
-from kernel_cases import expert_weights, naive_moe, random_phy2log  # noqa: E402
-
-from expertmesh.kernels import (  # noqa: E402
+from expertmesh.kernels import (
     AllToAllExchange,
     DenseExperts,
     ExpertMap,
@@ -40,7 +28,12 @@ from expertmesh.kernels import (  # noqa: E402
     expert_counts,
     moe_forward,
 )
-from expertmesh.placement import routing  # noqa: E402
+from expertmesh.placement import routing
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 DEV = "cuda"
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

@@ -9,15 +9,11 @@ against the loop on CPU) at long ones; tolerances as in tests/kernels/paged_chec
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
 
 import paged_checks as pc  # noqa: E402
 

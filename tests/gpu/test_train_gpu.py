@@ -11,10 +11,8 @@ Run (on a machine with GPUs): pytest tests/gpu/test_train_gpu.py
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +22,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
-os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast (shared NVSwitch host)
-os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
 import bwd_checks as bc  # noqa: E402
 import torch.distributed as dist  # noqa: E402

@@ -26,6 +26,7 @@ from expertmesh.kernels import (
     scaled_grouped_mm_blockwise,
     swiglu_experts,
 )
+from expertmesh.kernels.experts import quantize_weights_fp8_blockwise_pair
 from expertmesh.kernels.grouped_wgrad import grouped_wgrad, quantize_fp8_cols, scaled_grouped_wgrad_blockwise
 from expertmesh.kernels.permute import unpermute_combine_backward
 
@@ -89,15 +90,21 @@ def check_fp8_wgrad_blockwise(device: str, counts: list[int], N: int, K: int) ->
 
 
 def check_fp8_dgrad_transposed_weights(device: str, counts: list[int], N: int, K: int) -> None:
-    """dx = dy @ w through the forward kernel reading the 128 x 128 blocks transposed (no copy)."""
+    """dx = dy @ w through the forward kernel, reading the 128 x 128 blocks transposed (a view, no copy) and from
+    the contiguous transposed codes that `quantize_weights_fp8_blockwise_pair` writes in the same pass."""
     gen = torch.Generator().manual_seed(N * K)
     offsets = torch.tensor(counts).cumsum(0).to(torch.int32).to(device)
-    w = quantize_weights_fp8_blockwise(torch.randn(len(counts), N, K, generator=gen).to(device))
+    w32 = torch.randn(len(counts), N, K, generator=gen).to(device)
+    w = quantize_weights_fp8_blockwise(w32)
+    wb, wbT = quantize_weights_fp8_blockwise_pair(w32)
+    assert wbT.q.is_contiguous() and wbT.q.shape == (len(counts), K, N)
+    assert torch.equal(wbT.q.float(), w.t().q.float()) and torch.equal(wbT.scale, w.t().scale)
+    assert torch.equal(wb.q.float(), w.q.float()) and torch.equal(wb.scale, w.scale)
     dy = torch.randn(sum(counts), N, generator=gen).to(device)
     q, s = quantize_fp8(dy, 128)
-    fast = scaled_grouped_mm_blockwise(q, s, w.t(), offsets, torch.float32, impl="triton")
     ref = scaled_grouped_mm_blockwise(q, s, w.t(), offsets, torch.float32, impl="torch")
-    _close(fast, ref, _fp8_rel(device))
+    for wt in (w.t(), wbT):
+        _close(scaled_grouped_mm_blockwise(q, s, wt, offsets, torch.float32, impl="triton"), ref, _fp8_rel(device))
 
 
 def symm_loopback_backward(device: str, G: int, k: int, E: int, S: int, tokens: list[int], fp8: bool,

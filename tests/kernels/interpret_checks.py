@@ -29,6 +29,11 @@ def test_unpermute_combine(N, K, dtype, weighted):
     tc.check_unpermute_combine("cpu", N, K, 200, dtype, weighted)
 
 
+@pytest.mark.parametrize("M,F", [(1, 128), (9, 384), (3, 200)])
+def test_silu_mul_quantize(M, F):
+    tc.check_silu_mul_quantize("cpu", M, F)
+
+
 @pytest.mark.parametrize("N,H,tile", [(1, 128, 128), (33, 300, 128), (5, 1024, 128), (33, 200, None),
                                       (2, 64, 64)])
 def test_fp8(N, H, tile):

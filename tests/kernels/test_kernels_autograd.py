@@ -210,3 +210,17 @@ def test_gloo_gradients_equal_dense_reference(G):
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_worker, args=(G, os.path.join(tmp, "rendezvous")), nprocs=G, join=True,
                            start_method="fork")
+
+
+def test_rowwise_wgrad_operands_have_16_byte_row_strides():
+    """torch._scaled_grouped_mm rejects a transposed FP8 operand [N, M] whose row stride is not a multiple of 16
+    bytes; M is any row count (Mixtral's 32768 pairs + 8 groups x 15 padding rows crashed), so storage is padded."""
+    from expertmesh.kernels.grouped_wgrad import quantize_fp8_group_cols
+
+    x = torch.randn(37, 24)
+    offsets = torch.tensor([16, 32], dtype=torch.int32)
+    qT, scales = quantize_fp8_group_cols(x, offsets)
+    assert qT.shape == (24, 37) and qT.stride() == (48, 1)
+    assert torch.all(qT[:, 32:].float() == 0)  # rows past the last group get code 0
+    back = qT[:, :32].float().T * torch.repeat_interleave(scales, 16, dim=0)
+    assert torch.all((back - x[:32]).abs() <= x[:32].abs() * 2.0 ** -4 * 1.001 + scales.max() * 2.0 ** -9)

@@ -29,6 +29,7 @@ from expertmesh.kernels import (
     unpermute_combine,
 )
 from expertmesh.kernels.exchange import FP8_TILE
+from expertmesh.kernels.fp8 import silu_mul_quantize_fp8
 from expertmesh.kernels.replicas import balanced_split, split_order
 from expertmesh.placement import routing
 
@@ -84,6 +85,26 @@ def check_fp8(device: str, N: int, H: int, tile: int | None) -> None:
         torch.testing.assert_close(permute_dequant(q, s, index, tile, torch.float32, impl="triton"),
                                    permute_dequant(q, s, index, tile, torch.float32, impl="torch"),
                                    rtol=0, atol=0)
+
+
+def check_silu_mul_quantize(device: str, M: int, F: int) -> None:
+    """The fused SwiGLU activation + 1 x 128 quantiser against silu(gate) * up quantised by the reference."""
+    gen = torch.Generator().manual_seed(M + F)
+    h = (torch.randn(M, 2 * F, generator=gen) * 3).to(device, torch.bfloat16)
+    if M > 2:
+        h[1] = 0  # an all-zero row: tiny scale, zero codes
+    q, s = silu_mul_quantize_fp8(h, FP8_TILE, impl="triton")
+    qr, sr = silu_mul_quantize_fp8(h, FP8_TILE, impl="torch")
+    assert q.shape == (M, F) and q.dtype == FP8_DTYPE and s.shape == sr.shape
+    # exp in Triton and torch's silu may differ by an ulp: scales to 1e-5, codes within one E4M3 step
+    torch.testing.assert_close(s, sr, rtol=1e-5, atol=1e-38)
+    back, ref = (dequantize_fp8(a, b, FP8_TILE, torch.float32, impl="torch") for a, b in ((q, s), (qr, sr)))
+    step = torch.repeat_interleave(sr, FP8_TILE, dim=1)[:, :F] * 2.0 ** -9
+    assert torch.all((back - ref).abs() <= ref.abs() * 2.0 ** -3 + step)
+    assert float((back != ref).float().mean()) < 0.01  # ties only: a wrong column or scale moves most codes
+    gate, up = h.float().chunk(2, dim=-1)
+    act = torch.nn.functional.silu(gate) * up
+    assert torch.all((back - act).abs() <= act.abs() * 2.0 ** -4 * 1.001 + step)  # the format's bound
 
 
 def check_grouped_fp8_blockwise(device: str, counts: list[int], N: int, K: int, extra_rows: int = 3) -> None:

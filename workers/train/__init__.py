@@ -11,9 +11,10 @@ See `model` for the loss convention and what a data-parallel engine must still r
 
 from .grads import ReplicaPlan, sum_grads, sum_replica_grads
 from .losses import IGNORE_INDEX, LossShares, loss_shares
+from .master import MasterWeights
 from .model import FP8_RECIPES, PRECISIONS, TrainableMoE, TrainOutput, TrainSettings
 
 __all__ = [
     "TrainableMoE", "TrainSettings", "TrainOutput", "PRECISIONS", "FP8_RECIPES", "IGNORE_INDEX",
-    "LossShares", "loss_shares", "ReplicaPlan", "sum_replica_grads", "sum_grads",
+    "LossShares", "loss_shares", "MasterWeights", "ReplicaPlan", "sum_replica_grads", "sum_grads",
 ]

@@ -33,6 +33,7 @@ from expertmesh.placement.plan import Placement
 from ..checkpoint import CheckpointReader, RandomReader
 from ..config import ModelConfig, read_model_config
 from ..families import MoECausalLM
+from ..group_config import EXCHANGES
 from ..moe import make_exchange
 from ..plans import check_plan
 from ..weights import load_expert_shard, module_options, read_parameters
@@ -67,8 +68,8 @@ class TrainSettings:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
         if self.fp8_recipe not in FP8_RECIPES:
             raise ValueError(f"fp8_recipe: expected one of {FP8_RECIPES}, got {self.fp8_recipe!r}")
-        if self.exchange not in ("auto", "all_to_all", "symm_mem"):
-            raise ValueError(f"exchange: expected 'auto', 'all_to_all' or 'symm_mem', got {self.exchange!r}")
+        if self.exchange not in EXCHANGES:
+            raise ValueError(f"exchange: expected one of {EXCHANGES}, got {self.exchange!r}")
         if self.z_loss_coef < 0 or (self.aux_loss_coef is not None and self.aux_loss_coef < 0):
             raise ValueError("aux_loss_coef, z_loss_coef: expected >= 0")
 
