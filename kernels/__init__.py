@@ -26,7 +26,11 @@ call it):
 Which GPU serves a pair: `choose_replicas` (torch port of `expertmesh.placement.routing.choose_replicas`,
 tested equal): the replica on the token's own GPU, else one on its node, else spread by (token index +
 expert) mod replicas. Source = rank, token index = position
-of the token on this rank.
+of the token on this rank. With `emap.replica_rule == "balanced"` (the run-time hedge), `choose_balanced`
+instead: from every rank's pairs per expert (`exchange.gather_counts(expert_counts(topk_ids, E))`, one
+[G, E] all-gather before the layout, done by `moe_forward`; `build_layout(..., counts=...)`), each replicated
+expert's pairs are split over its replicas to balance the GPUs' loads in this batch, locality kept where it
+costs no balance (placement/routing.py states the rule; `choose_balanced` is tested equal to it).
 
 Exact layout (details in `layout.py`, `expert_map.py`):
 - Local expert index = physical slot: local slot s of GPU g is global slot g * S + s of `phy2log[layer]`;
@@ -93,7 +97,7 @@ from .grouped_wgrad import grouped_wgrad
 from .layout import DispatchLayout, ExpertLayout, build_expert_layout, build_layout
 from .moe import DenseExperts, Experts, FP8Experts, PhaseProbe, Precision, TrainableExperts, make_experts, moe_forward
 from .permute import permute, permute_dequant, unpermute_combine, unpermute_combine_backward
-from .replicas import choose_replicas, local_token_index
+from .replicas import REPLICA_RULES, choose_balanced, choose_replicas, expert_counts, local_token_index
 from .symm_exchange import SymmMemExchange
 
 __all__ = [
@@ -112,6 +116,7 @@ __all__ = [
     "LocalExchange",
     "PhaseProbe",
     "Precision",
+    "REPLICA_RULES",
     "Received",
     "Recipe",
     "SymmMemExchange",
@@ -119,8 +124,10 @@ __all__ = [
     "TrainableExperts",
     "build_expert_layout",
     "build_layout",
+    "choose_balanced",
     "choose_replicas",
     "dequantize_fp8",
+    "expert_counts",
     "grouped_linear",
     "grouped_mm",
     "grouped_wgrad",

@@ -22,6 +22,14 @@ FP8 on the wire where dispatch is), and dispatch's backward is a combine of grad
 every received row's gradient back to its source and summed over the token's copies, with each pair's
 weight gradient from the copy that served it).
 
+Counts (the balanced replica rule, `ExpertMap.replica_rule == "balanced"`): before the layout of a layer,
+`moe_forward` calls `gather_counts` with this rank's pairs per expert [E]; every rank gets the same [G, E]
+and derives the same split from it (kernels/replicas.py). One small collective per layer, issued before
+dispatch: `all_gather` on the process group for `AllToAllExchange` and for `SymmMemExchange` (NCCL, which
+a CUDA graph can capture; the symmetric buffers are sized for token rows, and a write-then-barrier of [E]
+ints would cost the same one barrier), nothing on one rank. Its bytes (G x E x 8) are not part of `Traffic`,
+which counts what dispatch and combine carry.
+
 Bytes: `Traffic` records what a call moved per destination rank (the entry of the caller's own rank is
 the local copy, which crosses no link). Its `payload` equals rows x hidden x bytes per element, the
 cost model's `copies x hidden x bytes` exactly; `extra` is the FP8 scales and the routing metadata.
@@ -117,6 +125,11 @@ class Exchange(abc.ABC):
                 layout: DispatchLayout) -> torch.Tensor:
         """[T, H]: for every token, sum_j weight_j * expert_j output, given the expert outputs y [M, H]."""
 
+    def gather_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """int64 [G, E]: every rank's `counts` [E] (this rank's pairs per expert), row r from rank r (collective:
+        every rank calls it, at the same layer). The default gathers over `self.group` with torch.distributed."""
+        return _all_gather_rows(counts, self.world_size, getattr(self, "group", None))
+
     # ---- backward (training) -----------------------------------------------------------------------
     def combine_backward(self, grad_out: torch.Tensor, received: Received, layout: DispatchLayout) -> torch.Tensor:
         """[N, H] in grad_out's dtype: each token's output gradient grad_out [T, H] at every row of `received`
@@ -143,6 +156,15 @@ class Exchange(abc.ABC):
     def _traffic(self, rows: torch.Tensor, hidden: int, elem: int, k: int, fp8: bool) -> Traffic:
         extra_per_row = 8 * k + (4 * num_tiles(hidden, FP8_TILE) if fp8 else 0)  # int32 slot + f32 weight
         return Traffic(rows, hidden * elem, extra_per_row, self.rank)
+
+
+def _all_gather_rows(row: torch.Tensor, world_size: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """[G, n]: `row` [n] of every rank. Into one flat tensor: gloo gathers into a flat output only."""
+    row = row.to(torch.int64).contiguous()
+    out = row.new_empty(world_size * row.numel())
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.11+
+    gather(out, row, group=group)
+    return out.view(world_size, row.numel())
 
 
 def _pack_meta(slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -178,6 +200,9 @@ class LocalExchange(Exchange):
         self.last_dispatch = self._traffic(layout.send_counts, x.shape[1], rows.element_size(),
                                            layout.top_k, self.fp8)
         return Received(rows, scales, slots, weights, layout.send_counts, None, x.dtype)
+
+    def gather_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        return counts.to(torch.int64)[None]
 
     def combine(self, y: torch.Tensor, experts: ExpertLayout, received: Received,
                 layout: DispatchLayout) -> torch.Tensor:

@@ -9,14 +9,20 @@ Notation: E logical experts, G GPUs (= ranks of the EP group), S expert slots pe
                                holding e, -1 where g holds none. A second replica of e on the same GPU gets
                                no tokens (it would not change that GPU's work, only split a GEMM group).
     node_of_gpu  int64 [G]     node of every GPU (GPUs numbered node-major, as in `Topology`)
+    replicated   int64 [R]     experts with replicas on more than one GPU, ascending (known when the map is
+                               built, so the balanced rule's split loop has a static length: no host sync)
+    replica_rule str           which rule serves a replicated expert's pairs ("fixed" | "balanced", see
+                               `expertmesh.placement.routing`); the balanced one needs the ranks' counts
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+
+from .replicas import REPLICA_RULES
 
 __all__ = ["ExpertMap"]
 
@@ -27,6 +33,12 @@ class ExpertMap:
     replicas: torch.Tensor  # int64 [E, G]
     local_slot: torch.Tensor  # int64 [E, G]
     node_of_gpu: torch.Tensor  # int64 [G]
+    replicated: torch.Tensor  # int64 [R]
+    replica_rule: str = "fixed"
+
+    def __post_init__(self) -> None:
+        if self.replica_rule not in REPLICA_RULES:
+            raise ValueError(f"replica_rule: expected one of {REPLICA_RULES}, got {self.replica_rule!r}")
 
     @property
     def num_gpus(self) -> int:
@@ -44,9 +56,18 @@ class ExpertMap:
     def device(self) -> torch.device:
         return self.slot_expert.device
 
+    @property
+    def balanced(self) -> bool:
+        """Whether this layer's pairs take the balanced rule (which needs the ranks' counts) and it matters:
+        some expert has replicas on several GPUs."""
+        return self.replica_rule == "balanced" and self.replicated.numel() > 0
+
     def to(self, device: torch.device | str) -> ExpertMap:
         return ExpertMap(*(t.to(device) for t in (self.slot_expert, self.replicas, self.local_slot,
-                                                   self.node_of_gpu)))
+                                                   self.node_of_gpu, self.replicated)), self.replica_rule)
+
+    def with_rule(self, replica_rule: str) -> ExpertMap:
+        return replace(self, replica_rule=replica_rule)
 
     @classmethod
     def from_phy2log(
@@ -56,6 +77,7 @@ class ExpertMap:
         num_nodes: int = 1,
         num_experts: int | None = None,
         device: torch.device | str = "cpu",
+        replica_rule: str = "fixed",
     ) -> ExpertMap:
         """From one layer's slot map `phy2log` [R]: logical expert per physical slot, slot s on GPU s // S."""
         p = np.asarray(phy2log.cpu() if isinstance(phy2log, torch.Tensor) else phy2log)
@@ -80,13 +102,15 @@ class ExpertMap:
         for s in range(S - 1, -1, -1):
             local_slot[slot_expert[:, s], np.arange(G)] = s
         node_of_gpu = np.arange(G) // (G // num_nodes)
+        replicated = np.flatnonzero((replicas > 0).sum(1) > 1)
         return cls(*(torch.as_tensor(a, dtype=torch.int64, device=device)
-                     for a in (slot_expert, replicas, local_slot, node_of_gpu)))
+                     for a in (slot_expert, replicas, local_slot, node_of_gpu, replicated)), replica_rule)
 
     @classmethod
-    def from_placement(cls, placement, layer: int, device: torch.device | str = "cpu") -> ExpertMap:
+    def from_placement(cls, placement, layer: int, device: torch.device | str = "cpu",
+                       replica_rule: str = "fixed") -> ExpertMap:
         """From `expertmesh.placement.plan.Placement` and a MoE layer index."""
         if not 0 <= layer < placement.num_layers:
             raise ValueError(f"layer: expected 0 <= layer < {placement.num_layers}, got {layer}")
         return cls.from_phy2log(placement.phy2log[layer], placement.num_gpus, placement.num_nodes,
-                                placement.num_experts, device)
+                                placement.num_experts, device, replica_rule)

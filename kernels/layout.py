@@ -6,7 +6,8 @@ per GPU, D = min(k, G) most destinations of one token, N rows received by a rank
 Source side, `DispatchLayout` (built by `build_layout` from top-k ids and an `ExpertMap`):
 
     gpus       int64 [T, k]   rank that serves each (token, expert) pair: `choose_replicas`, source = rank,
-                              token_index = position of the token on this rank
+                              token_index = position of the token on this rank; or, when the map's
+                              replica_rule is "balanced", `choose_balanced` from every rank's counts [G, E]
     slots      int64 [T, k]   local slot on that rank: `ExpertMap.local_slot[expert, gpu]`
     weights    float32 [T, k] top-k weights
     dests      int64 [T, D]   the token's distinct destination ranks, ascending, -1 padded: a token is sent
@@ -40,7 +41,7 @@ import torch
 
 from ._scan import cumsum_first
 from .expert_map import ExpertMap
-from .replicas import choose_replicas
+from .replicas import choose_balanced, choose_replicas
 
 __all__ = ["DispatchLayout", "ExpertLayout", "build_layout", "build_expert_layout"]
 
@@ -134,11 +135,14 @@ def build_layout(
     emap: ExpertMap,
     rank: int,
     token_index: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> DispatchLayout:
     """The source-side layout of this rank's tokens (see the module docstring). No host synchronisation.
 
     topk_ids [T, k] integer expert ids; topk_weights [T, k]; emap on the same device; rank = this GPU's index
     in the EP group (= the source of every token here); token_index [T] overrides the default arange(T).
+    counts int [G, E]: every rank's pairs per expert (`Exchange.gather_counts` of `expert_counts`), needed when
+    `emap.balanced` (the balanced replica rule) and ignored otherwise.
     """
     _check_routing(topk_ids, topk_weights, emap, rank)
     device = topk_ids.device
@@ -156,7 +160,13 @@ def build_layout(
     source = torch.full((T,), rank, dtype=torch.int64, device=device)
     if token_index is None:
         token_index = torch.arange(T, device=device)
-    gpus = choose_replicas(ids, source, emap.replicas, emap.node_of_gpu, token_index)
+    if emap.balanced:
+        if counts is None or tuple(counts.shape) != (G, emap.num_experts):
+            raise ValueError(f"counts: the balanced replica rule needs every rank's pairs per expert "
+                             f"[{G}, {emap.num_experts}], got {None if counts is None else list(counts.shape)}")
+        gpus = choose_balanced(ids, rank, counts, emap.replicas > 0, emap.replicated, emap.node_of_gpu)
+    else:
+        gpus = choose_replicas(ids, source, emap.replicas, emap.node_of_gpu, token_index)
     slots = emap.local_slot[ids, gpus]
     mask = torch.zeros((T, G), dtype=torch.bool, device=device)
     mask.scatter_(1, gpus, True)

@@ -1,13 +1,17 @@
 """The one MoE layer pipeline on one rank: route -> dispatch -> expert compute -> combine.
 
-    layout   = build_layout(topk_ids, topk_weights, emap, rank)        which rank serves each pair
+    counts   = exchange.gather_counts(expert_counts(topk_ids, E))        balanced replica rule only: [G, E]
+    layout   = build_layout(topk_ids, topk_weights, emap, rank, counts=counts)   which rank serves each pair
     received = exchange.dispatch(x, layout)                             one copy per destination rank
     el       = build_expert_layout(received.slots, S, received.valid)   rows grouped by local slot
     y        = experts(received, el)                                    grouped-GEMM SwiGLU over the slots
     out      = exchange.combine(y, el, received, layout)                weighted sum back at home
 
 The runtime (`expertmesh.workers.moe.EPExecutor`), the kernel benchmarks and training call `moe_forward`;
-nothing else strings these steps together. Only `dispatch` and `combine` communicate.
+nothing else strings these steps together. Only `dispatch` and `combine` communicate, plus, under the
+balanced replica rule on a plan with experts replicated across GPUs (`emap.balanced`), the counts' gather
+before the layout: one [G, E] all-gather per layer on every exchange of several ranks; on one rank (the
+single-process model, `LocalExchange`) there is nothing to choose and nothing is gathered.
 
 Precision is data, not a code path of its own: the exchange carries FP8 or not (`Exchange.fp8`), and the
 experts are `DenseExperts` (the activations' dtype) or `FP8Experts` (FP8 E4M3 GEMMs over DeepSeek-V3's
@@ -37,6 +41,7 @@ from .fp8 import silu_mul_quantize_fp8
 from .grouped_linear import Recipe, grouped_linear
 from .layout import DispatchLayout, ExpertLayout, build_expert_layout, build_layout
 from .permute import permute, permute_dequant
+from .replicas import expert_counts
 
 __all__ = ["Precision", "Experts", "DenseExperts", "FP8Experts", "TrainableExperts", "make_experts", "PhaseProbe",
            "moe_forward"]
@@ -203,7 +208,10 @@ def moe_forward(
     train = experts.differentiable and torch.is_grad_enabled()
     if probe is not None:
         probe.start("route")
-    layout = build_layout(topk_ids, topk_weights.detach(), emap, exchange.rank)
+    counts = None
+    if emap.balanced and exchange.world_size > 1:  # the one collective the balanced rule adds, before dispatch
+        counts = exchange.gather_counts(expert_counts(topk_ids, emap.num_experts))
+    layout = build_layout(topk_ids, topk_weights.detach(), emap, exchange.rank, counts=counts)
     if probe is not None:
         probe.start("dispatch")
     received = (autograd.dispatch(exchange, x, topk_weights, layout) if train

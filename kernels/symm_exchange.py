@@ -145,6 +145,7 @@ class SymmMemExchange(Exchange):
         bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=buf.device)
         self._setup(rank, spec, buf, bases, lambda: handle.barrier(channel=0))
         self._handle = handle  # keeps the peer mappings alive
+        self.group = group  # gather_counts (the balanced replica rule) all-gathers over it
 
     @staticmethod
     def _spec(world: int, max_tokens: int, hidden: int, top_k: int, dtype: torch.dtype,
@@ -192,11 +193,22 @@ class SymmMemExchange(Exchange):
         bufs = [torch.zeros(spec.nbytes, dtype=torch.uint8, device=device) for _ in range(world_size)]
         bases = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=device)
         out = []
+        board: dict[int, torch.Tensor] = {}  # gather_counts_send's rows, shared by the G exchanges
         for r in range(world_size):
             ex = cls.__new__(cls)
             ex._setup(r, spec, bufs[r], bases, lambda: None)
+            ex._board = board
             out.append(ex)
         return out
+
+    # ---- counts of the balanced replica rule (loopback: two phases, like the others) -----------------
+    def gather_counts_send(self, counts: torch.Tensor) -> None:
+        """Loopback phase 1 of `gather_counts`: post this rank's row."""
+        self._board[self.rank] = counts.to(torch.int64)
+
+    def gather_counts_recv(self) -> torch.Tensor:
+        """Loopback phase 2 (after every rank's send): [G, E]."""
+        return torch.stack([self._board[r] for r in range(self.world_size)])
 
     # ---- dispatch ----------------------------------------------------------------------------------
     def dispatch(self, x: torch.Tensor, layout: DispatchLayout) -> Received:

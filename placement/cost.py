@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .plan import Placement
-from .routing import choose_replicas, dispatch_counts, local_token_index
+from .routing import DEFAULT_REPLICA_RULE, check_rule, dispatch_counts, expected_load, local_token_index, serve_gpus
 from .stats import RoutingStats, stats_from_trace
 from .topology import Topology
 from .trace import Trace
@@ -192,10 +192,13 @@ def evaluate(
     dataflow: str = "home",
     previous: Placement | None = None,
     keep_pairs: bool = False,
+    replica_rule: str = DEFAULT_REPLICA_RULE,
 ) -> Metrics:
-    """Score `plan` on `source`. `dataflow` picks which traffic the time and copy figures describe."""
+    """Score `plan` on `source`. `dataflow` picks which traffic the time and copy figures describe;
+    `replica_rule` which replica serves a pair ("fixed" | "balanced", routing.py): the runtime's rule."""
     if dataflow not in DATAFLOWS:
         raise ValueError(f"dataflow: expected one of {DATAFLOWS}, got {dataflow!r}")
+    check_rule(replica_rule)
     L, E = (source.num_layers, source.num_experts)
     if (plan.num_layers, plan.num_experts) != (L, E):
         raise ValueError(
@@ -209,14 +212,15 @@ def evaluate(
         )
     mig = migration_bytes(plan, previous, params) if previous is not None else 0.0
     if isinstance(source, Trace):
-        m = _evaluate_trace(source, plan, topology, params, dataflow, keep_pairs)
+        m = _evaluate_trace(source, plan, topology, params, dataflow, keep_pairs, replica_rule)
     else:
-        m = _evaluate_stats(source, plan, topology, params)
+        m = _evaluate_stats(source, plan, topology, params, replica_rule)
     return Metrics(**{**m.__dict__, "migration_bytes": mig})
 
 
 def _evaluate_trace(
-    trace: Trace, plan: Placement, topo: Topology, params: CostParams, dataflow: str, keep_pairs: bool
+    trace: Trace, plan: Placement, topo: Topology, params: CostParams, dataflow: str, keep_pairs: bool,
+    rule: str = DEFAULT_REPLICA_RULE,
 ) -> Metrics:
     L, G = trace.num_layers, plan.num_gpus
     node = topo.node_of_gpu
@@ -234,12 +238,12 @@ def _evaluate_trace(
     follow_src = home
     for layer in range(L):
         ids = trace.topk_ids[:, layer]
-        home_gpus = choose_replicas(ids, home, replicas[layer], node, home_index)
+        home_gpus = serve_gpus(ids, home, replicas[layer], node, home_index, rule)
         if layer == 0:
             follow_gpus = home_gpus
         else:
-            follow_gpus = choose_replicas(
-                ids, follow_src, replicas[layer], node, local_token_index(follow_src, G)
+            follow_gpus = serve_gpus(
+                ids, follow_src, replicas[layer], node, local_token_index(follow_src, G), rule
             )
             follow_cross[layer - 1] = float(np.mean(follow_gpus != follow_src[:, None])) if T else 0.0
         src, gpus = (home, home_gpus) if dataflow == "home" else (follow_src, follow_gpus)
@@ -286,11 +290,10 @@ def _pair_cuts(stats: RoutingStats, replicas: np.ndarray) -> tuple[float, float]
     return coact_cut, trans_cut
 
 
-def _evaluate_stats(stats: RoutingStats, plan: Placement, topo: Topology, params: CostParams) -> Metrics:
+def _evaluate_stats(stats: RoutingStats, plan: Placement, topo: Topology, params: CostParams,
+                    rule: str = DEFAULT_REPLICA_RULE) -> Metrics:
     L = stats.num_layers
-    replicas = plan.replicas.astype(np.float64)  # [L, E, G]
-    share = replicas / replicas.sum(-1, keepdims=True)
-    load = np.einsum("le,leg->lg", stats.counts.astype(np.float64), share)
+    load = np.stack([expected_load(stats.counts[layer], plan.replicas[layer], rule) for layer in range(L)])
     nan = np.full(L, np.nan)
     compute_s = load.max(1) * params.flops_per_assignment / (topo.gpu_tflops * 1e12)
     coact_cut, trans_cut = _pair_cuts(stats, plan.replicas)

@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from expertmesh.kernels.moe import Precision
+from expertmesh.placement.routing import DEFAULT_REPLICA_RULE, REPLICA_RULES
 from expertmesh.schema import Config
 
 __all__ = ["GroupConfig", "Timeouts", "StatsSettings", "EXCHANGES", "DTYPE_NAMES", "resolve_precision"]
@@ -27,6 +28,8 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 Exchange = Literal["auto", "all_to_all", "symm_mem"]
 PrecisionName = Literal["bf16", "fp8-dispatch", "fp8"]
 assert set(PrecisionName.__args__) == {p.value for p in Precision}
+ReplicaRule = Literal["fixed", "balanced"]
+assert ReplicaRule.__args__ == REPLICA_RULES
 
 
 def resolve_precision(precision: str | None, checkpoint_quantization: str | None) -> Precision:
@@ -71,6 +74,11 @@ class GroupConfig(Config):
     exchange: Exchange = "auto"
     """Dispatch/combine: auto = all_to_all (NCCL or gloo all_to_all_single); symm_mem = NVLink writes into peers'
     buffers (one node, CUDA, needs max_tokens)."""
+    replica_rule: ReplicaRule = DEFAULT_REPLICA_RULE
+    """Which replica serves a replicated expert's tokens (placement/routing.py): fixed = the token's own GPU, else
+    its node, else dealt round robin; balanced = split per step by the step's own load (one all-gather of
+    per-expert counts per MoE layer). Plans without replicas on several GPUs run the same either way. Give the
+    cost model the same rule (`evaluate(..., replica_rule=...)`) for its predictions to match."""
     max_tokens: int = Field(0, ge=0)
     """Most new tokens one worker brings to a step (sizes the symm_mem buffers); 0 = unbounded."""
     weights: Literal["checkpoint", "random"] = "checkpoint"

@@ -131,9 +131,10 @@ class EPExecutor:
     """
 
     def __init__(self, cfg: ModelConfig, rank: int, world_size: int, device: torch.device,
-                 dtype: torch.dtype, precision: Precision = Precision.BF16) -> None:
+                 dtype: torch.dtype, precision: Precision = Precision.BF16, replica_rule: str = "fixed") -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device, self.dtype, self.precision = device, dtype, Precision(precision)
+        self.replica_rule = replica_rule  # the layers' ExpertMaps carry it to the layout (kernels/replicas.py)
         self.version = 0
         self.maps: list[ExpertMap] = []
         self.experts: list[Experts] = []
@@ -177,7 +178,8 @@ class EPExecutor:
 
     def load(self, plan: Placement, shard: ExpertShard) -> None:
         """Serve `plan` with `shard` (its dense weights are released when the precision quantises them)."""
-        self.maps = [ExpertMap.from_placement(plan, layer, self.device) for layer in range(plan.num_layers)]
+        self.maps = [ExpertMap.from_placement(plan, layer, self.device, self.replica_rule)
+                     for layer in range(plan.num_layers)]
         self.slot_expert = shard.slot_expert
         self.experts = []
         for layer in range(plan.num_layers):

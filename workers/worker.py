@@ -148,7 +148,7 @@ class ExpertWorker:
         self.reader = open_weights(config.weights, config.model, self.cfg, self.device, config.seed)
         weights = load_model_weights(self.reader, self.cfg, self.dtype, self.device)
         self.executor = EPExecutor(self.cfg, self.rank, self.world_size, self.device, self.dtype,
-                                   config.resolved_precision(self.cfg.quantization))
+                                   config.resolved_precision(self.cfg.quantization), config.replica_rule)
         self.fixed_decode = config.decode_graphs if config.decode_graphs is not None else self.device.type == "cuda"
         self.set_exchange(config.exchange, config.max_tokens)
         self._load_experts(spec.plan)

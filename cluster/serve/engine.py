@@ -270,7 +270,8 @@ class Engine:
     def routing_figures(self) -> tuple[list[float], list[float]]:
         """Per MoE layer (balancedness, copies per token) over the recent sampled steps, the mean over the
         replicas that have some (what the metrics export; [] before any)."""
-        figures = [r.routing.figures(r.plan) for r in self.replicas if r.plan is not None and r.routing.tokens]
+        figures = [r.routing.figures(r.plan, r.config.replica_rule) for r in self.replicas
+                   if r.plan is not None and r.routing.tokens]
         if not figures:
             return [], []
         return tuple([sum(col) / len(figures) for col in zip(*(f[i] for f in figures), strict=True)]

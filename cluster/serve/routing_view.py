@@ -7,8 +7,9 @@ rule (`placement.routing.choose_replicas`) to them under the replica's plan:
     load[l, g]   token-expert pairs served by GPU g           balancedness[l] = mean(load) / max(load)
     copies[l]    mean over tokens of distinct GPUs other than its home that it is dispatched to
 
-(A replicated expert's replica is chosen by a token's position among its home's tokens of the window, not
-of its step: the same even spread the runtime gets.)
+(Under the fixed replica rule a replicated expert's replica is chosen by a token's position among its home's
+tokens of the window, not of its step: the same even spread the runtime gets. Under the balanced rule each
+step is split by its own counts, as the runtime splits it.)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from expertmesh.placement.plan import Placement
-from expertmesh.placement.routing import choose_replicas, local_token_index
+from expertmesh.placement.routing import DEFAULT_REPLICA_RULE, choose_balanced, choose_replicas, local_token_index
 
 __all__ = ["RoutingWindow"]
 
@@ -43,8 +44,8 @@ class RoutingWindow:
     def tokens(self) -> int:
         return sum(len(home) for _, home in list(self._steps))
 
-    def figures(self, plan: Placement) -> tuple[list[float], list[float]]:
-        """(balancedness, copies per token) per MoE layer over the window's tokens."""
+    def figures(self, plan: Placement, replica_rule: str = DEFAULT_REPLICA_RULE) -> tuple[list[float], list[float]]:
+        """(balancedness, copies per token) per MoE layer over the window's tokens, under the group's rule."""
         steps = list(self._steps)
         if not steps:
             return [], []
@@ -54,7 +55,10 @@ class RoutingWindow:
         index = local_token_index(home, G)
         balance, copies = [], []
         for layer in range(ids.shape[1]):
-            gpus = choose_replicas(ids[:, layer], home, plan.replicas[layer], node, index)  # [T, k]
+            if replica_rule == "balanced":  # [T, k], step by step
+                gpus = np.concatenate([choose_balanced(i[:, layer], h, plan.replicas[layer], node) for i, h in steps])
+            else:
+                gpus = choose_replicas(ids[:, layer], home, plan.replicas[layer], node, index)  # [T, k]
             load = np.bincount(gpus.ravel(), minlength=G)
             balance.append(float(load.mean() / load.max()) if load.max() else 1.0)
             dest = np.zeros((len(home), G), dtype=bool)

@@ -71,14 +71,15 @@ def test_local_model_on_cuda_matches_reference_fp32_and_bf16(checkpoint, ref):
 
 
 @pytest.mark.skipif(NUM_GPUS < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("exchange", ["all_to_all", "symm_mem"])
-def test_two_gpu_group_matches_reference_and_replay_bytes_match_cost_model(cluster, checkpoint, ref, exchange):
+@pytest.mark.parametrize("exchange,rule", [("all_to_all", "fixed"), ("symm_mem", "fixed"), ("all_to_all", "balanced"),
+                                           ("symm_mem", "balanced")])
+def test_two_gpu_group_matches_reference_and_replay_bytes_match_cost_model(cluster, checkpoint, ref, exchange, rule):
     trace = synthetic_trace(SyntheticSpec(num_experts=8, top_k=2, num_layers=3, num_tokens=512, num_domains=4,
                                           tokens_per_sequence=32, seed=3))
     topo = Topology(2)
     plan = eplb(stats_from_trace(trace), topo, 10)
     config = GroupConfig(model=str(checkpoint), workers=2, device="cuda", dtype="float32", exchange=exchange,
-                         max_tokens=1024)
+                         max_tokens=1024, replica_rule=rule)
     with EPGroup.create(config, plan=plan) as group:
         outs = group.step([[(i, p) for i, p in enumerate(PROMPTS) if i % 2 == r] for r in range(2)])
         with torch.no_grad():
@@ -99,7 +100,8 @@ def test_two_gpu_group_matches_reference_and_replay_bytes_match_cost_model(clust
             inputs.append([(100 + s, toks) for s, toks in seqs.items()])
             ids.append(trace.topk_ids[mine])
         outs = group.replay(inputs, ids)
-        predicted = evaluate(trace, plan, topo, CostParams(hidden=64, ffn=48, dispatch_bytes=4), keep_pairs=True)
+        predicted = evaluate(trace, plan, topo, CostParams(hidden=64, ffn=48, dispatch_bytes=4), keep_pairs=True,
+                             replica_rule=rule)
         for layer in range(3):
             sent = np.array([o.layers[layer].dispatch_payload for o in outs])
             assert np.array_equal(sent, predicted.dispatch_pairs[layer] * 64 * 4)

@@ -56,3 +56,11 @@ def test_grouped_fp8_blockwise(counts, N, K):
 ])
 def test_symm_exchange_loopback(G, k, E, S, tokens, fp8):
     tc.symm_loopback_moe("cpu", G, k, E, S, tokens, fp8, H=128, F=32)
+
+
+def test_symm_exchange_loopback_balanced_rule():
+    tc.symm_loopback_moe("cpu", 2, 2, 8, 6, [5, 7], False, H=128, F=32, replica_rule="balanced")
+
+
+def test_balanced_split_kernel():  # the interpreter runs the kernel's loop in Python: one small case
+    tc.check_balanced_split("cpu", cases=1, max_experts=16, gpus=(6,))

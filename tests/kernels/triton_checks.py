@@ -19,6 +19,7 @@ from expertmesh.kernels import (
     build_expert_layout,
     build_layout,
     dequantize_fp8,
+    expert_counts,
     permute,
     permute_dequant,
     quantize_fp8,
@@ -29,6 +30,8 @@ from expertmesh.kernels import (
 )
 from expertmesh.kernels.exchange import FP8_TILE
 from expertmesh.kernels.fp8 import silu_mul_quantize_fp8
+from expertmesh.kernels.replicas import balanced_split, split_order
+from expertmesh.placement import routing
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -142,12 +145,14 @@ def check_grouped_fp8_blockwise(device: str, counts: list[int], N: int, K: int, 
 
 def symm_loopback_moe(device: str, G: int, k: int, E: int, S: int, tokens: list[int], fp8: bool,
                       dtype: torch.dtype = torch.float32, H: int = 256, F: int = 64,
-                      check_tokens: int = 256) -> None:
-    """G ranks of `SymmMemExchange.loopback` in this process: every rank's output = the naive MoE sum."""
+                      check_tokens: int = 256, replica_rule: str = "fixed") -> None:
+    """G ranks of `SymmMemExchange.loopback` in this process: every rank's output = the naive MoE sum. Under
+    the balanced replica rule the ranks' counts go through the loopback's gather phases first, and every
+    rank's serving GPUs must equal placement's numpy rule over all ranks' tokens (the single-process result)."""
     rng = np.random.default_rng(G * 100 + k)
     gen = torch.Generator().manual_seed(G + k + E)
     phy2log = random_phy2log(rng, E, G, S)
-    emap = ExpertMap.from_phy2log(phy2log, G, 1, E, device)
+    emap = ExpertMap.from_phy2log(phy2log, G, 1, E, device, replica_rule)
     w13, w2 = expert_weights(gen, E, H, F)
     data = []
     for r in range(G):
@@ -155,7 +160,21 @@ def symm_loopback_moe(device: str, G: int, k: int, E: int, S: int, tokens: list[
         data.append((torch.randn(tokens[r], H, generator=gen), ids, weights))
     cap = max(max(tokens), 1)
     exs = SymmMemExchange.loopback(G, cap, H, k, dtype, fp8, device)
-    layouts = [build_layout(ids.to(device), w.to(device), emap, r) for r, (_, ids, w) in enumerate(data)]
+    counts = None
+    assert emap.balanced or replica_rule == "fixed"  # the case does replicate experts across GPUs
+    if emap.balanced:
+        for r in range(G):
+            exs[r].gather_counts_send(expert_counts(data[r][1].to(device), E))
+        counts = [ex.gather_counts_recv() for ex in exs]
+        assert all(torch.equal(c, counts[0]) for c in counts)
+    layouts = [build_layout(ids.to(device), w.to(device), emap, r, counts=None if counts is None else counts[r])
+               for r, (_, ids, w) in enumerate(data)]
+    if emap.balanced:
+        all_ids = np.concatenate([d[1].numpy() for d in data])
+        source = np.repeat(np.arange(G), tokens)
+        want = routing.choose_balanced(all_ids, source, emap.replicas.cpu().numpy(), np.zeros(G, dtype=np.int64))
+        for r in range(G):
+            assert np.array_equal(layouts[r].gpus.cpu().numpy(), want[source == r])
     for r in range(G):
         exs[r].dispatch_send(data[r][0].to(device, dtype), layouts[r])
     received = [ex.dispatch_recv() for ex in exs]
@@ -184,3 +203,21 @@ def symm_loopback_moe(device: str, G: int, k: int, E: int, S: int, tokens: list[
         err = float((out.double().cpu() - want).abs().max()) if want.numel() else 0.0
         assert out.shape == x.shape and err <= tol, f"rank {r}: error {err} > {tol}"
         assert torch.equal(exs[r].last_dispatch.rows, layouts[r].send_counts)
+
+
+def check_balanced_split(device: str, cases: int, max_experts: int, gpus: tuple[int, ...] = (2, 3, 8, 12, 32)) -> None:
+    """The split kernel (one program, Triton) equals placement's numpy split on random hosts and totals,
+    through G not a power of two and more replicated experts than one warp's lanes."""
+    rng = np.random.default_rng(11)
+    for _ in range(cases):
+        E, G = int(rng.integers(max_experts // 2, max_experts)), int(rng.choice(gpus))
+        hosts = np.zeros((E, G), dtype=bool)
+        for e in range(E):
+            hosts[e, rng.choice(G, int(rng.integers(1, min(G, 4) + 1)), replace=False)] = True
+        totals = rng.integers(0, 5000, E)
+        replicated = torch.from_numpy(np.flatnonzero(hosts.sum(1) > 1)).to(device)
+        got = balanced_split(torch.from_numpy(totals).to(device), torch.from_numpy(hosts).to(device), replicated,
+                             impl="triton")
+        assert np.array_equal(got.cpu().numpy(), routing.balanced_split(totals, hosts))
+        order = split_order(torch.from_numpy(totals).to(device), replicated)
+        assert order.numel() == replicated.numel()

@@ -203,3 +203,13 @@ def test_routing_figures_follow_the_cost_models_rule():
     for _ in range(3):
         small.add([np.array([[[0, 2], [0, 1]]]), None])
     assert small.tokens == 2  # the oldest steps leave
+    # Under the balanced rule each step is split by its own counts: expert 0 on both GPUs, 4 tokens of it from
+    # GPU 0 per step: the fixed rule keeps all 4 at home (loads [4, 0]), the balanced one sends 2 ([2, 2]).
+    from expertmesh.placement.plan import Placement
+
+    shared = Placement(np.array([[0, 1, 0, 1]]), 2)
+    hot = RoutingWindow()
+    for _ in range(2):
+        hot.add([np.zeros((4, 1, 1), dtype=np.int64), None])
+    assert hot.figures(shared)[0] == pytest.approx([0.5])
+    assert hot.figures(shared, "balanced") == ([1.0], [0.5])

@@ -168,9 +168,10 @@ def test_routing_counts_reach_redis_exactly(ray_cluster, tiny_models, reference,
     assert np.array_equal(got.coact, want.coact) and np.array_equal(got.trans, want.trans)
 
 
-@pytest.mark.parametrize("num_workers", [2, 4])
-def test_replay_dispatch_bytes_equal_the_cost_model(ray_cluster, tiny_models, num_workers):
-    """Routing replay of a trace: measured per-rank dispatch and combine bytes equal the prediction."""
+@pytest.mark.parametrize("num_workers,rule", [(2, "fixed"), (4, "fixed"), (4, "balanced")])
+def test_replay_dispatch_bytes_equal_the_cost_model(ray_cluster, tiny_models, num_workers, rule):
+    """Routing replay of a trace: measured per-rank dispatch and combine bytes equal the prediction, under the
+    fixed replica rule and the balanced one (its counts all-gathered in every MoE layer)."""
     path = tiny_models["mixtral"].path
     cfg = read_model_config(path)
     trace = synthetic_trace(SyntheticSpec(num_experts=8, top_k=2, num_layers=3, num_tokens=300, num_domains=4,
@@ -180,7 +181,7 @@ def test_replay_dispatch_bytes_equal_the_cost_model(ray_cluster, tiny_models, nu
     plans = [ilp_plan(3, num_workers), eplb(stats, topo, 8 + num_workers)]
     home = trace.home_gpus(num_workers)
     params = CostParams(hidden=cfg.hidden_size, ffn=cfg.expert_ffn, dispatch_bytes=4, combine_bytes=4)
-    with EPGroup.create(config(path), plan=plans[0]) as group:
+    with EPGroup.create(config(path, replica_rule=rule), plan=plans[0]) as group:
         for i, plan in enumerate(plans):
             if i:
                 group.apply_plan(plan)
@@ -193,7 +194,10 @@ def test_replay_dispatch_bytes_equal_the_cost_model(ray_cluster, tiny_models, nu
                 inputs.append([(1000 * (i + 1) + s, toks) for s, toks in seqs.items()])
                 ids.append(trace.topk_ids[mine])  # tokens of a sequence are consecutive within a rank
             outs = group.replay(inputs, ids)
-            predicted = evaluate(trace, plan, topo, params, keep_pairs=True)
+            predicted = evaluate(trace, plan, topo, params, keep_pairs=True, replica_rule=rule)
+            if rule == "balanced":  # the rule changed something here, so the test tells the rules apart
+                other = evaluate(trace, plan, topo, params, keep_pairs=True, replica_rule="fixed")
+                assert i == 0 or not np.array_equal(other.load, predicted.load)
             for layer in range(3):
                 sent = np.array([out.layers[layer].sent_rows for out in outs])  # [G, G]
                 assert np.array_equal(sent, predicted.dispatch_pairs[layer])

@@ -18,7 +18,8 @@ from expertmesh.workers import GroupConfig
 
 FULL = {
     "model": "/models/mixtral", "plan": "plan.json", "workers": 4, "device": "cuda", "dtype": "bfloat16",
-    "precision": "fp8", "exchange": "symm_mem", "max_tokens": 8192, "weights": "random", "seed": 3,
+    "precision": "fp8", "exchange": "symm_mem", "replica_rule": "balanced", "max_tokens": 8192, "weights": "random",
+    "seed": 3,
     "kv_block_size": 32, "kv_blocks": 1000, "kv_memory_fraction": 0.8,
     "decode_graphs": False, "compiled_steps": True, "cpus_per_worker": 2.0, "placement_strategy": "STRICT_PACK",
     "timeouts": {"step_s": 30.0, "setup_s": 90.0, "collective_s": 20.0},
@@ -43,6 +44,7 @@ def test_round_trip_through_a_file(tmp_path: Path, suffix: str):
     ({"timeouts": {"step_sec": 3}}, "timeouts.step_sec: unknown field"),
     ({"exchange": "nccl"}, "exchange: expected 'auto', 'all_to_all' or 'symm_mem', got 'nccl'"),
     ({"precision": "int8"}, "precision: expected 'bf16', 'fp8-dispatch' or 'fp8', got 'int8'"),
+    ({"replica_rule": "lplb"}, "replica_rule: expected 'fixed' or 'balanced', got 'lplb'"),
     ({"workers": "4"}, "workers: expected an integer, got '4'"),
     ({"workers": 1.5}, "workers: expected an integer, got 1.5"),
     ({"workers": 0}, "workers: expected a value greater than or equal to 1, got 0"),
