@@ -177,7 +177,7 @@ def plan(
                                           "--balance-slack": balance_slack, "--spread-replicas": spread_replicas})
         check_output(out, "--out")
         check_plot(plot)
-        robust_opts = robust_options(robust, robust_slack, resamples)
+        robust_opts = robust_options(robust, robust_slack, resamples, dataflow.value)
         if robust_opts is not None and strategy.value not in ("ilp", "eplb"):
             raise ValueError(f"--robust: applies to --strategy ilp or eplb only, not {strategy.value}")
         params = CostParams(hidden=hidden, ffn=ffn)
@@ -277,7 +277,7 @@ def compare(
         check_plot(plot)
         options = ilp_options(dataflow=dataflow.value, objective=objective, time_limit=time_limit, seed=seed,
                               workers=workers, params=CostParams(hidden=hidden, ffn=ffn))
-        robust_opts = robust_options(robust, robust_slack, resamples)
+        robust_opts = robust_options(robust, robust_slack, resamples, dataflow.value)
         if robust_opts is not None and not {"ilp", "eplb"} & set(names):
             raise ValueError("--robust: applies to ilp and eplb; --strategies names neither")
         source, held = held_out_sources(load_source(trace, stats, top_k, num_experts), held_out, split, top_k,

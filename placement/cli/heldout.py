@@ -39,8 +39,12 @@ RobustSlackOpt = Annotated[float | None, typer.Option(
 ResamplesOpt = Annotated[int | None, typer.Option(
     "--resamples", show_default=False, help="--robust: sequence-level bootstrap scenarios (default 32).")]
 
-def robust_options(robust: bool | None, slack: float | None, resamples: int | None) -> RobustOptions | None:
+def robust_options(robust: bool | None, slack: float | None, resamples: int | None, dataflow: str = "home"
+                   ) -> RobustOptions | None:
     """RobustOptions from the flags, or None without --robust (whose companions are then refused)."""
+    if robust and dataflow != "home":
+        raise ValueError("--robust: plans the home dataflow only (ilp's repair keeps co-activated pairs together); "
+                         "drop --robust or use --dataflow home")
     if not robust:
         for flag, value in (("--robust-slack", slack), ("--resamples", resamples)):
             if value is not None:

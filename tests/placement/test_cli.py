@@ -275,7 +275,8 @@ def test_held_out_errors_name_the_flag(tmp_path, trace_file):
     save_trace(Trace(np.zeros((4, 2, 1), dtype=np.int32), np.arange(4, dtype=np.int32), 32), wrong)
     for args, flag in ((("--split", "sideways:0.5"), "--split"), (("--split", "time:0"), "--split"),
                        (("--held-out", wrong), "--held-out"), (("--held-out", wrong, "--split", "time:0.5"), "--split"),
-                       (("--resamples", 4), "--resamples"), (("--robust", "--robust-slack", 2), "--robust-slack")):
+                       (("--resamples", 4), "--resamples"), (("--robust", "--robust-slack", 2), "--robust-slack"),
+                       (("--robust", "--dataflow", "follow"), "--robust")):
         r = run("compare", trace_file, "--gpus", 4, "--strategies", "eplb", *args)
         assert r.exit_code == 2, (args, r.output)
         assert r.output.strip().splitlines()[-1].startswith(f"error: {flag}"), r.output
