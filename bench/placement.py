@@ -232,7 +232,8 @@ def _wanted(label: str, only: list[str] | None) -> bool:
     return only is None or any(part in label for part in only)
 
 
-def run(quick: bool, only: list[str] | None = None) -> dict:
+def run(quick: bool, only: list[str] | None = None, on_group=None) -> dict:
+    """Every case's groups (and the decomposition section); `on_group(result so far)` after each group."""
     groups, proofs = [], _proofs()
     for case in _cases(quick):
         for dataflow in case.dataflows:
@@ -259,6 +260,8 @@ def run(quick: bool, only: list[str] | None = None) -> dict:
             }
             verdicts = _verdicts(label, case.nodes, by, proofs)
             groups.append({"label": label, "rows": rows, "ratios": ratios, "verdicts": verdicts, **extra})
+            if on_group is not None:
+                on_group({"groups": groups, "decomposition": []})
             held = f"; held-out balance ilp {ilp_row.get('heldout_balancedness', float('nan')):.3f} vs eplb " \
                    f"{eplb_row.get('heldout_balancedness', float('nan')):.3f}" if case.held_out is not None else ""
             print(f"{label}{held}: copies {verdicts['copies']}; internode {verdicts['internode']}; balance "
@@ -371,12 +374,16 @@ def main() -> None:
     if args.merge:
         result, env = _merge(args.merge)
     else:
-        result = run(args.quick, args.only)
+        env = environment("ortools")
+
+        def save_part(result: dict) -> None:  # after every group, so a long run stopped early keeps its rows
+            args.part.write_text(json.dumps(_clean({"environment": env, **result}), indent=1) + "\n")
+
+        result = run(args.quick, args.only, save_part if args.part else None)
         if args.quick:
             return
-        env = environment("ortools")
         if args.part:
-            args.part.write_text(json.dumps(_clean({"environment": env, **result}), indent=1) + "\n")
+            save_part(result)
             return
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "placement.json").write_text(json.dumps(_clean({"environment": env, **result}), indent=1) + "\n")
