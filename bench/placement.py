@@ -143,7 +143,7 @@ def _plan_row(case: Case, strategy: str, dataflow: str, plan, solve_s: float) ->
             "layers_from_eplb": len(solver.step_choice.layers_from_eplb) if solver and solver.step_choice else None}
 
 
-ROBUST = RobustOptions()  # what --robust gives (defaults: 32 sequence resamples, slack 0.01)
+ROBUST = RobustOptions()  # what --robust gives (defaults: 16 sequence resamples, slack 0.01)
 
 
 def _rows(case: Case, strategy: str, dataflow: str, decompose: bool | None = None) -> list[tuple[dict, object]]:

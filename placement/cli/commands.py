@@ -194,7 +194,8 @@ def plan(
         solve_s = time.perf_counter() - start
         metrics = evaluate(source, result, topo, params, dataflow.value, prev)
         row = {**plan_row(result, metrics, solve_s), **expected_figure(source, result)}
-        result = result.with_report(metrics={**metrics.summary(), "colocated_replicas": result.colocated_replicas})
+        result = result.with_report(metrics={**metrics.summary(), "colocated_replicas": result.colocated_replicas,
+                                             **expected_figure(source, result)})
         save_plan(result, out)
         if plot:
             load_heatmaps({strategy.value: metrics}, plot, gpus_per_node=topo.gpus_per_node)

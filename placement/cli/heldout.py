@@ -37,7 +37,9 @@ RobustSlackOpt = Annotated[float | None, typer.Option(
     "--robust-slack", show_default=False,
     help="--robust ilp: in every resampled scenario, balancedness may fall this far below EPLB's (default 0.01).")]
 ResamplesOpt = Annotated[int | None, typer.Option(
-    "--resamples", show_default=False, help="--robust: sequence-level bootstrap scenarios (default 32).")]
+    "--resamples", show_default=False,
+    help="--robust: sequence-level bootstrap scenarios (default 16; more hold balance better and keep fewer of "
+         "ilp's copies cut: 32 matched eplb's held-out balance on the benchmark).")]
 
 def robust_options(robust: bool | None, slack: float | None, resamples: int | None, dataflow: str = "home"
                    ) -> RobustOptions | None:

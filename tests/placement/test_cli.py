@@ -260,6 +260,8 @@ def test_compare_and_evaluate_held_out(tmp_path, trace_file):
         assert row["heldout_copies"] > 0 and row["heldout_step_ms"] > 0
     plan_path = tmp_path / "plan.json"
     assert run("plan", trace_file, "--gpus", 8, "--strategy", "eplb", "--robust", "--out", plan_path).exit_code == 0
+    saved = load_plan(plan_path)
+    assert saved.options["robust"]["resamples"] == 16 and 0 < saved.metrics["expected_balancedness"] <= 1
     r = run("evaluate", trace_file, plan_path, "--held-out", trace_file, "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)  # held out on the same tokens: the in-sample figures again
