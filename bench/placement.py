@@ -23,6 +23,14 @@ bench/results/placement-oracle.json: run it first).
 
     .venv/bin/python bench/placement.py            # writes bench/results/placement.md and placement.json
     .venv/bin/python bench/placement.py --quick    # small shapes only, prints, writes nothing
+    .venv/bin/python bench/placement.py --only synthetic-64 --only mixtral --part a.json   # some cases
+    .venv/bin/python bench/placement.py --merge a.json b.json c.json                # the report from parts
+
+Held out (issue 17): every row also carries the cost model's expected held-out balancedness and the
+figures on a held-out trace: a second sample of each synthetic router (the next seed, same model seed), the
+other dataset for the Mixtral traces (GSM8K -> HumanEval and back), with block-bootstrap intervals for the
+4-GPU home rows (bench/placement_heldout.py). Home rows on traces add "eplb robust" and "ilp robust"
+(RobustOptions' defaults, ilp's from the same solve).
 """
 
 from __future__ import annotations
@@ -35,11 +43,22 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from placement_heldout import (  # bench/placement_heldout.py
+    HELD_OUT_COLUMNS,
+    acceptance_lines,
+    bootstrap,
+    held_out_columns,
+    held_out_sample,
+    mixtral_lines,
+    score,
+)
 from report import environment, write_report  # bench/report.py: this folder is on sys.path
 
-from expertmesh.placement.cost import CostParams, evaluate
-from expertmesh.placement.ilp import IlpOptions, with_step_objective
+from expertmesh.placement.cost import CostParams
+from expertmesh.placement.eplb import EplbOptions
+from expertmesh.placement.ilp import IlpOptions, with_robust, with_step_objective
 from expertmesh.placement.placers import STRATEGIES, InfeasibleError, place
+from expertmesh.placement.robust import RobustOptions
 from expertmesh.placement.sources import load_count_matrix, load_routing
 from expertmesh.placement.synthetic import SyntheticSpec, synthetic_trace
 from expertmesh.placement.topology import Topology
@@ -48,8 +67,8 @@ from expertmesh.placement.trace import Trace
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = ROOT.parent / "shared" / "data" / "traces"
 RESULTS = ROOT / "bench" / "results"
-COLUMNS = ["balancedness", "balancedness_worst", "copies", "internode_copies", "busiest_link_mb", "follow_cross",
-           "step_ms", "colocated_replicas", "solve_s", "gap"]
+COLUMNS = ["balancedness", "balancedness_worst", *HELD_OUT_COLUMNS, "copies", "internode_copies", "busiest_link_mb",
+           "follow_cross", "step_ms", "colocated_replicas", "solve_s", "gap"]
 # The restated targets (issue 13): ilp against eplb, at mean balancedness within 0.02 of eplb's.
 COPIES_TARGET, INTERNODE_TARGET, BALANCE_WITHIN = 0.80, 0.70, 0.02
 
@@ -64,6 +83,8 @@ class Case:
     dataflows: tuple[str, ...]
     params: CostParams
     time_limit: float
+    held_out: Trace | None = None  # another sample of the same router (synthetic) or the other dataset (Mixtral)
+    held_name: str = ""
 
 
 def _cases(quick: bool) -> list[Case]:
@@ -71,12 +92,15 @@ def _cases(quick: bool) -> list[Case]:
     mixtral = CostParams(hidden=4096, ffn=14336)
     mix_dir = TRACES / "mixtral-8x7b-decode"
     if mix_dir.exists():
-        for name in ("humaneval", "gsm8k"):
-            trace = load_routing(mix_dir / f"{name}_2_routing.jsonl", num_experts=8)
+        traces = {name: load_routing(mix_dir / f"{name}_2_routing.jsonl", num_experts=8)
+                  for name in ("humaneval", "gsm8k")}
+        for name, other in (("humaneval", "gsm8k"), ("gsm8k", "humaneval")):
             # No redundant slots here: each file holds 2 sequences (batch-1 decode), so home GPUs are 2 of
             # 4 or 8 and the locality-first replica rule would pile replicated experts' tokens onto them.
+            # Held out: the other dataset (issue 17: GSM8K -> HumanEval and back).
             for gpus in (4, 8):
-                cases.append(Case(f"mixtral-{name}", trace, gpus, 1, 0, ("home", "follow"), mixtral, 10))
+                cases.append(Case(f"mixtral-{name}", traces[name], gpus, 1, 0, ("home", "follow"), mixtral, 10,
+                                  traces[other], f"{name} -> {other}"))
     else:
         print(f"skipping real Mixtral traces: {mix_dir} not found", file=sys.stderr)
 
@@ -100,27 +124,33 @@ def _cases(quick: bool) -> list[Case]:
         shapes.append(((256, 8, 58), [(32, 4, 0), (32, 4, 32), (64, 8, 0), (64, 8, 64)], 32,
                        CostParams(7168, 2048), 45))
     for (E, k, L), topologies, domains, params, limit in shapes:
-        trace = synthetic_trace(SyntheticSpec(num_experts=E, top_k=k, num_layers=L, num_tokens=4096,
-                                              num_domains=domains, seed=0))
+        spec = SyntheticSpec(num_experts=E, top_k=k, num_layers=L, num_tokens=4096, num_domains=domains, seed=0)
+        trace, held = synthetic_trace(spec), held_out_sample(spec)  # two samples of one router (issue 17)
         for gpus, nodes, redundant in topologies:
             cases.append(Case(f"synthetic-{E}x{L}-top{k}", trace, gpus, nodes, redundant, ("home", "follow"), params,
-                              limit))
+                              limit, held, "seed 0 -> seed 1"))
     return cases
 
 
 def _plan_row(case: Case, strategy: str, dataflow: str, plan, solve_s: float) -> dict:
     topo = Topology(case.gpus, case.nodes)
-    metrics = evaluate(case.source, plan, topo, case.params, dataflow).summary()
+    metrics = score(case.source, plan, topo, case.params, dataflow)
+    held = held_out_columns(case.source, case.held_out, plan, topo, case.params, dataflow)
     solver = plan.solver
-    return {"strategy": strategy, **metrics, "colocated_replicas": plan.colocated_replicas, "solve_s": solve_s,
+    return {"strategy": strategy, **metrics, **held, "colocated_replicas": plan.colocated_replicas, "solve_s": solve_s,
             "gap": solver.gap if solver else float("nan"), "status": solver and solver.status,
             "layers_kept_eplb": solver and solver.layers_kept_eplb, "decompose": plan.options.get("decompose"),
             "layers_from_eplb": len(solver.step_choice.layers_from_eplb) if solver and solver.step_choice else None}
 
 
-def _rows(case: Case, strategy: str, dataflow: str, decompose: bool | None = None) -> list[dict]:
-    """The strategy's row; for ilp on a trace two: "ilp" (the default objective, step) and "ilp traffic"
-    (the solver's own plan), from one solve (the step objective only picks layers of it or of EPLB's)."""
+ROBUST = RobustOptions()  # what --robust gives (defaults: 16 sequence resamples, slack 0.01)
+
+
+def _rows(case: Case, strategy: str, dataflow: str, decompose: bool | None = None) -> list[tuple[dict, object]]:
+    """(row, plan) of the strategy; for ilp on a trace: "ilp" (the default objective, step), "ilp traffic"
+    (the solver's own plan) and, in the home dataflow, "ilp robust" (the solver's plan repaired in every
+    resampled scenario, then the step objective), from one solve; for eplb on a trace in the home dataflow
+    also "eplb robust"."""
     topo = Topology(case.gpus, case.nodes)
     options = (IlpOptions(dataflow=dataflow, objective="traffic", time_limit=case.time_limit, params=case.params,
                           decompose=decompose) if strategy == "ilp" else None)
@@ -128,13 +158,26 @@ def _rows(case: Case, strategy: str, dataflow: str, decompose: bool | None = Non
     try:
         plan = place(strategy, case.source, topo, case.redundant, options)
     except InfeasibleError as exc:
-        return [{"strategy": strategy, "infeasible": str(exc)}]
+        return [({"strategy": strategy, "infeasible": str(exc)}, None)]
     solve_s = time.perf_counter() - start
+    robust = isinstance(case.source, Trace) and dataflow == "home" and decompose is None
+    out = [(_plan_row(case, strategy, dataflow, plan, solve_s), plan)]
+    if strategy == "eplb" and robust:
+        start = time.perf_counter()
+        r = place("eplb", case.source, topo, case.redundant, EplbOptions(robust=ROBUST))
+        out.append((_plan_row(case, "eplb robust", dataflow, r, time.perf_counter() - start), r))
     if strategy != "ilp" or not isinstance(case.source, Trace):
-        return [_plan_row(case, strategy, dataflow, plan, solve_s)]
-    chosen = with_step_objective(case.source, plan, topo, replace(options, objective="step"))
-    step_s = time.perf_counter() - start
-    return [_plan_row(case, "ilp", dataflow, chosen, step_s), _plan_row(case, "ilp traffic", dataflow, plan, solve_s)]
+        return out
+    step = replace(options, objective="step")
+    chosen = with_step_objective(case.source, plan, topo, step)
+    out = [(_plan_row(case, "ilp", dataflow, chosen, time.perf_counter() - start), chosen),
+           (_plan_row(case, "ilp traffic", dataflow, plan, solve_s), plan)]
+    if robust:
+        mark = time.perf_counter()
+        r = with_step_objective(case.source, with_robust(case.source, plan, topo, replace(step, robust=ROBUST)),
+                                topo, step)
+        out.append((_plan_row(case, "ilp robust", dataflow, r, solve_s + time.perf_counter() - mark), r))
+    return out
 
 
 def _label(case: Case, dataflow: str) -> str:
@@ -185,17 +228,28 @@ def _proofs() -> dict[str, dict]:
     return {row["case"]: row for row in json.loads(path.read_text()).get("copies_bounds", [])}
 
 
-def run(quick: bool) -> dict:
+def _wanted(label: str, only: list[str] | None) -> bool:
+    return only is None or any(part in label for part in only)
+
+
+def run(quick: bool, only: list[str] | None = None, on_group=None) -> dict:
+    """Every case's groups (and the decomposition section); `on_group(result so far)` after each group."""
     groups, proofs = [], _proofs()
     for case in _cases(quick):
         for dataflow in case.dataflows:
-            strategies = STRATEGIES if dataflow == "home" else ("contiguous", "eplb", "ilp")
-            rows = [row for s in strategies for row in _rows(case, s, dataflow)]
-            by = {r["strategy"]: r for r in rows}
             label = _label(case, dataflow)
+            if not _wanted(label, only):
+                continue
+            strategies = STRATEGIES if dataflow == "home" else ("contiguous", "eplb", "ilp")
+            pairs = [pair for s in strategies for pair in _rows(case, s, dataflow)]
+            rows = [row for row, _ in pairs]
+            by = {r["strategy"]: r for r in rows}
             if "infeasible" in by.get("ilp", {}):
                 groups.append({"label": label, "rows": rows})
                 continue
+            extra = {"heldout": case.held_name} if case.held_out is not None else {}
+            if case.name.startswith("mixtral") and case.gpus == 4 and dataflow == "home":
+                extra["bootstrap"] = bootstrap({r["strategy"]: p for r, p in pairs}, case.held_out)
             ilp_row, eplb_row, contig = by["ilp"], by["eplb"], by["contiguous"]
             ratios = {
                 "copies_vs_eplb": _ratio(ilp_row["copies"], eplb_row["copies"]),
@@ -205,19 +259,23 @@ def run(quick: bool) -> dict:
                 "step_vs_eplb": _ratio(ilp_row["step_ms"], eplb_row["step_ms"]),
             }
             verdicts = _verdicts(label, case.nodes, by, proofs)
-            groups.append({"label": label, "rows": rows, "ratios": ratios, "verdicts": verdicts})
-            print(f"{label}: copies {verdicts['copies']}; internode {verdicts['internode']}; balance "
+            groups.append({"label": label, "rows": rows, "ratios": ratios, "verdicts": verdicts, **extra})
+            if on_group is not None:
+                on_group({"groups": groups, "decomposition": []})
+            held = f"; held-out balance ilp {ilp_row.get('heldout_balancedness', float('nan')):.3f} vs eplb " \
+                   f"{eplb_row.get('heldout_balancedness', float('nan')):.3f}" if case.held_out is not None else ""
+            print(f"{label}{held}: copies {verdicts['copies']}; internode {verdicts['internode']}; balance "
                   f"{ratios['balance_minus_eplb']:+.4f}; step x{ratios['step_vs_eplb']:.3f} of eplb; follow_cross "
                   f"x{ratios['follow_cross_vs_contiguous']:.3f} of contiguous; solve {ilp_row['solve_s']:.1f} s",
                   file=sys.stderr)
     decomposition = []
-    if not quick:
+    if not quick and _wanted("decomposition", only):
         # Stage 1 decomposed (nodes, then GPUs) against the flat model, where both finish (the solver's own plans).
         for E, k, L, gpus, nodes, domains, limit in ((64, 8, 16, 16, 2, 8, 10), (256, 8, 16, 32, 4, 32, 40)):
             trace = synthetic_trace(SyntheticSpec(num_experts=E, top_k=k, num_layers=L, num_tokens=4096,
                                                   num_domains=domains, seed=0))
             case = Case(f"synthetic-{E}x{L}-top{k}", trace, gpus, nodes, 0, ("home",), CostParams(), limit)
-            flat, split = _rows(case, "ilp", "home", False)[1], _rows(case, "ilp", "home", True)[1]
+            flat, split = _rows(case, "ilp", "home", False)[1][0], _rows(case, "ilp", "home", True)[1][0]
             decomposition.append({"label": _label(case, "home"), "flat": flat, "decomposed": split,
                                   "copies_loss": _ratio(split["copies"], flat["copies"]) - 1,
                                   "internode_loss": _ratio(split["internode_copies"], flat["internode_copies"]) - 1})
@@ -244,6 +302,7 @@ def write_markdown(result: dict, env: dict, path: Path) -> None:
              "solver's own plan from the same solve. Ratios compare `ilp` with the baseline named in the "
              "column, in the same run. Qwen rows are count matrices: balance only.", ""]
     head = "| case | strategy | " + " | ".join(COLUMNS) + " | status |"
+    lines += acceptance_lines(result["groups"]) + mixtral_lines(result["groups"])
     lines += ["## Targets (issue 13, restated)", "",
               f"ilp against eplb: copies x{COPIES_TARGET:.2f} and, on several nodes, internode copies "
               f"x{INTERNODE_TARGET:.2f}, at mean balancedness within {BALANCE_WITHIN} of eplb's. `infeasible`: the "
@@ -285,27 +344,50 @@ def write_markdown(result: dict, env: dict, path: Path) -> None:
     write_report(path.parent, path.stem, lines)
 
 
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _merge(paths: list[Path]) -> tuple[dict, dict]:
+    """Parts written by `--part` runs (one machine, run one after another), as one result and environment."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    result = {"groups": [g for part in parts for g in part["groups"]],
+              "decomposition": [d for part in parts for d in part["decomposition"]]}
+    env = {**parts[0]["environment"], "command": " ; ".join(part["environment"]["command"] for part in parts)}
+    return result, env
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, print only")
+    parser.add_argument("--only", action="append", help="run the cases whose label holds this text (repeatable; "
+                                                        "'decomposition' for that section)")
+    parser.add_argument("--part", type=Path, help="write this run's results to FILE (JSON) instead of the report")
+    parser.add_argument("--merge", type=Path, nargs="+", help="write the report from --part files, in order")
     args = parser.parse_args()
-    result = run(args.quick)
-    if args.quick:
-        return
-    env = environment("ortools")
+    if args.merge:
+        result, env = _merge(args.merge)
+    else:
+        env = environment("ortools")
+
+        def save_part(result: dict) -> None:  # after every group, so a long run stopped early keeps its rows
+            args.part.write_text(json.dumps(_clean({"environment": env, **result}), indent=1) + "\n")
+
+        result = run(args.quick, args.only, save_part if args.part else None)
+        if args.quick:
+            return
+        if args.part:
+            save_part(result)
+            return
     RESULTS.mkdir(parents=True, exist_ok=True)
-
-    def clean(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
-
-    (RESULTS / "placement.json").write_text(json.dumps(clean({"environment": env, **result}), indent=1) + "\n")
-    write_markdown(result, env, RESULTS / "placement.md")
+    (RESULTS / "placement.json").write_text(json.dumps(_clean({"environment": env, **result}), indent=1) + "\n")
+    write_markdown(_clean(result), env, RESULTS / "placement.md")
     print(f"wrote {RESULTS / 'placement.md'}", file=sys.stderr)
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .plan import Placement
+from .robust import RobustOptions, robust_record
 from .spread import spread_replicas
 from .stats import RoutingStats
 from .topology import Topology, TopologyError
@@ -36,14 +37,19 @@ class EplbOptions:
     """`policy`: "global", "hierarchical" (every expert its own group, so experts are balanced over nodes
     first and replicated within their node), or "auto" (hierarchical on several nodes, global on one).
     `spread_replicas`: never two copies of an expert on one GPU (while it has no more copies than GPUs in
-    its node); DeepSeek's packing may put them there, and the default keeps its behaviour."""
+    its node); DeepSeek's packing may put them there, and the default keeps its behaviour.
+    `robust`: lower every layer's heaviest GPU in the load scenarios together (robust.py, `tighten_layer`);
+    `place` fills in the scenarios from a trace."""
 
     policy: str = "auto"
     spread_replicas: bool = False
+    robust: RobustOptions | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in EPLB_POLICIES:
             raise ValueError(f"policy: expected one of {EPLB_POLICIES}, got {self.policy!r}")
+        if self.robust is not None and not isinstance(self.robust, RobustOptions):
+            raise ValueError(f"robust: expected RobustOptions or None, got {type(self.robust).__name__}")
 
 
 def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,6 +167,14 @@ def rebalance_experts(
     return phy2log, log2phy, logcnt
 
 
+def _robust(phy2log: np.ndarray, stats: RoutingStats, topology: Topology, robust: RobustOptions) -> np.ndarray:
+    """EPLB's rows with each layer's heaviest GPU lowered in every load scenario (robust_plan.py)."""
+    from .robust_plan import robust_eplb_rows, scenarios_for
+
+    plan = Placement(phy2log, topology.num_gpus, topology.num_nodes, stats.num_experts)
+    return robust_eplb_rows(plan.replicas, scenarios_for(robust, stats), topology.node_of_gpu)
+
+
 def eplb(
     stats: RoutingStats,
     topology: Topology,
@@ -182,4 +196,7 @@ def eplb(
     if options.spread_replicas:
         phy2log = spread_replicas(phy2log, G, G // nodes, stats.counts / logcnt)
     record = {"policy": "hierarchical" if hierarchical else "global", "spread_replicas": options.spread_replicas}
+    if options.robust is not None:
+        phy2log = _robust(phy2log, stats, topology, options.robust)
+        record["robust"] = robust_record(options.robust)
     return Placement(phy2log, G, N, E, "eplb", options=record)

@@ -7,6 +7,7 @@ round_robin; `place` refuses options of another placer, so a setting is never si
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from .stats import RoutingStats, stats_from_trace
 from .topology import Topology, TopologyError
 from .trace import Trace
 
-__all__ = ["STRATEGIES", "InfeasibleError", "place", "options_type"]
+__all__ = ["STRATEGIES", "InfeasibleError", "place", "options_type", "with_scenarios"]
 
 STRATEGIES = ("contiguous", "round_robin", "eplb", "ilp")
 _OPTIONS = {"contiguous": None, "round_robin": None, "eplb": EplbOptions, "ilp": IlpOptions}
@@ -33,6 +34,20 @@ def options_type(strategy: str) -> type | None:
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
     return _OPTIONS[strategy]
+
+
+def with_scenarios(options: EplbOptions | None, data: RoutingStats | Trace) -> EplbOptions | None:
+    """eplb's options with robust scenarios resampled from `data` when robust asks for them (eplb itself
+    sees statistics only); ilp resamples its trace itself."""
+    if options is None or options.robust is None or options.robust.scenarios is not None:
+        return options
+    if not isinstance(data, Trace):
+        raise ValueError("robust: needs a trace (its sequences are resampled) or RobustOptions.scenarios; "
+                         "statistics alone do not say how the load varies")
+    from .scenarios import scenario_counts
+
+    r = options.robust
+    return replace(options, robust=replace(r, scenarios=scenario_counts(data, r.resamples, r.seed, r.inflate)))
 
 
 def place(
@@ -65,5 +80,5 @@ def place(
     if strategy == "round_robin":
         return round_robin(stats, topology, num_slots)
     if strategy == "eplb":
-        return eplb(stats, topology, num_slots, options)
+        return eplb(stats, topology, num_slots, with_scenarios(options, data))
     return ilp(data, topology, num_slots, options, progress)

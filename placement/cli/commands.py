@@ -24,6 +24,7 @@ from ..ilp import IlpOptions, with_step_objective
 from ..placers import STRATEGIES, InfeasibleError, place
 from ..plan import load_plan, save_plan
 from ..plot import load_heatmaps
+from ..robust import RobustOptions
 from ..stats import save_stats
 from ..synthetic import SyntheticSpec, synthetic_trace
 from ..topology import Topology, load_topology
@@ -52,6 +53,17 @@ from .args import (
     TopologyOpt,
     TraceArg,
     WorkersOpt,
+)
+from .heldout import (
+    HeldOutOpt,
+    ResamplesOpt,
+    RobustOpt,
+    RobustSlackOpt,
+    SplitOpt,
+    expected_figure,
+    held_out_figures,
+    held_out_sources,
+    robust_options,
 )
 from .inputs import as_stats, check_output, check_plot, ilp_options, load_source, placer_options, topology_from
 from .report import err, fmt, legend, plan_row, print_json, table, tsv_lines
@@ -116,15 +128,22 @@ def _title(topo: Topology, redundant: int) -> str:
 
 
 def _run_placers(source, topo: Topology, names: list[str], redundant: int, ilp: IlpOptions,
-                 spread: bool | None) -> tuple[dict, dict]:
+                 spread: bool | None, robust: RobustOptions | None = None, held: Trace | None = None
+                 ) -> tuple[dict, dict]:
+    """Every placer's row (with --robust, "eplb robust" and "ilp robust" beside the plain ones), scored on
+    `source` and, given one, on the held-out trace."""
     rows, panels = {}, {}
-    for name in names:
+    runs = [(name, name, None) for name in names]
+    runs += [(f"{name} robust", name, robust) for name in names if robust is not None and name in ("eplb", "ilp")]
+    for label, name, robust_opts in runs:
         start = time.perf_counter()
-        with _layer_progress(f"planning ({name})", name == "ilp") as progress:
-            p = place(name, source, topo, redundant, placer_options(name, ilp, spread), progress)
+        with _layer_progress(f"planning ({label})", name == "ilp") as progress:
+            p = place(name, source, topo, redundant, placer_options(name, ilp, spread, robust_opts), progress)
         solve_s = time.perf_counter() - start
         metrics = evaluate(source, p, topo, ilp.params, ilp.dataflow)
-        rows[name], panels[name] = plan_row(p, metrics, solve_s), metrics
+        rows[label], panels[label] = {**plan_row(p, metrics, solve_s), **expected_figure(source, p)}, metrics
+        if held is not None:
+            rows[label].update(held_out_figures(p, held, topo, ilp.params, ilp.dataflow))
     return rows, panels
 
 
@@ -148,6 +167,7 @@ def plan(
     balance_slack: Annotated[float | None, typer.Option(
         "--balance-slack", show_default=False,
         help="ilp: balancedness may fall this far below EPLB's, per layer (default: 0.01).")] = None,
+    robust: RobustOpt = None, robust_slack: RobustSlackOpt = None, resamples: ResamplesOpt = None,
     hidden: HiddenOpt = 4096, ffn: FfnOpt = 14336, json_out: JsonOpt = False, plot: PlotOpt = None,
 ) -> None:
     """Place experts on GPUs from routing data; write the plan JSON."""
@@ -157,6 +177,9 @@ def plan(
                                           "--balance-slack": balance_slack, "--spread-replicas": spread_replicas})
         check_output(out, "--out")
         check_plot(plot)
+        robust_opts = robust_options(robust, robust_slack, resamples, dataflow.value)
+        if robust_opts is not None and strategy.value not in ("ilp", "eplb"):
+            raise ValueError(f"--robust: applies to --strategy ilp or eplb only, not {strategy.value}")
         params = CostParams(hidden=hidden, ffn=ffn)
         prev = load_plan(previous) if previous else None
         options = ilp_options(dataflow=dataflow.value, objective=objective, time_limit=time_limit, seed=seed,
@@ -167,11 +190,12 @@ def plan(
         start = time.perf_counter()
         with _layer_progress(f"planning ({strategy.value})", strategy == Strategy.ilp) as progress:
             result = place(strategy.value, source, topo, redundant,
-                           placer_options(strategy.value, options, spread_replicas), progress)
+                           placer_options(strategy.value, options, spread_replicas, robust_opts), progress)
         solve_s = time.perf_counter() - start
         metrics = evaluate(source, result, topo, params, dataflow.value, prev)
-        row = plan_row(result, metrics, solve_s)
-        result = result.with_report(metrics={**metrics.summary(), "colocated_replicas": result.colocated_replicas})
+        row = {**plan_row(result, metrics, solve_s), **expected_figure(source, result)}
+        result = result.with_report(metrics={**metrics.summary(), "colocated_replicas": result.colocated_replicas,
+                                             **expected_figure(source, result)})
         save_plan(result, out)
         if plot:
             load_heatmaps({strategy.value: metrics}, plot, gpus_per_node=topo.gpus_per_node)
@@ -191,9 +215,10 @@ def evaluate_cmd(
     topology: Annotated[Path | None, typer.Option(
         "--topology", metavar="YAML", help="Bandwidths and GPU speed for the step time (default: the plan's GPUs "
                                            "and nodes with default links).")] = None,
+    held_out: HeldOutOpt = None, split: SplitOpt = None,
     hidden: HiddenOpt = 4096, ffn: FfnOpt = 14336, json_out: JsonOpt = False, plot: PlotOpt = None,
 ) -> None:
-    """Score a plan on routing data with the cost model."""
+    """Score a plan on routing data with the cost model (and on held-out data: --held-out or --split)."""
     with exit_codes():
         if stats is not None and plan_file is None and trace is not None:
             trace, plan_file = None, trace  # `evaluate --stats URL PLAN`: the only positional is the plan
@@ -203,11 +228,16 @@ def evaluate_cmd(
         p = load_plan(plan_file)
         topo = load_topology(topology) if topology else Topology(p.num_gpus, p.num_nodes)
         prev = load_plan(previous) if previous else None
-        source = load_source(trace, stats, top_k, num_experts)
-        metrics = evaluate(source, p, topo, CostParams(hidden=hidden, ffn=ffn), dataflow.value, prev)
+        source, held = held_out_sources(load_source(trace, stats, top_k, num_experts), held_out, split, top_k,
+                                        num_experts)
+        params = CostParams(hidden=hidden, ffn=ffn)
+        metrics = evaluate(source, p, topo, params, dataflow.value, prev)
         if plot:
             load_heatmaps({p.strategy: metrics}, plot, gpus_per_node=topo.gpus_per_node)
         row = {key: value for key, value in plan_row(p, metrics, float("nan")).items() if key != "solve_s"}
+        row.update(expected_figure(source, p))
+        if held is not None:
+            row.update(held_out_figures(p, held, topo, params, dataflow.value))
         if json_out:
             print_json({"plan": str(plan_file), "strategy": p.strategy, **row,
                         "per_layer": {"balancedness": metrics.balancedness.tolist(),
@@ -227,13 +257,16 @@ def compare(
     hidden: HiddenOpt = 4096, ffn: FfnOpt = 14336,
     strategies: Annotated[str, typer.Option("--strategies", metavar="NAMES", help="Comma-separated placers.")
                           ] = ",".join(STRATEGIES),
+    held_out: HeldOutOpt = None, split: SplitOpt = None, robust: RobustOpt = None,
+    robust_slack: RobustSlackOpt = None, resamples: ResamplesOpt = None,
     json_out: JsonOpt = False,
     tsv: Annotated[bool, typer.Option("--tsv", metavar="", help="key=value lines on stdout, also in a terminal "
                                                                 "(they are printed whenever stdout is not one).")
                    ] = False,
     plot: PlotOpt = None,
 ) -> None:
-    """Run several placers on the same data and print one table."""
+    """Run several placers on the same data and print one table (in-sample and, with --held-out or --split,
+    held-out figures side by side)."""
     with exit_codes(**_PLANNING):
         names = [s.strip() for s in strategies.split(",") if s.strip()]
         if not names:
@@ -245,9 +278,13 @@ def compare(
         check_plot(plot)
         options = ilp_options(dataflow=dataflow.value, objective=objective, time_limit=time_limit, seed=seed,
                               workers=workers, params=CostParams(hidden=hidden, ffn=ffn))
-        source = load_source(trace, stats, top_k, num_experts)
+        robust_opts = robust_options(robust, robust_slack, resamples, dataflow.value)
+        if robust_opts is not None and not {"ilp", "eplb"} & set(names):
+            raise ValueError("--robust: applies to ilp and eplb; --strategies names neither")
+        source, held = held_out_sources(load_source(trace, stats, top_k, num_experts), held_out, split, top_k,
+                                        num_experts)
         topo = topology_from(gpus, nodes, topology, max_slots_per_gpu)
-        rows, panels = _run_placers(source, topo, names, redundant, options, spread_replicas)
+        rows, panels = _run_placers(source, topo, names, redundant, options, spread_replicas, robust_opts, held)
         if plot:
             load_heatmaps(panels, plot, _title(topo, redundant), topo.gpus_per_node)
         if json_out:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from ..cost import CostParams
 from ..eplb import EplbOptions
 from ..exits import note
 from ..ilp import IlpOptions
+from ..robust import RobustOptions
 from ..sources import load_routing
 from ..stats import RoutingStats, stats_from_trace
 from ..topology import Topology, load_topology
@@ -106,10 +108,12 @@ def ilp_options(*, dataflow: str, objective: str | None, time_limit: float | Non
     return IlpOptions(dataflow=dataflow, params=params, **{k: v for k, v in given.items() if v is not None})
 
 
-def placer_options(strategy: str, ilp: IlpOptions, spread: bool | None) -> IlpOptions | EplbOptions | None:
-    """Each placer's own options: ilp's, eplb's (--spread-replicas), none for the baselines."""
+def placer_options(strategy: str, ilp: IlpOptions, spread: bool | None, robust: RobustOptions | None = None
+                   ) -> IlpOptions | EplbOptions | None:
+    """Each placer's own options: ilp's, eplb's (--spread-replicas), none for the baselines; `robust` for
+    ilp and eplb (--robust)."""
     if strategy == "ilp":
-        return ilp
+        return ilp if robust is None else replace(ilp, robust=robust)
     if strategy == "eplb":
-        return EplbOptions(policy=ilp.eplb_policy, spread_replicas=bool(spread))
+        return EplbOptions(policy=ilp.eplb_policy, spread_replicas=bool(spread), robust=robust)
     return None

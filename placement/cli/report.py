@@ -24,6 +24,9 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 150, soft_wrap
 # (key, label, digits): the table's rows, in order.
 ROWS = [
     ("balancedness", "balance (mean/max)", 3), ("balancedness_worst", "worst layer balance", 3),
+    ("expected_balancedness", "expected held-out balance", 3),
+    ("heldout_balancedness", "held-out balance", 3), ("heldout_copies", "held-out copies", 3),
+    ("heldout_step_ms", "held-out step ms", 2),
     ("copies", "copies per token", 3), ("internode_copies", "internode per token", 3),
     ("busiest_link_mb", "busiest port MB", 2), ("follow_cross", "follow cross", 3), ("step_ms", "step ms", 2),
     ("colocated_replicas", "co-located copies", 0), ("solve_s", "solve s", 2), ("gap", "solver gap", 3),
@@ -36,6 +39,9 @@ LEGEND = (
     "  over all layers (cost model; n/a without per-token data).",
     "co-located copies: copies of an expert on a GPU that already holds it",
     "  (they serve no token).",
+    "expected held-out balance: mean over sequence-level resamples of the",
+    "  trace, spread as a second sample would be (traces only). held-out:",
+    "  the plan scored on --held-out or --split's other part.",
     "solver gap: ilp's (objective - bound) / objective, summed over its",
     "  subproblems in their own units; 0 proves each subproblem optimal. It",
     "  measures the solve, not the plan: compare plans on the rows above.",
@@ -64,9 +70,14 @@ def table(rows: dict[str, dict], title: str) -> Table:
     out.add_column("", no_wrap=True)
     for name in rows:
         out.add_column(name, justify="right", no_wrap=True)
-    for key, label, digits in ROWS:
+    for key, label, digits in _shown(rows):
         out.add_row(label, *(fmt(row.get(key, float("nan")), digits) for row in rows.values()))
     return out
+
+
+def _shown(rows: dict[str, dict]) -> list[tuple[str, str, int]]:
+    """The table's rows that some plan has a figure for (held-out rows only with held-out data)."""
+    return [r for r in ROWS if any(r[0] in row for row in rows.values())]
 
 
 def legend() -> str:
@@ -76,7 +87,7 @@ def legend() -> str:
 
 def tsv_lines(rows: dict[str, dict]) -> list[str]:
     """One line per plan: its name, then tab-separated key=value figures (for scripts and pipes)."""
-    return [name + "\t" + "\t".join(f"{key}={fmt(row.get(key), 4)}" for key, _, _ in ROWS)
+    return [name + "\t" + "\t".join(f"{key}={fmt(row.get(key), 4)}" for key, _, _ in _shown(rows))
             for name, row in rows.items()]
 
 

@@ -61,6 +61,6 @@ DeepSeek's EPLB co-locates copies); "traffic" returns the solver's own plan.
 """
 
 from .options import IlpOptions
-from .planner import ilp, with_step_objective
+from .planner import ilp, with_robust, with_step_objective
 
-__all__ = ["IlpOptions", "ilp", "with_step_objective"]
+__all__ = ["IlpOptions", "ilp", "with_step_objective", "with_robust"]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ..cost import DATAFLOWS, CostParams
 from ..eplb import EPLB_POLICIES
 from ..plan import Placement
+from ..robust import RobustOptions
 
 __all__ = ["IlpOptions", "OBJECTIVES"]
 
@@ -39,6 +40,9 @@ class IlpOptions:
     # Token-follow stage 3 starts (None: by size and time limit); the first is stage 2's plan, the second the
     # forward chain, later ones kicks of the best so far; a single start is the chain alone.
     follow_starts: int | None = None
+    # Keep balance under traffic the plan was not made on (robust.py): None plans for the trace alone.
+    # Home dataflow only (the repair keeps co-activation pairs together, which is the home objective).
+    robust: RobustOptions | None = None
 
     def __post_init__(self) -> None:
         if self.dataflow not in DATAFLOWS:
@@ -60,5 +64,10 @@ class IlpOptions:
             raise ValueError(f"follow_starts: expected >= 1, got {self.follow_starts}")
         if self.pairs_per_expert < 1:
             raise ValueError(f"pairs_per_expert: expected >= 1, got {self.pairs_per_expert}")
+        if self.robust is not None and not isinstance(self.robust, RobustOptions):
+            raise ValueError(f"robust: expected RobustOptions or None, got {type(self.robust).__name__}")
+        if self.robust is not None and self.dataflow != "home":
+            raise ValueError("robust: plans the home dataflow only (its repair keeps co-activated pairs "
+                             "together); drop it or use --dataflow home")
         if self.eplb_policy not in EPLB_POLICIES:
             raise ValueError(f"eplb_policy: expected one of {EPLB_POLICIES}, got {self.eplb_policy!r}")

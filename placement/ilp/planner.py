@@ -25,7 +25,7 @@ from .selection import choose_by_step
 from .stage1 import stage1_jobs
 from .stage2 import map_groups
 
-__all__ = ["ilp", "with_step_objective"]
+__all__ = ["ilp", "with_step_objective", "with_robust"]
 
 _DECOMPOSE_ABOVE_GPUS = 16  # stage 1 over nodes, then GPUs, above this many GPUs on several nodes
 
@@ -45,6 +45,8 @@ def ilp(
     options = options or IlpOptions()
     stats = data if isinstance(data, RoutingStats) else stats_from_trace(data)
     plan = _solve(stats, topology, num_slots, options, progress)
+    if options.robust is not None:
+        plan = with_robust(data, plan, topology, options)
     if options.objective == "step" and isinstance(data, Trace):
         plan = with_step_objective(data, plan, topology, options)
     return plan
@@ -111,6 +113,26 @@ def _solve(stats: RoutingStats, topology: Topology, num_slots: int, options: Ilp
     solver = summarise(reports, results, time_s=time.perf_counter() - start_time, workers=workers,
                        stage_s=stage_s, follow_starts=follow_starts)
     return Placement(phy2log, G, N, E, "ilp", solver=solver, options=_options_record(options, decompose))
+
+
+def with_robust(data: RoutingStats | Trace, plan: Placement, topology: Topology, options: IlpOptions) -> Placement:
+    """The solver's own `plan` with every layer repaired until it keeps its balance within the robust slack
+    of EPLB's in every load scenario of `options.robust` (robust_plan.py); layers the repair cannot fix take
+    EPLB's arrangement. What `ilp` does with `robust` set, before the step objective; also usable on a plan
+    solved before (the controller's, a benchmark's)."""
+    from ..robust import robust_record
+    from ..robust_plan import robust_ilp_rows, scenarios_for
+
+    if options.robust is None:
+        raise ValueError("robust: with_robust needs IlpOptions.robust")
+    stats = data if isinstance(data, RoutingStats) else stats_from_trace(data)
+    _, spread = _eplb_plans(stats, topology, plan.num_slots, options)
+    coact = stats.coact if stats.coact is not None else np.zeros((stats.num_layers,) + stats.counts.shape[1:] * 2)
+    rows, fallback = robust_ilp_rows(plan.replicas, spread.replicas, coact, scenarios_for(options.robust, data),
+                                     options.robust.slack, topology.node_of_gpu)
+    record = {**plan.options, "robust": {**robust_record(options.robust), "layers_from_eplb": fallback}}
+    return Placement(rows, plan.num_gpus, plan.num_nodes, plan.num_experts, "ilp", solver=plan.solver,
+                     options=record)
 
 
 def _eplb_plans(stats: RoutingStats, topology: Topology, num_slots: int, options: IlpOptions

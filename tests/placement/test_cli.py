@@ -247,3 +247,38 @@ def test_help_shows_uppercase_placeholders_and_no_types_for_flags():
     assert "[TRACE] [PLAN]" in r.stdout
     r = runner.invoke(app, ["export", "--help"], env={"COLUMNS": "200"})
     assert "[PLAN]" in r.stdout and "{PLAN}" not in r.stdout
+
+
+def test_compare_and_evaluate_held_out(tmp_path, trace_file):
+    r = run("compare", trace_file, "--gpus", 8, "--strategies", "eplb,ilp", "--split", "sequence:0.5", "--robust",
+            "--resamples", 4, "--time-limit", 1, "--workers", 1, "--json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert set(rows) == {"eplb", "ilp", "eplb robust", "ilp robust"}
+    for row in rows.values():  # in-sample and held-out figures side by side
+        assert 0 < row["heldout_balancedness"] <= 1 and 0 < row["expected_balancedness"] <= 1
+        assert row["heldout_copies"] > 0 and row["heldout_step_ms"] > 0
+    plan_path = tmp_path / "plan.json"
+    assert run("plan", trace_file, "--gpus", 8, "--strategy", "eplb", "--robust", "--out", plan_path).exit_code == 0
+    saved = load_plan(plan_path)
+    assert saved.options["robust"]["resamples"] == 16 and 0 < saved.metrics["expected_balancedness"] <= 1
+    r = run("evaluate", trace_file, plan_path, "--held-out", trace_file, "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)  # held out on the same tokens: the in-sample figures again
+    assert (doc["heldout_copies"], doc["heldout_balancedness"]) == pytest.approx((doc["copies"], doc["balancedness"]))
+    r = run("evaluate", trace_file, plan_path, "--split", "time:0.5", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["heldout_balancedness"] != pytest.approx(doc["balancedness"])
+
+
+def test_held_out_errors_name_the_flag(tmp_path, trace_file):
+    wrong = tmp_path / "wrong.npz"
+    save_trace(Trace(np.zeros((4, 2, 1), dtype=np.int32), np.arange(4, dtype=np.int32), 32), wrong)
+    for args, flag in ((("--split", "sideways:0.5"), "--split"), (("--split", "time:0"), "--split"),
+                       (("--held-out", wrong), "--held-out"), (("--held-out", wrong, "--split", "time:0.5"), "--split"),
+                       (("--resamples", 4), "--resamples"), (("--robust", "--robust-slack", 2), "--robust-slack"),
+                       (("--robust", "--dataflow", "follow"), "--robust")):
+        r = run("compare", trace_file, "--gpus", 4, "--strategies", "eplb", *args)
+        assert r.exit_code == 2, (args, r.output)
+        assert r.output.strip().splitlines()[-1].startswith(f"error: {flag}"), r.output
