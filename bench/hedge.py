@@ -130,20 +130,29 @@ def _judge(plan, plan_on: Trace, held: Trace, topo: Topology, params: CostParams
     return out
 
 
-def run_held_out(quick: bool) -> list[dict]:
+def run_held_out(quick: bool, robust: bool = False, max_experts: int | None = None) -> list[dict]:
+    """robust: the robust plans (`RobustOptions`, issue 17's placement side) beside the plain ones, so the
+    hedge is measured alone and with the robust plan; max_experts: skip larger routers (their robust repair
+    takes minutes per row)."""
+    from expertmesh.placement.eplb import EplbOptions
     from expertmesh.placement.ilp import IlpOptions  # OR-Tools: here only, so the GPU timing runs without it
     from expertmesh.placement.placers import place
+    from expertmesh.placement.robust import RobustOptions
 
+    placers = ("eplb", "ilp", "eplb robust", "ilp robust") if robust else ("eplb", "ilp")
     rows = []
     for r in _routers(quick):
+        if max_experts is not None and r.experts > max_experts:
+            continue
         plan_on, held = _samples(r, 1024 if quick else 4096)
         for gpus, nodes in r.topologies:
             topo = Topology(gpus, nodes)
-            for placer in ("eplb", "ilp"):
-                options = (IlpOptions(dataflow="home", time_limit=r.time_limit, params=r.params)
-                           if placer == "ilp" else None)
+            for placer in placers:
+                base, robustly = placer.split()[0], RobustOptions() if placer.endswith("robust") else None
+                options = (IlpOptions(dataflow="home", time_limit=r.time_limit, params=r.params, robust=robustly)
+                           if base == "ilp" else EplbOptions(robust=robustly) if robustly else None)
                 start = time.perf_counter()
-                plan = place(placer, plan_on, topo, gpus, options)
+                plan = place(base, plan_on, topo, gpus, options)
                 solve_s = time.perf_counter() - start
                 row = {"router": r.name, "gpus": gpus, "nodes": nodes, "redundant": gpus, "placer": placer,
                        "solve_s": solve_s, **_judge(plan, plan_on, held, topo, r.params)}
@@ -345,6 +354,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes, CPU timing smoke run, writes nothing")
     parser.add_argument("--timing", action="store_true", help="timing only (needs CUDA to write results)")
     parser.add_argument("--iters", type=int, default=200, help="timed calls per figure")
+    parser.add_argument("--robust", action="store_true",
+                        help="also the robust eplb and ilp plans (writes hedge-robust.{md,json})")
+    parser.add_argument("--max-experts", type=int, default=None, help="skip routers with more experts")
     args = parser.parse_args()
     import torch
 
@@ -362,14 +374,15 @@ def main() -> None:
             print("\n".join(timing_lines(rows, environment("torch"))))
         if args.timing:
             return
-    rows = run_held_out(args.quick)
+    rows = run_held_out(args.quick, args.robust, args.max_experts)
     env = environment("ortools")
     lines = held_out_lines(rows, env)
     if args.quick:
         print("\n".join(lines))
         return
-    write_report(RESULTS, "hedge", lines, _clean({"environment": env, "rows": rows}))
-    print(f"wrote {RESULTS / 'hedge.md'}", file=sys.stderr)
+    name = "hedge-robust" if args.robust else "hedge"
+    write_report(RESULTS, name, lines, _clean({"environment": env, "rows": rows}))
+    print(f"wrote {RESULTS / name}.md", file=sys.stderr)
 
 
 if __name__ == "__main__":
