@@ -339,16 +339,6 @@ def timing_lines(rows: list[dict], env: dict) -> list[str]:
     return lines
 
 
-def _clean(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, CPU timing smoke run, writes nothing")
@@ -366,7 +356,7 @@ def main() -> None:
             shapes = [(4096, 256, 8, 8, 1), (4096, 256, 8, 32, 4), (512, 256, 8, 8, 1)]
             rows = run_timing("cuda", shapes, args.iters)
             env = environment("torch", "triton")
-            write_report(RESULTS, "hedge-gpu", timing_lines(rows, env), _clean({"environment": env, "rows": rows}))
+            write_report(RESULTS, "hedge-gpu", timing_lines(rows, env), {"environment": env, "rows": rows})
             print(f"wrote {RESULTS / 'hedge-gpu.md'}", file=sys.stderr)
         else:
             print("no CUDA: timing smoke run at tiny sizes on the CPU (times mean nothing)", file=sys.stderr)
@@ -381,7 +371,7 @@ def main() -> None:
         print("\n".join(lines))
         return
     name = "hedge-robust" if args.robust else "hedge"
-    write_report(RESULTS, name, lines, _clean({"environment": env, "rows": rows}))
+    write_report(RESULTS, name, lines, {"environment": env, "rows": rows})
     print(f"wrote {RESULTS / name}.md", file=sys.stderr)
 
 

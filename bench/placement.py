@@ -52,7 +52,7 @@ from placement_heldout import (  # bench/placement_heldout.py
     mixtral_lines,
     score,
 )
-from report import environment, write_report  # bench/report.py: this folder is on sys.path
+from report import environment, finite, write_report  # bench/report.py: this folder is on sys.path
 
 from expertmesh.placement.cost import CostParams
 from expertmesh.placement.eplb import EplbOptions
@@ -344,16 +344,6 @@ def write_markdown(result: dict, env: dict, path: Path) -> None:
     write_report(path.parent, path.stem, lines)
 
 
-def _clean(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
-
-
 def _merge(paths: list[Path]) -> tuple[dict, dict]:
     """Parts written by `--part` runs (one machine, run one after another), as one result and environment."""
     parts = [json.loads(p.read_text()) for p in paths]
@@ -377,7 +367,7 @@ def main() -> None:
         env = environment("ortools")
 
         def save_part(result: dict) -> None:  # after every group, so a long run stopped early keeps its rows
-            args.part.write_text(json.dumps(_clean({"environment": env, **result}), indent=1) + "\n")
+            args.part.write_text(json.dumps(finite({"environment": env, **result}), indent=1) + "\n")
 
         result = run(args.quick, args.only, save_part if args.part else None)
         if args.quick:
@@ -386,8 +376,8 @@ def main() -> None:
             save_part(result)
             return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "placement.json").write_text(json.dumps(_clean({"environment": env, **result}), indent=1) + "\n")
-    write_markdown(_clean(result), env, RESULTS / "placement.md")
+    (RESULTS / "placement.json").write_text(json.dumps(finite({"environment": env, **result}), indent=1) + "\n")
+    write_markdown(finite(result), env, RESULTS / "placement.md")
     print(f"wrote {RESULTS / 'placement.md'}", file=sys.stderr)
 
 

@@ -14,9 +14,21 @@ from pathlib import Path
 import numpy as np
 
 
+def finite(value):
+    """`value` with every NaN or infinite float (nested in dicts and lists) as None: standard JSON."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
 def write_report(results: str | Path, name: str, lines: list[str], payload: dict | None = None) -> Path:
     """results/<name>.md from `lines` plus results/<name>.notes.md (the reading of the numbers against the
-    targets, written by hand after a run; kept across re-runs), and results/<name>.json from `payload`."""
+    targets, written by hand after a run; kept across re-runs), and results/<name>.json from `payload`
+    (NaN and infinities as null)."""
     results = Path(results)
     results.mkdir(parents=True, exist_ok=True)
     notes = results / f"{name}.notes.md"
@@ -25,7 +37,7 @@ def write_report(results: str | Path, name: str, lines: list[str], payload: dict
     md = results / f"{name}.md"
     md.write_text("\n".join(lines) + "\n")
     if payload is not None:
-        (results / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+        (results / f"{name}.json").write_text(json.dumps(finite(payload), indent=1) + "\n")
     return md
 
 
