@@ -131,17 +131,17 @@ class Exchange(abc.ABC):
         return _all_gather_rows(counts, self.world_size, getattr(self, "group", None))
 
     # ---- backward (training) -----------------------------------------------------------------------
+    @abc.abstractmethod
     def combine_backward(self, grad_out: torch.Tensor, received: Received, layout: DispatchLayout) -> torch.Tensor:
         """[N, H] in grad_out's dtype: each token's output gradient grad_out [T, H] at every row of `received`
         that holds a copy of it (a dispatch of gradients; rows that hold no token are unspecified)."""
-        raise NotImplementedError(f"{type(self).__name__}: no backward pass")
 
+    @abc.abstractmethod
     def dispatch_backward(self, grad_rows: torch.Tensor, grad_weights: torch.Tensor, received: Received,
                           layout: DispatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """(grad_x [T, H], grad_weights float32 [T, k]) from the gradients of the received rows [N, H] and of
         their pair weights [N, k] (a combine of gradients: copies summed; a pair's weight gradient comes from
         the one copy that served it, the others hold zero there)."""
-        raise NotImplementedError(f"{type(self).__name__}: no backward pass")
 
     # ---- shared helpers ----------------------------------------------------------------------------
     def _check_dispatch(self, x: torch.Tensor, layout: DispatchLayout) -> None:
