@@ -230,21 +230,23 @@ def measure_shape(name: str, shape: dict, ckpt: Path, args, device: str, rows: l
         ep_group = engine.replicas[0].group
         grpc = start_grpc(engine, loop, notes, name) if "grpc" in args.variants else None
         ids = iter(range(10**9, 2 * 10**9, 10**6))  # static batches' sequence ids, apart from the engine's
-        for c in levels:
-            loop.run_until_complete(engine_level(engine, requests(c, 1000 + c)[:c], c))  # warm-up
-            record("engine", c, loop.run_until_complete(engine_level(engine, requests(c, c), c)))
+        try:
+            for c in levels:
+                loop.run_until_complete(engine_level(engine, requests(c, 1000 + c)[:c], c))  # warm-up
+                record("engine", c, loop.run_until_complete(engine_level(engine, requests(c, c), c)))
+                if grpc is not None:
+                    loop.run_until_complete(engine_level(engine, requests(c, 1000 + c)[:c], c, grpc))
+                    record("grpc", c, loop.run_until_complete(engine_level(engine, requests(c, c), c, grpc)))
+                loop.run_until_complete(settle(engine, ep_group))
+                if "static" not in args.variants:
+                    continue
+                static = lambda prompts, n: ep_group.generate(prompts, n, first_seq_id=next(ids))  # noqa: E731
+                static_level(static, requests(c, 1000 + c)[:c], c)
+                record("static", c, static_level(static, requests(c, c), c))
+        finally:  # a failed level still stops the server, its client process and the engine's workers
             if grpc is not None:
-                loop.run_until_complete(engine_level(engine, requests(c, 1000 + c)[:c], c, grpc))
-                record("grpc", c, loop.run_until_complete(engine_level(engine, requests(c, c), c, grpc)))
-            loop.run_until_complete(settle(engine, ep_group))
-            if "static" not in args.variants:
-                continue
-            static = lambda prompts, n: ep_group.generate(prompts, n, first_seq_id=next(ids))  # noqa: E731
-            static_level(static, requests(c, 1000 + c)[:c], c)
-            record("static", c, static_level(static, requests(c, c), c))
-        if grpc is not None:
-            loop.run_until_complete(grpc.stop())
-        loop.run_until_complete(engine.stop())
+                loop.run_until_complete(grpc.stop())
+            loop.run_until_complete(engine.stop())
     finally:
         loop.close()
         ray.shutdown()
