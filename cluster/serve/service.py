@@ -20,7 +20,7 @@ from expertmesh.protos.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, infer
 
 from . import messages
 from .exporter import ServiceMetrics
-from .types import EngineError, InferenceEngine, InvalidRequest
+from .types import EngineError, InferenceEngine, InvalidRequest, Unavailable
 
 __all__ = ["InferenceServicer", "AdminServicer", "SERVICE_NAMES"]
 
@@ -34,23 +34,26 @@ SERVICE_NAMES = (
 
 @contextlib.asynccontextmanager
 async def _status(method: str, context: grpc.aio.ServicerContext, metrics: ServiceMetrics) -> AsyncIterator[None]:
-    """Map what the body raises to the call's status, and count the call under that status."""
-    code = "OK"
+    """Map what the body raises to the call's status, and count the call under that status.
+
+    A failed call is counted before `context.abort`, which sends the status to the client at once: counted
+    after it, a client could scrape the metrics before its own error is in them.
+    """
     try:
         yield
     except EngineError as err:
-        code = err.code
+        metrics.handled(method, err.code)
         await context.abort(grpc.StatusCode[err.code], str(err), ((messages.ERROR_KEY, type(err).__name__),))
     except (asyncio.CancelledError, GeneratorExit):  # the client cancelled, or its deadline passed
         remaining = context.time_remaining()
-        code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        metrics.handled(method, "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED")
         raise
     except Exception as err:
-        code = "INTERNAL"
+        metrics.handled(method, "INTERNAL")
         log.exception("%s failed", method)
         await context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
-    finally:
-        metrics.handled(method, code)
+    else:
+        metrics.handled(method, "OK")
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -92,7 +95,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         async with _status("GetPlan", context, self._metrics):
             plan = self._engine.plan()
             if plan is None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "no plan yet: the engine is starting")
+                raise Unavailable("no plan yet: the engine is starting")
             return admin_pb2.GetPlanResponse(
                 version=plan.version, strategy=plan.strategy, num_layers=plan.num_layers,
                 num_experts=plan.num_experts, num_gpus=plan.num_gpus, num_nodes=plan.num_nodes,

@@ -252,7 +252,7 @@ def test_a_request_beyond_one_workers_blocks_is_refused(runner):
 
 
 def test_a_full_queue_refuses_at_once_and_the_queued_requests_complete(runner):
-    """MAX_WAITING + 8 requests at once: MAX_WAITING wait, the other 8 get QueueFull within 100 ms; the
+    """MAX_WAITING + 8 requests at once: MAX_WAITING wait, the other 8 get QueueFull at once; the
     queued ones are all served."""
     engine = runner.engine
 
@@ -272,7 +272,9 @@ def test_a_full_queue_refuses_at_once_and_the_queued_requests_complete(runner):
     refused = [r for r in results if r[0] == "refused"]
     assert len(served) == MAX_WAITING and len(refused) == 8
     assert all(n == 4 for _, n, _ in served)
-    assert all(seconds < 0.1 for _, _, seconds in refused)
+    # at once: each refusal came back before the first queued request was served (a bound in seconds
+    # would race a loaded 2-core machine; the order does not)
+    assert max(seconds for _, _, seconds in refused) < min(seconds for _, _, seconds in served)
 
 
 def test_requests_go_to_the_replica_with_the_fewest_outstanding_tokens(runner, greedy):
