@@ -23,12 +23,12 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 __all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INFEASIBLE", "fail", "note", "exit_codes", "PlainErrors",
-           "PlainGroup", "PlainCommand"]
+           "PlainGroup", "PlainCommand", "CLICK_EXCEPTION"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INFEASIBLE = 0, 1, 2, 3
 
 # click's base exception, whichever click typer uses (its own vendored copy, or the click package).
-_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
 def _one_line(message: str) -> str:
@@ -96,7 +96,7 @@ class PlainErrors(PlainGroup):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except _ClickException as exc:
+        except CLICK_EXCEPTION as exc:
             if type(exc).__name__ != "NoArgsIsHelpError":  # (its help is printed already)
                 ctx = getattr(exc, "ctx", None)
                 hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""

@@ -25,32 +25,39 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from expertmesh.placement.exits import EXIT_FAILURE, EXIT_USAGE, PlainCommand, fail
+
 __all__ = ["register", "serve", "infer", "serve_demo", "serve_config"]
 
-EXIT_FAILURE, EXIT_USAGE = 1, 2
 TOKEN_ENV = "EXPERTMESH_TOKEN"
 err = Console(stderr=True, soft_wrap=True)
+_FLAG = ""  # metavar of an on/off flag: nothing to show after its name
 
 
 @contextlib.contextmanager
-def _exit_codes(extra: str = "serve") -> Iterator[None]:
-    """One clear line on stderr and the exit code: 2 for bad input, 1 for anything else that failed."""
-    from expertmesh.cluster.serve.types import EngineError, InvalidRequest
+def _exit_codes(extra: str = "serve", server: str | None = None) -> Iterator[None]:
+    """The planning commands' error format (`placement.exits`): one `error:` line, exit 2 for bad input and
+    1 for anything else that failed; a missing extra names the pip install, an unreachable `server` says so."""
+    from expertmesh.cluster.serve.types import EngineError, InvalidRequest, Unavailable
 
     try:
         yield
     except typer.Exit:
         raise
     except ModuleNotFoundError as exc:
-        err.print(f"[bold red]error:[/] this command needs the '{exc.name}' package: "
-                  f"pip install 'expertmesh[{extra}]'")
-        raise typer.Exit(EXIT_USAGE) from None
+        fail(f"this command needs the '{exc.name}' package: pip install 'expertmesh[{extra}]'", EXIT_USAGE)
     except (InvalidRequest, ValueError) as exc:  # ConfigError is a ValueError
-        err.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(EXIT_USAGE) from None
-    except (EngineError, OSError, RuntimeError) as exc:
-        err.print(f"[bold red]failed:[/] {type(exc).__name__}: {exc}")
-        raise typer.Exit(EXIT_FAILURE) from None
+        fail(str(exc), EXIT_USAGE)
+    except Unavailable as exc:
+        if server is not None and "failed to connect" in str(exc):
+            fail(f"cannot reach expertmesh serve at {server} ({str(exc).rsplit(': ', 1)[-1].rstrip('.')}); is it "
+                 "running, is the address right (--server or EXPERTMESH_SERVER)?", EXIT_FAILURE)
+        fail(f"UNAVAILABLE: {exc}", EXIT_FAILURE)
+    except EngineError as exc:  # the server's status code says what kind of failure (RpcError's text has it)
+        text = str(exc)
+        fail(text if text.startswith(f"{exc.code}:") else f"{exc.code}: {text}", EXIT_FAILURE)
+    except (OSError, RuntimeError) as exc:
+        fail(str(exc) or "the command failed without a message", EXIT_FAILURE)
 
 
 # ---- serve -------------------------------------------------------------------------------------------
@@ -85,26 +92,31 @@ def serve_config(path: Path | None, overrides: dict[str, Any], tiny_dir: Path):
 
 
 def serve(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="ServeConfig YAML/JSON: engine settings "
-                                                "and a server: section.")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="Checkpoint folder (Hugging Face format); "
+    config: Annotated[Path | None, typer.Option("--config", "-c", metavar="FILE",
+                                                help="ServeConfig YAML/JSON (engine settings, server:).")] = None,
+    model: Annotated[str | None, typer.Option("--model", metavar="DIR", help="Checkpoint folder (Hugging Face format); "
                                               "none: a tiny random model.")] = None,
-    plan: Annotated[str | None, typer.Option("--plan", help="Plan file (expertmesh plan --out).")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", "-w", help="Workers (GPUs) per EP group.")] = None,
-    replicas: Annotated[int | None, typer.Option("--replicas", "-r", help="Data-parallel EP groups.")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="cpu (gloo) or cuda (NCCL).")] = None,
-    redis: Annotated[str | None, typer.Option("--redis", help="Record routing statistics in this Redis "
+    plan: Annotated[str | None, typer.Option("--plan", metavar="PLAN",
+                                             help="Plan file (expertmesh plan --out).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", "-w", metavar="N",
+                                                help="Workers (GPUs) per EP group.")] = None,
+    replicas: Annotated[int | None, typer.Option("--replicas", "-r", metavar="N",
+                                                 help="Data-parallel EP groups.")] = None,
+    device: Annotated[str | None, typer.Option("--device", metavar="cpu|cuda",
+                                               help="cpu (gloo) or cuda (NCCL).")] = None,
+    redis: Annotated[str | None, typer.Option("--redis", metavar="URL", help="Record routing statistics in this Redis "
                                               "(redis://host:port/db).")] = None,
-    address: Annotated[str | None, typer.Option("--address", help="Interface to listen on.")] = None,
-    port: Annotated[int | None, typer.Option("--port", "-p", help="gRPC port (0: a free one).")] = None,
-    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Prometheus port.")] = None,
-    token: Annotated[str | None, typer.Option("--token", envvar=TOKEN_ENV, show_envvar=True,
+    address: Annotated[str | None, typer.Option("--address", metavar="HOST", help="Interface to listen on.")] = None,
+    port: Annotated[int | None, typer.Option("--port", "-p", metavar="PORT", help="gRPC port (0: a free one).")] = None,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", metavar="PORT", help="Prometheus port.")] = None,
+    token: Annotated[str | None, typer.Option("--token", metavar="TOKEN", envvar=TOKEN_ENV, show_envvar=True,
                                               help="Bearer token every call must carry.")] = None,
-    tls_cert: Annotated[str | None, typer.Option("--tls-cert", help="PEM certificate chain (TLS).")] = None,
-    tls_key: Annotated[str | None, typer.Option("--tls-key", help="PEM private key (TLS).")] = None,
-    tls_client_ca: Annotated[str | None, typer.Option("--tls-client-ca", help="PEM CA of client certificates "
-                                                      "(mutual TLS).")] = None,
-    grace_s: Annotated[float | None, typer.Option("--grace-s", help="Seconds running streams get on "
+    tls_cert: Annotated[str | None, typer.Option("--tls-cert", metavar="PEM",
+                                                 help="PEM certificate chain (TLS).")] = None,
+    tls_key: Annotated[str | None, typer.Option("--tls-key", metavar="PEM", help="PEM private key (TLS).")] = None,
+    tls_client_ca: Annotated[str | None, typer.Option("--tls-client-ca", metavar="PEM",
+                                                      help="PEM CA of client certificates (mutual TLS).")] = None,
+    grace_s: Annotated[float | None, typer.Option("--grace-s", metavar="SECONDS", help="Seconds running streams get on "
                                                   "SIGTERM.")] = None,
 ) -> None:
     """Serve a model over gRPC on a local Ray (health, reflection, metrics; drains on SIGTERM)."""
@@ -160,30 +172,36 @@ def _ids(text: str | None, field: str) -> list[int] | None:
 
 
 def infer(
-    prompt: Annotated[str | None, typer.Argument(help="Prompt text ('-': read stdin).", show_default=False)] = None,
-    prompt_ids: Annotated[str | None, typer.Option("--prompt-ids", help="Prompt as token ids: 1,2,3.")] = None,
-    server: Annotated[str, typer.Option("--server", "-s", envvar="EXPERTMESH_SERVER",
+    prompt: Annotated[str | None, typer.Argument(metavar="PROMPT",
+                                                 help="Prompt text ('-': read stdin).", show_default=False)] = None,
+    prompt_ids: Annotated[str | None, typer.Option("--prompt-ids", metavar="IDS",
+                                                   help="Prompt as token ids: 1,2,3.")] = None,
+    server: Annotated[str, typer.Option("--server", "-s", metavar="HOST:PORT", envvar="EXPERTMESH_SERVER",
                                         help="host:port of expertmesh serve.")] = "127.0.0.1:50051",
-    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", "-n", help="Tokens to generate "
-                                                       "[server default: 16].")] = None,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option("--top-k", help="Sample from the k likeliest (0 = off).")] = 0,
-    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus mass in (0, 1].")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same tokens.")] = None,
-    stop_ids: Annotated[str | None, typer.Option("--stop-ids", help="Token ids that end the completion.")] = None,
-    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at the model's EOS.")] = False,
-    show_ids: Annotated[bool, typer.Option("--ids", help="Print token ids instead of text.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout at the end.")] = False,
-    token: Annotated[str | None, typer.Option("--token", envvar=TOKEN_ENV, show_envvar=True,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", "-n", metavar="N", help="Tokens to generate "
+                                                       "(server default: 16).")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", metavar="T", help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", metavar="K", help="Sample from the k likeliest (0 = off).")] = 0,
+    top_p: Annotated[float | None, typer.Option("--top-p", metavar="P", help="Nucleus mass in (0, 1].")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", metavar="INT", help="Same seed, same tokens.")] = None,
+    stop_ids: Annotated[str | None, typer.Option("--stop-ids", metavar="IDS",
+                                                 help="Token ids that end the completion.")] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", metavar=_FLAG,
+                                             help="Do not stop at the model's EOS.")] = False,
+    show_ids: Annotated[bool, typer.Option("--ids", metavar=_FLAG, help="Print token ids instead of text.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", metavar=_FLAG,
+                                           help="One JSON object on stdout at the end.")] = False,
+    token: Annotated[str | None, typer.Option("--token", metavar="TOKEN", envvar=TOKEN_ENV, show_envvar=True,
                                               help="Bearer token.")] = None,
-    tls: Annotated[bool, typer.Option("--tls", help="Connect with TLS (system roots unless --ca).")] = False,
-    ca: Annotated[Path | None, typer.Option("--ca", help="PEM roots to trust (implies --tls).")] = None,
-    cert: Annotated[Path | None, typer.Option("--cert", help="Client certificate (mutual TLS).")] = None,
-    key: Annotated[Path | None, typer.Option("--key", help="Client key (mutual TLS).")] = None,
-    timeout_s: Annotated[float, typer.Option("--timeout-s", help="Deadline of the call.")] = 300.0,
+    tls: Annotated[bool, typer.Option("--tls", metavar=_FLAG,
+                                      help="Connect with TLS (system roots unless --ca).")] = False,
+    ca: Annotated[Path | None, typer.Option("--ca", metavar="PEM", help="PEM roots to trust (implies --tls).")] = None,
+    cert: Annotated[Path | None, typer.Option("--cert", metavar="PEM", help="Client certificate (mutual TLS).")] = None,
+    key: Annotated[Path | None, typer.Option("--key", metavar="PEM", help="Client key (mutual TLS).")] = None,
+    timeout_s: Annotated[float, typer.Option("--timeout-s", metavar="SECONDS", help="Deadline of the call.")] = 300.0,
 ) -> None:
     """Stream a completion from `expertmesh serve` to the terminal."""
-    with _exit_codes("client"):
+    with _exit_codes("client", server):
         from expertmesh.client import Client
 
         ids = _ids(prompt_ids, "--prompt-ids")
@@ -221,10 +239,10 @@ def infer(
 
 # ---- demo --------------------------------------------------------------------------------------------
 def serve_demo(
-    requests: Annotated[int, typer.Option("--requests", help="Requests in the burst.")] = 64,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens per request.")] = 32,
-    gpus: Annotated[int, typer.Option("--gpus", help="GPUs to plan the placement for.")] = 4,
-    json_out: Annotated[bool, typer.Option("--json", help="Figures as JSON on stdout.")] = False,
+    requests: Annotated[int, typer.Option("--requests", metavar="N", help="Requests in the burst.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", metavar="N", help="Tokens per request.")] = 32,
+    gpus: Annotated[int, typer.Option("--gpus", metavar="N", help="GPUs to plan the placement for.")] = 4,
+    json_out: Annotated[bool, typer.Option("--json", metavar=_FLAG, help="Figures as JSON on stdout.")] = False,
 ) -> None:
     """Serve the tiny model on 2 CPU workers, send a burst of concurrent requests through the gRPC client,
     print throughput and latency, then plan a placement from the routing recorded in Redis."""
@@ -238,6 +256,6 @@ def serve_demo(
 
 def register(app: typer.Typer) -> None:
     """Mount the serving commands on the `expertmesh` app."""
-    app.command("serve")(serve)
-    app.command("infer")(infer)
-    app.command("demo")(serve_demo)
+    app.command("serve", cls=PlainCommand)(serve)
+    app.command("infer", cls=PlainCommand)(infer)
+    app.command("demo", cls=PlainCommand)(serve_demo)

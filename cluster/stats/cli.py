@@ -25,9 +25,9 @@ from typing import Annotated
 import numpy as np
 import typer
 from rich.console import Console
-from typer.core import TyperCommand, TyperGroup
 
 from expertmesh.placement.cli.args import NumExpertsOpt, TopKOpt
+from expertmesh.placement.exits import CLICK_EXCEPTION, EXIT_FAILURE, EXIT_USAGE, PlainCommand, PlainGroup
 from expertmesh.placement.sources import load_routing
 from expertmesh.placement.stats import save_stats
 from expertmesh.placement.trace import TraceError
@@ -40,33 +40,22 @@ from .store import FIRST_CONTACT_S, StatsStore
 
 __all__ = ["stats_app"]
 
-EXIT_FAILURE, EXIT_USAGE = 1, 2
-# click's exception base (typer vendors click from 0.22 on, under another module path).
-_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
-
 
 def _error(message: object, code: int) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
 
 
-class _Group(TyperGroup):
-    """Usage errors of the stats commands (a missing option, a value out of range) in the one error format."""
+class _Group(PlainGroup):
+    """Usage errors of the stats commands (a missing option, a value out of range) in the one error format,
+    also when `stats_app` runs on its own (the root app's `PlainErrors` does it for `expertmesh stats`)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except _ClickException as exc:
+        except CLICK_EXCEPTION as exc:
             where = f"{ctx.command_path} {ctx.invoked_subcommand or ''}".strip()
-            raise _error(f"{exc.format_message()} (see `{where} --help`)", exc.exit_code) from None
-
-
-class _Command(TyperCommand):
-    def get_help_option(self, ctx):
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""  # a flag takes no value: no `<bool>` beside it
-        return option
+            raise _error(f"{exc.format_message()} (see {where} --help)", exc.exit_code) from None
 
 
 stats_app = typer.Typer(
@@ -127,7 +116,7 @@ def _span(ids: list[int]) -> str:
     return f"{ids[0]}..{ids[-1]}" if ids else "none"
 
 
-@stats_app.command("push", cls=_Command)
+@stats_app.command("push", cls=PlainCommand)
 def push(
     trace: Annotated[Path, typer.Argument(metavar="TRACE", show_default=False,
                                           help="Trace .npz, statistics .npz, router JSONL or folder, counts.")],
@@ -214,7 +203,7 @@ def _push_message(report: dict, trace: Path, display: str) -> str:
     }[report["action"]]
 
 
-@stats_app.command("show", cls=_Command)
+@stats_app.command("show", cls=PlainCommand)
 def show(
     redis: RedisOpt = None,
     model: ModelOpt = None,
@@ -275,7 +264,7 @@ def _writable_npz(out: Path) -> None:
         raise ValueError(f"--out: cannot write {str(out)!r}")
 
 
-@stats_app.command("export", cls=_Command)
+@stats_app.command("export", cls=PlainCommand)
 def export(
     out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", show_default=False,
                                       help="Statistics .npz to write (plan, evaluate and load_stats read it).")],
@@ -310,7 +299,7 @@ def export(
         print(out)
 
 
-@stats_app.command("compact", cls=_Command)
+@stats_app.command("compact", cls=PlainCommand)
 def compact(redis: RedisOpt = None, model: ModelOpt = None, run: RunOpt = None, as_json: JsonOpt = False) -> None:
     """Merge each window's writer deltas; fold windows older than the kept ones into the decayed aggregate."""
     with _exit_codes():
@@ -323,7 +312,7 @@ def compact(redis: RedisOpt = None, model: ModelOpt = None, run: RunOpt = None, 
         print(f"merged={report['merged']} folded={report['folded']} conflicts={report['conflicts']}")
 
 
-@stats_app.command("reset", cls=_Command)
+@stats_app.command("reset", cls=PlainCommand)
 def reset(
     redis: RedisOpt = None,
     model: ModelOpt = None,

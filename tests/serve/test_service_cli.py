@@ -69,3 +69,19 @@ def test_infer_refuses_a_prompt_and_ids_together_without_a_server():
     assert out.exit_code == 2 and "prompt: expected a PROMPT argument or --prompt-ids" in out.stderr
     out = CliRunner().invoke(app, ["infer", "--prompt-ids", "1,x", "--server", "127.0.0.1:1"])
     assert out.exit_code == 2 and "--prompt-ids: expected comma-separated token ids" in out.stderr
+
+
+def test_infer_without_a_server_says_so_in_one_line():
+    out = CliRunner().invoke(app, ["infer", "Hello", "--server", "127.0.0.1:1", "--timeout-s", "10"])
+    assert out.exit_code == 1
+    assert out.stderr.startswith("error: cannot reach expertmesh serve at 127.0.0.1:1 (")
+    assert out.stderr.count("\n") == 1 and "Unavailable" not in out.stderr  # one line, no class name
+
+
+@pytest.mark.parametrize("command", ["serve", "infer", "demo"])
+def test_serving_help_shows_value_names_and_whole_texts(command):
+    out = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0
+    assert "<bool>" not in out.stdout and "<str>  " not in out.stdout.split("Options")[-1]
+    if command == "infer":  # "[...]" in a help text is rich markup: it vanished, leaving "generate ."
+        assert "Tokens to generate (server default: 16)." in out.stdout and "HOST:PORT" in out.stdout
