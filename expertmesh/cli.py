@@ -13,7 +13,8 @@ from typing import Annotated
 import typer
 
 from expertmesh.cluster.serve.cli import register as register_serving
-from expertmesh.placement.cli import EXIT_USAGE, app, register_stats_loader
+from expertmesh.placement.cli import app, register_stats_loader
+from expertmesh.placement.exits import PlainCommand, exit_codes
 
 __all__ = ["app", "main"]
 
@@ -32,27 +33,24 @@ _mount_stats()
 register_serving(app)  # imports only typer here; each command imports what it needs when it runs
 
 
-@app.command("quantize")
+@app.command("quantize", cls=PlainCommand)
 def quantize(
-    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="Hugging Face checkpoint folder (safetensors).")],
-    dest: Annotated[Path, typer.Argument(metavar="DEST", help="Folder to write the FP8 checkpoint to.")],
+    source: Annotated[Path, typer.Argument(metavar="SOURCE", show_default=False,
+                                           help="Hugging Face checkpoint folder (safetensors).")],
+    dest: Annotated[Path, typer.Argument(metavar="DEST", show_default=False,
+                                         help="Folder to write the FP8 checkpoint to (new or empty).")],
 ) -> None:
     """Write the block-scaled FP8 form of a checkpoint (E4M3 weights with one factor per 128 x 128 block, the
     format DeepSeek-V3 and Qwen3-FP8 ship); it serves at precision fp8 by default."""
-    if dest.exists() and any(dest.iterdir()):
-        typer.echo(f"error: {dest}: exists and is not empty", err=True)
-        raise typer.Exit(EXIT_USAGE)
-    if not (source / "config.json").is_file():
-        typer.echo(f"error: {source}: no config.json (expected a Hugging Face checkpoint folder)", err=True)
-        raise typer.Exit(EXIT_USAGE)
-    from expertmesh.workers.fp8_checkpoint import write_fp8_checkpoint  # torch: only when converting
+    with exit_codes():
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise ValueError(f"{dest}: exists and is not an empty folder")
+        if not (source / "config.json").is_file():
+            raise ValueError(f"{source}: no config.json (expected a Hugging Face checkpoint folder)")
+        from expertmesh.workers.fp8_checkpoint import write_fp8_checkpoint  # torch: only when converting
 
-    try:
         write_fp8_checkpoint(source, dest, lambda done, total: typer.echo(f"{done}/{total} files", err=True))
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
-    typer.echo(f"fp8 checkpoint\t{dest}")
+        typer.echo(f"fp8 checkpoint\t{dest}")
 
 
 def main() -> None:

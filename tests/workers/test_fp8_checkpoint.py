@@ -136,6 +136,12 @@ def test_quantize_command(wide_model, tmp_path):
     assert done.stdout.strip() == f"fp8 checkpoint\t{tmp_path / 'out'}"
     assert read_model_config(tmp_path / "out").quantization == "fp8"
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and again.stderr.strip() == f"error: {tmp_path / 'out'}: exists and is not empty"
+    assert again.returncode == 2
+    assert again.stderr.strip() == f"error: {tmp_path / 'out'}: exists and is not an empty folder"
+    (tmp_path / "file").write_text("x")  # a file as the destination: the same one line, no traceback
+    onto_file = subprocess.run(cmd[:4] + [str(wide_model.path), str(tmp_path / "file")], capture_output=True,
+                               text=True, timeout=120)
+    assert onto_file.returncode == 2 and onto_file.stderr.strip() == (
+        f"error: {tmp_path / 'file'}: exists and is not an empty folder")
     missing = subprocess.run(cmd[:4] + [str(tmp_path), str(tmp_path / "other")], capture_output=True, text=True)
     assert missing.returncode == 2 and "no config.json" in missing.stderr
