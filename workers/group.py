@@ -76,17 +76,7 @@ class EPGroup:
         Everything is checked before Ray starts: the checkpoint, the plan against it, the config; a Ray this
         call started is shut down again when the group cannot be created.
         """
-        if not isinstance(config, GroupConfig):
-            config = GroupConfig.load(config)
-        cfg = read_model_config(config.model)
-        if config.weights == "checkpoint":
-            CheckpointReader(config.model)  # a folder without the tensors fails here, before any process starts
-        if plan is None and config.plan is not None:
-            plan = load_plan(config.plan)
-        if plan is None:
-            plan = contiguous_plan(cfg.num_moe_layers, cfg.num_experts, config.workers or 1)
-        num_workers = config.workers or plan.num_gpus
-        check_plan(plan, cfg, num_workers, config.model)
+        config, cfg, plan, num_workers = cls.check(config, plan=plan)
         started_ray = not ray.is_initialized()
         if started_ray:
             # Workers then see every GPU of their node and pick theirs (the symm_mem exchange needs that).
@@ -98,6 +88,24 @@ class EPGroup:
             if started_ray:
                 ray.shutdown()
             raise
+
+    @classmethod
+    def check(cls, config: GroupConfig | str | Path, *, plan: Placement | None = None
+              ) -> tuple[GroupConfig, ModelConfig, Placement, int]:
+        """What `create` checks before any process starts (the config, the checkpoint, the plan against it),
+        for callers that start Ray themselves: (config, model config, plan, number of workers)."""
+        if not isinstance(config, GroupConfig):
+            config = GroupConfig.load(config)
+        cfg = read_model_config(config.model)
+        if config.weights == "checkpoint":
+            CheckpointReader(config.model)  # a folder without the tensors fails here
+        if plan is None and config.plan is not None:
+            plan = load_plan(config.plan)
+        if plan is None:
+            plan = contiguous_plan(cfg.num_moe_layers, cfg.num_experts, config.workers or 1)
+        num_workers = config.workers or plan.num_gpus
+        check_plan(plan, cfg, num_workers, config.model)
+        return config, cfg, plan, num_workers
 
     @classmethod
     def _start(cls, config: GroupConfig, cfg: ModelConfig, plan: Placement, num_workers: int,

@@ -139,9 +139,11 @@ async def _serve(settings) -> None:
 
     from expertmesh.cluster.serve.engine import Engine
     from expertmesh.cluster.serve.server import serve as serve_loop
+    from expertmesh.workers.group import EPGroup
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
+    EPGroup.check(settings.engine.group)  # a bad checkpoint or plan fails in a second, before Ray starts
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
     engine = await Engine.start(settings.engine)

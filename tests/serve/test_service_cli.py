@@ -85,3 +85,18 @@ def test_serving_help_shows_value_names_and_whole_texts(command):
     assert "<bool>" not in out.stdout and "<str>  " not in out.stdout.split("Options")[-1]
     if command == "infer":  # "[...]" in a help text is rich markup: it vanished, leaving "generate ."
         assert "Tokens to generate (server default: 16)." in out.stdout and "HOST:PORT" in out.stdout
+
+
+def test_serve_checks_the_checkpoint_before_starting_ray(tmp_path, monkeypatch):
+    """A folder with config.json and no tensors fails at once (exit 2), without starting a Ray first."""
+    import ray
+
+    from expertmesh.cluster.serve.tiny import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "model")  # config and tokenizer only: the tiny model has no tensors
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: started.append(True))
+    out = CliRunner().invoke(app, ["serve", "--model", str(model), "--port", "0"])
+    assert out.exit_code == 2 and "no *.safetensors files" in out.stderr
+    assert started == []
