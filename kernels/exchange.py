@@ -113,6 +113,7 @@ class Exchange(abc.ABC):
     world_size: int
     fp8: bool  # FP8 (E4M3, 1x128 scales) dispatch; combine is always in the input's dtype
     capturable = False  # dispatch and combine read nothing back to the host: a CUDA graph can record them
+    group: object | None = None  # torch.distributed process group of the collectives (None: the default one)
     last_dispatch: Traffic | None = None
     last_combine: Traffic | None = None
 
@@ -128,7 +129,7 @@ class Exchange(abc.ABC):
     def gather_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """int64 [G, E]: every rank's `counts` [E] (this rank's pairs per expert), row r from rank r (collective:
         every rank calls it, at the same layer). The default gathers over `self.group` with torch.distributed."""
-        return _all_gather_rows(counts, self.world_size, getattr(self, "group", None))
+        return _all_gather_rows(counts, self.world_size, self.group)
 
     # ---- backward (training) -----------------------------------------------------------------------
     @abc.abstractmethod
